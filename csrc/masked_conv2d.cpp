@@ -1,0 +1,27 @@
+// Schemas of the rmask ops. Every backend (csrc/cpu, csrc/cuda, rmask_kernels/triton)
+// registers an implementation of these; fake kernels and autograd live in
+// rmask_kernels/ops.py, so opcheck, autograd and torch.compile see one op.
+//
+// The fixed mask reaches the kernels twice: `mask` (bool, (Cm, Hout, Wout), Cm = 1 or
+// Cout) for validation and the reference, and its kept positions in CSR form, built
+// once when the mask is drawn (rmask_kernels/masks.py: kept_index):
+//   kept_offsets   int64 (P + 1)   pattern p keeps kept_positions[offsets[p]:offsets[p+1]]
+//   kept_positions int64 (total)   flat output positions oh * Wout + ow, ascending
+// P patterns cover Cout channels in equal consecutive blocks: P = 1 for a spatial mask,
+// Cout / group_size for a group mask, Cout for a neuron mask.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(rmask, m) {
+  m.def(
+      "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
+      "Tensor kept_offsets, Tensor kept_positions, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+  // Gradients for (input, weight, bias); an output not asked for in output_mask is an
+  // empty tensor (the autograd glue turns it into None).
+  m.def(
+      "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor mask, Tensor kept_offsets, Tensor kept_positions, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,105 @@
+// Argument checks and geometry shared by every backend of the rmask ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rmask {
+
+// Shapes of one masked convolution, resolved and validated once per call.
+struct ConvGeometry {
+  int64_t batch, in_channels, height, width;
+  int64_t out_channels, kernel_h, kernel_w;
+  int64_t out_height, out_width;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t groups;
+  int64_t patterns;              // P: distinct mask patterns (1, Cout / group_size or Cout)
+  int64_t channels_per_pattern;  // Cout / P consecutive channels share one pattern
+
+  int64_t in_channels_per_group() const { return in_channels / groups; }
+  int64_t out_channels_per_group() const { return out_channels / groups; }
+  int64_t out_positions() const { return out_height * out_width; }
+};
+
+inline ConvGeometry check_masked_conv2d_args(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mask,
+    const at::Tensor& kept_offsets,
+    const at::Tensor& kept_positions,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "masked_conv2d: input must be 4-D (N, C, H, W), got shape ",
+              input.sizes());
+  TORCH_CHECK(weight.dim() == 4, "masked_conv2d: weight must be 4-D (Cout, Cin/groups, kh, kw), got shape ",
+              weight.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "masked_conv2d: input must be a floating point tensor, got ", input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "masked_conv2d: weight dtype must match input dtype ",
+              input.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), "masked_conv2d: weight must be on the input's device ",
+              input.device(), ", got ", weight.device());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "masked_conv2d: stride, padding and dilation must have 2 elements each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "masked_conv2d: stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "masked_conv2d: dilation must be positive, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "masked_conv2d: padding must be non-negative, got ", padding);
+  TORCH_CHECK(groups > 0, "masked_conv2d: groups must be positive, got ", groups);
+
+  ConvGeometry g;
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.out_channels = weight.size(0);
+  g.kernel_h = weight.size(2);
+  g.kernel_w = weight.size(3);
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  g.groups = groups;
+  TORCH_CHECK(g.in_channels == weight.size(1) * groups, "masked_conv2d: input channels must be weight.size(1) * groups = ",
+              weight.size(1) * groups, ", got ", g.in_channels);
+  TORCH_CHECK(g.out_channels % groups == 0, "masked_conv2d: out channels ", g.out_channels,
+              " must be divisible by groups ", groups);
+  g.out_height = (g.height + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+  g.out_width = (g.width + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  TORCH_CHECK(g.out_height > 0 && g.out_width > 0, "masked_conv2d: output size would be ", g.out_height, "x",
+              g.out_width, " for input ", g.height, "x", g.width, ": input too small for the kernel");
+
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, "masked_conv2d: bias must have shape (",
+                g.out_channels, "), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "masked_conv2d: bias dtype must match input dtype ",
+                input.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), "masked_conv2d: bias must be on the input's device");
+  }
+
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "masked_conv2d: mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 3 && (mask.size(0) == 1 || mask.size(0) == g.out_channels) &&
+                  mask.size(1) == g.out_height && mask.size(2) == g.out_width,
+              "masked_conv2d: mask must have shape (", g.out_channels, " or 1, ", g.out_height, ", ", g.out_width,
+              ") for this convolution's output, got ", mask.sizes());
+  TORCH_CHECK(mask.device() == input.device(), "masked_conv2d: mask must be on the input's device ",
+              input.device(), ", got ", mask.device());
+
+  TORCH_CHECK(kept_offsets.scalar_type() == at::kLong && kept_offsets.dim() == 1 && kept_offsets.numel() >= 2,
+              "masked_conv2d: kept_offsets must be a 1-D int64 tensor of P + 1 >= 2 entries, got ",
+              kept_offsets.scalar_type(), " of shape ", kept_offsets.sizes());
+  TORCH_CHECK(kept_positions.scalar_type() == at::kLong && kept_positions.dim() == 1,
+              "masked_conv2d: kept_positions must be a 1-D int64 tensor, got ", kept_positions.scalar_type(),
+              " of shape ", kept_positions.sizes());
+  g.patterns = kept_offsets.numel() - 1;
+  TORCH_CHECK(g.out_channels % g.patterns == 0 && (mask.size(0) == 1 ? g.patterns == 1 : true),
+              "masked_conv2d: kept_offsets describes ", g.patterns, " mask patterns, which must divide the ",
+              g.out_channels, " output channels (1 for a (1, H, W) mask)");
+  g.channels_per_pattern = g.out_channels / g.patterns;
+  return g;
+}
+
+}  // namespace rmask

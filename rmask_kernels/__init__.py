@@ -1,0 +1,23 @@
+"""Fused masked-convolution kernels, layers and models for Random-Mask CNNs."""
+
+from . import ops  # noqa: F401  (loads the compiled op library first)
+from .backends import available_backends
+from .convert import convert_model
+from .functional import masked_conv2d
+from .masks import kept_index, random_mask
+from .nn import MaskedConv2d, MaskedConvBN2d, RandomMask
+from . import models
+
+__all__ = [
+    "available_backends",
+    "convert_model",
+    "kept_index",
+    "masked_conv2d",
+    "models",
+    "random_mask",
+    "MaskedConv2d",
+    "MaskedConvBN2d",
+    "RandomMask",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""masked_conv2d: the public functional entry point."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .backends import resolve_backend
+from .masks import kept_index as build_kept_index
+
+IntPair = Union[int, Tuple[int, int]]
+
+# Index lists of masks passed to the functional API, built once per mask tensor (and
+# rebuilt if the mask is modified in place). Layers keep their own and pass them in.
+_index_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cached_kept_index(mask: torch.Tensor):
+    version = mask._version
+    hit = _index_cache.get(mask)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    index = build_kept_index(mask)
+    _index_cache[mask] = (version, index)
+    return index
+
+
+def pair(value, name: str) -> Tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def resolve_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
+    """Padding as (top, bottom, left, right); "same" may be asymmetric for even kernels."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={stride}")
+            sides = []
+            for k, d in zip(kernel_size, dilation):
+                total = d * (k - 1)
+                sides += [total // 2, total - total // 2]
+            return tuple(sides)
+        raise ValueError(f"padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    ph, pw = pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return (ph, ph, pw, pw)
+
+
+def conv_output_size(size, kernel_size, stride, padding4, dilation) -> Tuple[int, int]:
+    h, w = size
+    top, bottom, left, right = padding4
+    out_h = (h + top + bottom - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    out_w = (w + left + right - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return out_h, out_w
+
+
+def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple[int, int], where: str = "mask"):
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{where} must be a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{where} must be a bool tensor (True = kept), got dtype {mask.dtype}")
+    expected = (out_channels, *out_size)
+    if mask.dim() != 3 or mask.shape[0] not in (1, out_channels) or tuple(mask.shape[1:]) != tuple(out_size):
+        raise ValueError(
+            f"{where} has shape {tuple(mask.shape)} but this convolution's output is {expected}: "
+            f"expected {expected} or {(1, *out_size)} (a mask built for another size?)"
+        )
+
+
+def masked_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: Union[IntPair, str] = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    backend: str = "auto",
+    kept_index=None,
+) -> torch.Tensor:
+    """``F.conv2d(input, weight, bias, stride, padding, dilation, groups) * mask``, differentiable,
+    computing only the kept outputs where a compiled backend serves the tensor.
+
+    ``mask``: bool (C_out, H_out, W_out) or (1, H_out, W_out), True = kept (see random_mask).
+    ``kept_index``: optional precomputed ``rk.kept_index(mask)``; layers pass theirs.
+    ``backend``: "auto", "reference" (the oracle), "cpu", later "cuda"/"triton"; a backend
+    that cannot serve the tensor falls back to the reference with a warning.
+    """
+    if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
+        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+        raise ValueError(f"input must be a 4-D (N, C, H, W) or unbatched 3-D (C, H, W) tensor, got {shape}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 4-D (C_out, C_in/groups, kh, kw) tensor, got {shape}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating point tensor, got dtype {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight dtype must match input dtype {input.dtype}, got {weight.dtype}")
+    if bias is not None and (bias.dtype != input.dtype or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(
+            f"bias must be a {input.dtype} tensor of shape ({weight.shape[0]},), got {bias.dtype} {tuple(bias.shape)}"
+        )
+    for name, tensor in (("weight", weight), ("bias", bias), ("mask", mask)):
+        if isinstance(tensor, torch.Tensor) and tensor.device != input.device:
+            raise ValueError(f"{name} must be on the input's device {input.device}, got {tensor.device}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    in_channels = input.shape[-3]
+    if in_channels != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(
+            f"input has {in_channels} channels but weight {tuple(weight.shape)} with groups={groups} expects "
+            f"{weight.shape[1] * groups} (and C_out divisible by groups)"
+        )
+    if mask is None:
+        raise TypeError("mask is required: a bool tensor (C_out or 1, H_out, W_out), e.g. rk.random_mask(...)")
+
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    if min(stride) <= 0 or min(dilation) <= 0:
+        raise ValueError(f"stride and dilation must be positive, got stride={stride}, dilation={dilation}")
+    kernel_size = tuple(weight.shape[2:])
+    top, bottom, left, right = resolve_padding(padding, kernel_size, stride, dilation)
+    out_size = conv_output_size(input.shape[2:], kernel_size, stride, (top, bottom, left, right), dilation)
+    if min(out_size) <= 0:
+        raise ValueError(f"input of spatial size {tuple(input.shape[2:])} is too small for kernel {kernel_size}")
+    check_mask_for_output(mask, weight.shape[0], out_size)
+    if top != bottom or left != right:
+        # Asymmetric "same" padding: pad the extra row/column explicitly, as F.conv2d does.
+        input = F.pad(input, (0, right - left, 0, bottom - top))
+    padding2 = (top, left)
+
+    chosen = resolve_backend(backend, input)
+    if chosen == "reference":
+        output = reference.masked_conv2d(input, weight, bias, mask, stride, padding2, dilation, groups)
+    else:
+        offsets, positions = kept_index if kept_index is not None else cached_kept_index(mask)
+        output = torch.ops.rmask.masked_conv2d(
+            input, weight, bias, mask, offsets, positions, stride, padding2, dilation, groups
+        )
+    return output.squeeze(0) if unbatched else output

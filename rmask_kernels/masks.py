@@ -1,0 +1,115 @@
+"""Random masks as the paper draws them, and the index lists the kernels use.
+
+A mask is a bool tensor, True = kept. Exactly ``int(ratio * numel)`` entries of the drawn
+pattern are masked, chosen uniformly without replacement from a seeded CPU
+``torch.Generator`` (so the same seed gives the same mask on any machine). No rescaling.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+MODES = ("neuron", "spatial", "group")
+_MODE_ALIASES = {"same": "spatial"}  # the paper calls the spatial variant "same"
+
+
+def check_ratio(ratio, name: str = "ratio") -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(ratio).__name__} {ratio!r}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (the fraction of outputs masked), got {ratio}")
+    return float(ratio)
+
+
+def check_mode(mode: str, group_size: Optional[int] = None, channels: Optional[int] = None) -> str:
+    mode = _MODE_ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (or 'same' for 'spatial'), got {mode!r}")
+    if mode == "group":
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int with mode='group', got {group_size!r}")
+        if channels is not None and channels % group_size != 0:
+            raise ValueError(f"group_size must divide the {channels} channels, got group_size={group_size}")
+    elif group_size is not None:
+        raise ValueError(f"group_size is only used with mode='group', got group_size={group_size} with mode={mode!r}")
+    return mode
+
+
+def draw_seed() -> int:
+    """A fresh seed from torch's global generator (so torch.manual_seed makes it reproducible)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """The mask seed of the layer called ``name`` in a model seeded with ``seed``.
+
+    Layers get distinct masks, and the same (seed, name) gives the same mask wherever the
+    layer is built (rk.models or rk.convert_model)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**62
+
+
+def random_mask(
+    shape: Sequence[int],
+    ratio: float,
+    mode: str = "neuron",
+    group_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    device=None,
+) -> torch.Tensor:
+    """A fixed random mask over a conv layer's output (C, H, W); bool, True = kept.
+
+    mode "neuron": every channel its own pattern, ``int(ratio*C*H*W)`` masked in all; shape (C, H, W).
+    mode "spatial": one H×W pattern shared by all channels, ``int(ratio*H*W)`` masked; shape (1, H, W).
+    mode "group": one pattern per block of ``group_size`` consecutive channels,
+    ``int(ratio*(C/group_size)*H*W)`` masked; shape (C, H, W), blocks repeated.
+    """
+    shape = tuple(shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"shape must be (C, H, W) of positive ints, got {shape}")
+    ratio = check_ratio(ratio)
+    channels, height, width = shape
+    mode = check_mode(mode, group_size, channels)
+    patterns = {"neuron": channels, "spatial": 1, "group": channels // (group_size or 1)}[mode]
+    numel = patterns * height * width
+    masked = int(ratio * numel)
+    generator = torch.Generator().manual_seed(draw_seed() if seed is None else int(seed))
+    keep = torch.ones(numel, dtype=torch.bool)
+    keep[torch.randperm(numel, generator=generator)[:masked]] = False
+    keep = keep.view(patterns, height, width)
+    if mode == "group":
+        keep = keep.repeat_interleave(group_size, dim=0)
+    return keep.to(device) if device is not None else keep
+
+
+def kept_index(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kept positions of ``mask`` (Cm, H, W) in CSR form, for the kernels.
+
+    Consecutive channels with identical patterns (group masks) share one entry, so the
+    kernels see P patterns covering the channels in equal blocks:
+    ``kept_positions[kept_offsets[p]:kept_offsets[p+1]]`` are the flat positions h*W + w
+    kept by pattern p, ascending. Built once per mask, never inside an op."""
+    if mask.dtype != torch.bool or mask.dim() != 3:
+        raise ValueError(f"mask must be a bool tensor (C, H, W), got {mask.dtype} of shape {tuple(mask.shape)}")
+    flat = mask.reshape(mask.shape[0], -1)
+    block = _pattern_block(flat)
+    patterns = flat[::block]
+    counts = patterns.sum(dim=1)
+    offsets = torch.zeros(patterns.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    offsets[1:] = counts.cumsum(0)
+    positions = patterns.nonzero()[:, 1].contiguous()
+    return offsets, positions
+
+
+def _pattern_block(flat: torch.Tensor) -> int:
+    """The largest block of consecutive channels that share one pattern, dividing C."""
+    channels = flat.shape[0]
+    for block in sorted((d for d in range(1, channels + 1) if channels % d == 0), reverse=True):
+        if block == 1:
+            return 1
+        blocks = flat.view(channels // block, block, -1)
+        if bool((blocks == blocks[:, :1]).all()):
+            return block
+    return 1

@@ -1,0 +1,311 @@
+"""Drop-in layers: MaskedConv2d (an nn.Conv2d), RandomMask, and the paper's unit MaskedConvBN2d."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backends import check_backend
+from .functional import check_mask_for_output, conv_output_size, masked_conv2d, pair
+from .masks import check_mode, check_ratio, draw_seed, kept_index, random_mask
+
+ACTIVATIONS = (None, "relu")
+BN_STATS = ("all", "kept")
+
+
+class MaskedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose output is multiplied by a fixed random mask (True = kept).
+
+    The mask (buffer ``mask``, bool, (C_out, H_out, W_out), or (1, H_out, W_out) for
+    mode "spatial") is drawn at construction when ``output_size`` is given, else at the
+    first forward, and never changes; it is saved in ``state_dict``. ``mask_ratio`` is the
+    fraction of outputs masked; ``mask_ratio=0`` is exactly ``nn.Conv2d``. ``seed=None``
+    takes a seed from torch's global generator at construction.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        mask_ratio: float = 0.5,
+        mask_mode: str = "neuron",
+        group_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        output_size: Optional[Sequence[int]] = None,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self.mask_ratio = check_ratio(mask_ratio, "mask_ratio")
+        self.mask_mode = check_mode(mask_mode, group_size, out_channels)
+        self.group_size = group_size
+        self.seed = draw_seed() if seed is None else int(seed)
+        self.backend = check_backend(backend)
+        self.register_buffer("mask", None)
+        # Derived from the mask once, moved with the module, not saved (rebuilt on load).
+        self.register_buffer("kept_offsets", None, persistent=False)
+        self.register_buffer("kept_positions", None, persistent=False)
+        if output_size is not None:
+            self.build_mask(pair(output_size, "output_size"))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **mask_kwargs) -> "MaskedConv2d":
+        """A MaskedConv2d with ``conv``'s configuration and a copy of its parameters."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, conv.weight.device, conv.weight.dtype, **mask_kwargs,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    # -- the mask ---------------------------------------------------------------------
+    def build_mask(self, output_size: Tuple[int, int]) -> None:
+        mask = random_mask(
+            (self.out_channels, *output_size), self.mask_ratio, self.mask_mode, self.group_size, self.seed
+        )
+        self.mask = mask.to(self.weight.device)
+        self._refresh_kept_index()
+
+    def _refresh_kept_index(self) -> None:
+        self.kept_offsets, self.kept_positions = kept_index(self.mask)
+
+    def output_size_for(self, input: torch.Tensor) -> Tuple[int, int]:
+        left, right, top, bottom = self._reversed_padding_repeated_twice
+        return conv_output_size(input.shape[-2:], self.kernel_size, self.stride, (top, bottom, left, right), self.dilation)
+
+    def mask_for(self, input: torch.Tensor) -> torch.Tensor:
+        """The layer's mask, drawn now if this is the first forward; checks the size."""
+        if input.dim() not in (3, 4):
+            raise ValueError(f"{type(self).__name__}: input must be (N, C, H, W) or (C, H, W), got {tuple(input.shape)}")
+        size = self.output_size_for(input)
+        if self.mask is None:
+            self.build_mask(size)
+        elif tuple(self.mask.shape[1:]) != size and self.mask_ratio > 0:
+            raise ValueError(
+                f"{type(self).__name__}: the mask was built for output size {tuple(self.mask.shape[1:])}, "
+                f"but input of spatial size {tuple(input.shape[-2:])} gives output size {size}; "
+                "masks are fixed: build the layer for this size (output_size=...)"
+            )
+        return self.mask
+
+    # -- forward ----------------------------------------------------------------------
+    def masked_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The masked convolution with this layer's mask and geometry, for any weight/bias
+        (MaskedConvBN2d passes BN-folded ones)."""
+        mask = self.mask_for(input)
+        if self.mask_ratio == 0.0:
+            return self._conv_forward(input, weight, bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return masked_conv2d(
+            input, weight, bias, mask, self.stride, padding, self.dilation, self.groups,
+            backend=self.backend, kept_index=(self.kept_offsets, self.kept_positions),
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.masked_forward(input, self.weight, self.bias)
+
+    def unmasked_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The dense convolution (the mask is still drawn/checked for this input)."""
+        self.mask_for(input)
+        return self._conv_forward(input, self.weight, self.bias)
+
+    # -- persistence ------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        loaded = state_dict.get(prefix + "mask")
+        if isinstance(loaded, torch.Tensor):
+            if loaded.dtype != torch.bool or loaded.dim() != 3 or loaded.shape[0] not in (1, self.out_channels):
+                error_msgs.append(
+                    f"{prefix}mask: expected a bool mask of shape ({self.out_channels} or 1, H, W), "
+                    f"got {loaded.dtype} of shape {tuple(loaded.shape)}"
+                )
+                return
+            if self.mask is None:  # not drawn yet: adopt the saved one
+                self.mask = torch.empty(loaded.shape, dtype=torch.bool, device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if self.mask is not None:
+            self._refresh_kept_index()
+
+    def extra_repr(self) -> str:
+        extra = f", mask_ratio={self.mask_ratio}, mask_mode={self.mask_mode}"
+        if self.group_size is not None:
+            extra += f", group_size={self.group_size}"
+        return super().extra_repr() + extra
+
+
+class RandomMask(nn.Module):
+    """``y = x * mask`` with a fixed random mask over (C, H, W) (broadcast over the batch)."""
+
+    def __init__(self, shape, ratio: float, mode: str = "neuron", group_size: Optional[int] = None, seed=None):
+        super().__init__()
+        self.ratio = check_ratio(ratio)
+        self.mode = check_mode(mode, group_size, tuple(shape)[0] if len(tuple(shape)) == 3 else None)
+        self.group_size = group_size
+        self.seed = draw_seed() if seed is None else int(seed)
+        self.shape = tuple(shape)
+        self.register_buffer("mask", random_mask(self.shape, self.ratio, self.mode, group_size, self.seed))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 3 or tuple(input.shape[-3:]) != self.shape:
+            raise ValueError(f"RandomMask: input must end in shape {self.shape} (C, H, W), got {tuple(input.shape)}")
+        return input * self.mask
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, ratio={self.ratio}, mode={self.mode}"
+
+
+class MaskedConvBN2d(nn.Module):
+    """The paper's unit: ``act(mask * BN(conv(x)))`` (mask after BN, before the activation).
+
+    ``bn_stats="all"`` (the paper): training-mode BN statistics over all positions, so the
+    convolution runs dense. ``bn_stats="kept"``: statistics over the kept positions only,
+    so training also computes only kept outputs. In eval mode BN is folded into the conv and
+    the unit is one masked convolution. Children ``conv`` (a MaskedConv2d holding the mask)
+    and ``bn`` (a BatchNorm2d).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        mask_ratio: float = 0.5,
+        mask_mode: str = "neuron",
+        group_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        output_size: Optional[Sequence[int]] = None,
+        backend: str = "auto",
+        activation: Optional[str] = None,
+        bn_stats: str = "all",
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        self.activation = activation
+        self.bn_stats = bn_stats
+        self.conv = MaskedConv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype,
+            mask_ratio=mask_ratio, mask_mode=mask_mode, group_size=group_size, seed=seed, output_size=output_size,
+            backend=backend,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, activation=None, bn_stats="all", **mask_kwargs):
+        """The unit for an existing conv and the BN that follows it (parameters and running stats copied)."""
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} output channels")
+        unit = cls.__new__(cls)
+        nn.Module.__init__(unit)
+        unit.activation, unit.bn_stats = activation, bn_stats
+        if activation not in ACTIVATIONS or bn_stats not in BN_STATS:
+            raise ValueError(f"activation must be in {ACTIVATIONS} and bn_stats in {BN_STATS}")
+        unit.conv = MaskedConv2d.from_conv(conv, **mask_kwargs)
+        unit.bn = nn.BatchNorm2d(
+            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        unit.bn.load_state_dict(bn.state_dict())
+        unit.train(bn.training)
+        return unit
+
+    @property
+    def mask(self) -> Optional[torch.Tensor]:
+        return self.conv.mask
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or self.bn.running_mean is None
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(y) if self.activation == "relu" else y
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        unbatched = input.dim() == 3
+        if unbatched:
+            input = input.unsqueeze(0)
+        if not self._uses_batch_stats():
+            y = self._folded_forward(input)
+        elif self.bn_stats == "kept" and self.conv.mask_ratio > 0:
+            y = self._kept_stats_forward(input)
+        else:
+            y = self.bn(self.conv.unmasked_forward(input))
+            if self.conv.mask_ratio > 0:
+                y = y * self.conv.mask
+        y = self._activate(y)
+        return y.squeeze(0) if unbatched else y
+
+    def folded_weight_and_bias(self):
+        """Eval-mode BN folded into the conv: BN(conv(x; w, b)) = conv(x; w * s, (b - mean) * s + beta)."""
+        bn = self.bn
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
+        conv_bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(bn.running_mean)
+        bias = (conv_bias - bn.running_mean) * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        return weight, bias
+
+    def _folded_forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded_weight_and_bias()
+        return self.conv.masked_forward(input, weight, bias)
+
+    def _kept_stats_forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Only kept outputs are computed; BN statistics over them (count differs per channel
+        # for neuron masks). Masked outputs are zero before and after normalization.
+        bn = self.bn
+        y = self.conv(input)
+        mask = self.conv.mask
+        kept_per_channel = mask.sum(dim=(1, 2)).expand(y.shape[1]).to(y.dtype)
+        count = (kept_per_channel * y.shape[0]).clamp(min=1)
+        mean = y.sum(dim=(0, 2, 3)) / count
+        centered = (y - mean.view(1, -1, 1, 1)) * mask
+        var = centered.square().sum(dim=(0, 2, 3)) / count
+        if self.training and bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                unbiased = var * count / (count - 1).clamp(min=1)
+                bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+                bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+        out = centered * torch.rsqrt(var + bn.eps).view(1, -1, 1, 1)
+        if bn.weight is not None:
+            out = out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1) * mask
+        return out
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, bn_stats={self.bn_stats}"

@@ -1,0 +1,94 @@
+"""Python side of the rmask ops: loading the compiled library, fake kernels, autograd.
+
+The schemas live in csrc/masked_conv2d.cpp; the CPU kernels in csrc/cpu/. When the
+extension is not built the package still works through the reference path (warned once).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.rmask.*)
+
+    EXTENSION_ERROR = None
+except (ImportError, OSError) as error:  # not built, or built against another torch
+    EXTENSION_ERROR = error
+    warnings.warn(
+        f"rmask_kernels: compiled extension not available ({error}); "
+        "using the reference path (F.conv2d * mask). Build it with `make install`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_loaded() -> bool:
+    return EXTENSION_ERROR is None
+
+
+def _output_shape(input, weight, stride, padding, dilation):
+    n, _, h, w = input.shape
+    kh, kw = weight.shape[2:]
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (n, weight.shape[0], out_h, out_w)
+
+
+def _memory_format(tensor):
+    return torch._prims_common.suggest_memory_format(tensor)
+
+
+if extension_loaded():
+
+    @torch.library.register_fake("rmask::masked_conv2d")
+    def _masked_conv2d_fake(input, weight, bias, mask, kept_offsets, kept_positions, stride, padding, dilation, groups):
+        shape = _output_shape(input, weight, stride, padding, dilation)
+        return input.new_empty(shape).contiguous(memory_format=_memory_format(input))
+
+    @torch.library.register_fake("rmask::masked_conv2d_backward")
+    def _masked_conv2d_backward_fake(
+        grad_output, input, weight, mask, kept_offsets, kept_positions, stride, padding, dilation, groups, output_mask
+    ):
+        grad_input = (
+            torch.empty_like(input, memory_format=_memory_format(input)) if output_mask[0] else input.new_empty(0)
+        )
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else weight.new_empty(0)
+        grad_bias = input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
+        return grad_input, grad_weight, grad_bias
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, bias, mask, kept_offsets, kept_positions, stride, padding, dilation, groups = inputs
+        needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Weight gradient needs the input, input gradient needs the weight: save only those.
+        ctx.save_for_backward(
+            input if needs_weight else None,
+            weight if needs_input or needs_weight else None,
+            mask,
+            kept_offsets,
+            kept_positions,
+        )
+        ctx.input_meta = (input.shape, input.dtype, input.device)
+        ctx.has_bias = bias is not None
+        ctx.conv_args = (stride, padding, dilation, groups)
+
+    def _backward(ctx, grad_output):
+        input, weight, mask, kept_offsets, kept_positions = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        output_mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
+        if not any(output_mask):
+            return (None,) * 10
+        if input is None:  # only the input gradient is wanted: its values are never read
+            shape, dtype, device = ctx.input_meta
+            input = torch.empty(shape, dtype=dtype, device=device)
+        grad_input, grad_weight, grad_bias = torch.ops.rmask.masked_conv2d_backward(
+            grad_output, input, weight, mask, kept_offsets, kept_positions, *ctx.conv_args, output_mask
+        )
+        return (
+            grad_input if output_mask[0] else None,
+            grad_weight if output_mask[1] else None,
+            grad_bias if output_mask[2] else None,
+        ) + (None,) * 7
+
+    torch.library.register_autograd("rmask::masked_conv2d", _backward, setup_context=_setup_context)
