@@ -61,3 +61,19 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
             stacklevel=3,
         )
     return "reference"
+
+
+# The gather-GEMM-scatter CPU kernel pays a gather per mask pattern, so "auto" takes it only
+# where that is measured to beat dense conv × mask: few patterns (spatial, coarse groups)
+# and few kept outputs. Measured (2 threads, fp32, N=32, 3x3; command and table in
+# benchmarks/NOTES.md): spatial keep 0.1 1.6-2.9x faster, keep 0.5 2.2x slower; neuron
+# masks (one gather per channel) 10-100x slower. The fast kernels replace this rule with a
+# per-shape crossover.
+SPARSE_MAX_KEEP = 0.2
+SPARSE_MAX_PATTERNS = 4
+
+
+def sparse_pays_off(kept_offsets: torch.Tensor, kept_positions: torch.Tensor, positions_per_pattern: int) -> bool:
+    patterns = kept_offsets.numel() - 1
+    keep = kept_positions.numel() / max(1, patterns * positions_per_pattern)
+    return patterns <= SPARSE_MAX_PATTERNS and keep <= SPARSE_MAX_KEEP

@@ -9,23 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .backends import resolve_backend
+from .backends import check_backend, resolve_backend, sparse_pays_off
 from .masks import kept_index as build_kept_index
 
 IntPair = Union[int, Tuple[int, int]]
 
 # Index lists of masks passed to the functional API, built once per mask tensor (and
 # rebuilt if the mask is modified in place). Layers keep their own and pass them in.
-_index_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Keyed by id() with a weak reference that drops the entry when the mask dies (a
+# WeakKeyDictionary would compare tensors with ==, which is elementwise).
+_index_cache: dict = {}
 
 
 def cached_kept_index(mask: torch.Tensor):
-    version = mask._version
-    hit = _index_cache.get(mask)
-    if hit is not None and hit[0] == version:
-        return hit[1]
+    key = id(mask)
+    hit = _index_cache.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
     index = build_kept_index(mask)
-    _index_cache[mask] = (version, index)
+    alive = weakref.ref(mask, lambda _, key=key: _index_cache.pop(key, None))
+    _index_cache[key] = (alive, mask._version, index)
     return index
 
 
@@ -78,6 +81,16 @@ def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple
         )
 
 
+def select_backend(backend: str, input: torch.Tensor, mask: torch.Tensor, kept_index=None) -> str:
+    """The backend that runs a masked conv of ``input`` (batched, 4-D) with ``mask``."""
+    chosen = resolve_backend(backend, input)
+    if backend == "auto" and chosen != "reference":
+        offsets, positions = kept_index if kept_index is not None else cached_kept_index(mask)
+        if not sparse_pays_off(offsets, positions, mask.shape[1] * mask.shape[2]):
+            chosen = "reference"
+    return chosen
+
+
 def masked_conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -98,6 +111,7 @@ def masked_conv2d(
     ``backend``: "auto", "reference" (the oracle), "cpu", later "cuda"/"triton"; a backend
     that cannot serve the tensor falls back to the reference with a warning.
     """
+    check_backend(backend)
     if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
         shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
         raise ValueError(f"input must be a 4-D (N, C, H, W) or unbatched 3-D (C, H, W) tensor, got {shape}")
@@ -143,7 +157,7 @@ def masked_conv2d(
         input = F.pad(input, (0, right - left, 0, bottom - top))
     padding2 = (top, left)
 
-    chosen = resolve_backend(backend, input)
+    chosen = select_backend(backend, input, mask, kept_index)
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, stride, padding2, dilation, groups)
     else:

@@ -1,0 +1,51 @@
+# Everything installs into .venv. torch goes in FIRST, from TORCH_SPEC, so that nothing
+# installed after it can pull a (multi-GB) CUDA build; a GPU server passes its own, e.g.
+#   make install TORCH_SPEC="torch==2.14.1"
+# Each step is stamped: re-running `make install` with nothing changed does nothing.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --quiet --disable-pip-version-check
+DEPS       := numpy ninja pytest pytest-benchmark hypothesis scikit-learn setuptools wheel
+TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
+SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean cmake-check
+
+install: $(VENV)/.stamp-build
+
+$(VENV)/.stamp-torch-$(TORCH_TAG):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.stamp-torch-* $(VENV)/.stamp-deps
+	$(PIP) install "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.stamp-deps: $(VENV)/.stamp-torch-$(TORCH_TAG) Makefile
+	$(PIP) install $(DEPS)
+	touch $@
+
+$(VENV)/.stamp-build: $(VENV)/.stamp-deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PY) -c "import rmask_kernels as rk; assert 'cpu' in rk.available_backends(), rk.available_backends()"
+	touch $@
+
+# The C++ library check first, so pytest's summary is the last line.
+test: install cmake-check
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m rmask_kernels.demo
+
+# Build the C++ library against LibTorch with CMake, as C++ users do (no Python involved).
+cmake-check: install
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake
+	cd build/cmake && ctest --output-on-failure
+
+clean:
+	rm -rf build dist *.egg-info rmask_kernels/*.so

@@ -1,0 +1,354 @@
+"""The masked-conv op against the reference (F.conv2d * mask), on every backend here.
+
+The oracle runs in float64; kernels are compared in float64 (tight: only summation order
+differs) and float32 (PyTorch's own conv differs from float64 by ~1e-6 relative)."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rmask_kernels as rk
+from rmask_kernels import reference
+from rmask_kernels.functional import resolve_padding, select_backend
+
+BACKENDS = [b for b in ("cpu", "auto") if b == "auto" or b in rk.available_backends()]
+MODES = [("neuron", None), ("spatial", None), ("group", 2)]
+RATIOS = [0.0, 0.5, 0.9]
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups): the configurations
+# PyTorch's Conv2d tests cover, small.
+CONFIGS = [
+    (2, 4, 8, 8, 6, 3, 1, 1, 1, 1),
+    (2, 4, 9, 7, 6, 3, 2, 1, 1, 1),  # odd sizes, stride 2
+    (1, 3, 10, 11, 4, (3, 5), (2, 1), (1, 2), 1, 1),  # rectangular kernel, mixed strides
+    (2, 4, 12, 12, 4, 3, 1, 2, 2, 1),  # dilation
+    (2, 4, 8, 8, 6, 1, 2, 0, 1, 1),  # 1x1 stride-2 projection shortcut
+    (2, 4, 8, 8, 8, 3, 1, 1, 1, 2),  # groups
+    (2, 4, 8, 8, 4, 3, 1, 1, 1, 4),  # depthwise
+    (2, 4, 8, 8, 8, 3, 1, 1, 1, 4),  # depthwise with multiplier 2
+    (2, 3, 7, 7, 4, 3, 1, "same", 1, 1),
+    (2, 3, 7, 8, 4, (2, 4), 1, "same", (2, 1), 1),  # asymmetric "same"
+    (2, 3, 7, 7, 4, 3, 1, "valid", 1, 1),
+    (2, 3, 5, 5, 4, 5, 3, 0, 1, 1),  # kernel as large as the image
+    (0, 4, 8, 8, 6, 3, 1, 1, 1, 1),  # batch 0
+]
+
+
+def make_case(config, mode, group_size, ratio, dtype=torch.float64, bias=True):
+    n, cin, h, w, cout, kernel, stride, padding, dilation, groups = config
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    weight = torch.randn(cout, cin // groups, kh, kw, dtype=dtype)
+    b = torch.randn(cout, dtype=dtype) if bias else None
+    out = F.conv2d(x[:1] if n else torch.zeros(1, cin, h, w, dtype=dtype), weight, None, stride, padding, dilation, groups)
+    gsize = group_size if mode == "group" and cout % group_size == 0 else None
+    mask = rk.random_mask(tuple(out.shape[1:]), ratio, mode if gsize or mode != "group" else "neuron", gsize)
+    return x, weight, b, mask, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def check_against_reference(x, weight, bias, mask, conv_args, backend, grad=True):
+    tol = TOLERANCE[x.dtype]
+    inputs = [t.detach().clone().requires_grad_(grad) if t is not None else None for t in (x, weight, bias)]
+    oracle = [t.detach().double().requires_grad_(grad) if t is not None else None for t in (x, weight, bias)]
+    y = rk.masked_conv2d(*inputs, mask=mask, backend=backend, **conv_args)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    assert y.dtype == x.dtype and y.shape == expected.shape
+    torch.testing.assert_close(y.double(), expected.detach(), **tol)
+    assert (y.detach()[(~mask).expand_as(y)] == 0).all(), "masked outputs must be exactly zero"
+    if grad:
+        grad_y = torch.randn_like(expected)
+        got = torch.autograd.grad(y, [t for t in inputs if t is not None], grad_y.to(y.dtype))
+        want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g.double(), r, **tol)
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_parity_with_reference(backend, config, mode, group_size, ratio):
+    x, weight, bias, mask, conv_args = make_case(config, mode, group_size, ratio)
+    check_against_reference(x, weight, bias, mask, conv_args, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_and_no_bias(backend, bias):
+    x, weight, b, mask, conv_args = make_case(CONFIGS[1], "neuron", None, 0.5, torch.float32, bias)
+    check_against_reference(x, weight, b, mask, conv_args, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_near_pytorchs_own(dtype):
+    # The kernel accumulates low-precision inputs in fp32; its error vs the fp64 oracle may
+    # be at most ~2x that of PyTorch's own conv in the same dtype (STYLE.md).
+    x, weight, b, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5, torch.float32)
+    x, weight, b = x.to(dtype), weight.to(dtype), b.to(dtype)
+    oracle = reference.masked_conv2d(x.double(), weight.double(), b.double(), mask, **conv_args)
+    ours = rk.masked_conv2d(x, weight, b, mask, backend=BACKENDS[0], **conv_args)
+    theirs = reference.masked_conv2d(x.float(), weight.float(), b.float(), mask, **conv_args).to(dtype)
+    assert ours.dtype == dtype
+    assert (ours.double() - oracle).abs().max() <= 2 * (theirs.double() - oracle).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced"])
+def test_non_contiguous_and_channels_last(backend, layout):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "neuron", None, 0.5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    else:
+        x = torch.randn(2, 8, 9, 14, dtype=x.dtype)[:, ::2, :, ::2]
+    assert not x.is_contiguous()
+    y = check_against_reference(x, weight, bias, mask, conv_args, backend)
+    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected_format), "output in the input's memory format, as F.conv2d"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_weight_and_mask(backend):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5)
+    weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+    mask = mask.transpose(1, 2).contiguous().transpose(1, 2)
+    check_against_reference(x, weight, bias, mask, conv_args, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio", [0.01, 0.99, 0.999])
+def test_ratios_near_the_ends(backend, ratio):
+    x, weight, bias, mask, conv_args = make_case((2, 4, 16, 16, 8, 3, 1, 1, 1, 1), "neuron", None, ratio)
+    check_against_reference(x, weight, bias, mask, conv_args, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kept", [True, False])
+def test_all_kept_and_fully_masked(backend, kept):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.0)
+    mask = torch.full_like(mask, kept)
+    y = check_against_reference(x, weight, bias, mask, conv_args, backend)
+    if not kept:
+        assert (y == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbatched_input(backend):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "spatial", None, 0.5)
+    y = rk.masked_conv2d(x[0], weight, bias, mask, backend=backend, **conv_args)
+    torch.testing.assert_close(y, reference.masked_conv2d(x[:1], weight, bias, mask, **conv_args)[0])
+
+
+def test_deterministic_bit_identical_runs():
+    x, weight, bias, mask, conv_args = make_case((4, 8, 12, 12, 8, 3, 1, 1, 1, 1), "neuron", None, 0.5, torch.float32)
+    runs = []
+    for _ in range(2):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
+        y = rk.masked_conv2d(xs, ws, bs, mask, backend=BACKENDS[0], **conv_args)
+        y.backward(torch.ones_like(y))
+        runs.append((y.detach(), xs.grad, ws.grad, bs.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck_float64():
+    x, weight, bias, mask, conv_args = make_case((2, 3, 6, 5, 4, 3, 2, 1, 1, 1), "neuron", None, 0.5)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+
+    def fn(a, w, b):
+        return rk.masked_conv2d(a, w, b, mask, backend=BACKENDS[0], **conv_args)
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(
+        lambda a, w, b: reference.masked_conv2d(a, w, b, mask, **conv_args), inputs, fast_mode=True
+    )
+
+
+def test_only_the_needed_gradients():
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5)
+    weight.requires_grad_()
+    y = rk.masked_conv2d(x, weight, bias, mask, backend=BACKENDS[0], **conv_args)
+    (grad_weight,) = torch.autograd.grad(y.sum(), [weight])
+    expected = reference.masked_conv2d(x, weight, bias, mask, **conv_args)
+    (want,) = torch.autograd.grad(expected.sum(), [weight])
+    torch.testing.assert_close(grad_weight, want)
+    x.requires_grad_()
+    weight.requires_grad_(False)
+    y = rk.masked_conv2d(x, weight, bias, mask, backend=BACKENDS[0], **conv_args)
+    (grad_x,) = torch.autograd.grad(y.sum(), [x])
+    (want,) = torch.autograd.grad(reference.masked_conv2d(x, weight, bias, mask, **conv_args).sum(), [x])
+    torch.testing.assert_close(grad_x, want)
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[5], CONFIGS[-1]], ids=str)
+@pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
+def test_opcheck(config, mode, group_size):
+    x, weight, bias, mask, conv_args = make_case(config, mode, group_size, 0.5, torch.float32)
+    offsets, positions = rk.kept_index(mask)
+    padding = resolve_padding(conv_args["padding"], weight.shape[2:], (1, 1), (1, 1))[::2]
+    args = (
+        x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, offsets, positions,
+        list(torch.nn.modules.utils._pair(conv_args["stride"])), list(padding),
+        list(torch.nn.modules.utils._pair(conv_args["dilation"])), conv_args["groups"],
+    )
+    torch.library.opcheck(torch.ops.rmask.masked_conv2d.default, args)
+    y = torch.ops.rmask.masked_conv2d(*args)
+    backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
+    torch.library.opcheck(torch.ops.rmask.masked_conv2d_backward.default, backward_args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 3),
+    cin_per_group=st.integers(1, 3),
+    cout_per_group=st.integers(1, 3),
+    groups=st.integers(1, 2),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    mode=st.sampled_from(["neuron", "spatial", "group"]),
+    ratio=st.floats(0.0, 0.95),
+    bias=st.booleans(),
+)
+def test_property_random_configurations(
+    n, cin_per_group, cout_per_group, groups, h, w, kh, kw, stride, padding, dilation, mode, ratio, bias
+):
+    cin, cout = cin_per_group * groups, cout_per_group * groups
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if out_h <= 0 or out_w <= 0:
+        return  # no valid convolution: rejected inputs are tested separately
+    group_size = cout_per_group if mode == "group" else None
+    mask = rk.random_mask((cout, out_h, out_w), ratio, mode, group_size)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64)
+    weight = torch.randn(cout, cin_per_group, kh, kw, dtype=torch.float64)
+    b = torch.randn(cout, dtype=torch.float64) if bias else None
+    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    check_against_reference(x, weight, b, mask, conv_args, BACKENDS[0])
+
+
+# -- rejected inputs ------------------------------------------------------------------
+
+def _ok():
+    x = torch.randn(2, 4, 8, 8)
+    weight = torch.randn(6, 4, 3, 3)
+    mask = rk.random_mask((6, 8, 8), 0.5)
+    return x, weight, mask
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda x, w, m: (x, w, rk.random_mask((6, 7, 7), 0.5)), ValueError, r"mask has shape \(6, 7, 7\).*\(6, 8, 8\)"),
+        (lambda x, w, m: (x, w, rk.random_mask((5, 8, 8), 0.5)), ValueError, r"mask has shape \(5, 8, 8\)"),
+        (lambda x, w, m: (x, w, m.float()), TypeError, r"mask must be a bool tensor.*float32"),
+        (lambda x, w, m: (x, w, None), TypeError, "mask is required"),
+        (lambda x, w, m: (x[0, 0], w, m), ValueError, r"input must be a 4-D.*\(8, 8\)"),
+        (lambda x, w, m: (x, w[0], m), ValueError, r"weight must be a 4-D.*\(4, 3, 3\)"),
+        (lambda x, w, m: (x.double(), w, m), TypeError, "weight dtype must match input dtype torch.float64"),
+        (lambda x, w, m: (x.long(), w, m), TypeError, "input must be a floating point tensor, got dtype torch.int64"),
+        (lambda x, w, m: (x[:, :3], w, m), ValueError, "input has 3 channels but weight"),
+        (lambda x, w, m: (x, w, m.to("meta")), ValueError, r"mask must be on the input's device cpu, got meta"),
+    ],
+)
+def test_rejected_inputs(change, error, match):
+    x, weight, mask = change(*_ok())
+    with pytest.raises(error, match=match):
+        rk.masked_conv2d(x, weight, None, mask, padding=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(backend="gpu"), ValueError, "backend must be one of .* got 'gpu'"),
+        (dict(padding="full"), ValueError, "padding must be 'same', 'valid'.* got 'full'"),
+        (dict(padding="same", stride=2), ValueError, r"padding='same' is not supported for strided.*\(2, 2\)"),
+        (dict(padding=-1), ValueError, "padding must be non-negative, got -1"),
+        (dict(stride=0, padding=1), ValueError, r"stride and dilation must be positive, got stride=\(0, 0\)"),
+        (dict(groups=0, padding=1), ValueError, "groups must be a positive int, got 0"),
+        (dict(stride=(1, 2, 3), padding=1), ValueError, r"stride must be an int or a pair of ints, got \(1, 2, 3\)"),
+        (dict(bias=torch.randn(5), padding=1), ValueError, r"bias must be a torch.float32 tensor of shape \(6,\)"),
+    ],
+)
+def test_rejected_arguments(kwargs, error, match):
+    x, weight, mask = _ok()
+    kwargs.setdefault("bias", None)
+    with pytest.raises(error, match=match):
+        rk.masked_conv2d(x, weight, mask=mask, **kwargs)
+
+
+def test_too_small_input_rejected():
+    with pytest.raises(ValueError, match=r"input of spatial size \(2, 2\) is too small for kernel \(3, 3\)"):
+        rk.masked_conv2d(torch.randn(1, 4, 2, 2), torch.randn(6, 4, 3, 3), mask=rk.random_mask((6, 1, 1), 0.5))
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+def test_op_rejects_inconsistent_index():
+    x, weight, mask = _ok()
+    offsets, positions = rk.kept_index(mask)
+    call = lambda o, p: torch.ops.rmask.masked_conv2d(x, weight, None, mask, o, p, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"kept_positions must lie in \[0, 64\)"):
+        call(offsets, positions + 64)
+    with pytest.raises(RuntimeError, match="kept_offsets must start at 0 and end at kept_positions.numel()"):
+        call(offsets, positions[:-1])
+    with pytest.raises(RuntimeError, match="kept_offsets describes 4 mask patterns, which must divide the 6"):
+        call(offsets[:5], positions)
+    with pytest.raises(RuntimeError, match=r"mask must have shape \(6 or 1, 4, 4\) for this convolution.s output, got \[6, 8, 8\]"):
+        torch.ops.rmask.masked_conv2d(x, weight, None, mask, offsets, positions, [2, 2], [1, 1], [1, 1], 1)
+
+
+def test_unavailable_backend_falls_back_with_a_message():
+    x, weight, mask = _ok()
+    with pytest.warns(RuntimeWarning, match="backend='cuda' not available.*falling back to the reference"):
+        y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cuda")
+    torch.testing.assert_close(y, reference.masked_conv2d(x, weight, None, mask, padding=1))
+
+
+def test_available_backends():
+    names = rk.available_backends()
+    assert names[0] == "reference"
+    assert ("cpu" in names) == rk.ops.extension_loaded()
+
+
+def test_package_works_without_the_extension():
+    # A missing _C (not built) must leave a working package on the reference path, warned once.
+    code = (
+        "import sys, warnings; sys.modules['rmask_kernels._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, rmask_kernels as rk\n"
+        "assert any('compiled extension not available' in str(w.message) for w in caught), caught\n"
+        "assert rk.available_backends() == ['reference'], rk.available_backends()\n"
+        "x = torch.randn(2, 3, 6, 6); w = torch.randn(4, 3, 3, 3); m = rk.random_mask((4, 6, 6), 0.5)\n"
+        "y = rk.masked_conv2d(x, w, None, m, padding=1)\n"
+        "assert torch.allclose(y, torch.nn.functional.conv2d(x, w, None, 1, 1) * m)\n"
+        "layer = rk.MaskedConv2d(3, 4, 3, padding=1, mask_ratio=0.5, seed=0); layer(x)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+def test_auto_takes_the_kernel_where_it_pays_off():
+    x = torch.randn(2, 4, 16, 16)
+    sparse = rk.random_mask((6, 16, 16), 0.9, "spatial")
+    dense = rk.random_mask((6, 16, 16), 0.5, "neuron")
+    assert select_backend("auto", x, sparse) == "cpu"
+    assert select_backend("auto", x, dense) == "reference"
+    assert select_backend("cpu", x, dense) == "cpu"
+    assert select_backend("reference", x, sparse) == "reference"
