@@ -141,6 +141,8 @@ def convert_model(
     selected = select_layers(shapes, layers)
     batchnorms = following_batchnorms(model, selected)
     modules = dict(model.named_modules())
+    # Build every replacement before swapping any in, so a rejected layer leaves the model as it was.
+    replacements = []
     for name in selected:
         conv = modules[name]
         mask_kwargs = dict(
@@ -148,9 +150,11 @@ def convert_model(
             output_size=shapes[name][1:], backend=backend,
         )
         if name in batchnorms:
-            unit = MaskedConvBN2d.from_modules(conv, modules[batchnorms[name]], bn_stats=bn_stats, **mask_kwargs)
-            _set_submodule(model, name, unit)
-            _set_submodule(model, batchnorms[name], nn.Identity())
+            bn = modules[batchnorms[name]]
+            unit = MaskedConvBN2d.from_modules(conv, bn, bn_stats=bn_stats, **mask_kwargs)
+            replacements += [(name, unit), (batchnorms[name], nn.Identity().train(bn.training))]
         else:
-            _set_submodule(model, name, MaskedConv2d.from_conv(conv, **mask_kwargs))
+            replacements.append((name, MaskedConv2d.from_conv(conv, **mask_kwargs)))
+    for name, module in replacements:
+        _set_submodule(model, name, module)
     return model

@@ -24,10 +24,10 @@ def check_ratio(ratio, name: str = "ratio") -> float:
     return float(ratio)
 
 
-def check_mode(mode: str, group_size: Optional[int] = None, channels: Optional[int] = None) -> str:
+def check_mode(mode: str, group_size: Optional[int] = None, channels: Optional[int] = None, name: str = "mode") -> str:
     mode = _MODE_ALIASES.get(mode, mode)
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES} (or 'same' for 'spatial'), got {mode!r}")
+        raise ValueError(f"{name} must be one of {MODES} (or 'same' for 'spatial'), got {mode!r}")
     if mode == "group":
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
             raise ValueError(f"group_size must be a positive int with mode='group', got {group_size!r}")

@@ -51,7 +51,7 @@ class MaskedConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         self.mask_ratio = check_ratio(mask_ratio, "mask_ratio")
-        self.mask_mode = check_mode(mask_mode, group_size, out_channels)
+        self.mask_mode = check_mode(mask_mode, group_size, out_channels, "mask_mode")
         self.group_size = group_size
         self.seed = draw_seed() if seed is None else int(seed)
         self.backend = check_backend(backend)
@@ -86,6 +86,7 @@ class MaskedConv2d(nn.Conv2d):
 
     def _refresh_kept_index(self) -> None:
         self.kept_offsets, self.kept_positions = kept_index(self.mask)
+        self._mask_version = self.mask._version
 
     def output_size_for(self, input: torch.Tensor) -> Tuple[int, int]:
         left, right, top, bottom = self._reversed_padding_repeated_twice
@@ -98,6 +99,8 @@ class MaskedConv2d(nn.Conv2d):
         size = self.output_size_for(input)
         if self.mask is None:
             self.build_mask(size)
+        elif not torch.compiler.is_compiling() and self.mask._version != self._mask_version:
+            self._refresh_kept_index()  # the mask was edited in place: re-derive the index
         elif tuple(self.mask.shape[1:]) != size and self.mask_ratio > 0:
             raise ValueError(
                 f"{type(self).__name__}: the mask was built for output size {tuple(self.mask.shape[1:])}, "
@@ -300,8 +303,12 @@ class MaskedConvBN2d(nn.Module):
                 bn.num_batches_tracked.add_(1)
                 momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
                 unbiased = var * count / (count - 1).clamp(min=1)
-                bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-                bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+                # A fully masked channel has no statistics: keep its running values.
+                seen = kept_per_channel > 0
+                new_mean = torch.where(seen, mean, bn.running_mean).to(bn.running_mean.dtype)
+                new_var = torch.where(seen, unbiased, bn.running_var).to(bn.running_var.dtype)
+                bn.running_mean.lerp_(new_mean, momentum)
+                bn.running_var.lerp_(new_var, momentum)
         out = centered * torch.rsqrt(var + bn.eps).view(1, -1, 1, 1)
         if bn.weight is not None:
             out = out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1) * mask

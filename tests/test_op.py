@@ -352,3 +352,17 @@ def test_auto_takes_the_kernel_where_it_pays_off():
     assert select_backend("auto", x, dense) == "reference"
     assert select_backend("cpu", x, dense) == "cpu"
     assert select_backend("reference", x, sparse) == "reference"
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+def test_torch_compile_sees_one_op():
+    # fullgraph: no graph break around the op; aot_eager also traces the registered backward.
+    layer = rk.MaskedConv2d(4, 6, 3, padding=1, mask_ratio=0.5, output_size=(8, 8), backend="cpu")
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    (grad,) = torch.autograd.grad(y.sum(), [x])
+    expected = reference.masked_conv2d(x, layer.weight, layer.bias, layer.mask, padding=1)
+    (want,) = torch.autograd.grad(expected.sum(), [x])
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(grad, want)

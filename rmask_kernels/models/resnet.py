@@ -98,7 +98,7 @@ class ResNet18(nn.Module):
     ):
         super().__init__()
         self.stage_ratios = parse_stage_ratios(mask_ratio, mask_layers)
-        self.mask_mode = check_mode(mask_mode, group_size)
+        self.mask_mode = check_mode(mask_mode, group_size, name="mask_mode")
         spec = _MaskSpec(self.stage_ratios, self.mask_mode, group_size, seed, bn_stats, backend)
         self.conv1, self.bn1 = spec.conv_bn("conv1", 0, in_channels, 64, 3, 1, 1, input_size)
         in_planes, size = 64, input_size
