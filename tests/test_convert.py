@@ -14,21 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rmask_kernels as rk
+from helpers import randomize_batchnorms
 from rmask_kernels.masks import layer_seed
 
 TIGHT = dict(rtol=1e-9, atol=1e-9)  # float64, summation order only
-
-
-def randomize_batchnorms(model):
-    """Non-trivial BN affine parameters and running statistics, so BN placement matters."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.5)
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def masked_modules(model):

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rmask_kernels as rk
+from helpers import randomize_batchnorms
 from rmask_kernels.masks import layer_seed
 
 TIGHT = dict(rtol=1e-9, atol=1e-9)  # float64, summation order only
@@ -52,18 +53,6 @@ def masked_units(model):
 
 def expected_mask(name, ratio, mode="neuron", group_size=None, seed=0):
     return rk.random_mask(STAGE_SHAPES[ALL_CONVS[name]], ratio, mode, group_size, seed=layer_seed(seed, name))
-
-
-def randomize_batchnorms(model):
-    """Non-trivial BN affine parameters and running statistics, so BN placement matters."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.5)
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 def conv_and_bn(model, conv_name):
