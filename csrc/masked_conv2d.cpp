@@ -8,20 +8,23 @@
 //   kept_offsets   int64 (P + 1)   pattern p keeps kept_positions[offsets[p]:offsets[p+1]]
 //   kept_positions int64 (total)   flat output positions oh * Wout + ow, ascending
 // P patterns cover Cout channels in equal consecutive blocks: P = 1 for a spatial mask,
-// Cout / group_size for a group mask, Cout for a neuron mask.
+// Cout / group_size for a group mask, Cout for a neuron mask. And by output position:
+//   position_offsets  int64 (Hout * Wout + 1)  position p keeps channels
+//   position_channels int64 (kept pairs)       position_channels[position_offsets[p]:...[p+1]], ascending
 
 #include <torch/library.h>
 
 TORCH_LIBRARY(rmask, m) {
   m.def(
       "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
-      "Tensor kept_offsets, Tensor kept_positions, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups) -> Tensor");
+      "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   // Gradients for (input, weight, bias); an output not asked for in output_mask is an
   // empty tensor (the autograd glue turns it into None).
   m.def(
       "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
-      "Tensor mask, Tensor kept_offsets, Tensor kept_positions, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
+      "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
+      "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
 }

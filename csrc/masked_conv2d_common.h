@@ -27,6 +27,8 @@ inline ConvGeometry check_masked_conv2d_args(
     const at::Tensor& mask,
     const at::Tensor& kept_offsets,
     const at::Tensor& kept_positions,
+    const at::Tensor& position_offsets,
+    const at::Tensor& position_channels,
     at::IntArrayRef stride,
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
@@ -99,6 +101,17 @@ inline ConvGeometry check_masked_conv2d_args(
               "masked_conv2d: kept_offsets describes ", g.patterns, " mask patterns, which must divide the ",
               g.out_channels, " output channels (1 for a (1, H, W) mask)");
   g.channels_per_pattern = g.out_channels / g.patterns;
+  TORCH_CHECK(position_offsets.scalar_type() == at::kLong && position_offsets.dim() == 1 &&
+                  position_offsets.numel() == g.out_positions() + 1,
+              "masked_conv2d: position_offsets must be a 1-D int64 tensor of Hout * Wout + 1 = ", g.out_positions() + 1,
+              " entries, got ", position_offsets.scalar_type(), " of shape ", position_offsets.sizes());
+  TORCH_CHECK(position_channels.scalar_type() == at::kLong && position_channels.dim() == 1,
+              "masked_conv2d: position_channels must be a 1-D int64 tensor, got ", position_channels.scalar_type(),
+              " of shape ", position_channels.sizes());
+  for (const auto* t : {&kept_offsets, &kept_positions, &position_offsets, &position_channels}) {
+    TORCH_CHECK(t->device() == input.device(), "masked_conv2d: the kept index must be on the input's device ",
+                input.device(), ", got ", t->device());
+  }
   return g;
 }
 

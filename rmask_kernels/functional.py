@@ -21,14 +21,14 @@ IntPair = Union[int, Tuple[int, int]]
 _index_cache: dict = {}
 
 
-def cached_kept_index(mask: torch.Tensor):
+def cached_kept_index(mask: torch.Tensor, out_channels: int):
     key = id(mask)
     hit = _index_cache.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+    if hit is not None and hit[0]() is mask and hit[1] == (mask._version, out_channels):
         return hit[2]
-    index = build_kept_index(mask)
+    index = build_kept_index(mask, out_channels)
     alive = weakref.ref(mask, lambda _, key=key: _index_cache.pop(key, None))
-    _index_cache[key] = (alive, mask._version, index)
+    _index_cache[key] = (alive, (mask._version, out_channels), index)
     return index
 
 
@@ -81,12 +81,12 @@ def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple
         )
 
 
-def select_backend(backend: str, input: torch.Tensor, mask: torch.Tensor, kept_index=None) -> str:
+def select_backend(backend: str, input: torch.Tensor, mask: torch.Tensor, kept_index=None, out_channels=None) -> str:
     """The backend that runs a masked conv of ``input`` (batched, 4-D) with ``mask``."""
     chosen = resolve_backend(backend, input)
     if backend == "auto" and chosen != "reference":
-        offsets, positions = kept_index if kept_index is not None else cached_kept_index(mask)
-        if not sparse_pays_off(offsets, positions, mask.shape[1] * mask.shape[2]):
+        index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels or mask.shape[0])
+        if not sparse_pays_off(index.offsets, index.positions, mask.shape[1] * mask.shape[2]):
             chosen = "reference"
     return chosen
 
@@ -157,12 +157,10 @@ def masked_conv2d(
         input = F.pad(input, (0, right - left, 0, bottom - top))
     padding2 = (top, left)
 
-    chosen = select_backend(backend, input, mask, kept_index)
+    chosen = select_backend(backend, input, mask, kept_index, weight.shape[0])
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, stride, padding2, dilation, groups)
     else:
-        offsets, positions = kept_index if kept_index is not None else cached_kept_index(mask)
-        output = torch.ops.rmask.masked_conv2d(
-            input, weight, bias, mask, offsets, positions, stride, padding2, dilation, groups
-        )
+        index = kept_index if kept_index is not None else cached_kept_index(mask, weight.shape[0])
+        output = torch.ops.rmask.masked_conv2d(input, weight, bias, mask, *index, stride, padding2, dilation, groups)
     return output.squeeze(0) if unbatched else output

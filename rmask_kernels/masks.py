@@ -8,7 +8,7 @@ pattern are masked, chosen uniformly without replacement from a seeded CPU
 from __future__ import annotations
 
 import zlib
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -84,23 +84,38 @@ def random_mask(
     return keep.to(device) if device is not None else keep
 
 
-def kept_index(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The kept positions of ``mask`` (Cm, H, W) in CSR form, for the kernels.
+class KeptIndex(NamedTuple):
+    """The kept outputs of a mask in the two CSR forms the kernels take (int64 tensors)."""
 
-    Consecutive channels with identical patterns (group masks) share one entry, so the
-    kernels see P patterns covering the channels in equal blocks:
-    ``kept_positions[kept_offsets[p]:kept_offsets[p+1]]`` are the flat positions h*W + w
-    kept by pattern p, ascending. Built once per mask, never inside an op."""
+    offsets: torch.Tensor  # (P + 1): pattern p keeps positions[offsets[p]:offsets[p+1]]
+    positions: torch.Tensor  # flat output positions h * W + w, ascending per pattern
+    position_offsets: torch.Tensor  # (H * W + 1): position q keeps channels[position_offsets[q]:...[q+1]]
+    position_channels: torch.Tensor  # output channels, ascending per position
+
+
+def kept_index(mask: torch.Tensor, out_channels: Optional[int] = None) -> KeptIndex:
+    """The kept outputs of ``mask`` (Cm, H, W) for a conv with ``out_channels`` outputs
+    (default Cm; give it for a (1, H, W) spatial mask), built once per mask, never in an op.
+
+    By pattern: consecutive channels with identical patterns (group and spatial masks)
+    share one entry, so P patterns cover the channels in equal blocks. By position: the
+    channels kept at each output position, for the kernels that put the batch in the lanes."""
     if mask.dtype != torch.bool or mask.dim() != 3:
         raise ValueError(f"mask must be a bool tensor (C, H, W), got {mask.dtype} of shape {tuple(mask.shape)}")
+    out_channels = mask.shape[0] if out_channels is None else int(out_channels)
+    if mask.shape[0] not in (1, out_channels):
+        raise ValueError(f"mask has {mask.shape[0]} channels; expected 1 or out_channels={out_channels}")
     flat = mask.reshape(mask.shape[0], -1)
     block = _pattern_block(flat)
     patterns = flat[::block]
-    counts = patterns.sum(dim=1)
     offsets = torch.zeros(patterns.shape[0] + 1, dtype=torch.int64, device=mask.device)
-    offsets[1:] = counts.cumsum(0)
+    offsets[1:] = patterns.sum(dim=1).cumsum(0)
     positions = patterns.nonzero()[:, 1].contiguous()
-    return offsets, positions
+    by_position = flat.expand(out_channels, -1).t()  # (H*W, C)
+    position_offsets = torch.zeros(by_position.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    position_offsets[1:] = by_position.sum(dim=1).cumsum(0)
+    position_channels = by_position.nonzero()[:, 1].contiguous()
+    return KeptIndex(offsets, positions, position_offsets, position_channels)
 
 
 def _pattern_block(flat: torch.Tensor) -> int:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .backends import check_backend
 from .functional import check_mask_for_output, conv_output_size, masked_conv2d, pair
-from .masks import check_mode, check_ratio, draw_seed, kept_index, random_mask
+from .masks import KeptIndex, check_mode, check_ratio, draw_seed, kept_index, random_mask
 
 ACTIVATIONS = (None, "relu")
 BN_STATS = ("all", "kept")
@@ -57,8 +57,8 @@ class MaskedConv2d(nn.Conv2d):
         self.backend = check_backend(backend)
         self.register_buffer("mask", None)
         # Derived from the mask once, moved with the module, not saved (rebuilt on load).
-        self.register_buffer("kept_offsets", None, persistent=False)
-        self.register_buffer("kept_positions", None, persistent=False)
+        for name in KeptIndex._fields:
+            self.register_buffer(f"kept_{name}", None, persistent=False)
         if output_size is not None:
             self.build_mask(pair(output_size, "output_size"))
 
@@ -85,8 +85,13 @@ class MaskedConv2d(nn.Conv2d):
         self._refresh_kept_index()
 
     def _refresh_kept_index(self) -> None:
-        self.kept_offsets, self.kept_positions = kept_index(self.mask)
+        for name, tensor in zip(KeptIndex._fields, kept_index(self.mask, self.out_channels)):
+            setattr(self, f"kept_{name}", tensor)
         self._mask_version = self.mask._version
+
+    def kept_index(self) -> KeptIndex:
+        """The index lists of this layer's mask (built with the mask, moved with the module)."""
+        return KeptIndex(*(getattr(self, f"kept_{name}") for name in KeptIndex._fields))
 
     def output_size_for(self, input: torch.Tensor) -> Tuple[int, int]:
         left, right, top, bottom = self._reversed_padding_repeated_twice
@@ -122,7 +127,7 @@ class MaskedConv2d(nn.Conv2d):
             padding = 0
         return masked_conv2d(
             input, weight, bias, mask, self.stride, padding, self.dilation, self.groups,
-            backend=self.backend, kept_index=(self.kept_offsets, self.kept_positions),
+            backend=self.backend, kept_index=self.kept_index(),
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -43,14 +43,14 @@ def _memory_format(tensor):
 if extension_loaded():
 
     @torch.library.register_fake("rmask::masked_conv2d")
-    def _masked_conv2d_fake(input, weight, bias, mask, kept_offsets, kept_positions, stride, padding, dilation, groups):
+    def _masked_conv2d_fake(input, weight, bias, mask, *index_and_conv_args):
+        *_, stride, padding, dilation, groups = index_and_conv_args
         shape = _output_shape(input, weight, stride, padding, dilation)
         return input.new_empty(shape).contiguous(memory_format=_memory_format(input))
 
     @torch.library.register_fake("rmask::masked_conv2d_backward")
-    def _masked_conv2d_backward_fake(
-        grad_output, input, weight, mask, kept_offsets, kept_positions, stride, padding, dilation, groups, output_mask
-    ):
+    def _masked_conv2d_backward_fake(grad_output, input, weight, mask, *index_conv_args_and_output_mask):
+        output_mask = index_conv_args_and_output_mask[-1]
         grad_input = (
             torch.empty_like(input, memory_format=_memory_format(input)) if output_mask[0] else input.new_empty(0)
         )
@@ -59,36 +59,30 @@ if extension_loaded():
         return grad_input, grad_weight, grad_bias
 
     def _setup_context(ctx, inputs, output):
-        input, weight, bias, mask, kept_offsets, kept_positions, stride, padding, dilation, groups = inputs
+        input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs
         needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Weight gradient needs the input, input gradient needs the weight: save only those.
-        ctx.save_for_backward(
-            input if needs_weight else None,
-            weight if needs_input or needs_weight else None,
-            mask,
-            kept_offsets,
-            kept_positions,
-        )
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input or needs_weight else None, mask, *index)
         ctx.input_meta = (input.shape, input.dtype, input.device)
         ctx.has_bias = bias is not None
         ctx.conv_args = (stride, padding, dilation, groups)
 
     def _backward(ctx, grad_output):
-        input, weight, mask, kept_offsets, kept_positions = ctx.saved_tensors
+        input, weight, mask, *index = ctx.saved_tensors
         needs = ctx.needs_input_grad
         output_mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
         if not any(output_mask):
-            return (None,) * 10
+            return (None,) * 12
         if input is None:  # only the input gradient is wanted: its values are never read
             shape, dtype, device = ctx.input_meta
             input = torch.empty(shape, dtype=dtype, device=device)
         grad_input, grad_weight, grad_bias = torch.ops.rmask.masked_conv2d_backward(
-            grad_output, input, weight, mask, kept_offsets, kept_positions, *ctx.conv_args, output_mask
+            grad_output, input, weight, mask, *index, *ctx.conv_args, output_mask
         )
         return (
             grad_input if output_mask[0] else None,
             grad_weight if output_mask[1] else None,
             grad_bias if output_mask[2] else None,
-        ) + (None,) * 7
+        ) + (None,) * 9
 
     torch.library.register_autograd("rmask::masked_conv2d", _backward, setup_context=_setup_context)

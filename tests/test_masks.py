@@ -172,7 +172,7 @@ def reconstruct(offsets, positions, channels, height, width):
 def test_kept_index_reconstructs_the_mask(mode, group_size, ratio):
     c, h, w = SHAPE
     mask = rk.random_mask(SHAPE, ratio, mode, group_size, seed=13)
-    offsets, positions = rk.kept_index(mask)
+    offsets, positions, *_ = rk.kept_index(mask)
     assert offsets.dtype == torch.int64 and positions.dtype == torch.int64
     channels = mask.shape[0]
     patterns = offsets.numel() - 1
@@ -187,11 +187,11 @@ def test_kept_index_reconstructs_the_mask(mode, group_size, ratio):
 
 def test_kept_index_pattern_counts_per_mode():
     c, h, w = SHAPE
-    offsets, _ = rk.kept_index(rk.random_mask(SHAPE, 0.5, "spatial", seed=14))
+    offsets, *_ = rk.kept_index(rk.random_mask(SHAPE, 0.5, "spatial", seed=14))
     assert offsets.numel() - 1 == 1
-    offsets, _ = rk.kept_index(rk.random_mask(SHAPE, 0.5, "neuron", seed=14))
+    offsets, *_ = rk.kept_index(rk.random_mask(SHAPE, 0.5, "neuron", seed=14))
     assert offsets.numel() - 1 == c  # distinct patterns per channel (see the test above)
-    offsets, _ = rk.kept_index(rk.random_mask(SHAPE, 0.5, "group", group_size=4, seed=14))
+    offsets, *_ = rk.kept_index(rk.random_mask(SHAPE, 0.5, "group", group_size=4, seed=14))
     # Group masks collapse to at most C/group_size patterns (fewer only if blocks coincide).
     assert (offsets.numel() - 1) <= c // 4 and c % (offsets.numel() - 1) == 0
 
@@ -201,17 +201,17 @@ def test_kept_index_of_hand_written_mask():
         [[[True, False], [False, True]], [[True, False], [False, True]], [[False, False], [True, True]],
          [[False, False], [True, True]]]
     )
-    offsets, positions = rk.kept_index(mask)
+    offsets, positions, *_ = rk.kept_index(mask)
     assert offsets.tolist() == [0, 2, 4]
     assert positions.tolist() == [0, 3, 2, 3]
 
 
 def test_kept_index_of_all_kept_and_all_masked():
     full = torch.ones(3, 2, 2, dtype=torch.bool)
-    offsets, positions = rk.kept_index(full)
+    offsets, positions, *_ = rk.kept_index(full)
     assert torch.equal(reconstruct(offsets, positions, 3, 2, 2), full)
     empty = torch.zeros(3, 2, 2, dtype=torch.bool)
-    offsets, positions = rk.kept_index(empty)
+    offsets, positions, *_ = rk.kept_index(empty)
     assert positions.numel() == 0 and torch.equal(reconstruct(offsets, positions, 3, 2, 2), empty)
 
 
@@ -225,3 +225,25 @@ def test_kept_index_of_all_kept_and_all_masked():
 def test_kept_index_rejects_bad_masks(mask, match):
     with pytest.raises(ValueError, match=match):
         rk.kept_index(mask)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("mode,group_size", [("neuron", None), ("spatial", None), ("group", 4)])
+def test_kept_index_by_position_reconstructs_the_mask(mode, group_size, ratio):
+    c, h, w = SHAPE
+    mask = rk.random_mask(SHAPE, ratio, mode, group_size, seed=15)
+    index = rk.kept_index(mask, out_channels=c)
+    rebuilt = torch.zeros(h * w, c, dtype=torch.bool)
+    for q in range(h * w):
+        channels = index.position_channels[index.position_offsets[q] : index.position_offsets[q + 1]]
+        assert torch.all(channels[1:] > channels[:-1]), "ascending, no repeats"
+        rebuilt[q, channels] = True
+    assert torch.equal(rebuilt.t().reshape(c, h, w), mask.expand(c, h, w))
+
+
+def test_kept_index_of_a_spatial_mask_needs_the_channel_count():
+    mask = rk.random_mask(SHAPE, 0.5, "spatial", seed=16)
+    index = rk.kept_index(mask, out_channels=SHAPE[0])
+    assert index.position_channels.numel() == SHAPE[0] * int(mask.sum())
+    with pytest.raises(ValueError, match=r"mask has 1 channels; expected 1 or out_channels=5|mask has 8 channels"):
+        rk.kept_index(rk.random_mask(SHAPE, 0.5, seed=16), out_channels=5)

@@ -71,12 +71,17 @@ def check_against_reference(x, weight, bias, mask, conv_args, backend, grad=True
     return y
 
 
+# float32 runs the batch-vector kernels (AVX2 CPUs), float64 the portable ones.
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
 @pytest.mark.parametrize("ratio", RATIOS)
-def test_parity_with_reference(backend, config, mode, group_size, ratio):
-    x, weight, bias, mask, conv_args = make_case(config, mode, group_size, ratio)
+def test_parity_with_reference(backend, config, mode, group_size, ratio, dtype):
+    x, weight, bias, mask, conv_args = make_case(config, mode, group_size, ratio, dtype)
     check_against_reference(x, weight, bias, mask, conv_args, backend)
 
 
@@ -102,14 +107,15 @@ def test_low_precision_error_near_pytorchs_own(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced"])
-def test_non_contiguous_and_channels_last(backend, layout):
-    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "neuron", None, 0.5)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_and_channels_last(backend, layout, dtype):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "neuron", None, 0.5, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "permuted":
         x = x.transpose(2, 3).contiguous().transpose(2, 3)
     else:
-        x = torch.randn(2, 8, 9, 14, dtype=x.dtype)[:, ::2, :, ::2]
+        x = torch.randn(2, 8, 9, 14, dtype=dtype)[:, ::2, :, ::2]
     assert not x.is_contiguous()
     y = check_against_reference(x, weight, bias, mask, conv_args, backend)
     expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -117,8 +123,9 @@ def test_non_contiguous_and_channels_last(backend, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_weight_and_mask(backend):
-    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_weight_and_mask(backend, dtype):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5, dtype)
     weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
     mask = mask.transpose(1, 2).contiguous().transpose(1, 2)
     check_against_reference(x, weight, bias, mask, conv_args, backend)
@@ -126,15 +133,17 @@ def test_non_contiguous_weight_and_mask(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ratio", [0.01, 0.99, 0.999])
-def test_ratios_near_the_ends(backend, ratio):
-    x, weight, bias, mask, conv_args = make_case((2, 4, 16, 16, 8, 3, 1, 1, 1, 1), "neuron", None, ratio)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ratios_near_the_ends(backend, ratio, dtype):
+    x, weight, bias, mask, conv_args = make_case((2, 4, 16, 16, 8, 3, 1, 1, 1, 1), "neuron", None, ratio, dtype)
     check_against_reference(x, weight, bias, mask, conv_args, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kept", [True, False])
-def test_all_kept_and_fully_masked(backend, kept):
-    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.0)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_kept_and_fully_masked(backend, kept, dtype):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.0, dtype)
     mask = torch.full_like(mask, kept)
     y = check_against_reference(x, weight, bias, mask, conv_args, backend)
     if not kept:
@@ -194,16 +203,17 @@ def test_only_the_needed_gradients():
 @pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
 def test_opcheck(config, mode, group_size):
     x, weight, bias, mask, conv_args = make_case(config, mode, group_size, 0.5, torch.float32)
-    offsets, positions = rk.kept_index(mask)
+    index = rk.kept_index(mask, weight.shape[0])
     padding = resolve_padding(conv_args["padding"], weight.shape[2:], (1, 1), (1, 1))[::2]
     args = (
-        x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, offsets, positions,
+        x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *index,
         list(torch.nn.modules.utils._pair(conv_args["stride"])), list(padding),
         list(torch.nn.modules.utils._pair(conv_args["dilation"])), conv_args["groups"],
     )
     torch.library.opcheck(torch.ops.rmask.masked_conv2d.default, args)
     y = torch.ops.rmask.masked_conv2d(*args)
     backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
+    assert len(args) == 12
     torch.library.opcheck(torch.ops.rmask.masked_conv2d_backward.default, backward_args)
 
 
@@ -299,16 +309,25 @@ def test_too_small_input_rejected():
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
 def test_op_rejects_inconsistent_index():
     x, weight, mask = _ok()
-    offsets, positions = rk.kept_index(mask)
-    call = lambda o, p: torch.ops.rmask.masked_conv2d(x, weight, None, mask, o, p, [1, 1], [1, 1], [1, 1], 1)
+    offsets, positions, by_position, channels = rk.kept_index(mask)
+
+    def call(*index, stride=(1, 1)):
+        return torch.ops.rmask.masked_conv2d(x, weight, None, mask, *index, list(stride), [1, 1], [1, 1], 1)
+
     with pytest.raises(RuntimeError, match=r"kept_positions must lie in \[0, 64\)"):
-        call(offsets, positions + 64)
+        call(offsets, positions + 64, by_position, channels)
     with pytest.raises(RuntimeError, match="kept_offsets must start at 0 and end at kept_positions.numel()"):
-        call(offsets, positions[:-1])
+        call(offsets, positions[:-1], by_position, channels)
     with pytest.raises(RuntimeError, match="kept_offsets describes 4 mask patterns, which must divide the 6"):
-        call(offsets[:5], positions)
+        call(offsets[:5], positions, by_position, channels)
+    with pytest.raises(RuntimeError, match="position_offsets must be a 1-D int64 tensor of Hout \\* Wout \\+ 1 = 65"):
+        call(offsets, positions, by_position[:-1], channels)
+    with pytest.raises(RuntimeError, match="position_offsets/position_channels must list the .* kept"):
+        call(offsets, positions, by_position, channels[:-1])
+    with pytest.raises(RuntimeError, match=r"position_channels must lie in \[0, 6\)"):
+        call(offsets, positions, by_position, channels + 6)
     with pytest.raises(RuntimeError, match=r"mask must have shape \(6 or 1, 4, 4\) for this convolution.s output, got \[6, 8, 8\]"):
-        torch.ops.rmask.masked_conv2d(x, weight, None, mask, offsets, positions, [2, 2], [1, 1], [1, 1], 1)
+        call(offsets, positions, by_position, channels, stride=(2, 2))
 
 
 def test_unavailable_backend_falls_back_with_a_message():

@@ -1,5 +1,10 @@
 // CPU kernels of rmask::masked_conv2d: compute only the kept outputs.
 //
+// Two paths. float32 with groups == 1 on an AVX2 CPU takes the batch-vector kernels
+// (batch_vector.h: the batch in the SIMD lanes, per-position kept-channel lists, no im2col).
+// Everything else (float64, reduced precision, groups > 1, other CPUs) takes the portable
+// gather-GEMM-scatter path below, which is exact and deterministic but slower:
+//
 // The output channels split into blocks that share one mask pattern and one conv group
 // (a pattern's channels intersected with a group's). For each block:
 //   gather  the im2col columns of its kept positions only   cols  (Cin/g * kh * kw, N * K)
@@ -17,6 +22,7 @@
 #include <vector>
 
 #include "../masked_conv2d_common.h"
+#include "batch_vector.h"
 
 namespace rmask {
 namespace {
@@ -49,7 +55,8 @@ std::vector<ChannelBlock> channel_blocks(const ConvGeometry& g, const at::Tensor
   return blocks;
 }
 
-void check_kept_index(const ConvGeometry& g, const at::Tensor& offsets, const at::Tensor& positions) {
+void check_kept_index(const ConvGeometry& g, const at::Tensor& offsets, const at::Tensor& positions,
+                      const at::Tensor& position_offsets, const at::Tensor& position_channels) {
   const int64_t* off = offsets.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[g.patterns] == positions.numel(),
               "masked_conv2d: kept_offsets must start at 0 and end at kept_positions.numel() = ", positions.numel(),
@@ -61,6 +68,21 @@ void check_kept_index(const ConvGeometry& g, const at::Tensor& offsets, const at
     const auto [lo, hi] = at::aminmax(positions);
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < g.out_positions(),
                 "masked_conv2d: kept_positions must lie in [0, ", g.out_positions(), "), got values in [",
+                lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  }
+  const int64_t* po = position_offsets.data_ptr<int64_t>();
+  const int64_t pairs = positions.numel() * g.channels_per_pattern;
+  TORCH_CHECK(po[0] == 0 && po[g.out_positions()] == position_channels.numel() && position_channels.numel() == pairs,
+              "masked_conv2d: position_offsets/position_channels must list the ", pairs,
+              " kept (position, channel) pairs of kept_offsets/kept_positions, got ", position_channels.numel(),
+              " channels and offsets from ", po[0], " to ", po[g.out_positions()]);
+  for (int64_t p = 0; p < g.out_positions(); ++p) {
+    TORCH_CHECK(po[p + 1] >= po[p], "masked_conv2d: position_offsets must be non-decreasing");
+  }
+  if (position_channels.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(position_channels);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < g.out_channels,
+                "masked_conv2d: position_channels must lie in [0, ", g.out_channels, "), got values in [",
                 lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
   }
 }
@@ -166,15 +188,158 @@ at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// ---------------------------------------------------------------------------------
+// Batch-vector path (float32, groups == 1, AVX2)
+
+bool use_batch_vector(const ConvGeometry& g, const at::Tensor& input) {
+  static const bool supported = cpu::batch_vector_supported();
+  return supported && input.scalar_type() == at::kFloat && g.groups == 1 && g.batch > 0;
+}
+
+cpu::BatchVectorGeometry batch_vector_geometry(const ConvGeometry& g) {
+  const int64_t padded = (g.batch + cpu::kBatchBlock - 1) / cpu::kBatchBlock * cpu::kBatchBlock;
+  return {g.batch,      padded,     g.in_channels, g.height,     g.width,    g.out_channels,
+          g.kernel_h,   g.kernel_w, g.out_height,  g.out_width,  g.stride_h, g.stride_w,
+          g.pad_h,      g.pad_w,    g.dilation_h,  g.dilation_w};
+}
+
+// A 4-D tensor the kernels can address directly: NCHW- or NHWC-contiguous (else a copy).
+at::Tensor addressable(const at::Tensor& t) {
+  if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
+  return t.contiguous(t.suggest_memory_format());
+}
+
+cpu::Strides strides_of(const at::Tensor& t) {
+  // Both supported layouts keep (h, w) as one flat position axis; a size-1 dim's stride is arbitrary.
+  const int64_t position = t.size(3) > 1 ? t.stride(3) : (t.size(2) > 1 ? t.stride(2) : 1);
+  return {t.stride(0), t.stride(1), position};
+}
+
+at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& position_offsets,
+                                const at::Tensor& position_channels) {
+  TORCH_CHECK(g.kernel_h <= 64, "masked_conv2d: kernel height above 64 is not supported, got ", g.kernel_h);
+  const auto bg = batch_vector_geometry(g);
+  const auto x = addressable(input);
+  const auto w_f = weight.permute({0, 2, 3, 1}).contiguous();  // [Cout][kh][kw][Cin]
+  const auto b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  // Every element is written by the kernel (masked ones as zeros).
+  auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
+                     input.options().memory_format(input.suggest_memory_format()));
+  const int64_t slots = cpu::forward_panel_rows(bg);
+  at::parallel_for(0, g.out_height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
+    std::vector<float> panels(slots * g.width * g.in_channels * bg.padded_batch);
+    std::vector<float> staging(g.batch * g.out_channels * g.out_width);
+    cpu::forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
+                      b.defined() ? b.data_ptr<float>() : nullptr, /*relu=*/false, position_offsets.data_ptr<int64_t>(),
+                      position_channels.data_ptr<int64_t>(), begin, end, y.data_ptr<float>(), strides_of(y),
+                      taps.data(), panels.data(), panel_rows.data(), staging.data());
+  });
+  return y;
+}
+
+// Kept output gradients, compacted to rows of padded_batch floats (zero in the padding), in
+// position-CSR order: the operand of grad-input, grad-weight and grad-bias.
+at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const cpu::BatchVectorGeometry& bg,
+                                          const at::Tensor& position_offsets, const at::Tensor& position_channels) {
+  const int64_t positions = bg.out_height * bg.out_width;
+  auto rows = at::empty({position_channels.numel(), bg.padded_batch}, gy.options());
+  const cpu::Strides s = strides_of(gy);
+  const float* src = gy.data_ptr<float>();
+  const int64_t* po = position_offsets.data_ptr<int64_t>();
+  const int64_t* pc = position_channels.data_ptr<int64_t>();
+  float* dst = rows.data_ptr<float>();
+  at::parallel_for(0, positions, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t e = po[p]; e < po[p + 1]; ++e) {
+        const float* col = src + pc[e] * s.c + p * s.position;
+        float* row = dst + e * bg.padded_batch;
+        for (int64_t n = 0; n < bg.batch; ++n) row[n] = col[n * s.n];
+        for (int64_t n = bg.batch; n < bg.padded_batch; ++n) row[n] = 0.0f;
+      }
+    }
+  });
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
+    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& position_offsets, const at::Tensor& position_channels, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(g.kernel_h <= 64, "masked_conv2d: kernel height above 64 is not supported, got ", g.kernel_h);
+  const auto [need_input, need_weight, need_bias] = output_mask;
+  const auto bg = batch_vector_geometry(g);
+  at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
+             grad_bias = at::empty({0}, input.options());
+  const auto rows = kept_gradient_rows_by_position(addressable(grad_output), bg, position_offsets, position_channels);
+  const int64_t* pc = position_channels.data_ptr<int64_t>();
+  if (need_bias) {  // summed in a fixed order: deterministic
+    grad_bias = at::zeros({g.out_channels}, input.options());
+    float* gb = grad_bias.data_ptr<float>();
+    const float* r = rows.data_ptr<float>();
+    for (int64_t e = 0; e < position_channels.numel(); ++e) {
+      float sum = 0.0f;  // the padding images hold zeros
+      for (int64_t n = 0; n < bg.padded_batch; ++n) sum += r[e * bg.padded_batch + n];
+      gb[pc[e]] += sum;
+    }
+  }
+  if (need_input) {
+    const auto w_b = weight.permute({2, 3, 0, 1}).contiguous();  // [kh][kw][Cout][Cin]
+    grad_input = at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()));
+    const cpu::Strides xs = strides_of(grad_input);
+    at::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> contributions(3 * g.kernel_h * g.kernel_w);
+      std::vector<float> panel(g.width * g.in_channels * bg.padded_batch);
+      cpu::grad_input_rows(bg, rows.data_ptr<float>(), w_b.data_ptr<float>(), position_offsets.data_ptr<int64_t>(),
+                           pc, begin, end, grad_input.data_ptr<float>(), xs, contributions.data(), panel.data());
+    });
+  }
+  if (need_weight) {
+    // One partial gradient per chunk of output rows, summed in chunk order afterwards, so
+    // the result is bit-identical run to run for a given thread count.
+    const auto x = addressable(input);
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.out_height));
+    const int64_t rows_per_chunk = (g.out_height + chunks - 1) / chunks;
+    const int64_t cpad = cpu::padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
+    auto partial = at::zeros({chunks, g.out_channels, kk, cpad}, weight.options());
+    const int64_t slots = cpu::grad_weight_panel_rows(bg);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> panels(slots * g.width * g.batch * cpad);
+      std::vector<int64_t> panel_rows(slots);
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t first = chunk * rows_per_chunk, last = std::min(g.out_height, first + rows_per_chunk);
+        if (first >= last) continue;
+        cpu::grad_weight_rows(bg, rows.data_ptr<float>(), x.data_ptr<float>(), strides_of(x),
+                              position_offsets.data_ptr<int64_t>(), pc, first, last, partial[chunk].data_ptr<float>(),
+                              panels.data(), panel_rows.data());
+      }
+    });
+    // [chunks][Cout][kh*kw][Cpad] -> [Cout][Cin][kh][kw]
+    grad_weight = partial.sum(0)
+                      .narrow(2, 0, g.in_channels)
+                      .reshape({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
+                      .permute({0, 3, 1, 2})
+                      .contiguous();
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------
+// Op entry points
+
 at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, const at::Tensor& mask,
                                         const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+                                        const at::Tensor& position_offsets, const at::Tensor& position_channels,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         int64_t groups) {
-  const ConvGeometry g =
-      check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions, stride, padding, dilation, groups);
+  const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
+                                                  position_offsets, position_channels, stride, padding, dilation, groups);
   const auto offsets = kept_offsets.contiguous(), positions = kept_positions.contiguous();
-  check_kept_index(g, offsets, positions);
+  const auto by_position = position_offsets.contiguous(), channels = position_channels.contiguous();
+  check_kept_index(g, offsets, positions, by_position, channels);
+  if (use_batch_vector(g, input)) return batch_vector_forward(g, input, weight, bias, by_position, channels);
+
   const auto ctype = compute_type(input.scalar_type());
   const auto x = input.to(ctype).contiguous();
   const auto w = weight.to(ctype).contiguous().view({g.out_channels, -1});
@@ -205,17 +370,22 @@ at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
-    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
+    const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 3> output_mask) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, std::nullopt, mask, kept_offsets, kept_positions,
-                                                  stride, padding, dilation, groups);
+                                                  position_offsets, position_channels, stride, padding, dilation, groups);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height, g.out_width}),
               "masked_conv2d_backward: grad_output must have shape (", g.batch, ", ", g.out_channels, ", ",
               g.out_height, ", ", g.out_width, "), got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "masked_conv2d_backward: grad_output dtype must be ",
               input.scalar_type(), ", got ", grad_output.scalar_type());
   const auto offsets = kept_offsets.contiguous(), positions = kept_positions.contiguous();
-  check_kept_index(g, offsets, positions);
+  const auto by_position = position_offsets.contiguous(), channels = position_channels.contiguous();
+  check_kept_index(g, offsets, positions, by_position, channels);
+  if (use_batch_vector(g, input)) {
+    return batch_vector_backward(g, grad_output, input, weight, by_position, channels, output_mask);
+  }
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto ctype = compute_type(input.scalar_type());
   const auto x = input.to(ctype).contiguous();

@@ -1,0 +1,69 @@
+// Batch-as-vector kernels for masked convolution on x86 with AVX2 + FMA.
+//
+// A Random-Mask mask is the same for every image, so the batch is the one dimension that
+// is always dense: forward and grad-input put the batch in the SIMD lanes. Input rows are
+// laid out "batch last", [w][c][n] (n padded to a multiple of 16), in small cache-resident
+// panels, so the receptive field of any output position is a set of contiguous [C][16]
+// blocks. Per output position only the channels the mask keeps there are computed (the
+// position-CSR lists), which serves neuron, group and spatial masks alike. grad-weight
+// reduces over the images with the input channels in the lanes.
+//
+// This header is free of ATen so that batch_vector_avx2.cpp can be compiled for AVX2
+// without any inline ATen code being emitted for AVX2 (an ODR hazard on older CPUs). The
+// caller checks batch_vector_supported() first and splits the work across threads.
+#pragma once
+
+#include <cstdint>
+
+namespace rmask {
+namespace cpu {
+
+constexpr int64_t kBatchBlock = 16;  // images per micro-tile: two 8-float AVX2 vectors
+
+struct BatchVectorGeometry {
+  int64_t batch, padded_batch;  // N and N rounded up to kBatchBlock
+  int64_t in_channels, height, width;
+  int64_t out_channels, kernel_h, kernel_w, out_height, out_width;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+};
+
+// Where element (n, c, position) of an NCHW or NHWC tensor lives.
+struct Strides {
+  int64_t n, c, position;
+};
+
+// True when compiled for x86-64 and the CPU has AVX2 and FMA.
+bool batch_vector_supported();
+
+// y[n, c, p] = relu?(bias[c] + sum_{taps, ci} w_f[c, tap, ci] * x[n, ci, q(p, tap)]) for the
+// kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones (every
+// element of y in those rows is written). x and y: NCHW or NHWC. w_f: [Cout][kh][kw][Cin].
+// Scratch: taps 2 * kh * kw int64; panels forward_panel_rows(g) * W * Cin * padded N floats
+// and panel_rows forward_panel_rows(g) int64; staging N * Cout * Wout floats.
+int64_t forward_panel_rows(const BatchVectorGeometry& g);
+void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
+                  const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
+                  int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
+                  int64_t* panel_rows, float* staging);
+
+// grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c): w_b[tap, c, ci] * gy_pos[e(p, c), n]
+// for the input positions q of rows [row_begin, row_end); grad_x NCHW or NHWC, every element
+// of those rows written. w_b: [kh][kw][Cout][Cin]. gy_pos: kept output gradients in
+// position-CSR order, rows of padded_batch. Scratch: contributions 3 * kh * kw int64, panel
+// W * Cin * padded_batch floats.
+void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
+                     const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                     int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel);
+
+// grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows [row_begin, row_end) and
+// images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part: [Cout][kh * kw][Cpad],
+// Cpad = padded_channels(Cin); x NCHW or NHWC. Scratch: panels grad_weight_panel_rows(g) *
+// W * N * Cpad floats, panel_rows grad_weight_panel_rows(g) int64.
+int64_t padded_channels(int64_t channels);
+int64_t grad_weight_panel_rows(const BatchVectorGeometry& g);
+void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
+                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows);
+
+}  // namespace cpu
+}  // namespace rmask
