@@ -13,7 +13,7 @@ TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
 SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean cmake-check
+.PHONY: install test demo bench clean cmake-check
 
 install: $(VENV)/.stamp-build
 
@@ -38,6 +38,15 @@ test: install cmake-check
 
 demo: install
 	$(PY) -m rmask_kernels.demo
+
+# Speed of the kernels vs F.conv2d * mask and of the whole model (a few minutes); JSON with
+# machine, torch version and date in benchmarks/results/, then the markdown ratio table.
+BENCH_JSON ?= benchmarks/results/latest.json
+bench: install
+	mkdir -p $(dir $(BENCH_JSON))
+	$(PY) -m pytest benchmarks/bench_masked_conv2d.py benchmarks/bench_resnet18.py -q -o python_files='bench_*.py' \
+	  -p no:cacheprovider --benchmark-json=$(BENCH_JSON) --benchmark-columns=median,iqr --benchmark-sort=name $(BENCH_ARGS)
+	$(PY) benchmarks/report.py $(BENCH_JSON) | tee $(BENCH_JSON:.json=.md)
 
 # Build the C++ library against LibTorch with CMake, as C++ users do (no Python involved).
 cmake-check: install

@@ -63,17 +63,28 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return "reference"
 
 
-# The gather-GEMM-scatter CPU kernel pays a gather per mask pattern, so "auto" takes it only
-# where that is measured to beat dense conv × mask: few patterns (spatial, coarse groups)
-# and few kept outputs. Measured (2 threads, fp32, N=32, 3x3; command and table in
-# benchmarks/NOTES.md): spatial keep 0.1 1.6-2.9x faster, keep 0.5 2.2x slower; neuron
-# masks (one gather per channel) 10-100x slower. The fast kernels replace this rule with a
-# per-shape crossover.
-SPARSE_MAX_KEEP = 0.2
-SPARSE_MAX_PATTERNS = 4
+def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
+    """Whether the CPU op runs the batch-vector AVX2 kernels (csrc/cpu/batch_vector.h) for
+    these arguments; otherwise it runs the portable gather-GEMM-scatter kernels."""
+    return dtype == torch.float32 and groups == 1 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def sparse_pays_off(kept_offsets: torch.Tensor, kept_positions: torch.Tensor, positions_per_pattern: int) -> bool:
-    patterns = kept_offsets.numel() - 1
-    keep = kept_positions.numel() / max(1, patterns * positions_per_pattern)
-    return patterns <= SPARSE_MAX_PATTERNS and keep <= SPARSE_MAX_KEEP
+# When "auto" takes the CPU kernel instead of dense conv × mask, from a measured crossover
+# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `make bench`, benchmarks/NOTES.md):
+# the batch-vector kernels run at about half of oneDNN's dense FLOP rate, so they win once
+# at most ~half the outputs are kept (forward 0.9-1.2x at keep 0.5, 1.4-1.8x at keep 0.3,
+# 1.6-2.9x at keep 0.1). Their cost scales with the batch rounded up to 16 images (the
+# SIMD lanes), so a small batch needs a sparser mask. The portable kernels gather columns
+# once per mask pattern: only few patterns (spatial, coarse groups) at keep <= 0.2 pay off.
+BATCH_VECTOR_MAX_KEEP = 0.45
+PORTABLE_MAX_KEEP = 0.2
+PORTABLE_MAX_PATTERNS = 4
+
+
+def sparse_pays_off(index, positions_per_pattern: int, batch: int, dtype: torch.dtype, groups: int) -> bool:
+    patterns = index.offsets.numel() - 1
+    keep = index.positions.numel() / max(1, patterns * positions_per_pattern)
+    if batch_vector_kernels(dtype, groups):
+        lanes = -(-max(batch, 1) // 16) * 16
+        return keep * lanes / max(batch, 1) <= BATCH_VECTOR_MAX_KEEP
+    return patterns <= PORTABLE_MAX_PATTERNS and keep <= PORTABLE_MAX_KEEP

@@ -81,12 +81,15 @@ def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple
         )
 
 
-def select_backend(backend: str, input: torch.Tensor, mask: torch.Tensor, kept_index=None, out_channels=None) -> str:
+def select_backend(
+    backend: str, input: torch.Tensor, mask: torch.Tensor, kept_index=None, out_channels=None, groups: int = 1
+) -> str:
     """The backend that runs a masked conv of ``input`` (batched, 4-D) with ``mask``."""
     chosen = resolve_backend(backend, input)
     if backend == "auto" and chosen != "reference":
         index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels or mask.shape[0])
-        if not sparse_pays_off(index.offsets, index.positions, mask.shape[1] * mask.shape[2]):
+        positions = mask.shape[1] * mask.shape[2]
+        if not sparse_pays_off(index, positions, input.shape[0], input.dtype, groups):
             chosen = "reference"
     return chosen
 
@@ -157,7 +160,7 @@ def masked_conv2d(
         input = F.pad(input, (0, right - left, 0, bottom - top))
     padding2 = (top, left)
 
-    chosen = select_backend(backend, input, mask, kept_index, weight.shape[0])
+    chosen = select_backend(backend, input, mask, kept_index, weight.shape[0], groups)
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, stride, padding2, dilation, groups)
     else:

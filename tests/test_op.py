@@ -364,24 +364,32 @@ def test_package_works_without_the_extension():
 
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
 def test_auto_takes_the_kernel_where_it_pays_off():
-    x = torch.randn(2, 4, 16, 16)
+    x = torch.randn(32, 4, 16, 16)
     sparse = rk.random_mask((6, 16, 16), 0.9, "spatial")
-    dense = rk.random_mask((6, 16, 16), 0.5, "neuron")
-    assert select_backend("auto", x, sparse) == "cpu"
+    dense = rk.random_mask((6, 16, 16), 0.2, "neuron")
+    assert select_backend("auto", x, sparse, out_channels=6) == "cpu"
     assert select_backend("auto", x, dense) == "reference"
     assert select_backend("cpu", x, dense) == "cpu"
-    assert select_backend("reference", x, sparse) == "reference"
+    assert select_backend("reference", x, sparse, out_channels=6) == "reference"
+    # The portable kernels (float64, groups) pay off only for few patterns at high ratios.
+    neuron = rk.random_mask((6, 16, 16), 0.9, "neuron")
+    assert select_backend("auto", x.double(), neuron) == "reference"
+    assert select_backend("auto", x.double(), sparse, out_channels=6) == "cpu"
+    if rk.backends.batch_vector_kernels(torch.float32, 1):
+        assert select_backend("auto", x, neuron) == "cpu"
+        # One image fills 1 of 16 lanes: a 0.9 mask no longer pays for that.
+        assert select_backend("auto", x[:1], neuron) == "reference"
 
 
-@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
-def test_torch_compile_sees_one_op():
-    # fullgraph: no graph break around the op; aot_eager also traces the registered backward.
-    layer = rk.MaskedConv2d(4, 6, 3, padding=1, mask_ratio=0.5, output_size=(8, 8), backend="cpu")
-    x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    y = compiled(x)
-    (grad,) = torch.autograd.grad(y.sum(), [x])
-    expected = reference.masked_conv2d(x, layer.weight, layer.bias, layer.mask, padding=1)
-    (want,) = torch.autograd.grad(expected.sum(), [x])
-    torch.testing.assert_close(y, expected)
-    torch.testing.assert_close(grad, want)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
+def test_large_odd_shapes(backend, layout, mode, group_size):
+    # Batch, channels and sizes that fill no SIMD block evenly (17 images: 16 lanes + 1).
+    config = (17, 11, 23, 19, 13, (3, 5), (2, 1), (1, 2), 1, 1)
+    x, weight, bias, mask, conv_args = make_case(config, mode, 13 if mode == "group" else None, 0.6, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = check_against_reference(x, weight, bias, mask, conv_args, backend)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)

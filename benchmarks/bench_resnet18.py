@@ -1,0 +1,55 @@
+"""Whole model: the paper's Random-Mask ResNet-18 (ratio 0.9, shallow '012', neuron masks),
+batch 32, 32x32, on the reference path vs the compiled kernels ("auto").
+
+Train step = forward + backward + SGD step. With bn_stats="all" (the paper) BN needs every
+position in training, so the convolution runs dense whatever the backend; bn_stats="kept"
+lets training skip masked outputs too. Inference (eval, BN folded) uses the masked kernels.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rmask_kernels as rk
+
+CONFIGS = {  # provider: (backend, bn_stats)
+    "reference": ("reference", "all"),
+    "auto bn_stats=all": ("auto", "all"),
+    "auto bn_stats=kept": ("auto", "kept"),
+}
+
+
+def make_model(provider):
+    backend, bn_stats = CONFIGS[provider]
+    torch.manual_seed(0)
+    return rk.models.resnet18(mask_ratio=0.9, mask_layers="shallow", seed=0, backend=backend, bn_stats=bn_stats)
+
+
+@pytest.mark.parametrize("provider", list(CONFIGS))
+@pytest.mark.parametrize("pass_", ["train step", "inference"])
+def test_resnet18(benchmark, pass_, provider):
+    model = make_model(provider)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    benchmark.group = f"resnet18 0.9 shallow neuron, batch 32: {pass_}"
+    benchmark.extra_info.update(
+        shape="resnet18 b32", mode="neuron", ratio=0.9, pass_=pass_, provider=provider,
+        threads=torch.get_num_threads(), torch=torch.__version__,
+    )
+    if pass_ == "train step":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        model.train()
+
+        def step():
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    else:
+        model.eval()
+
+        def infer():
+            with torch.no_grad():
+                model(x)
+
+        benchmark.pedantic(infer, rounds=5, warmup_rounds=1)
