@@ -18,9 +18,12 @@ TORCH_LIBRARY(rmask, m) {
   m.def(
       "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
       "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, *, bool relu=False) -> Tensor");
+  // relu=True fuses the activation into the epilogue: relu(conv * mask + ...), for inference
+  // of the paper's unit (mask after BN, then ReLU; masked outputs stay 0).
   // Gradients for (input, weight, bias); an output not asked for in output_mask is an
-  // empty tensor (the autograd glue turns it into None).
+  // empty tensor (the autograd glue turns it into None). For relu=True the caller passes
+  // grad_output already multiplied by (output > 0).
   m.def(
       "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
       "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "

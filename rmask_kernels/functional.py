@@ -105,12 +105,14 @@ def masked_conv2d(
     groups: int = 1,
     backend: str = "auto",
     kept_index=None,
+    relu: bool = False,
 ) -> torch.Tensor:
     """``F.conv2d(input, weight, bias, stride, padding, dilation, groups) * mask``, differentiable,
     computing only the kept outputs where a compiled backend serves the tensor.
 
     ``mask``: bool (C_out, H_out, W_out) or (1, H_out, W_out), True = kept (see random_mask).
-    ``kept_index``: optional precomputed ``rk.kept_index(mask)``; layers pass theirs.
+    ``kept_index``: optional precomputed ``rk.kept_index(mask, C_out)``; layers pass theirs.
+    ``relu``: apply ReLU in the kernel's epilogue (the paper's unit at inference).
     ``backend``: "auto", "reference" (the oracle), "cpu", later "cuda"/"triton"; a backend
     that cannot serve the tensor falls back to the reference with a warning.
     """
@@ -163,7 +165,10 @@ def masked_conv2d(
     chosen = select_backend(backend, input, mask, kept_index, weight.shape[0], groups)
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, stride, padding2, dilation, groups)
+        output = F.relu(output) if relu else output
     else:
         index = kept_index if kept_index is not None else cached_kept_index(mask, weight.shape[0])
-        output = torch.ops.rmask.masked_conv2d(input, weight, bias, mask, *index, stride, padding2, dilation, groups)
+        output = torch.ops.rmask.masked_conv2d(
+            input, weight, bias, mask, *index, stride, padding2, dilation, groups, relu=bool(relu)
+        )
     return output.squeeze(0) if unbatched else output

@@ -115,19 +115,22 @@ class MaskedConv2d(nn.Conv2d):
         return self.mask
 
     # -- forward ----------------------------------------------------------------------
-    def masked_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def masked_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False
+    ) -> torch.Tensor:
         """The masked convolution with this layer's mask and geometry, for any weight/bias
-        (MaskedConvBN2d passes BN-folded ones)."""
+        (MaskedConvBN2d passes BN-folded ones), optionally with a fused ReLU."""
         mask = self.mask_for(input)
         if self.mask_ratio == 0.0:
-            return self._conv_forward(input, weight, bias)
+            output = self._conv_forward(input, weight, bias)
+            return F.relu(output) if relu else output
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return masked_conv2d(
             input, weight, bias, mask, self.stride, padding, self.dilation, self.groups,
-            backend=self.backend, kept_index=self.kept_index(),
+            backend=self.backend, kept_index=self.kept_index(), relu=relu,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -257,22 +260,21 @@ class MaskedConvBN2d(nn.Module):
     def _uses_batch_stats(self) -> bool:
         return self.training or self.bn.running_mean is None
 
-    def _activate(self, y: torch.Tensor) -> torch.Tensor:
-        return F.relu(y) if self.activation == "relu" else y
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         unbatched = input.dim() == 3
         if unbatched:
             input = input.unsqueeze(0)
-        if not self._uses_batch_stats():
-            y = self._folded_forward(input)
-        elif self.bn_stats == "kept" and self.conv.mask_ratio > 0:
+        if not self._uses_batch_stats():  # one masked conv, BN folded in, ReLU in the epilogue
+            weight, bias = self.folded_weight_and_bias()
+            y = self.conv.masked_forward(input, weight, bias, relu=self.activation == "relu")
+            return y.squeeze(0) if unbatched else y
+        if self.bn_stats == "kept" and self.conv.mask_ratio > 0:
             y = self._kept_stats_forward(input)
         else:
             y = self.bn(self.conv.unmasked_forward(input))
             if self.conv.mask_ratio > 0:
                 y = y * self.conv.mask
-        y = self._activate(y)
+        y = F.relu(y) if self.activation == "relu" else y
         return y.squeeze(0) if unbatched else y
 
     def folded_weight_and_bias(self):
@@ -287,10 +289,6 @@ class MaskedConvBN2d(nn.Module):
         if bn.bias is not None:
             bias = bias + bn.bias
         return weight, bias
-
-    def _folded_forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.folded_weight_and_bias()
-        return self.conv.masked_forward(input, weight, bias)
 
     def _kept_stats_forward(self, input: torch.Tensor) -> torch.Tensor:
         # Only kept outputs are computed; BN statistics over them (count differs per channel

@@ -43,7 +43,7 @@ def _memory_format(tensor):
 if extension_loaded():
 
     @torch.library.register_fake("rmask::masked_conv2d")
-    def _masked_conv2d_fake(input, weight, bias, mask, *index_and_conv_args):
+    def _masked_conv2d_fake(input, weight, bias, mask, *index_and_conv_args, relu=False):
         *_, stride, padding, dilation, groups = index_and_conv_args
         shape = _output_shape(input, weight, stride, padding, dilation)
         return input.new_empty(shape).contiguous(memory_format=_memory_format(input))
@@ -58,19 +58,25 @@ if extension_loaded():
         grad_bias = input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
         return grad_input, grad_weight, grad_bias
 
-    def _setup_context(ctx, inputs, output):
+    def _setup_context(ctx, inputs, keyword_only_inputs, output):
         input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs
         needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Weight gradient needs the input, input gradient needs the weight: save only those.
-        ctx.save_for_backward(input if needs_weight else None, weight if needs_input or needs_weight else None, mask, *index)
+        # A fused ReLU's gradient gate is the output itself (> 0).
+        relu_output = output if keyword_only_inputs.get("relu", False) else None
+        ctx.save_for_backward(
+            input if needs_weight else None, weight if needs_input or needs_weight else None, relu_output, mask, *index
+        )
         ctx.input_meta = (input.shape, input.dtype, input.device)
         ctx.has_bias = bias is not None
         ctx.conv_args = (stride, padding, dilation, groups)
 
     def _backward(ctx, grad_output):
-        input, weight, mask, *index = ctx.saved_tensors
+        input, weight, relu_output, mask, *index = ctx.saved_tensors
         needs = ctx.needs_input_grad
         output_mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
+        if relu_output is not None:
+            grad_output = grad_output * (relu_output > 0)
         if not any(output_mask):
             return (None,) * 12
         if input is None:  # only the input gradient is wanted: its values are never read

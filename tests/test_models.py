@@ -260,7 +260,8 @@ def test_first_units_equal_mask_times_bn_of_conv():
     handle = block.conv1.register_forward_hook(lambda m, a, out: captured.setdefault("conv1", out))
     y = block(x)
     handle.remove()
-    torch.testing.assert_close(captured["conv1"], unit("conv1", x), **TIGHT)
+    # conv1's unit applies the block's ReLU in its epilogue (the F.relu after it is then a no-op)
+    torch.testing.assert_close(captured["conv1"], F.relu(unit("conv1", x)), **TIGHT)
     expected = F.relu(unit("conv2", F.relu(unit("conv1", x))) + unit("shortcut.0", x))
     torch.testing.assert_close(y, expected, **TIGHT)
     # both ran BN in training mode: the running statistics moved the same way
@@ -288,7 +289,8 @@ def test_masked_outputs_of_every_unit_are_exactly_zero(backend, mode):
     assert len(outputs) == 20
     for out, mask in outputs:
         assert (out * ~mask == 0).all()
-        assert (out[mask.expand_as(out)] != 0).float().mean() > 0.5  # kept outputs are live
+        # kept outputs are live (units feeding a ReLU apply it: about half of those are 0)
+        assert (out[mask.expand_as(out)] != 0).float().mean() > 0.25
 
 
 def test_state_dict_round_trip_restores_masks_and_outputs():

@@ -393,3 +393,27 @@ def test_large_odd_shapes(backend, layout, mode, group_size):
     y = check_against_reference(x, weight, bias, mask, conv_args, backend)
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
+def test_fused_relu_epilogue(backend, mode, group_size, dtype):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], mode, group_size, 0.5, dtype)
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = rk.masked_conv2d(*inputs, mask=mask, backend=backend, relu=True, **conv_args)
+    oracle = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = F.relu(reference.masked_conv2d(*oracle, mask, **conv_args))
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    assert (y.detach() >= 0).all() and (y.detach()[(~mask).expand_as(y)] == 0).all()
+    grad_y = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(y, inputs, grad_y.to(dtype)), torch.autograd.grad(expected, oracle, grad_y)):
+        torch.testing.assert_close(got.double(), want, **TOLERANCE[dtype])
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+def test_opcheck_fused_relu():
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5, torch.float32)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *rk.kept_index(mask),
+            [1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.rmask.masked_conv2d.default, args, {"relu": True})

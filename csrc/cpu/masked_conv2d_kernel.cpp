@@ -217,7 +217,7 @@ cpu::Strides strides_of(const at::Tensor& t) {
 
 at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& position_offsets,
-                                const at::Tensor& position_channels) {
+                                const at::Tensor& position_channels, bool relu) {
   TORCH_CHECK(g.kernel_h <= 64, "masked_conv2d: kernel height above 64 is not supported, got ", g.kernel_h);
   const auto bg = batch_vector_geometry(g);
   const auto x = addressable(input);
@@ -232,7 +232,7 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
     std::vector<float> panels(slots * g.width * g.in_channels * bg.padded_batch);
     std::vector<float> staging(g.batch * g.out_channels * g.out_width);
     cpu::forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
-                      b.defined() ? b.data_ptr<float>() : nullptr, /*relu=*/false, position_offsets.data_ptr<int64_t>(),
+                      b.defined() ? b.data_ptr<float>() : nullptr, relu, position_offsets.data_ptr<int64_t>(),
                       position_channels.data_ptr<int64_t>(), begin, end, y.data_ptr<float>(), strides_of(y),
                       taps.data(), panels.data(), panel_rows.data(), staging.data());
   });
@@ -332,13 +332,13 @@ at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
                                         const at::Tensor& position_offsets, const at::Tensor& position_channels,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                        int64_t groups) {
+                                        int64_t groups, bool relu) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   const auto offsets = kept_offsets.contiguous(), positions = kept_positions.contiguous();
   const auto by_position = position_offsets.contiguous(), channels = position_channels.contiguous();
   check_kept_index(g, offsets, positions, by_position, channels);
-  if (use_batch_vector(g, input)) return batch_vector_forward(g, input, weight, bias, by_position, channels);
+  if (use_batch_vector(g, input)) return batch_vector_forward(g, input, weight, bias, by_position, channels, relu);
 
   const auto ctype = compute_type(input.scalar_type());
   const auto x = input.to(ctype).contiguous();
@@ -364,6 +364,7 @@ at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tenso
       }
     });
   }
+  if (relu) y.clamp_min_(0);
   // Output in the input's memory format and dtype, as F.conv2d returns it.
   return y.to(input.scalar_type()).contiguous(input.suggest_memory_format());
 }

@@ -51,14 +51,14 @@ class _MaskSpec:
         self.stage_ratios, self.mode, self.group_size = stage_ratios, mode, group_size
         self.seed, self.bn_stats, self.backend = seed, bn_stats, backend
 
-    def conv_bn(self, name, stage, in_ch, out_ch, kernel, stride, padding, out_size):
+    def conv_bn(self, name, stage, in_ch, out_ch, kernel, stride, padding, out_size, activation=None):
         ratio = self.stage_ratios.get(stage, 0.0)
         if ratio == 0.0:
             return nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=False), nn.BatchNorm2d(out_ch)
         unit = MaskedConvBN2d(
             in_ch, out_ch, kernel, stride, padding, bias=False, mask_ratio=ratio, mask_mode=self.mode,
             group_size=self.group_size, seed=layer_seed(self.seed, name), output_size=(out_size, out_size),
-            bn_stats=self.bn_stats, backend=self.backend,
+            bn_stats=self.bn_stats, backend=self.backend, activation=activation,
         )
         return unit, nn.Identity()
 
@@ -68,7 +68,8 @@ class BasicBlock(nn.Module):
 
     def __init__(self, name: str, stage: int, in_planes: int, planes: int, stride: int, out_size: int, spec: _MaskSpec):
         super().__init__()
-        self.conv1, self.bn1 = spec.conv_bn(f"{name}.conv1", stage, in_planes, planes, 3, stride, 1, out_size)
+        # conv1 feeds a ReLU: the unit applies it in its epilogue (the F.relu after it is then a no-op).
+        self.conv1, self.bn1 = spec.conv_bn(f"{name}.conv1", stage, in_planes, planes, 3, stride, 1, out_size, "relu")
         self.conv2, self.bn2 = spec.conv_bn(f"{name}.conv2", stage, planes, planes, 3, 1, 1, out_size)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
@@ -100,7 +101,7 @@ class ResNet18(nn.Module):
         self.stage_ratios = parse_stage_ratios(mask_ratio, mask_layers)
         self.mask_mode = check_mode(mask_mode, group_size, name="mask_mode")
         spec = _MaskSpec(self.stage_ratios, self.mask_mode, group_size, seed, bn_stats, backend)
-        self.conv1, self.bn1 = spec.conv_bn("conv1", 0, in_channels, 64, 3, 1, 1, input_size)
+        self.conv1, self.bn1 = spec.conv_bn("conv1", 0, in_channels, 64, 3, 1, 1, input_size, "relu")
         in_planes, size = 64, input_size
         for stage, (planes, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)], start=1):
             size = (size - 1) // stride + 1
