@@ -203,6 +203,15 @@ cpu::BatchVectorGeometry batch_vector_geometry(const ConvGeometry& g) {
           g.pad_h,      g.pad_w,    g.dilation_h,  g.dilation_w};
 }
 
+// Per-thread scratch that outlives the call: the panels are hundreds of KiB, and a fresh
+// allocation of that size is a fresh mmap whose pages fault in on every call.
+float* thread_scratch(int slot, size_t floats) {
+  static thread_local std::vector<float> buffers[3];
+  auto& buffer = buffers[slot];
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 // A 4-D tensor the kernels can address directly: NCHW- or NHWC-contiguous (else a copy).
 at::Tensor addressable(const at::Tensor& t) {
   if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
@@ -229,12 +238,12 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
   const int64_t slots = cpu::forward_panel_rows(bg);
   at::parallel_for(0, g.out_height, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
-    std::vector<float> panels(slots * g.width * g.in_channels * bg.padded_batch);
-    std::vector<float> staging(g.batch * g.out_channels * g.out_width);
+    float* panels = thread_scratch(0, slots * g.width * g.in_channels * bg.padded_batch);
+    float* staging = thread_scratch(1, g.batch * g.out_channels * g.out_width);
     cpu::forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
                       b.defined() ? b.data_ptr<float>() : nullptr, relu, position_offsets.data_ptr<int64_t>(),
                       position_channels.data_ptr<int64_t>(), begin, end, y.data_ptr<float>(), strides_of(y),
-                      taps.data(), panels.data(), panel_rows.data(), staging.data());
+                      taps.data(), panels, panel_rows.data(), staging);
   });
   return y;
 }
@@ -289,9 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     const cpu::Strides xs = strides_of(grad_input);
     at::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> contributions(3 * g.kernel_h * g.kernel_w);
-      std::vector<float> panel(g.width * g.in_channels * bg.padded_batch);
+      float* panel = thread_scratch(0, g.width * g.in_channels * bg.padded_batch);
       cpu::grad_input_rows(bg, rows.data_ptr<float>(), w_b.data_ptr<float>(), position_offsets.data_ptr<int64_t>(),
-                           pc, begin, end, grad_input.data_ptr<float>(), xs, contributions.data(), panel.data());
+                           pc, begin, end, grad_input.data_ptr<float>(), xs, contributions.data(), panel);
     });
   }
   if (need_weight) {
@@ -304,14 +313,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     auto partial = at::zeros({chunks, g.out_channels, kk, cpad}, weight.options());
     const int64_t slots = cpu::grad_weight_panel_rows(bg);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> panels(slots * g.width * g.batch * cpad);
+      float* panels = thread_scratch(0, slots * g.width * g.batch * cpad);
       std::vector<int64_t> panel_rows(slots);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t first = chunk * rows_per_chunk, last = std::min(g.out_height, first + rows_per_chunk);
         if (first >= last) continue;
         cpu::grad_weight_rows(bg, rows.data_ptr<float>(), x.data_ptr<float>(), strides_of(x),
                               position_offsets.data_ptr<int64_t>(), pc, first, last, partial[chunk].data_ptr<float>(),
-                              panels.data(), panel_rows.data());
+                              panels, panel_rows.data());
       }
     });
     // [chunks][Cout][kh*kw][Cpad] -> [Cout][Cin][kh][kw]

@@ -63,12 +63,17 @@ class _MaskSpec:
         return unit, nn.Identity()
 
 
+def _relu_unless_fused(conv: nn.Module, out):
+    """ReLU, unless the conv slot holds a unit that already applied it in its epilogue."""
+    return out if isinstance(conv, MaskedConvBN2d) and conv.activation == "relu" else F.relu(out)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, name: str, stage: int, in_planes: int, planes: int, stride: int, out_size: int, spec: _MaskSpec):
         super().__init__()
-        # conv1 feeds a ReLU: the unit applies it in its epilogue (the F.relu after it is then a no-op).
+        # conv1 feeds a ReLU: a masked unit applies it in its epilogue.
         self.conv1, self.bn1 = spec.conv_bn(f"{name}.conv1", stage, in_planes, planes, 3, stride, 1, out_size, "relu")
         self.conv2, self.bn2 = spec.conv_bn(f"{name}.conv2", stage, planes, planes, 3, 1, 1, out_size)
         self.shortcut = nn.Sequential()
@@ -77,7 +82,7 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(conv, bn)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = _relu_unless_fused(self.conv1, self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
@@ -115,7 +120,7 @@ class ResNet18(nn.Module):
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = _relu_unless_fused(self.conv1, self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # 4×4 average pool on 32×32 inputs
         return self.linear(out)
