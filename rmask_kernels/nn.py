@@ -299,7 +299,9 @@ class MaskedConvBN2d(nn.Module):
         kept_per_channel = mask.sum(dim=(1, 2)).expand(y.shape[1]).to(y.dtype)
         count = (kept_per_channel * y.shape[0]).clamp(min=1)
         mean = y.sum(dim=(0, 2, 3)) / count
-        centered = (y - mean.view(1, -1, 1, 1)) * mask
+        # y is already 0 where masked: subtracting mean * mask (a (C, H, W) tensor) keeps it so,
+        # one pass over the batch instead of a subtraction and a masking pass.
+        centered = y - mean.view(-1, 1, 1) * mask
         var = centered.square().sum(dim=(0, 2, 3)) / count
         if self.training and bn.track_running_stats:
             with torch.no_grad():
@@ -312,10 +314,11 @@ class MaskedConvBN2d(nn.Module):
                 new_var = torch.where(seen, unbiased, bn.running_var).to(bn.running_var.dtype)
                 bn.running_mean.lerp_(new_mean, momentum)
                 bn.running_var.lerp_(new_var, momentum)
-        out = centered * torch.rsqrt(var + bn.eps).view(1, -1, 1, 1)
-        if bn.weight is not None:
-            out = out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1) * mask
-        return out
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is None:
+            return centered * scale.view(-1, 1, 1)
+        # One fused multiply-add: centered * (gamma / std) + beta on kept positions only.
+        return torch.addcmul(bn.bias.view(-1, 1, 1) * mask, centered, (scale * bn.weight).view(-1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, bn_stats={self.bn_stats}"
