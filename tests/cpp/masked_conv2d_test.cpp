@@ -46,12 +46,16 @@ void check(at::ScalarType dtype, double tolerance) {
                      .findSchemaOrThrow("rmask::masked_conv2d", "")
                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>();
+                                       const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                       bool)>();
   const auto y = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride, padding,
-                              dilation, 1);
+                              dilation, 1, /*relu=*/false);
   const auto expected = at::conv2d(input, weight, bias, stride, padding, dilation, 1) * mask;
   expect(at::allclose(y, expected, tolerance, tolerance), "forward equals conv2d * mask", dtype);
   expect(y.masked_select(mask.logical_not().expand_as(y)).eq(0).all().item<bool>(), "masked outputs are zero", dtype);
+  const auto y_relu = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride, padding,
+                                   dilation, 1, /*relu=*/true);
+  expect(at::allclose(y_relu, at::relu(expected), tolerance, tolerance), "fused relu", dtype);
 
   auto backward = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("rmask::masked_conv2d_backward", "")
