@@ -166,6 +166,13 @@ inline void transpose_block(const float* src, int64_t src_stride, float* dst, in
     for (int64_t k = 0; k < cols; ++k) dst[k * dst_stride + i] = src[i * src_stride + k];
 }
 
+// The next tile height when `remaining` rows are split into as few tiles of at most `most`
+// rows as possible, of near-equal heights.
+inline int even_tile(int64_t remaining, int64_t most) {
+  const int64_t tiles = (remaining + most - 1) / most;
+  return static_cast<int>((remaining + tiles - 1) / tiles);
+}
+
 // Calls F<1..6>(args...) for a run-time tile height.
 #define RMASK_TILE_SWITCH(count, F, ...)   \
   switch (count) {                         \
@@ -274,10 +281,13 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
         }
       }
       for (int64_t nb = 0; nb < g.batch; nb += kBatchBlock) {
-        for (int64_t e = e0; e < e1; e += kTile) {
-          const int tile = static_cast<int>(min64(kTile, e1 - e));
+        // Tiles as even as possible (7 channels: 4 + 3, not 6 + 1): a thin tile pays the same
+        // panel loads for fewer FMAs.
+        for (int64_t e = e0; e < e1;) {
+          const int tile = even_tile(e1 - e, kTile);
           RMASK_TILE_SWITCH(tile, forward_block, g, panels, w_f, bias, relu, position_channels + e, taps, ntaps, ow,
                             nb, staging, staged);
+          e += tile;
         }
       }
     }
@@ -381,8 +391,8 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const int64_t p = oh * g.out_width + ow;
       const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
-      for (int64_t e = e0; e < e1; e += 4) {
-        const int count = static_cast<int>(min64(4, e1 - e));
+      for (int64_t e = e0, count = 0; e < e1; e += count) {
+        count = even_tile(e1 - e, 4);
         const float* gy_rows[4];
         for (int k = 0; k < count; ++k) gy_rows[k] = gy_pos + (e + k) * g.padded_batch;
         for (int64_t i = 0; i < g.kernel_h; ++i) {

@@ -193,7 +193,8 @@ at::ScalarType compute_type(at::ScalarType t) {
 
 bool use_batch_vector(const ConvGeometry& g, const at::Tensor& input) {
   static const bool supported = cpu::batch_vector_supported();
-  return supported && input.scalar_type() == at::kFloat && g.groups == 1 && g.batch > 0;
+  // Kernel heights above 64 (the kernels' fixed per-row tables) take the portable path.
+  return supported && input.scalar_type() == at::kFloat && g.groups == 1 && g.batch > 0 && g.kernel_h <= 64;
 }
 
 cpu::BatchVectorGeometry batch_vector_geometry(const ConvGeometry& g) {
@@ -227,7 +228,6 @@ cpu::Strides strides_of(const at::Tensor& t) {
 at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& position_offsets,
                                 const at::Tensor& position_channels, bool relu) {
-  TORCH_CHECK(g.kernel_h <= 64, "masked_conv2d: kernel height above 64 is not supported, got ", g.kernel_h);
   const auto bg = batch_vector_geometry(g);
   const auto x = addressable(input);
   const auto w_f = weight.permute({0, 2, 3, 1}).contiguous();  // [Cout][kh][kw][Cin]
@@ -275,7 +275,6 @@ at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const cpu::Batch
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& position_offsets, const at::Tensor& position_channels, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(g.kernel_h <= 64, "masked_conv2d: kernel height above 64 is not supported, got ", g.kernel_h);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto bg = batch_vector_geometry(g);
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
