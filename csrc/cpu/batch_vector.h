@@ -38,9 +38,9 @@ bool batch_vector_supported();
 // y[n, c, p] = relu?(bias[c] + sum_{taps, ci} w_f[c, tap, ci] * x[n, ci, q(p, tap)]) for the
 // kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones (every
 // element of y in those rows is written). x and y: NCHW or NHWC. w_f: [Cout][kh][kw][Cin].
-// Scratch: taps 2 * kh * kw int64; panels forward_panel_rows(g) * W * Cin * padded N floats
-// and panel_rows forward_panel_rows(g) int64; staging N * Cout * Wout floats.
-int64_t forward_panel_rows(const BatchVectorGeometry& g);
+// Scratch: taps 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats
+// and panel_rows panel_ring_rows(g) int64; staging N * Cout * Wout floats.
+int64_t panel_ring_rows(const BatchVectorGeometry& g);
 void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
                   int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
@@ -57,10 +57,9 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
 
 // grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows [row_begin, row_end) and
 // images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part: [Cout][kh * kw][Cpad],
-// Cpad = padded_channels(Cin); x NCHW or NHWC. Scratch: panels grad_weight_panel_rows(g) *
-// W * N * Cpad floats, panel_rows grad_weight_panel_rows(g) int64.
+// Cpad = padded_channels(Cin); x NCHW or NHWC. Scratch: panels panel_ring_rows(g) *
+// W * N * Cpad floats, panel_rows panel_ring_rows(g) int64.
 int64_t padded_channels(int64_t channels);
-int64_t grad_weight_panel_rows(const BatchVectorGeometry& g);
 void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
                       const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                       int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows);

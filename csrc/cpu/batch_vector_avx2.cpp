@@ -236,7 +236,27 @@ static void row_to_batch_last(const BatchVectorGeometry& g, const float* src, St
 }
 
 // Any two rows one output row needs lie within this window, so they never share a slot.
-int64_t forward_panel_rows(const BatchVectorGeometry& g) { return (g.kernel_h - 1) * g.dilation_h + 1; }
+int64_t panel_ring_rows(const BatchVectorGeometry& g) { return (g.kernel_h - 1) * g.dilation_h + 1; }
+
+// The panels of the input rows output row `oh` reads (null for padding rows), from a ring of
+// panel_ring_rows(g) panels: a row is laid out by `fill` only when its slot holds another row,
+// so consecutive output rows reuse the rows they share. panel_rows: the row in each slot.
+template <typename Fill>
+inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels, int64_t panel_size,
+                        int64_t* panel_rows, const float** row_panel, Fill fill) {
+  const int64_t slots = panel_ring_rows(g);
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+    row_panel[i] = nullptr;
+    if (ih < 0 || ih >= g.height) continue;
+    float* panel = panels + (ih % slots) * panel_size;
+    if (panel_rows[ih % slots] != ih) {
+      fill(ih, panel);
+      panel_rows[ih % slots] = ih;
+    }
+    row_panel[i] = panel;
+  }
+}
 
 void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
@@ -247,23 +267,12 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
   // (kept and masked values), so y is written once, in long runs.
   const int64_t cout = g.out_channels, wo = g.out_width, panel_size = g.width * g.in_channels * g.padded_batch;
-  const int64_t slots = forward_panel_rows(g);
-  for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
+  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
   const Strides staged{cout * wo, wo, 1};
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-      row_panel[i] = nullptr;
-      if (ih < 0 || ih >= g.height) continue;
-      const int64_t slot = ih % slots;
-      float* panel = panels + slot * panel_size;
-      if (panel_rows[slot] != ih) {
-        row_to_batch_last(g, x, x_strides, ih, panel);
-        panel_rows[slot] = ih;
-      }
-      row_panel[i] = panel;
-    }
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
+                [&](int64_t ih, float* panel) { row_to_batch_last(g, x, x_strides, ih, panel); });
     __builtin_memset(staging, 0, sizeof(float) * g.batch * cout * wo);
     for (int64_t ow = 0; ow < wo; ++ow) {
       const int64_t p = oh * wo + ow;
@@ -331,8 +340,8 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
         }
       }
       for (int64_t nb = 0; nb < g.batch; nb += kBatchBlock) {
-        for (int64_t ci0 = 0; ci0 < g.in_channels; ci0 += kTile) {
-          const int count = static_cast<int>(min64(kTile, g.in_channels - ci0));
+        for (int64_t ci0 = 0, count = 0; ci0 < g.in_channels; ci0 += count) {
+          count = even_tile(g.in_channels - ci0, kTile);
           RMASK_TILE_SWITCH(count, grad_input_block, g, gy_pos, w_b, position_channels, contributions, ncontrib, ci0,
                             iw, nb, panel);
         }
@@ -364,30 +373,18 @@ static void row_to_image_major(const BatchVectorGeometry& g, const float* src, S
       for (int64_t c = cin; c < cpad; ++c) dst[r * cpad + c] = 0.0f;
 }
 
-int64_t grad_weight_panel_rows(const BatchVectorGeometry& g) { return (g.kernel_h - 1) * g.dilation_h + 1; }
-
 void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
                       const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                       int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows) {
   // Position-major: each input panel is loaded once per output position and serves every
   // channel kept there; the images are the reduction, the input channels the SIMD lanes.
   const int64_t cpad = padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
-  const int64_t panel_size = g.width * g.batch * cpad, slots = grad_weight_panel_rows(g);
-  for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
+  const int64_t panel_size = g.width * g.batch * cpad;
+  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-      row_panel[i] = nullptr;
-      if (ih < 0 || ih >= g.height) continue;
-      const int64_t slot = ih % slots;
-      float* panel = panels + slot * panel_size;
-      if (panel_rows[slot] != ih) {
-        row_to_image_major(g, x, x_strides, ih, panel);
-        panel_rows[slot] = ih;
-      }
-      row_panel[i] = panel;
-    }
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
+                [&](int64_t ih, float* panel) { row_to_image_major(g, x, x_strides, ih, panel); });
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const int64_t p = oh * g.out_width + ow;
       const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
@@ -420,13 +417,12 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
 #else  // not x86-64 with GCC/Clang: the caller uses the portable kernels
 
 bool batch_vector_supported() { return false; }
-int64_t forward_panel_rows(const BatchVectorGeometry&) { return 1; }
+int64_t panel_ring_rows(const BatchVectorGeometry&) { return 1; }
 void forward_rows(const BatchVectorGeometry&, const float*, Strides, const float*, const float*, bool, const int64_t*,
                   const int64_t*, int64_t, int64_t, float*, Strides, int64_t*, float*, int64_t*, float*) {}
 void grad_input_rows(const BatchVectorGeometry&, const float*, const float*, const int64_t*, const int64_t*, int64_t,
                      int64_t, float*, Strides, int64_t*, float*) {}
 int64_t padded_channels(int64_t channels) { return channels; }
-int64_t grad_weight_panel_rows(const BatchVectorGeometry&) { return 1; }
 void grad_weight_rows(const BatchVectorGeometry&, const float*, const float*, Strides, const int64_t*, const int64_t*,
                       int64_t, int64_t, float*, float*, int64_t*) {}
 

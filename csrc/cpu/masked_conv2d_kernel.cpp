@@ -235,7 +235,7 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
   // Every element is written by the kernel (masked ones as zeros).
   auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
                      input.options().memory_format(input.suggest_memory_format()));
-  const int64_t slots = cpu::forward_panel_rows(bg);
+  const int64_t slots = cpu::panel_ring_rows(bg);
   at::parallel_for(0, g.out_height, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * bg.padded_batch);
@@ -310,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     const int64_t rows_per_chunk = (g.out_height + chunks - 1) / chunks;
     const int64_t cpad = cpu::padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
     auto partial = at::zeros({chunks, g.out_channels, kk, cpad}, weight.options());
-    const int64_t slots = cpu::grad_weight_panel_rows(bg);
+    const int64_t slots = cpu::panel_ring_rows(bg);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       float* panels = thread_scratch(0, slots * g.width * g.batch * cpad);
       std::vector<int64_t> panel_rows(slots);
