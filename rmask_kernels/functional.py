@@ -106,13 +106,17 @@ def masked_conv2d(
     backend: str = "auto",
     kept_index=None,
     relu: bool = False,
-) -> torch.Tensor:
+    channel_stats: bool = False,
+):
     """``F.conv2d(input, weight, bias, stride, padding, dilation, groups) * mask``, differentiable,
     computing only the kept outputs where a compiled backend serves the tensor.
 
     ``mask``: bool (C_out, H_out, W_out) or (1, H_out, W_out), True = kept (see random_mask).
     ``kept_index``: optional precomputed ``rk.kept_index(mask, C_out)``; layers pass theirs.
     ``relu``: apply ReLU in the kernel's epilogue (the paper's unit at inference).
+    ``channel_stats``: also return, per output channel, the float64 sum and sum of squares of
+    the output over the batch and the kept positions, computed in the same pass (BN
+    statistics over kept positions, ``bn_stats="kept"``): ``(output, sum, sum_of_squares)``.
     ``backend``: "auto", "reference" (the oracle), "cpu", later "cuda"/"triton"; a backend
     that cannot serve the tensor falls back to the reference with a warning.
     """
@@ -144,6 +148,8 @@ def masked_conv2d(
         )
     if mask is None:
         raise TypeError("mask is required: a bool tensor (C_out or 1, H_out, W_out), e.g. rk.random_mask(...)")
+    if relu and channel_stats:
+        raise ValueError("relu and channel_stats cannot be combined: the statistics are of the pre-activation output")
 
     unbatched = input.dim() == 3
     if unbatched:
@@ -163,12 +169,18 @@ def masked_conv2d(
     padding2 = (top, left)
 
     chosen = select_backend(backend, input, mask, kept_index, weight.shape[0], groups)
+    conv_args = (stride, padding2, dilation, groups)
     if chosen == "reference":
-        output = reference.masked_conv2d(input, weight, bias, mask, stride, padding2, dilation, groups)
+        output = reference.masked_conv2d(input, weight, bias, mask, *conv_args)
         output = F.relu(output) if relu else output
+        if channel_stats:
+            wide = output.double()
+            stats = (wide.sum(dim=(0, 2, 3)), wide.square().sum(dim=(0, 2, 3)))
     else:
         index = kept_index if kept_index is not None else cached_kept_index(mask, weight.shape[0])
-        output = torch.ops.rmask.masked_conv2d(
-            input, weight, bias, mask, *index, stride, padding2, dilation, groups, relu=bool(relu)
-        )
-    return output.squeeze(0) if unbatched else output
+        if channel_stats:
+            output, *stats = torch.ops.rmask.masked_conv2d_stats(input, weight, bias, mask, *index, *conv_args)
+        else:
+            output = torch.ops.rmask.masked_conv2d(input, weight, bias, mask, *index, *conv_args, relu=bool(relu))
+    output = output.squeeze(0) if unbatched else output
+    return (output, *stats) if channel_stats else output

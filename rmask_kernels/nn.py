@@ -116,21 +116,31 @@ class MaskedConv2d(nn.Conv2d):
 
     # -- forward ----------------------------------------------------------------------
     def masked_forward(
-        self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False
-    ) -> torch.Tensor:
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        relu: bool = False,
+        channel_stats: bool = False,
+    ):
         """The masked convolution with this layer's mask and geometry, for any weight/bias
-        (MaskedConvBN2d passes BN-folded ones), optionally with a fused ReLU."""
+        (MaskedConvBN2d passes BN-folded ones), optionally with a fused ReLU or with the
+        per-channel output statistics (see rk.masked_conv2d)."""
         mask = self.mask_for(input)
         if self.mask_ratio == 0.0:
             output = self._conv_forward(input, weight, bias)
-            return F.relu(output) if relu else output
+            output = F.relu(output) if relu else output
+            if channel_stats:
+                wide = output.double()
+                return output, wide.sum(dim=(0, 2, 3)), wide.square().sum(dim=(0, 2, 3))
+            return output
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return masked_conv2d(
             input, weight, bias, mask, self.stride, padding, self.dilation, self.groups,
-            backend=self.backend, kept_index=self.kept_index(), relu=relu,
+            backend=self.backend, kept_index=self.kept_index(), relu=relu, channel_stats=channel_stats,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -293,16 +303,20 @@ class MaskedConvBN2d(nn.Module):
     def _kept_stats_forward(self, input: torch.Tensor) -> torch.Tensor:
         # Only kept outputs are computed; BN statistics over them (count differs per channel
         # for neuron masks). Masked outputs are zero before and after normalization.
+        # The sums come out of the conv's own pass (float64, so E[y^2] - E[y]^2 keeps its digits).
         bn = self.bn
-        y = self.conv(input)
+        y, total, total_of_squares = self.conv.masked_forward(
+            input, self.conv.weight, self.conv.bias, channel_stats=True
+        )
         mask = self.conv.mask
-        kept_per_channel = mask.sum(dim=(1, 2)).expand(y.shape[1]).to(y.dtype)
+        kept_per_channel = mask.sum(dim=(1, 2)).expand(y.shape[1]).to(torch.float64)
         count = (kept_per_channel * y.shape[0]).clamp(min=1)
-        mean = y.sum(dim=(0, 2, 3)) / count
-        # y is already 0 where masked: subtracting mean * mask (a (C, H, W) tensor) keeps it so,
-        # one pass over the batch instead of a subtraction and a masking pass.
+        mean64 = total / count
+        var = ((total_of_squares / count) - mean64.square()).clamp(min=0).to(y.dtype)
+        mean = mean64.to(y.dtype)
+        count = count.to(y.dtype)
+        # y is already 0 where masked: subtracting mean * mask (a (C, H, W) tensor) keeps it so.
         centered = y - mean.view(-1, 1, 1) * mask
-        var = centered.square().sum(dim=(0, 2, 3)) / count
         if self.training and bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)

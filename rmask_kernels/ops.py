@@ -58,26 +58,27 @@ if extension_loaded():
         grad_bias = input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
         return grad_input, grad_weight, grad_bias
 
-    def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    @torch.library.register_fake("rmask::masked_conv2d_stats")
+    def _masked_conv2d_stats_fake(input, weight, bias, mask, *index_and_conv_args):
+        output = _masked_conv2d_fake(input, weight, bias, mask, *index_and_conv_args)
+        channels = weight.shape[0]
+        return output, input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=torch.float64)
+
+    def _save_for_conv_backward(ctx, inputs, extra_output):
         input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs
         needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Weight gradient needs the input, input gradient needs the weight: save only those.
-        # A fused ReLU's gradient gate is the output itself (> 0).
-        relu_output = output if keyword_only_inputs.get("relu", False) else None
         ctx.save_for_backward(
-            input if needs_weight else None, weight if needs_input or needs_weight else None, relu_output, mask, *index
+            input if needs_weight else None, weight if needs_input or needs_weight else None, extra_output, mask, *index
         )
         ctx.input_meta = (input.shape, input.dtype, input.device)
         ctx.has_bias = bias is not None
         ctx.conv_args = (stride, padding, dilation, groups)
 
-    def _backward(ctx, grad_output):
-        input, weight, relu_output, mask, *index = ctx.saved_tensors
+    def _conv_backward(ctx, grad_output, input, weight, mask, index):
         needs = ctx.needs_input_grad
         output_mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
-        if relu_output is not None:
-            grad_output = grad_output * (relu_output > 0)
-        if not any(output_mask):
+        if not any(output_mask) or grad_output is None:
             return (None,) * 12
         if input is None:  # only the input gradient is wanted: its values are never read
             shape, dtype, device = ctx.input_meta
@@ -91,4 +92,32 @@ if extension_loaded():
             grad_bias if output_mask[2] else None,
         ) + (None,) * 9
 
+    def _setup_context(ctx, inputs, keyword_only_inputs, output):
+        # A fused ReLU's gradient gate is the output itself (> 0).
+        _save_for_conv_backward(ctx, inputs, output if keyword_only_inputs.get("relu", False) else None)
+
+    def _backward(ctx, grad_output):
+        input, weight, relu_output, mask, *index = ctx.saved_tensors
+        if relu_output is not None:
+            grad_output = grad_output * (relu_output > 0)
+        return _conv_backward(ctx, grad_output, input, weight, mask, index)
+
     torch.library.register_autograd("rmask::masked_conv2d", _backward, setup_context=_setup_context)
+
+    def _stats_setup_context(ctx, inputs, output):
+        _save_for_conv_backward(ctx, inputs, output[0])
+
+    def _stats_backward(ctx, grad_output, grad_sum, grad_sum_of_squares):
+        # sum_c = sum of y[n, c, p] over kept (n, p); sum_of_squares_c likewise of y^2, and y is 0
+        # where masked: d sum / d y = mask, d sum_of_squares / d y = 2 y.
+        input, weight, output, mask, *index = ctx.saved_tensors
+        grad = grad_output if grad_output is not None else torch.zeros_like(output)
+        if grad_sum is not None:
+            grad = grad + grad_sum.to(output.dtype).view(-1, 1, 1) * mask
+        if grad_sum_of_squares is not None:
+            grad = grad + 2 * output * grad_sum_of_squares.to(output.dtype).view(-1, 1, 1)
+        return _conv_backward(ctx, grad, input, weight, mask, index)
+
+    torch.library.register_autograd(
+        "rmask::masked_conv2d_stats", _stats_backward, setup_context=_stats_setup_context
+    )

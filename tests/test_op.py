@@ -417,3 +417,40 @@ def test_opcheck_fused_relu():
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *rk.kept_index(mask),
             [1, 1], [1, 1], [1, 1], 1)
     torch.library.opcheck(torch.ops.rmask.masked_conv2d.default, args, {"relu": True})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
+def test_channel_stats_in_the_same_pass(backend, mode, group_size, dtype):
+    # Sum and sum of squares per channel over the kept outputs, and gradients through all three.
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], mode, group_size, 0.5, dtype)
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y, total, squares = rk.masked_conv2d(*inputs, mask=mask, backend=backend, channel_stats=True, **conv_args)
+    assert total.dtype == squares.dtype == torch.float64 and total.shape == (weight.shape[0],)
+    oracle = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    want_total, want_squares = expected.sum(dim=(0, 2, 3)), expected.square().sum(dim=(0, 2, 3))
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(total, want_total, **TOLERANCE[dtype])
+    torch.testing.assert_close(squares, want_squares, rtol=TOLERANCE[dtype]["rtol"], atol=TOLERANCE[dtype]["atol"] * 10)
+    g_y, g_total, g_squares = torch.randn_like(expected), torch.randn_like(want_total), torch.randn_like(want_squares)
+    loss = (y.double() * g_y).sum() + (total * g_total).sum() + (squares * g_squares).sum()
+    want_loss = (expected * g_y).sum() + (want_total * g_total).sum() + (want_squares * g_squares).sum()
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want_loss, oracle)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=1e-3 if dtype == torch.float32 else 1e-9)
+
+
+def test_channel_stats_and_relu_are_exclusive():
+    x, weight, mask = _ok()
+    with pytest.raises(ValueError, match="relu and channel_stats cannot be combined"):
+        rk.masked_conv2d(x, weight, None, mask, padding=1, relu=True, channel_stats=True)
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_channel_stats(dtype):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "neuron", None, 0.5, dtype)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *rk.kept_index(mask),
+            [2, 2], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.rmask.masked_conv2d_stats.default, args)

@@ -39,12 +39,14 @@ bool batch_vector_supported();
 // kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones (every
 // element of y in those rows is written). x and y: NCHW or NHWC. w_f: [Cout][kh][kw][Cin].
 // Scratch: taps 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats
-// and panel_rows panel_ring_rows(g) int64; staging N * Cout * Wout floats.
+// and panel_rows panel_ring_rows(g) int64; staging N * Cout * Wout floats. channel_sums, if
+// not null: 2 * Cout doubles to which the per-channel sum and sum of squares of the outputs
+// of these rows are added (masked outputs are 0: the sums run over kept outputs).
 int64_t panel_ring_rows(const BatchVectorGeometry& g);
 void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
                   int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
-                  int64_t* panel_rows, float* staging);
+                  int64_t* panel_rows, float* staging, double* channel_sums);
 
 // grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c): w_b[tap, c, ci] * gy_pos[e(p, c), n]
 // for the input positions q of rows [row_begin, row_end); grad_x NCHW or NHWC, every element

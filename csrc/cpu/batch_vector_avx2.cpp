@@ -261,7 +261,7 @@ inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels,
 void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
                   int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
-                  int64_t* panel_rows, float* staging) {
+                  int64_t* panel_rows, float* staging, double* channel_sums) {
   // Input rows are laid out batch-last on demand into a small ring of cache-resident panels
   // (each used by kernel_h output rows), so the layout change never round-trips through
   // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
@@ -297,6 +297,20 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
           RMASK_TILE_SWITCH(tile, forward_block, g, panels, w_f, bias, relu, position_channels + e, taps, ntaps, ow,
                             nb, staging, staged);
           e += tile;
+        }
+      }
+    }
+    if (channel_sums) {  // masked outputs are 0 in the staging row: they add nothing
+      for (int64_t n = 0; n < g.batch; ++n) {
+        for (int64_t c = 0; c < cout; ++c) {
+          const float* v = staging + (n * cout + c) * wo;
+          float sum = 0.0f, squares = 0.0f;
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            sum += v[ow];
+            squares += v[ow] * v[ow];
+          }
+          channel_sums[c] += sum;
+          channel_sums[cout + c] += squares;
         }
       }
     }
@@ -419,7 +433,7 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
 bool batch_vector_supported() { return false; }
 int64_t panel_ring_rows(const BatchVectorGeometry&) { return 1; }
 void forward_rows(const BatchVectorGeometry&, const float*, Strides, const float*, const float*, bool, const int64_t*,
-                  const int64_t*, int64_t, int64_t, float*, Strides, int64_t*, float*, int64_t*, float*) {}
+                  const int64_t*, int64_t, int64_t, float*, Strides, int64_t*, float*, int64_t*, float*, double*) {}
 void grad_input_rows(const BatchVectorGeometry&, const float*, const float*, const int64_t*, const int64_t*, int64_t,
                      int64_t, float*, Strides, int64_t*, float*) {}
 int64_t padded_channels(int64_t channels) { return channels; }

@@ -225,9 +225,12 @@ cpu::Strides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), position};
 }
 
+// The forward; with `channel_sums` (a (2, Cout) float64 tensor) also the per-channel sums
+// and sums of squares, accumulated per chunk of rows and added up in chunk order
+// (deterministic for a given thread count).
 at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& position_offsets,
-                                const at::Tensor& position_channels, bool relu) {
+                                const at::Tensor& position_channels, bool relu, at::Tensor* channel_sums = nullptr) {
   const auto bg = batch_vector_geometry(g);
   const auto x = addressable(input);
   const auto w_f = weight.permute({0, 2, 3, 1}).contiguous();  // [Cout][kh][kw][Cin]
@@ -236,15 +239,24 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
   auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
                      input.options().memory_format(input.suggest_memory_format()));
   const int64_t slots = cpu::panel_ring_rows(bg);
-  at::parallel_for(0, g.out_height, 1, [&](int64_t begin, int64_t end) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.out_height));
+  const int64_t rows_per_chunk = (g.out_height + chunks - 1) / chunks;
+  auto partial = channel_sums ? at::zeros({chunks, 2, g.out_channels}, input.options().dtype(at::kDouble)) : at::Tensor();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * bg.padded_batch);
     float* staging = thread_scratch(1, g.batch * g.out_channels * g.out_width);
-    cpu::forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
-                      b.defined() ? b.data_ptr<float>() : nullptr, relu, position_offsets.data_ptr<int64_t>(),
-                      position_channels.data_ptr<int64_t>(), begin, end, y.data_ptr<float>(), strides_of(y),
-                      taps.data(), panels, panel_rows.data(), staging);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * rows_per_chunk, last = std::min(g.out_height, first + rows_per_chunk);
+      if (first >= last) continue;
+      cpu::forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
+                        b.defined() ? b.data_ptr<float>() : nullptr, relu, position_offsets.data_ptr<int64_t>(),
+                        position_channels.data_ptr<int64_t>(), first, last, y.data_ptr<float>(), strides_of(y),
+                        taps.data(), panels, panel_rows.data(), staging,
+                        channel_sums ? partial[chunk].data_ptr<double>() : nullptr);
+    }
   });
+  if (channel_sums) *channel_sums = partial.sum(0);
   return y;
 }
 
@@ -437,9 +449,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_kernel(
   return {grad_input, grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats_kernel(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
+    const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups) {
+  const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
+                                                  position_offsets, position_channels, stride, padding, dilation, groups);
+  if (use_batch_vector(g, input)) {
+    const auto offsets = kept_offsets.contiguous(), positions = kept_positions.contiguous();
+    const auto by_position = position_offsets.contiguous(), channels = position_channels.contiguous();
+    check_kept_index(g, offsets, positions, by_position, channels);
+    at::Tensor sums;
+    auto y = batch_vector_forward(g, input, weight, bias, by_position, channels, /*relu=*/false, &sums);
+    return {y, sums[0].clone(), sums[1].clone()};  // distinct outputs, not views of one
+  }
+  auto y = masked_conv2d_forward_kernel(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
+                                        position_channels, stride, padding, dilation, groups, /*relu=*/false);
+  const auto y64 = y.to(at::kDouble);
+  return {y, y64.sum({0, 2, 3}), y64.square().sum({0, 2, 3})};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmask, CPU, m) {
+  m.impl("masked_conv2d_stats", &masked_conv2d_stats_kernel);
   m.impl("masked_conv2d", &masked_conv2d_forward_kernel);
   m.impl("masked_conv2d_backward", &masked_conv2d_backward_kernel);
 }
