@@ -5,6 +5,13 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define RMASK_HAVE_AVX2_KERNELS 1
+
+// Compiled before the AVX2 pragma: it runs on every CPU, AVX2 or not.
+bool rmask::cpu::batch_vector_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
@@ -185,11 +192,6 @@ inline int even_tile(int64_t remaining, int64_t most) {
   }
 
 }  // namespace
-
-bool batch_vector_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 
 // Row `row` of a tensor t (N, C, H, W), NCHW or NHWC, to (to_panel) or from a batch-last
 // panel [W][C][padded N] (padding images zero-filled on the way in).
