@@ -1,0 +1,42 @@
+"""The benchmark files still run (each selected case once, timing disabled): `make bench`
+must not rot between the runs that refresh benchmarks/results/."""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_files_run():
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+        "--benchmark-disable", str(ROOT / "benchmarks" / "bench_masked_conv2d.py"),
+        "-k", "16x16 and neuron and 0.9",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "12 passed" in result.stdout, result.stdout[-2000:]
+
+
+def test_report_renders_a_ratio_table(tmp_path):
+    import json
+
+    runs = [("baseline", 0.020), ("cpu", 0.008), ("auto", 0.010)]
+    data = {
+        "datetime": "2026-11-25T00:00:00",
+        "machine_info": {"cpu": {"brand_raw": "test cpu"}},
+        "benchmarks": [
+            {
+                "extra_info": {"shape": "s", "mode": "neuron", "ratio": 0.9, "pass_": "fwd", "provider": provider,
+                               "torch": "x", "threads": 2, "cpu_capability": "AVX2"},
+                "stats": {"median": median},
+            }
+            for provider, median in runs
+        ],
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| s | neuron | 0.9 | fwd | 20.0 | 8.0 | 10.0 | 2.50x | 2.00x |" in out
