@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -64,15 +63,14 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return "reference"
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_has_avx2() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# Read once: a plain bool is also what torch.compile can trace through (the query is not).
+CPU_HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
     """Whether the CPU op runs the batch-vector AVX2 kernels (csrc/cpu/batch_vector.h) for
     these arguments; otherwise it runs the portable gather-GEMM-scatter kernels."""
-    return dtype == torch.float32 and groups == 1 and _cpu_has_avx2()
+    return dtype == torch.float32 and groups == 1 and CPU_HAS_AVX2
 
 
 # When "auto" takes the CPU kernel instead of dense conv × mask, from a measured crossover

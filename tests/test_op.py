@@ -454,3 +454,19 @@ def test_opcheck_channel_stats(dtype):
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *rk.kept_index(mask),
             [2, 2], [1, 1], [1, 1], 1)
     torch.library.opcheck(torch.ops.rmask.masked_conv2d_stats.default, args)
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_torch_compile_sees_one_op(backend):
+    # fullgraph: no graph break around the op (nor in auto's choice); aot_eager also traces
+    # the registered backward.
+    layer = rk.MaskedConv2d(4, 6, 3, padding=1, mask_ratio=0.9, output_size=(8, 8), backend=backend)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    (grad,) = torch.autograd.grad(y.sum(), [x])
+    expected = reference.masked_conv2d(x, layer.weight, layer.bias, layer.mask, padding=1)
+    (want,) = torch.autograd.grad(expected.sum(), [x])
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(grad, want)
