@@ -174,8 +174,7 @@ def masked_conv2d(
         output = reference.masked_conv2d(input, weight, bias, mask, *conv_args)
         output = F.relu(output) if relu else output
         if channel_stats:
-            wide = output.double()
-            stats = (wide.sum(dim=(0, 2, 3)), wide.square().sum(dim=(0, 2, 3)))
+            stats = reference.channel_stats(output)
     else:
         index = kept_index if kept_index is not None else cached_kept_index(mask, weight.shape[0])
         if channel_stats:

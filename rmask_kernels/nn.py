@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import reference
 from .backends import check_backend
 from .functional import check_mask_for_output, conv_output_size, masked_conv2d, pair
 from .masks import KeptIndex, check_mode, check_ratio, draw_seed, kept_index, random_mask
@@ -104,9 +105,9 @@ class MaskedConv2d(nn.Conv2d):
         size = self.output_size_for(input)
         if self.mask is None:
             self.build_mask(size)
-        elif not torch.compiler.is_compiling() and self.mask._version != self._mask_version:
+        if not torch.compiler.is_compiling() and self.mask._version != self._mask_version:
             self._refresh_kept_index()  # the mask was edited in place: re-derive the index
-        elif tuple(self.mask.shape[1:]) != size and self.mask_ratio > 0:
+        if tuple(self.mask.shape[1:]) != size and self.mask_ratio > 0:
             raise ValueError(
                 f"{type(self).__name__}: the mask was built for output size {tuple(self.mask.shape[1:])}, "
                 f"but input of spatial size {tuple(input.shape[-2:])} gives output size {size}; "
@@ -130,10 +131,7 @@ class MaskedConv2d(nn.Conv2d):
         if self.mask_ratio == 0.0:
             output = self._conv_forward(input, weight, bias)
             output = F.relu(output) if relu else output
-            if channel_stats:
-                wide = output.double()
-                return output, wide.sum(dim=(0, 2, 3)), wide.square().sum(dim=(0, 2, 3))
-            return output
+            return (output, *reference.channel_stats(output)) if channel_stats else output
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)

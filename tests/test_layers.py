@@ -537,3 +537,10 @@ def test_mask_edited_in_place_is_honoured(backend="cpu"):
     conv = nn.Conv2d(3, 4, 3, padding=1)
     conv.load_state_dict(layer.state_dict(), strict=False)
     torch.testing.assert_close(layer(x), conv(x) * layer.mask)
+
+
+def test_mask_edited_in_place_still_checks_the_size():
+    layer = rk.MaskedConv2d(3, 4, 3, padding=1, mask_ratio=0.5, output_size=(6, 6))
+    layer.mask[:, 0] = False
+    with pytest.raises(ValueError, match=r"built for output size \(6, 6\).*\(7, 7\)"):
+        layer(torch.randn(1, 3, 7, 7))

@@ -53,6 +53,12 @@ def make_case(config, mode, group_size, ratio, dtype=torch.float64, bias=True):
     return x, weight, b, mask, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
+def leaves_and_oracle(*tensors):
+    """Fresh leaves of the inputs (in their dtype) and float64 leaves for the oracle."""
+    return ([t.detach().clone().requires_grad_() for t in tensors],
+            [t.detach().double().requires_grad_() for t in tensors])
+
+
 def check_against_reference(x, weight, bias, mask, conv_args, backend, grad=True):
     tol = TOLERANCE[x.dtype]
     inputs = [t.detach().clone().requires_grad_(grad) if t is not None else None for t in (x, weight, bias)]
@@ -400,9 +406,8 @@ def test_large_odd_shapes(backend, layout, mode, group_size):
 @pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
 def test_fused_relu_epilogue(backend, mode, group_size, dtype):
     x, weight, bias, mask, conv_args = make_case(CONFIGS[1], mode, group_size, 0.5, dtype)
-    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
     y = rk.masked_conv2d(*inputs, mask=mask, backend=backend, relu=True, **conv_args)
-    oracle = [t.double().requires_grad_() for t in (x, weight, bias)]
     expected = F.relu(reference.masked_conv2d(*oracle, mask, **conv_args))
     torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
     assert (y.detach() >= 0).all() and (y.detach()[(~mask).expand_as(y)] == 0).all()
@@ -425,10 +430,9 @@ def test_opcheck_fused_relu():
 def test_channel_stats_in_the_same_pass(backend, mode, group_size, dtype):
     # Sum and sum of squares per channel over the kept outputs, and gradients through all three.
     x, weight, bias, mask, conv_args = make_case(CONFIGS[1], mode, group_size, 0.5, dtype)
-    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
     y, total, squares = rk.masked_conv2d(*inputs, mask=mask, backend=backend, channel_stats=True, **conv_args)
     assert total.dtype == squares.dtype == torch.float64 and total.shape == (weight.shape[0],)
-    oracle = [t.double().requires_grad_() for t in (x, weight, bias)]
     expected = reference.masked_conv2d(*oracle, mask, **conv_args)
     want_total, want_squares = expected.sum(dim=(0, 2, 3)), expected.square().sum(dim=(0, 2, 3))
     torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
