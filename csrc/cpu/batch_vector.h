@@ -1,4 +1,4 @@
-// Batch-as-vector kernels for masked convolution on x86 with AVX2 + FMA.
+// Batch-as-vector kernels for masked convolution on x86 (AVX2 + FMA, or AVX-512).
 //
 // A Random-Mask mask is the same for every image, so the batch is the one dimension that
 // is always dense: forward and grad-input put the batch in the SIMD lanes. Input rows are
@@ -8,9 +8,10 @@
 // position-CSR lists), which serves neuron, group and spatial masks alike. grad-weight
 // reduces over the images with the input channels in the lanes.
 //
-// This header is free of ATen so that batch_vector_avx2.cpp can be compiled for AVX2
-// without any inline ATen code being emitted for AVX2 (an ODR hazard on older CPUs). The
-// caller checks batch_vector_supported() first and splits the work across threads.
+// This header is free of ATen so that the kernel files can be compiled for AVX2 or AVX-512
+// without any inline ATen code being emitted for those instruction sets (an ODR hazard on
+// older CPUs). The caller picks the kernels for its CPU (best_batch_vector_kernels) and
+// splits the work across threads.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +19,7 @@
 namespace rmask {
 namespace cpu {
 
-constexpr int64_t kBatchBlock = 16;  // images per micro-tile: two 8-float AVX2 vectors
+constexpr int64_t kBatchBlock = 16;  // the batch is padded to a multiple of this: one AVX-512 vector, two AVX2
 
 struct BatchVectorGeometry {
   int64_t batch, padded_batch;  // N and N rounded up to kBatchBlock
@@ -32,39 +33,53 @@ struct Strides {
   int64_t n, c, position;
 };
 
-// True when compiled for x86-64 and the CPU has AVX2 and FMA.
-bool batch_vector_supported();
+// One instruction set's kernels (batch_vector_impl.h compiled for it). Their contracts:
+//
+// forward_rows: y[n, c, p] = relu?(bias[c] + sum_{taps, ci} w_f[c, tap, ci] * x[n, ci, q(p, tap)])
+// for the kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones
+// (every element of y in those rows is written). x and y: NCHW or NHWC. w_f:
+// [Cout][kh][kw][Cin]. Scratch: taps 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin *
+// padded N floats and panel_rows panel_ring_rows(g) int64; staging N * Cout * Wout floats.
+// channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
+// of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
+//
+// grad_input_rows: grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c):
+// w_b[tap, c, ci] * gy_pos[e(p, c), n] for the input positions q of rows [row_begin, row_end);
+// grad_x NCHW or NHWC, every element of those rows written. w_b: [kh][kw][Cout][Cin]. gy_pos:
+// kept output gradients in position-CSR order, rows of padded_batch. Scratch: contributions
+// 3 * kh * kw int64, panel W * Cin * padded_batch floats.
+//
+// grad_weight_rows: grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows
+// [row_begin, row_end) and images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part:
+// [Cout][kh * kw][Cpad], Cpad = padded_channels(Cin); x NCHW or NHWC. Scratch: panels
+// panel_ring_rows(g) * W * N * Cpad floats, panel_rows panel_ring_rows(g) int64.
+struct BatchVectorKernels {
+  const char* name;      // "avx2", "avx512"
+  int64_t tile_images;   // images per micro-tile (SIMD lanes x vectors)
+  int64_t (*padded_channels)(int64_t channels);
+  void (*forward_rows)(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
+                       const float* bias, bool relu, const int64_t* position_offsets,
+                       const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* y,
+                       Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
+                       double* channel_sums);
+  void (*grad_input_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
+                          const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                          int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel);
+  void (*grad_weight_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
+                           const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                           int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows);
+};
 
-// y[n, c, p] = relu?(bias[c] + sum_{taps, ci} w_f[c, tap, ci] * x[n, ci, q(p, tap)]) for the
-// kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones (every
-// element of y in those rows is written). x and y: NCHW or NHWC. w_f: [Cout][kh][kw][Cin].
-// Scratch: taps 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats
-// and panel_rows panel_ring_rows(g) int64; staging N * Cout * Wout floats. channel_sums, if
-// not null: 2 * Cout doubles to which the per-channel sum and sum of squares of the outputs
-// of these rows are added (masked outputs are 0: the sums run over kept outputs).
-int64_t panel_ring_rows(const BatchVectorGeometry& g);
-void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
-                  const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
-                  int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
-                  int64_t* panel_rows, float* staging, double* channel_sums);
+// Any two input rows one output row needs lie within this window, so they never share a slot
+// of the panel ring.
+inline int64_t panel_ring_rows(const BatchVectorGeometry& g) { return (g.kernel_h - 1) * g.dilation_h + 1; }
 
-// grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c): w_b[tap, c, ci] * gy_pos[e(p, c), n]
-// for the input positions q of rows [row_begin, row_end); grad_x NCHW or NHWC, every element
-// of those rows written. w_b: [kh][kw][Cout][Cin]. gy_pos: kept output gradients in
-// position-CSR order, rows of padded_batch. Scratch: contributions 3 * kh * kw int64, panel
-// W * Cin * padded_batch floats.
-void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
-                     const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                     int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel);
-
-// grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows [row_begin, row_end) and
-// images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part: [Cout][kh * kw][Cpad],
-// Cpad = padded_channels(Cin); x NCHW or NHWC. Scratch: panels panel_ring_rows(g) *
-// W * N * Cpad floats, panel_rows panel_ring_rows(g) int64.
-int64_t padded_channels(int64_t channels);
-void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
-                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows);
+// The kernels of one instruction set, or null when this build has none for it or the CPU
+// lacks it. `avx512_allowed`: false keeps the AVX2 kernels on an AVX-512 CPU (the caller
+// passes what ATen's own CPU capability allows, so ATEN_CPU_CAPABILITY=avx2 selects both).
+const BatchVectorKernels* avx2_kernels();
+const BatchVectorKernels* avx512_kernels();
+const BatchVectorKernels* best_batch_vector_kernels(bool avx512_allowed);
 
 }  // namespace cpu
 }  // namespace rmask

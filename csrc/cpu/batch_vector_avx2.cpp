@@ -1,452 +1,50 @@
-// AVX2 + FMA micro-kernels of batch_vector.h. Compiled for AVX2 by the target pragma
-// below, and run only after batch_vector_supported() said the CPU has it. No ATen or
-// standard-library templates here (see the header).
+// The batch-vector kernels for AVX2 + FMA (16 ymm registers): batch_vector_impl.h compiled
+// for that instruction set, run only on CPUs that have it (best_batch_vector_kernels).
 #include "batch_vector.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define RMASK_HAVE_AVX2_KERNELS 1
-
-// Compiled before the AVX2 pragma: it runs on every CPU, AVX2 or not.
-bool rmask::cpu::batch_vector_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
-#endif
 
 namespace rmask {
 namespace cpu {
-
-#ifdef RMASK_HAVE_AVX2_KERNELS
-
+namespace avx2 {
 namespace {
 
-constexpr int kTile = 6;  // rows per micro-tile: 6 x 2 accumulators + 2 loads + 1 broadcast <= 16 ymm
+constexpr const char* kName = "avx2";
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+struct Simd {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+};
 
-// CH output channels at one output position, images nb .. nb+15: the accumulators are
-// locals of this one function so that they live in registers for the whole reduction.
-template <int CH>
-inline void forward_block(const BatchVectorGeometry& g, const float* x_t, const float* w_f, const float* bias,
-                          bool relu, const int64_t* channels, const int64_t* taps, int64_t ntaps, int64_t p,
-                          int64_t nb, float* y, Strides s) {
-  const int64_t cin = g.in_channels, np = g.padded_batch, row = g.kernel_h * g.kernel_w * cin;
-  __m256 acc[CH][2];
-#pragma GCC unroll 6
-  for (int k = 0; k < CH; ++k) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const float* xp = x_t + taps[2 * t + 1] + nb;
-    const float* wp[CH];
-#pragma GCC unroll 6
-    for (int k = 0; k < CH; ++k) wp[k] = w_f + channels[k] * row + taps[2 * t];
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      const __m256 x0 = _mm256_loadu_ps(xp + ci * np);
-      const __m256 x1 = _mm256_loadu_ps(xp + ci * np + 8);
-#pragma GCC unroll 6
-      for (int k = 0; k < CH; ++k) {
-        const __m256 w = _mm256_broadcast_ss(wp[k] + ci);
-        acc[k][0] = _mm256_fmadd_ps(w, x0, acc[k][0]);
-        acc[k][1] = _mm256_fmadd_ps(w, x1, acc[k][1]);
-      }
-    }
-  }
-  alignas(32) float lanes[kBatchBlock];
-  const int64_t images = min64(kBatchBlock, g.batch - nb);
-#pragma GCC unroll 6
-  for (int k = 0; k < CH; ++k) {
-    _mm256_store_ps(lanes, acc[k][0]);
-    _mm256_store_ps(lanes + 8, acc[k][1]);
-    const int64_t c = channels[k];
-    const float shift = bias ? bias[c] : 0.0f;
-    float* out = y + c * s.c + p * s.position + nb * s.n;
-    for (int64_t n = 0; n < images; ++n) {
-      const float v = lanes[n] + shift;
-      out[n * s.n] = (relu && v < 0.0f) ? 0.0f : v;
-    }
-  }
-}
+// 16 images per tile: 6 channels x 2 vectors = 12 accumulators + 2 loads + 1 broadcast <= 16.
+constexpr int kVectors = 2, kTile = 6;
+// grad-weight: 4 channels x 3 vectors of input channels = 12 accumulators + 3 loads + 1 broadcast.
+constexpr int kWeightTile = 4, kWeightVectors = 3;
 
-// grad-input: CH input channels (ci0 ...) at one input position, images nb .. nb+15.
-template <int CH>
-inline void grad_input_block(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
-                             const int64_t* position_channels, const int64_t* contributions, int64_t ncontrib,
-                             int64_t ci0, int64_t q, int64_t nb, float* grad_x_t) {
-  const int64_t np = g.padded_batch, cin = g.in_channels, cout = g.out_channels;
-  __m256 acc[CH][2];
-#pragma GCC unroll 6
-  for (int k = 0; k < CH; ++k) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < ncontrib; ++t) {
-    const int64_t tap = contributions[3 * t], e0 = contributions[3 * t + 1], e1 = contributions[3 * t + 2];
-    const float* w_tap = w_b + tap * cout * cin + ci0;
-    for (int64_t e = e0; e < e1; ++e) {
-      const float* gp = gy_pos + e * np + nb;
-      const __m256 g0 = _mm256_loadu_ps(gp);
-      const __m256 g1 = _mm256_loadu_ps(gp + 8);
-      const float* wp = w_tap + position_channels[e] * cin;
-#pragma GCC unroll 6
-      for (int k = 0; k < CH; ++k) {
-        const __m256 w = _mm256_broadcast_ss(wp + k);
-        acc[k][0] = _mm256_fmadd_ps(w, g0, acc[k][0]);
-        acc[k][1] = _mm256_fmadd_ps(w, g1, acc[k][1]);
-      }
-    }
-  }
-  float* out = grad_x_t + (q * cin + ci0) * np + nb;
-#pragma GCC unroll 6
-  for (int k = 0; k < CH; ++k) {
-    _mm256_storeu_ps(out + k * np, acc[k][0]);
-    _mm256_storeu_ps(out + k * np + 8, acc[k][1]);
-  }
-}
-
-// grad-weight: CH output channels kept at one position, one tap, V*8 input channels:
-// sum over the images of gy[channel, n] * x[n, ci], added into the partial gradient.
-template <int CH, int V>
-inline void grad_weight_block(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cpad,
-                              float* const* out) {
-  __m256 acc[CH][V];
-#pragma GCC unroll 4
-  for (int k = 0; k < CH; ++k)
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) acc[k][v] = _mm256_setzero_ps();
-  for (int64_t n = 0; n < batch; ++n) {
-    __m256 x[V];
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) x[v] = _mm256_loadu_ps(x_nc + n * cpad + 8 * v);
-#pragma GCC unroll 4
-    for (int k = 0; k < CH; ++k) {
-      const __m256 gk = _mm256_broadcast_ss(gy_rows[k] + n);
-#pragma GCC unroll 3
-      for (int v = 0; v < V; ++v) acc[k][v] = _mm256_fmadd_ps(gk, x[v], acc[k][v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int k = 0; k < CH; ++k)
-#pragma GCC unroll 3
-    for (int v = 0; v < V; ++v)
-      _mm256_storeu_ps(out[k] + 8 * v, _mm256_add_ps(_mm256_loadu_ps(out[k] + 8 * v), acc[k][v]));
-}
-
-template <int CH>
-inline void grad_weight_channels_tile(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cpad,
-                                      float* const* out) {
-  float* shifted[CH];
-  int64_t ci = 0;
-  for (; ci + 24 <= cpad; ci += 24) {
-    for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
-    grad_weight_block<CH, 3>(gy_rows, x_nc + ci, batch, cpad, shifted);
-  }
-  for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
-  if (cpad - ci == 16) grad_weight_block<CH, 2>(gy_rows, x_nc + ci, batch, cpad, shifted);
-  if (cpad - ci == 8) grad_weight_block<CH, 1>(gy_rows, x_nc + ci, batch, cpad, shifted);
-}
-
-// dst row k (stride dst_stride) = column k of the 8x8 block src (rows at stride src_stride).
-inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
-}
-
-// The same for a rows x cols block (edges), element by element.
-inline void transpose_block(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
-                            int64_t cols) {
-  if (rows == 8 && cols == 8) return transpose8x8(src, src_stride, dst, dst_stride);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t k = 0; k < cols; ++k) dst[k * dst_stride + i] = src[i * src_stride + k];
-}
-
-// The next tile height when `remaining` rows are split into as few tiles of at most `most`
-// rows as possible, of near-equal heights.
-inline int even_tile(int64_t remaining, int64_t most) {
-  const int64_t tiles = (remaining + most - 1) / most;
-  return static_cast<int>((remaining + tiles - 1) / tiles);
-}
-
-// Calls F<1..6>(args...) for a run-time tile height.
-#define RMASK_TILE_SWITCH(count, F, ...)   \
-  switch (count) {                         \
-    case 1: F<1>(__VA_ARGS__); break;      \
-    case 2: F<2>(__VA_ARGS__); break;      \
-    case 3: F<3>(__VA_ARGS__); break;      \
-    case 4: F<4>(__VA_ARGS__); break;      \
-    case 5: F<5>(__VA_ARGS__); break;      \
-    default: F<6>(__VA_ARGS__); break;     \
-  }
+#include "batch_vector_impl.h"
 
 }  // namespace
+}  // namespace avx2
 
-// Row `row` of a tensor t (N, C, H, W), NCHW or NHWC, to (to_panel) or from a batch-last
-// panel [W][C][padded N] (padding images zero-filled on the way in).
-static void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t channels, int64_t width,
-                           float* tensor, Strides s, int64_t row, float* panel) {
-  const int64_t np = padded;
-  if (s.position == 1) {  // NCHW: 8 consecutive positions of one channel per tile row
-    // Images outermost within a channel: each tensor page (one image's plane) is visited once per row.
-    for (int64_t c = 0; c < channels; ++c) {
-      for (int64_t n0 = 0; n0 < batch; n0 += 8) {
-        for (int64_t w0 = 0; w0 < width; w0 += 8) {
-          float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
-          float* b = panel + (w0 * channels + c) * np + n0;
-          const int64_t images = min64(8, batch - n0), cols = min64(8, width - w0);
-          if (to_panel) transpose_block(t, s.n, b, channels * np, images, cols);
-          else transpose_block(b, channels * np, t, s.n, cols, images);
-        }
-      }
-      if (to_panel)
-        for (int64_t w = 0; w < width; ++w)
-          for (int64_t n = batch; n < np; ++n) panel[(w * channels + c) * np + n] = 0.0f;
-    }
-  } else {  // NHWC: 8 consecutive channels of one position per tile row
-    for (int64_t w = 0; w < width; ++w) {
-      for (int64_t c0 = 0; c0 < channels; c0 += 8) {
-        const int64_t cols = min64(8, channels - c0);
-        float* t = tensor + c0 * s.c + (row * width + w) * s.position;
-        float* b = panel + (w * channels + c0) * np;
-        for (int64_t n0 = 0; n0 < batch; n0 += 8) {
-          const int64_t images = min64(8, batch - n0);
-          if (to_panel) transpose_block(t + n0 * s.n, s.n, b + n0, np, images, cols);
-          else transpose_block(b + n0, np, t + n0 * s.n, s.n, cols, images);
-        }
-        if (to_panel)
-          for (int64_t k = 0; k < cols; ++k)
-            for (int64_t n = batch; n < np; ++n) b[k * np + n] = 0.0f;
-      }
-    }
-  }
-}
-
-static void row_to_batch_last(const BatchVectorGeometry& g, const float* src, Strides s, int64_t row, float* dst) {
-  row_batch_last(true, g.batch, g.padded_batch, g.in_channels, g.width, const_cast<float*>(src), s, row, dst);
-}
-
-// Any two rows one output row needs lie within this window, so they never share a slot.
-int64_t panel_ring_rows(const BatchVectorGeometry& g) { return (g.kernel_h - 1) * g.dilation_h + 1; }
-
-// The panels of the input rows output row `oh` reads (null for padding rows), from a ring of
-// panel_ring_rows(g) panels: a row is laid out by `fill` only when its slot holds another row,
-// so consecutive output rows reuse the rows they share. panel_rows: the row in each slot.
-template <typename Fill>
-inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels, int64_t panel_size,
-                        int64_t* panel_rows, const float** row_panel, Fill fill) {
-  const int64_t slots = panel_ring_rows(g);
-  for (int64_t i = 0; i < g.kernel_h; ++i) {
-    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-    row_panel[i] = nullptr;
-    if (ih < 0 || ih >= g.height) continue;
-    float* panel = panels + (ih % slots) * panel_size;
-    if (panel_rows[ih % slots] != ih) {
-      fill(ih, panel);
-      panel_rows[ih % slots] = ih;
-    }
-    row_panel[i] = panel;
-  }
-}
-
-void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
-                  const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
-                  int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
-                  int64_t* panel_rows, float* staging, double* channel_sums) {
-  // Input rows are laid out batch-last on demand into a small ring of cache-resident panels
-  // (each used by kernel_h output rows), so the layout change never round-trips through
-  // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
-  // (kept and masked values), so y is written once, in long runs.
-  const int64_t cout = g.out_channels, wo = g.out_width, panel_size = g.width * g.in_channels * g.padded_batch;
-  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
-  const Strides staged{cout * wo, wo, 1};
-  for (int64_t oh = row_begin; oh < row_end; ++oh) {
-    const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
-    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
-                [&](int64_t ih, float* panel) { row_to_batch_last(g, x, x_strides, ih, panel); });
-    __builtin_memset(staging, 0, sizeof(float) * g.batch * cout * wo);
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      const int64_t p = oh * wo + ow;
-      const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
-      if (e0 == e1) continue;
-      int64_t ntaps = 0;  // taps inside the image; padding taps contribute nothing
-      for (int64_t i = 0; i < g.kernel_h; ++i) {
-        if (!row_panel[i]) continue;
-        for (int64_t j = 0; j < g.kernel_w; ++j) {
-          const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
-          if (iw < 0 || iw >= g.width) continue;
-          taps[2 * ntaps] = (i * g.kernel_w + j) * g.in_channels;
-          taps[2 * ntaps + 1] = (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
-          ++ntaps;
-        }
-      }
-      for (int64_t nb = 0; nb < g.batch; nb += kBatchBlock) {
-        // Tiles as even as possible (7 channels: 4 + 3, not 6 + 1): a thin tile pays the same
-        // panel loads for fewer FMAs.
-        for (int64_t e = e0; e < e1;) {
-          const int tile = even_tile(e1 - e, kTile);
-          RMASK_TILE_SWITCH(tile, forward_block, g, panels, w_f, bias, relu, position_channels + e, taps, ntaps, ow,
-                            nb, staging, staged);
-          e += tile;
-        }
-      }
-    }
-    if (channel_sums) {  // masked outputs are 0 in the staging row: they add nothing
-      for (int64_t n = 0; n < g.batch; ++n) {
-        for (int64_t c = 0; c < cout; ++c) {
-          const float* v = staging + (n * cout + c) * wo;
-          float sum = 0.0f, squares = 0.0f;
-          for (int64_t ow = 0; ow < wo; ++ow) {
-            sum += v[ow];
-            squares += v[ow] * v[ow];
-          }
-          channel_sums[c] += sum;
-          channel_sums[cout + c] += squares;
-        }
-      }
-    }
-    const Strides& s = y_strides;
-    if (s.position == 1) {
-      for (int64_t n = 0; n < g.batch; ++n)
-        for (int64_t c = 0; c < cout; ++c)
-          __builtin_memcpy(y + n * s.n + c * s.c + oh * wo, staging + (n * cout + c) * wo, sizeof(float) * wo);
-    } else {
-      for (int64_t n = 0; n < g.batch; ++n)
-        for (int64_t ow = 0; ow < wo; ++ow)
-          for (int64_t c = 0; c < cout; ++c)
-            y[n * s.n + c * s.c + (oh * wo + ow) * s.position] = staging[(n * cout + c) * wo + ow];
-    }
-  }
-}
-
-void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
-                     const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                     int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel) {
-  // Each input row is computed batch-last into a cache-resident panel, then transposed out.
-  for (int64_t ih = row_begin; ih < row_end; ++ih) {
-    for (int64_t iw = 0; iw < g.width; ++iw) {
-      int64_t ncontrib = 0;  // (tap, first, last) of the kept outputs this input position feeds
-      for (int64_t i = 0; i < g.kernel_h; ++i) {
-        const int64_t num_h = ih + g.pad_h - i * g.dilation_h;
-        if (num_h < 0 || num_h % g.stride_h) continue;
-        const int64_t oh = num_h / g.stride_h;
-        if (oh >= g.out_height) continue;
-        for (int64_t j = 0; j < g.kernel_w; ++j) {
-          const int64_t num_w = iw + g.pad_w - j * g.dilation_w;
-          if (num_w < 0 || num_w % g.stride_w) continue;
-          const int64_t ow = num_w / g.stride_w;
-          if (ow >= g.out_width) continue;
-          const int64_t p = oh * g.out_width + ow;
-          if (position_offsets[p] == position_offsets[p + 1]) continue;
-          contributions[3 * ncontrib] = i * g.kernel_w + j;
-          contributions[3 * ncontrib + 1] = position_offsets[p];
-          contributions[3 * ncontrib + 2] = position_offsets[p + 1];
-          ++ncontrib;
-        }
-      }
-      for (int64_t nb = 0; nb < g.batch; nb += kBatchBlock) {
-        for (int64_t ci0 = 0, count = 0; ci0 < g.in_channels; ci0 += count) {
-          count = even_tile(g.in_channels - ci0, kTile);
-          RMASK_TILE_SWITCH(count, grad_input_block, g, gy_pos, w_b, position_channels, contributions, ncontrib, ci0,
-                            iw, nb, panel);
-        }
-      }
-    }
-    row_batch_last(false, g.batch, g.padded_batch, g.in_channels, g.width, grad_x, x_strides, ih, panel);
-  }
-}
-
-int64_t padded_channels(int64_t channels) { return (channels + 7) / 8 * 8; }
-
-// Input row `row` as an image-major panel [W][N][Cpad] (channels innermost, zero-padded to 8).
-static void row_to_image_major(const BatchVectorGeometry& g, const float* src, Strides s, int64_t row, float* dst) {
-  const int64_t cin = g.in_channels, cpad = padded_channels(cin), width = g.width, batch = g.batch;
-  if (s.position == 1) {  // NCHW: tiles of 8 channels x 8 positions
-    for (int64_t n = 0; n < batch; ++n)
-      for (int64_t c0 = 0; c0 < cin; c0 += 8)
-        for (int64_t w0 = 0; w0 < width; w0 += 8)
-          transpose_block(src + n * s.n + c0 * s.c + (row * width + w0) * s.position, s.c,
-                          dst + (w0 * batch + n) * cpad + c0, batch * cpad, min64(8, cin - c0), min64(8, width - w0));
-  } else {  // NHWC: channels already innermost
-    for (int64_t n = 0; n < batch; ++n)
-      for (int64_t w = 0; w < width; ++w)
-        __builtin_memcpy(dst + (w * batch + n) * cpad, src + n * s.n + (row * width + w) * s.position,
-                         sizeof(float) * cin);
-  }
-  if (cpad > cin)
-    for (int64_t r = 0; r < width * batch; ++r)
-      for (int64_t c = cin; c < cpad; ++c) dst[r * cpad + c] = 0.0f;
-}
-
-void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
-                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows) {
-  // Position-major: each input panel is loaded once per output position and serves every
-  // channel kept there; the images are the reduction, the input channels the SIMD lanes.
-  const int64_t cpad = padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
-  const int64_t panel_size = g.width * g.batch * cpad;
-  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
-  for (int64_t oh = row_begin; oh < row_end; ++oh) {
-    const float* row_panel[64];
-    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
-                [&](int64_t ih, float* panel) { row_to_image_major(g, x, x_strides, ih, panel); });
-    for (int64_t ow = 0; ow < g.out_width; ++ow) {
-      const int64_t p = oh * g.out_width + ow;
-      const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
-      for (int64_t e = e0, count = 0; e < e1; e += count) {
-        count = even_tile(e1 - e, 4);
-        const float* gy_rows[4];
-        for (int k = 0; k < count; ++k) gy_rows[k] = gy_pos + (e + k) * g.padded_batch;
-        for (int64_t i = 0; i < g.kernel_h; ++i) {
-          if (!row_panel[i]) continue;
-          for (int64_t j = 0; j < g.kernel_w; ++j) {
-            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
-            if (iw < 0 || iw >= g.width) continue;
-            const float* x_nc = row_panel[i] + iw * g.batch * cpad;
-            float* out[4];
-            for (int k = 0; k < count; ++k)
-              out[k] = grad_w_part + (position_channels[e + k] * kk + i * g.kernel_w + j) * cpad;
-            switch (count) {
-              case 1: grad_weight_channels_tile<1>(gy_rows, x_nc, g.batch, cpad, out); break;
-              case 2: grad_weight_channels_tile<2>(gy_rows, x_nc, g.batch, cpad, out); break;
-              case 3: grad_weight_channels_tile<3>(gy_rows, x_nc, g.batch, cpad, out); break;
-              default: grad_weight_channels_tile<4>(gy_rows, x_nc, g.batch, cpad, out); break;
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-#else  // not x86-64 with GCC/Clang: the caller uses the portable kernels
-
-bool batch_vector_supported() { return false; }
-int64_t panel_ring_rows(const BatchVectorGeometry&) { return 1; }
-void forward_rows(const BatchVectorGeometry&, const float*, Strides, const float*, const float*, bool, const int64_t*,
-                  const int64_t*, int64_t, int64_t, float*, Strides, int64_t*, float*, int64_t*, float*, double*) {}
-void grad_input_rows(const BatchVectorGeometry&, const float*, const float*, const int64_t*, const int64_t*, int64_t,
-                     int64_t, float*, Strides, int64_t*, float*) {}
-int64_t padded_channels(int64_t channels) { return channels; }
-void grad_weight_rows(const BatchVectorGeometry&, const float*, const float*, Strides, const int64_t*, const int64_t*,
-                      int64_t, int64_t, float*, float*, int64_t*) {}
-
-#endif
+const BatchVectorKernels* avx2_kernels() { return &avx2::kernels; }
 
 }  // namespace cpu
 }  // namespace rmask
 
-#ifdef RMASK_HAVE_AVX2_KERNELS
 #pragma GCC pop_options
+#else
+namespace rmask {
+namespace cpu {
+const BatchVectorKernels* avx2_kernels() { return nullptr; }
+}  // namespace cpu
+}  // namespace rmask
 #endif

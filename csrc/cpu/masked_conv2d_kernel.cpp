@@ -1,7 +1,8 @@
 // CPU kernels of rmask::masked_conv2d: compute only the kept outputs.
 //
-// Two paths. float32 with groups == 1 on an AVX2 CPU takes the batch-vector kernels
-// (batch_vector.h: the batch in the SIMD lanes, per-position kept-channel lists, no im2col).
+// Two paths. float32 with groups == 1 on an AVX2 or AVX-512 CPU takes the batch-vector
+// kernels (batch_vector.h: the batch in the SIMD lanes, per-position kept-channel lists, no
+// im2col).
 // Everything else (float64, reduced precision, groups > 1, other CPUs) takes the portable
 // gather-GEMM-scatter path below, which is exact and deterministic but slower:
 //
@@ -17,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -189,12 +191,20 @@ at::ScalarType compute_type(at::ScalarType t) {
 }
 
 // ---------------------------------------------------------------------------------
-// Batch-vector path (float32, groups == 1, AVX2)
+// Batch-vector path (float32, groups == 1, AVX2 or AVX-512)
+
+// The batch-vector kernels for this CPU, chosen once: AVX-512 where ATen's own kernels may
+// use it (at::get_cpu_capability honours ATEN_CPU_CAPABILITY, so that variable forces the
+// AVX2 kernels on an AVX-512 CPU), else AVX2; null on other CPUs.
+const cpu::BatchVectorKernels* batch_vector_kernels() {
+  static const cpu::BatchVectorKernels* kernels = cpu::best_batch_vector_kernels(at::get_cpu_capability() == "AVX512");
+  return kernels;
+}
 
 bool use_batch_vector(const ConvGeometry& g, const at::Tensor& input) {
-  static const bool supported = cpu::batch_vector_supported();
   // Kernel heights above 64 (the kernels' fixed per-row tables) take the portable path.
-  return supported && input.scalar_type() == at::kFloat && g.groups == 1 && g.batch > 0 && g.kernel_h <= 64;
+  return batch_vector_kernels() && input.scalar_type() == at::kFloat && g.groups == 1 && g.batch > 0 &&
+         g.kernel_h <= 64;
 }
 
 cpu::BatchVectorGeometry batch_vector_geometry(const ConvGeometry& g) {
@@ -249,7 +259,7 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * rows_per_chunk, last = std::min(g.out_height, first + rows_per_chunk);
       if (first >= last) continue;
-      cpu::forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
+      batch_vector_kernels()->forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
                         b.defined() ? b.data_ptr<float>() : nullptr, relu, position_offsets.data_ptr<int64_t>(),
                         position_channels.data_ptr<int64_t>(), first, last, y.data_ptr<float>(), strides_of(y),
                         taps.data(), panels, panel_rows.data(), staging,
@@ -310,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     at::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> contributions(3 * g.kernel_h * g.kernel_w);
       float* panel = thread_scratch(0, g.width * g.in_channels * bg.padded_batch);
-      cpu::grad_input_rows(bg, rows.data_ptr<float>(), w_b.data_ptr<float>(), position_offsets.data_ptr<int64_t>(),
+      batch_vector_kernels()->grad_input_rows(bg, rows.data_ptr<float>(), w_b.data_ptr<float>(), position_offsets.data_ptr<int64_t>(),
                            pc, begin, end, grad_input.data_ptr<float>(), xs, contributions.data(), panel);
     });
   }
@@ -320,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     const auto x = addressable(input);
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.out_height));
     const int64_t rows_per_chunk = (g.out_height + chunks - 1) / chunks;
-    const int64_t cpad = cpu::padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
+    const int64_t cpad = batch_vector_kernels()->padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
     auto partial = at::zeros({chunks, g.out_channels, kk, cpad}, weight.options());
     const int64_t slots = cpu::panel_ring_rows(bg);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -329,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t first = chunk * rows_per_chunk, last = std::min(g.out_height, first + rows_per_chunk);
         if (first >= last) continue;
-        cpu::grad_weight_rows(bg, rows.data_ptr<float>(), x.data_ptr<float>(), strides_of(x),
+        batch_vector_kernels()->grad_weight_rows(bg, rows.data_ptr<float>(), x.data_ptr<float>(), strides_of(x),
                               position_offsets.data_ptr<int64_t>(), pc, first, last, partial[chunk].data_ptr<float>(),
                               panels, panel_rows.data());
       }

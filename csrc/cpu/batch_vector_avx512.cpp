@@ -1,0 +1,54 @@
+// The batch-vector kernels for AVX-512 (32 zmm registers of 16 floats): batch_vector_impl.h
+// compiled for that instruction set, run only on CPUs that have it (best_batch_vector_kernels).
+// Twice the lanes and twice the registers of AVX2: a tile covers 32 images and up to 12
+// channels, so each loaded input vector and each broadcast weight feed more FMAs.
+#include "batch_vector.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#include <immintrin.h>
+
+namespace rmask {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+constexpr const char* kName = "avx512";
+
+struct Simd {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+};
+
+// 32 images per tile: 10 channels x 2 vectors = 20 accumulators + 2 loads + 1 broadcast. The
+// tile's 10 weight-row pointers, the input pointer, its stride, the index and the bound fill
+// the 16 general registers: more channels spill pointers and accumulators.
+constexpr int kVectors = 2, kTile = 10;
+// grad-weight: 6 channels x 4 vectors (64 input channels) = 24 accumulators + 4 loads + 1 broadcast.
+constexpr int kWeightTile = 6, kWeightVectors = 4;
+
+#include "batch_vector_impl.h"
+
+}  // namespace
+}  // namespace avx512
+
+const BatchVectorKernels* avx512_kernels() { return &avx512::kernels; }
+
+}  // namespace cpu
+}  // namespace rmask
+
+#pragma GCC pop_options
+#else
+namespace rmask {
+namespace cpu {
+const BatchVectorKernels* avx512_kernels() { return nullptr; }
+}  // namespace cpu
+}  // namespace rmask
+#endif

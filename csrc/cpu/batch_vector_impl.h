@@ -1,0 +1,451 @@
+// The batch-vector kernels of batch_vector.h, written once over a SIMD instruction set.
+//
+// Included by one .cpp file per instruction set (batch_vector_avx2.cpp,
+// batch_vector_avx512.cpp), inside that file's own namespace and target pragma, after it
+// defines:
+//   struct Simd      V (the vector type), kLanes (floats per V), zero, load, store,
+//                    broadcast, fma, add
+//   kVectors         vectors of images per micro-tile row (images per tile: kVectors * kLanes)
+//   kTile            most output (forward) or input (grad-input) channels per micro-tile
+//   kWeightTile      most output channels per grad-weight tile
+//   kWeightVectors   most vectors of input channels per grad-weight tile
+// chosen so that the accumulators, the loaded vectors and one broadcast fit the register file.
+// No ATen or standard-library templates here: every function gets the including file's
+// target, and nothing inline is shared with code compiled for another CPU.
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// A compile-time count, for calling templates with a run-time tile size (with_count).
+template <int N>
+struct Count {
+  static constexpr int value = N;
+};
+
+// f(Count<count>{}) for a run-time count in [1, N].
+template <int N, typename F>
+inline void with_count(int count, F&& f) {
+  if constexpr (N > 1) {
+    if (count < N) return with_count<N - 1>(count, f);
+  }
+  f(Count<N>{});
+}
+
+// CH output channels at one output position, NV vectors of images from nb: the
+// accumulators are locals of this one function so that they live in registers. Not inlined:
+// inside the row loop the compiler runs out of general registers and spills accumulators.
+template <int CH, int NV>
+__attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const float* x_t, const float* w_f, const float* bias,
+                          bool relu, const int64_t* channels, const int64_t* taps, int64_t ntaps, int64_t p,
+                          int64_t nb, float* y, Strides s) {
+  using V = typename Simd::V;
+  const int64_t cin = g.in_channels, np = g.padded_batch, row = g.kernel_h * g.kernel_w * cin;
+  V acc[CH][NV];
+#pragma GCC unroll 16
+  for (int k = 0; k < CH; ++k)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[k][v] = Simd::zero();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float* xp = x_t + taps[2 * t + 1] + nb;
+    const float* wp[CH];
+#pragma GCC unroll 16
+    for (int k = 0; k < CH; ++k) wp[k] = w_f + channels[k] * row + taps[2 * t];
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      V x[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) x[v] = Simd::load(xp + ci * np + v * Simd::kLanes);
+#pragma GCC unroll 16
+      for (int k = 0; k < CH; ++k) {
+        const V w = Simd::broadcast(wp[k] + ci);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, x[v], acc[k][v]);
+      }
+    }
+  }
+  alignas(64) float lanes[NV * Simd::kLanes];
+  const int64_t images = min64(NV * Simd::kLanes, g.batch - nb);
+#pragma GCC unroll 16
+  for (int k = 0; k < CH; ++k) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) Simd::store(lanes + v * Simd::kLanes, acc[k][v]);
+    const int64_t c = channels[k];
+    const float shift = bias ? bias[c] : 0.0f;
+    float* out = y + c * s.c + p * s.position + nb * s.n;
+    for (int64_t n = 0; n < images; ++n) {
+      const float v = lanes[n] + shift;
+      out[n * s.n] = (relu && v < 0.0f) ? 0.0f : v;
+    }
+  }
+}
+
+// grad-input: CH input channels (ci0 ...) at one input position, NV vectors of images from nb.
+template <int CH, int NV>
+__attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
+                             const int64_t* position_channels, const int64_t* contributions, int64_t ncontrib,
+                             int64_t ci0, int64_t q, int64_t nb, float* grad_x_t) {
+  using V = typename Simd::V;
+  const int64_t np = g.padded_batch, cin = g.in_channels, cout = g.out_channels;
+  V acc[CH][NV];
+#pragma GCC unroll 16
+  for (int k = 0; k < CH; ++k)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[k][v] = Simd::zero();
+  for (int64_t t = 0; t < ncontrib; ++t) {
+    const int64_t tap = contributions[3 * t], e0 = contributions[3 * t + 1], e1 = contributions[3 * t + 2];
+    const float* w_tap = w_b + tap * cout * cin + ci0;
+    for (int64_t e = e0; e < e1; ++e) {
+      const float* gp = gy_pos + e * np + nb;
+      V gy[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) gy[v] = Simd::load(gp + v * Simd::kLanes);
+      const float* wp = w_tap + position_channels[e] * cin;
+#pragma GCC unroll 16
+      for (int k = 0; k < CH; ++k) {
+        const V w = Simd::broadcast(wp + k);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, gy[v], acc[k][v]);
+      }
+    }
+  }
+  float* out = grad_x_t + (q * cin + ci0) * np + nb;
+#pragma GCC unroll 16
+  for (int k = 0; k < CH; ++k)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) Simd::store(out + k * np + v * Simd::kLanes, acc[k][v]);
+}
+
+// grad-weight: CH output channels kept at one position, one tap, V vectors of input
+// channels: sum over the images of gy[channel, n] * x[n, ci], added into the partial gradient.
+template <int CH, int NV>
+__attribute__((noinline)) void grad_weight_block(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cpad,
+                              float* const* out) {
+  using V = typename Simd::V;
+  V acc[CH][NV];
+#pragma GCC unroll 8
+  for (int k = 0; k < CH; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[k][v] = Simd::zero();
+  for (int64_t n = 0; n < batch; ++n) {
+    V x[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_nc + n * cpad + v * Simd::kLanes);
+#pragma GCC unroll 8
+    for (int k = 0; k < CH; ++k) {
+      const V gk = Simd::broadcast(gy_rows[k] + n);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(gk, x[v], acc[k][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < CH; ++k)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* o = out[k] + v * Simd::kLanes;
+      Simd::store(o, Simd::add(Simd::load(o), acc[k][v]));
+    }
+}
+
+template <int CH>
+inline void grad_weight_channels_tile(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cpad,
+                                      float* const* out) {
+  constexpr int64_t step = kWeightVectors * Simd::kLanes;
+  float* shifted[CH];
+  int64_t ci = 0;
+  for (; ci + step <= cpad; ci += step) {
+    for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
+    grad_weight_block<CH, kWeightVectors>(gy_rows, x_nc + ci, batch, cpad, shifted);
+  }
+  const int rest = static_cast<int>((cpad - ci) / Simd::kLanes);
+  if (rest == 0) return;
+  for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
+  with_count<kWeightVectors>(rest, [&](auto nv) {
+    grad_weight_block<CH, decltype(nv)::value>(gy_rows, x_nc + ci, batch, cpad, shifted);
+  });
+}
+
+// dst row k (stride dst_stride) = column k of the 8x8 block src (rows at stride src_stride).
+// AVX2 instructions: every instruction set here includes them.
+inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// The same for a rows x cols block (edges), element by element.
+inline void transpose_block(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+                            int64_t cols) {
+  if (rows == 8 && cols == 8) return transpose8x8(src, src_stride, dst, dst_stride);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < cols; ++k) dst[k * dst_stride + i] = src[i * src_stride + k];
+}
+
+// The next tile height when `remaining` rows are split into as few tiles of at most `most`
+// rows as possible, of near-equal heights: a thin tile pays the same loads for fewer FMAs.
+inline int even_tile(int64_t remaining, int64_t most) {
+  const int64_t tiles = (remaining + most - 1) / most;
+  return static_cast<int>((remaining + tiles - 1) / tiles);
+}
+
+// Vectors of images in the tile starting at image nb: kVectors, or fewer at the end of a
+// batch padded to a multiple of kBatchBlock but not of kVectors * kLanes.
+inline int tile_vectors(const BatchVectorGeometry& g, int64_t nb) {
+  return static_cast<int>(min64(kVectors, (g.padded_batch - nb) / Simd::kLanes));
+}
+
+// Row `row` of a tensor t (N, C, H, W), NCHW or NHWC, to (to_panel) or from a batch-last
+// panel [W][C][padded N] (padding images zero-filled on the way in).
+inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t channels, int64_t width,
+                           float* tensor, Strides s, int64_t row, float* panel) {
+  const int64_t np = padded;
+  if (s.position == 1) {  // NCHW: 8 consecutive positions of one channel per tile row
+    // Images outermost within a channel: each tensor page (one image's plane) is visited once per row.
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t n0 = 0; n0 < batch; n0 += 8) {
+        for (int64_t w0 = 0; w0 < width; w0 += 8) {
+          float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
+          float* b = panel + (w0 * channels + c) * np + n0;
+          const int64_t images = min64(8, batch - n0), cols = min64(8, width - w0);
+          if (to_panel) transpose_block(t, s.n, b, channels * np, images, cols);
+          else transpose_block(b, channels * np, t, s.n, cols, images);
+        }
+      }
+      if (to_panel)
+        for (int64_t w = 0; w < width; ++w)
+          for (int64_t n = batch; n < np; ++n) panel[(w * channels + c) * np + n] = 0.0f;
+    }
+  } else {  // NHWC: 8 consecutive channels of one position per tile row
+    for (int64_t w = 0; w < width; ++w) {
+      for (int64_t c0 = 0; c0 < channels; c0 += 8) {
+        const int64_t cols = min64(8, channels - c0);
+        float* t = tensor + c0 * s.c + (row * width + w) * s.position;
+        float* b = panel + (w * channels + c0) * np;
+        for (int64_t n0 = 0; n0 < batch; n0 += 8) {
+          const int64_t images = min64(8, batch - n0);
+          if (to_panel) transpose_block(t + n0 * s.n, s.n, b + n0, np, images, cols);
+          else transpose_block(b + n0, np, t + n0 * s.n, s.n, cols, images);
+        }
+        if (to_panel)
+          for (int64_t k = 0; k < cols; ++k)
+            for (int64_t n = batch; n < np; ++n) b[k * np + n] = 0.0f;
+      }
+    }
+  }
+}
+
+inline void row_to_batch_last(const BatchVectorGeometry& g, const float* src, Strides s, int64_t row, float* dst) {
+  row_batch_last(true, g.batch, g.padded_batch, g.in_channels, g.width, const_cast<float*>(src), s, row, dst);
+}
+
+// The panels of the input rows output row `oh` reads (null for padding rows), from a ring of
+// panel_ring_rows(g) panels: a row is laid out by `fill` only when its slot holds another row,
+// so consecutive output rows reuse the rows they share. panel_rows: the row in each slot.
+template <typename Fill>
+inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels, int64_t panel_size,
+                        int64_t* panel_rows, const float** row_panel, Fill fill) {
+  const int64_t slots = panel_ring_rows(g);
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+    row_panel[i] = nullptr;
+    if (ih < 0 || ih >= g.height) continue;
+    float* panel = panels + (ih % slots) * panel_size;
+    if (panel_rows[ih % slots] != ih) {
+      fill(ih, panel);
+      panel_rows[ih % slots] = ih;
+    }
+    row_panel[i] = panel;
+  }
+}
+
+void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
+                  const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
+                  int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
+                  int64_t* panel_rows, float* staging, double* channel_sums) {
+  // Input rows are laid out batch-last on demand into a small ring of cache-resident panels
+  // (each used by kernel_h output rows), so the layout change never round-trips through
+  // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
+  // (kept and masked values), so y is written once, in long runs.
+  const int64_t cout = g.out_channels, wo = g.out_width, panel_size = g.width * g.in_channels * g.padded_batch;
+  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
+  const Strides staged{cout * wo, wo, 1};
+  for (int64_t oh = row_begin; oh < row_end; ++oh) {
+    const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
+                [&](int64_t ih, float* panel) { row_to_batch_last(g, x, x_strides, ih, panel); });
+    __builtin_memset(staging, 0, sizeof(float) * g.batch * cout * wo);
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const int64_t p = oh * wo + ow;
+      const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
+      if (e0 == e1) continue;
+      int64_t ntaps = 0;  // taps inside the image; padding taps contribute nothing
+      for (int64_t i = 0; i < g.kernel_h; ++i) {
+        if (!row_panel[i]) continue;
+        for (int64_t j = 0; j < g.kernel_w; ++j) {
+          const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+          if (iw < 0 || iw >= g.width) continue;
+          taps[2 * ntaps] = (i * g.kernel_w + j) * g.in_channels;
+          taps[2 * ntaps + 1] = (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
+          ++ntaps;
+        }
+      }
+      for (int64_t nb = 0; nb < g.batch; nb += kVectors * Simd::kLanes) {
+        const int nv = tile_vectors(g, nb);
+        for (int64_t e = e0; e < e1;) {
+          const int tile = even_tile(e1 - e, kTile);
+          with_count<kTile>(tile, [&](auto ch) {
+            if (nv == kVectors)
+              forward_block<decltype(ch)::value, kVectors>(g, panels, w_f, bias, relu, position_channels + e, taps,
+                                                           ntaps, ow, nb, staging, staged);
+            else
+              forward_block<decltype(ch)::value, 1>(g, panels, w_f, bias, relu, position_channels + e, taps, ntaps,
+                                                    ow, nb, staging, staged);
+          });
+          e += tile;
+        }
+      }
+    }
+    if (channel_sums) {  // masked outputs are 0 in the staging row: they add nothing
+      for (int64_t n = 0; n < g.batch; ++n) {
+        for (int64_t c = 0; c < cout; ++c) {
+          const float* v = staging + (n * cout + c) * wo;
+          float sum = 0.0f, squares = 0.0f;
+          for (int64_t ow = 0; ow < wo; ++ow) {
+            sum += v[ow];
+            squares += v[ow] * v[ow];
+          }
+          channel_sums[c] += sum;
+          channel_sums[cout + c] += squares;
+        }
+      }
+    }
+    const Strides& s = y_strides;
+    if (s.position == 1) {
+      for (int64_t n = 0; n < g.batch; ++n)
+        for (int64_t c = 0; c < cout; ++c)
+          __builtin_memcpy(y + n * s.n + c * s.c + oh * wo, staging + (n * cout + c) * wo, sizeof(float) * wo);
+    } else {
+      for (int64_t n = 0; n < g.batch; ++n)
+        for (int64_t ow = 0; ow < wo; ++ow)
+          for (int64_t c = 0; c < cout; ++c)
+            y[n * s.n + c * s.c + (oh * wo + ow) * s.position] = staging[(n * cout + c) * wo + ow];
+    }
+  }
+}
+
+void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
+                     const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                     int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel) {
+  // Each input row is computed batch-last into a cache-resident panel, then transposed out.
+  for (int64_t ih = row_begin; ih < row_end; ++ih) {
+    for (int64_t iw = 0; iw < g.width; ++iw) {
+      int64_t ncontrib = 0;  // (tap, first, last) of the kept outputs this input position feeds
+      for (int64_t i = 0; i < g.kernel_h; ++i) {
+        const int64_t num_h = ih + g.pad_h - i * g.dilation_h;
+        if (num_h < 0 || num_h % g.stride_h) continue;
+        const int64_t oh = num_h / g.stride_h;
+        if (oh >= g.out_height) continue;
+        for (int64_t j = 0; j < g.kernel_w; ++j) {
+          const int64_t num_w = iw + g.pad_w - j * g.dilation_w;
+          if (num_w < 0 || num_w % g.stride_w) continue;
+          const int64_t ow = num_w / g.stride_w;
+          if (ow >= g.out_width) continue;
+          const int64_t p = oh * g.out_width + ow;
+          if (position_offsets[p] == position_offsets[p + 1]) continue;
+          contributions[3 * ncontrib] = i * g.kernel_w + j;
+          contributions[3 * ncontrib + 1] = position_offsets[p];
+          contributions[3 * ncontrib + 2] = position_offsets[p + 1];
+          ++ncontrib;
+        }
+      }
+      for (int64_t nb = 0; nb < g.batch; nb += kVectors * Simd::kLanes) {
+        const int nv = tile_vectors(g, nb);
+        for (int64_t ci0 = 0, count = 0; ci0 < g.in_channels; ci0 += count) {
+          count = even_tile(g.in_channels - ci0, kTile);
+          with_count<kTile>(static_cast<int>(count), [&](auto ch) {
+            if (nv == kVectors)
+              grad_input_block<decltype(ch)::value, kVectors>(g, gy_pos, w_b, position_channels, contributions,
+                                                              ncontrib, ci0, iw, nb, panel);
+            else
+              grad_input_block<decltype(ch)::value, 1>(g, gy_pos, w_b, position_channels, contributions, ncontrib,
+                                                       ci0, iw, nb, panel);
+          });
+        }
+      }
+    }
+    row_batch_last(false, g.batch, g.padded_batch, g.in_channels, g.width, grad_x, x_strides, ih, panel);
+  }
+}
+
+int64_t padded_channels(int64_t channels) { return (channels + Simd::kLanes - 1) / Simd::kLanes * Simd::kLanes; }
+
+// Input row `row` as an image-major panel [W][N][Cpad] (channels innermost, zero-padded).
+inline void row_to_image_major(const BatchVectorGeometry& g, const float* src, Strides s, int64_t row, float* dst) {
+  const int64_t cin = g.in_channels, cpad = padded_channels(cin), width = g.width, batch = g.batch;
+  if (s.position == 1) {  // NCHW: tiles of 8 channels x 8 positions
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t c0 = 0; c0 < cin; c0 += 8)
+        for (int64_t w0 = 0; w0 < width; w0 += 8)
+          transpose_block(src + n * s.n + c0 * s.c + (row * width + w0) * s.position, s.c,
+                          dst + (w0 * batch + n) * cpad + c0, batch * cpad, min64(8, cin - c0), min64(8, width - w0));
+  } else {  // NHWC: channels already innermost
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t w = 0; w < width; ++w)
+        __builtin_memcpy(dst + (w * batch + n) * cpad, src + n * s.n + (row * width + w) * s.position,
+                         sizeof(float) * cin);
+  }
+  if (cpad > cin)
+    for (int64_t r = 0; r < width * batch; ++r)
+      for (int64_t c = cin; c < cpad; ++c) dst[r * cpad + c] = 0.0f;
+}
+
+void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
+                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows) {
+  // Position-major: each input panel is loaded once per output position and serves every
+  // channel kept there; the images are the reduction, the input channels the SIMD lanes.
+  const int64_t cpad = padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
+  const int64_t panel_size = g.width * g.batch * cpad;
+  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
+  for (int64_t oh = row_begin; oh < row_end; ++oh) {
+    const float* row_panel[64];
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
+                [&](int64_t ih, float* panel) { row_to_image_major(g, x, x_strides, ih, panel); });
+    for (int64_t ow = 0; ow < g.out_width; ++ow) {
+      const int64_t p = oh * g.out_width + ow;
+      const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
+      for (int64_t e = e0, count = 0; e < e1; e += count) {
+        count = even_tile(e1 - e, kWeightTile);
+        const float* gy_rows[kWeightTile];
+        for (int k = 0; k < count; ++k) gy_rows[k] = gy_pos + (e + k) * g.padded_batch;
+        for (int64_t i = 0; i < g.kernel_h; ++i) {
+          if (!row_panel[i]) continue;
+          for (int64_t j = 0; j < g.kernel_w; ++j) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+            if (iw < 0 || iw >= g.width) continue;
+            const float* x_nc = row_panel[i] + iw * g.batch * cpad;
+            float* out[kWeightTile];
+            for (int k = 0; k < count; ++k)
+              out[k] = grad_w_part + (position_channels[e + k] * kk + i * g.kernel_w + j) * cpad;
+            with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
+              grad_weight_channels_tile<decltype(ch)::value>(gy_rows, x_nc, g.batch, cpad, out);
+            });
+          }
+        }
+      }
+    }
+  }
+}
+
+const BatchVectorKernels kernels = {kName, kVectors * Simd::kLanes, padded_channels, forward_rows, grad_input_rows,
+                                    grad_weight_rows};
