@@ -14,7 +14,8 @@ _warned = set()
 
 
 def available_backends() -> list:
-    """Backends usable in this process: "reference" always, "cpu" when the extension is built."""
+    """Backends usable in this process: "reference" always, "cpu" when the extension is built
+    (``cpu_kernels()`` tells which CPU kernels it runs)."""
     names = ["reference"]
     if ops.extension_loaded():
         names.append("cpu")
@@ -63,24 +64,35 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return "reference"
 
 
-# Read once: a plain bool is also what torch.compile can trace through (the query is not).
-CPU_HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# Read once: a plain value is also what torch.compile can trace through (the op is not).
+CPU_KERNELS = torch.ops.rmask.cpu_kernels() if ops.extension_loaded() else None
+
+
+def cpu_kernels() -> str | None:
+    """The compiled CPU kernels that serve float32 in this process: "avx512" or "avx2" (the
+    batch-vector kernels, csrc/cpu/batch_vector.h, chosen by ATen's CPU capability, so
+    ``ATEN_CPU_CAPABILITY=avx2`` selects AVX2 on an AVX-512 CPU), "portable" (the
+    gather-GEMM-scatter kernels) or None without the extension."""
+    return CPU_KERNELS
 
 
 def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
-    """Whether the CPU op runs the batch-vector AVX2 kernels (csrc/cpu/batch_vector.h) for
+    """Whether the CPU op runs the batch-vector kernels (csrc/cpu/batch_vector.h) for
     these arguments; otherwise it runs the portable gather-GEMM-scatter kernels."""
-    return dtype == torch.float32 and groups == 1 and CPU_HAS_AVX2
+    return dtype == torch.float32 and groups == 1 and CPU_KERNELS in ("avx2", "avx512")
 
 
 # When "auto" takes the CPU kernel instead of dense conv × mask, from a measured crossover
-# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `make bench`, benchmarks/NOTES.md):
-# the batch-vector kernels run at about half of oneDNN's dense FLOP rate, so they win once
-# at most ~half the outputs are kept (forward 0.9-1.2x at keep 0.5, 1.4-1.8x at keep 0.3,
-# 1.6-2.9x at keep 0.1). Their cost scales with the batch rounded up to 16 images (the
-# SIMD lanes), so a small batch needs a sparser mask. The portable kernels gather columns
-# once per mask pattern: only few patterns (spatial, coarse groups) at keep <= 0.2 pay off.
-BATCH_VECTOR_MAX_KEEP = 0.45
+# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `make bench`, benchmarks/NOTES.md).
+# The batch-vector kernels cost what their kept outputs cost plus a fixed part (laying the
+# input out batch-last, writing the whole output), so they win below a kept fraction:
+#   avx512 (Xeon, 2 cores): forward 1.0-1.3x at keep 0.5 (fwd+bwd 1.2-1.3x), 0.6-0.8x at
+#     keep 1.0 against oneDNN at ~360 GFLOP/s: the crossover sits just above keep 0.5.
+#   avx2 (EPYC Zen 3, 2 cores): forward 0.9-1.2x at keep 0.5, 1.4-1.8x at keep 0.3.
+# Their cost scales with the batch rounded up to 16 images (the SIMD padding), so a small
+# batch needs a sparser mask. The portable kernels gather columns once per mask pattern:
+# only few patterns (spatial, coarse groups) at keep <= 0.2 pay off.
+BATCH_VECTOR_MAX_KEEP = {"avx512": 0.5, "avx2": 0.45}
 PORTABLE_MAX_KEEP = 0.2
 PORTABLE_MAX_PATTERNS = 4
 
@@ -90,5 +102,5 @@ def sparse_pays_off(index, positions_per_pattern: int, batch: int, dtype: torch.
     keep = index.positions.numel() / max(1, patterns * positions_per_pattern)
     if batch_vector_kernels(dtype, groups):
         lanes = -(-max(batch, 1) // 16) * 16
-        return keep * lanes / max(batch, 1) <= BATCH_VECTOR_MAX_KEEP
+        return keep * lanes / max(batch, 1) <= BATCH_VECTOR_MAX_KEEP[CPU_KERNELS]
     return patterns <= PORTABLE_MAX_PATTERNS and keep <= PORTABLE_MAX_KEEP

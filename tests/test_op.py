@@ -3,6 +3,7 @@
 The oracle runs in float64; kernels are compared in float64 (tight: only summation order
 differs) and float32 (PyTorch's own conv differs from float64 by ~1e-6 relative)."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -366,6 +367,40 @@ def test_package_works_without_the_extension():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+def test_cpu_kernels_follow_the_cpu_capability():
+    # ATen's capability (which ATEN_CPU_CAPABILITY can lower) picks the batch-vector kernels.
+    expected = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "portable")
+    assert rk.backends.cpu_kernels() == expected
+
+
+@pytest.mark.skipif(
+    "cpu" not in rk.available_backends() or rk.backends.cpu_kernels() != "avx512",
+    reason="needs an AVX-512 CPU (the AVX2 kernels are what the suite runs elsewhere)",
+)
+def test_avx2_kernels_on_an_avx512_cpu():
+    # The suite above ran the AVX-512 kernels; run this file again on the AVX2 ones.
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+               "-k", "not avx2_kernels_on_an_avx512_cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ratio", [0.0, 0.3])
+def test_every_tile_shape(layout, ratio):
+    # 40 images: a full tile of 32 and a tail of 16 (AVX-512) or 16 + 16 + 8 (AVX2); 70 input
+    # channels: whole vectors of input channels plus remainders in grad-weight; 23 output
+    # channels: up to 23 kept at one position, more than any one tile holds.
+    config = (40, 70, 6, 5, 23, 3, 1, 1, 1, 1)
+    x, weight, bias, mask, conv_args = make_case(config, "neuron", None, ratio, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_against_reference(x, weight, bias, mask, conv_args, BACKENDS[0])
 
 
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")

@@ -21,6 +21,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "../masked_conv2d_common.h"
@@ -480,7 +481,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats_kernel(
   return {y, y64.sum({0, 2, 3}), y64.square().sum({0, 2, 3})};
 }
 
+// Which CPU kernels serve float32: "avx512", "avx2" (batch-vector) or "portable".
+std::string cpu_kernels() {
+  return batch_vector_kernels() ? batch_vector_kernels()->name : "portable";
+}
+
 }  // namespace
+
+// Not an op on tensors: tells Python (the "auto" crossover, benchmarks, bug reports) which
+// kernels this process runs.
+TORCH_LIBRARY_FRAGMENT(rmask, m) { m.def("cpu_kernels() -> str", &cpu_kernels); }
 
 TORCH_LIBRARY_IMPL(rmask, CPU, m) {
   m.impl("masked_conv2d_stats", &masked_conv2d_stats_kernel);
