@@ -191,6 +191,12 @@ inline void transpose_block(const float* src, int64_t src_stride, float* dst, in
     for (int64_t k = 0; k < cols; ++k) dst[k * dst_stride + i] = src[i * src_stride + k];
 }
 
+inline void copy_floats(float* dst, const float* src, int64_t count) {
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::store(dst + i, Simd::load(src + i));
+  for (; i < count; ++i) dst[i] = src[i];
+}
+
 // The next tile height when `remaining` rows are split into as few tiles of at most `most`
 // rows as possible, of near-equal heights: a thin tile pays the same loads for fewer FMAs.
 inline int even_tile(int64_t remaining, int64_t most) {
@@ -206,6 +212,8 @@ inline int tile_vectors(const BatchVectorGeometry& g, int64_t nb) {
 
 // Row `row` of a tensor t (N, C, H, W), NCHW or NHWC, to (to_panel) or from a batch-last
 // panel [W][C][padded N] (padding images zero-filled on the way in).
+constexpr int64_t kPrefetchChannels = 2;
+
 inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t channels, int64_t width,
                            float* tensor, Strides s, int64_t row, float* panel) {
   const int64_t np = padded;
@@ -217,8 +225,16 @@ inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t
           float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
           float* b = panel + (w0 * channels + c) * np + n0;
           const int64_t images = min64(8, batch - n0), cols = min64(8, width - w0);
-          if (to_panel) transpose_block(t, s.n, b, channels * np, images, cols);
-          else transpose_block(b, channels * np, t, s.n, cols, images);
+          if (to_panel) {
+            // Each (image, channel) plane gives this row only Wout floats: too short a run
+            // for the hardware prefetcher, so ask for the same run two channels ahead.
+            if (c + kPrefetchChannels < channels && w0 % 16 == 0)
+              for (int64_t n = 0; n < images; ++n)
+                _mm_prefetch(reinterpret_cast<const char*>(t + n * s.n + kPrefetchChannels * s.c), _MM_HINT_T0);
+            transpose_block(t, s.n, b, channels * np, images, cols);
+          } else {
+            transpose_block(b, channels * np, t, s.n, cols, images);
+          }
         }
       }
       if (to_panel)
@@ -329,16 +345,20 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
         }
       }
     }
+    // Out to y: NCHW rows are short ([c][ow] runs of Wout floats, too short to pay for a
+    // memcpy call each), NHWC needs [c][ow] -> [ow][c] transposes.
     const Strides& s = y_strides;
-    if (s.position == 1) {
-      for (int64_t n = 0; n < g.batch; ++n)
-        for (int64_t c = 0; c < cout; ++c)
-          __builtin_memcpy(y + n * s.n + c * s.c + oh * wo, staging + (n * cout + c) * wo, sizeof(float) * wo);
-    } else {
-      for (int64_t n = 0; n < g.batch; ++n)
-        for (int64_t ow = 0; ow < wo; ++ow)
-          for (int64_t c = 0; c < cout; ++c)
-            y[n * s.n + c * s.c + (oh * wo + ow) * s.position] = staging[(n * cout + c) * wo + ow];
+    for (int64_t n = 0; n < g.batch; ++n) {
+      const float* src = staging + n * cout * wo;
+      float* dst = y + n * s.n + oh * wo * s.position;
+      if (s.position == 1) {
+        for (int64_t c = 0; c < cout; ++c) copy_floats(dst + c * s.c, src + c * wo, wo);
+      } else {
+        for (int64_t c0 = 0; c0 < cout; c0 += 8)
+          for (int64_t w0 = 0; w0 < wo; w0 += 8)
+            transpose_block(src + c0 * wo + w0, wo, dst + w0 * s.position + c0 * s.c, s.position, min64(8, cout - c0),
+                            min64(8, wo - w0));
+      }
     }
   }
 }
