@@ -193,6 +193,11 @@ inline void transpose_block(const float* src, int64_t src_stride, float* dst, in
 
 inline void copy_floats(float* dst, const float* src, int64_t count) {
   int64_t i = 0;
+  if (reinterpret_cast<uintptr_t>(dst) % sizeof(typename Simd::V) == 0) {
+    // Streaming stores: the output is written once and far larger than the caches; this
+    // skips reading each line before overwriting it (forward_rows fences at the end).
+    for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::stream(dst + i, Simd::load(src + i));
+  }
   for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::store(dst + i, Simd::load(src + i));
   for (; i < count; ++i) dst[i] = src[i];
 }
@@ -361,6 +366,7 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       }
     }
   }
+  _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
 
 void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
