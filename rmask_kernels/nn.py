@@ -277,12 +277,12 @@ class MaskedConvBN2d(nn.Module):
             y = self.conv.masked_forward(input, weight, bias, relu=self.activation == "relu")
             return y.squeeze(0) if unbatched else y
         if self.bn_stats == "kept" and self.conv.mask_ratio > 0:
-            y = self._kept_stats_forward(input)
+            y = self._kept_stats_forward(input, relu=self.activation == "relu")
         else:
             y = self.bn(self.conv.unmasked_forward(input))
             if self.conv.mask_ratio > 0:
                 y = y * self.conv.mask
-        y = F.relu(y) if self.activation == "relu" else y
+            y = F.relu(y) if self.activation == "relu" else y
         return y.squeeze(0) if unbatched else y
 
     def folded_weight_and_bias(self):
@@ -298,7 +298,7 @@ class MaskedConvBN2d(nn.Module):
             bias = bias + bn.bias
         return weight, bias
 
-    def _kept_stats_forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _kept_stats_forward(self, input: torch.Tensor, relu: bool) -> torch.Tensor:
         # Only kept outputs are computed; BN statistics over them (count differs per channel
         # for neuron masks). Masked outputs are zero before and after normalization.
         # The sums come out of the conv's own pass (float64, so E[y^2] - E[y]^2 keeps its digits).
@@ -309,12 +309,11 @@ class MaskedConvBN2d(nn.Module):
         mask = self.conv.mask
         kept_per_channel = mask.sum(dim=(1, 2)).expand(y.shape[1]).to(torch.float64)
         count = (kept_per_channel * y.shape[0]).clamp(min=1)
-        mean64 = total / count
-        var = ((total_of_squares / count) - mean64.square()).clamp(min=0).to(y.dtype)
+        # The statistics' dependence on y is in _KeptBatchNorm's backward, not in autograd.
+        mean64 = total.detach() / count
+        var = ((total_of_squares.detach() / count) - mean64.square()).clamp(min=0).to(y.dtype)
         mean = mean64.to(y.dtype)
         count = count.to(y.dtype)
-        # y is already 0 where masked: subtracting mean * mask (a (C, H, W) tensor) keeps it so.
-        centered = y - mean.view(-1, 1, 1) * mask
         if self.training and bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
@@ -326,11 +325,50 @@ class MaskedConvBN2d(nn.Module):
                 new_var = torch.where(seen, unbiased, bn.running_var).to(bn.running_var.dtype)
                 bn.running_mean.lerp_(new_mean, momentum)
                 bn.running_var.lerp_(new_var, momentum)
-        scale = torch.rsqrt(var + bn.eps)
-        if bn.weight is None:
-            return centered * scale.view(-1, 1, 1)
-        # One fused multiply-add: centered * (gamma / std) + beta on kept positions only.
-        return torch.addcmul(bn.bias.view(-1, 1, 1) * mask, centered, (scale * bn.weight).view(-1, 1, 1))
+        rstd = torch.rsqrt(var + bn.eps)
+        return _KeptBatchNorm.apply(y, mask, count, mean, rstd, bn.weight, bn.bias, relu)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, bn_stats={self.bn_stats}"
+
+
+class _KeptBatchNorm(torch.autograd.Function):
+    """Training-mode BN over the kept outputs of a masked conv (``y``, zero where masked),
+    its affine and an optional ReLU, given the batch statistics ``mean`` and ``rstd`` of the
+    kept outputs (``count`` per channel). The backward is BN's own closed form, with the
+    statistics' dependence on ``y`` included: two full passes forward and six backward, about
+    half of what autograd through the same formula takes.
+
+    The input gradient is only meaningful at kept positions: masked outputs are constant
+    zeros, and every masked-conv backward ignores its gradient there.
+    """
+
+    @staticmethod
+    def forward(ctx, y, mask, count, mean, rstd, weight, bias, relu):
+        scale = rstd if weight is None else rstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        # y is 0 where masked, so y * scale + shift * mask is BN on kept positions and 0 elsewhere.
+        out = torch.addcmul(shift.view(-1, 1, 1) * mask, y, scale.view(-1, 1, 1))
+        if relu:
+            out.clamp_min_(0)
+        ctx.save_for_backward(y, mask, out if relu else None, count, mean, rstd, weight)
+        ctx.relu = relu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, mask, out, count, mean, rstd, weight = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
+        # Per channel, over the kept positions: sum of g, and sum of g * xhat with
+        # xhat = (y - mean) * rstd (y is 0 where masked, so g * y needs no mask).
+        sum_g = (g.sum(0) * mask).sum((1, 2))
+        sum_g_xhat = rstd * ((g * y).sum((0, 2, 3)) - mean * sum_g)
+        scale = rstd if weight is None else rstd * weight
+        # grad_y = scale * (g - sum_g / count - xhat * sum_g_xhat / count), expanded into
+        # per-channel a * g + b * y + c.
+        k = scale * rstd * sum_g_xhat / count
+        constant = (k * mean - scale * sum_g / count).view(-1, 1, 1)
+        grad_y = torch.addcmul(constant, g, scale.view(-1, 1, 1)).addcmul_(y, -k.view(-1, 1, 1))
+        grad_weight = sum_g_xhat if weight is not None and ctx.needs_input_grad[5] else None
+        grad_bias = sum_g if ctx.needs_input_grad[6] else None
+        return grad_y, None, None, None, None, grad_weight, grad_bias, None
