@@ -43,6 +43,10 @@ struct Strides {
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 //
+// kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
+// of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p]; gy NCHW or NHWC.
+// Scratch: panel Wout * Cout * padded_batch floats.
+//
 // grad_input_rows: grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c):
 // w_b[tap, c, ci] * gy_pos[e(p, c), n] for the input positions q of rows [row_begin, row_end);
 // grad_x NCHW or NHWC, every element of those rows written. w_b: [kh][kw][Cout][Cin]. gy_pos:
@@ -62,6 +66,9 @@ struct BatchVectorKernels {
                        const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* y,
                        Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
                        double* channel_sums);
+  void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides,
+                             const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                             int64_t row_end, float* rows, float* panel);
   void (*grad_input_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
                           const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                           int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel);

@@ -164,7 +164,8 @@ inline void grad_weight_channels_tile(const float* const* gy_rows, const float* 
 
 // dst row k (stride dst_stride) = column k of the 8x8 block src (rows at stride src_stride).
 // AVX2 instructions: every instruction set here includes them.
-inline void transpose8x8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+__attribute__((always_inline)) inline void transpose8x8(const float* src, int64_t src_stride, float* dst,
+                                                      int64_t dst_stride) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
   for (int i = 0; i < 8; i += 2) {
@@ -193,13 +194,18 @@ inline void transpose_block(const float* src, int64_t src_stride, float* dst, in
 
 inline void copy_floats(float* dst, const float* src, int64_t count) {
   int64_t i = 0;
-  if (reinterpret_cast<uintptr_t>(dst) % sizeof(typename Simd::V) == 0) {
-    // Streaming stores: the output is written once and far larger than the caches; this
-    // skips reading each line before overwriting it (forward_rows fences at the end).
-    for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::stream(dst + i, Simd::load(src + i));
-  }
   for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::store(dst + i, Simd::load(src + i));
   for (; i < count; ++i) dst[i] = src[i];
+}
+
+// copy_floats with streaming stores where dst is aligned: for an output written once and far
+// larger than the caches, this skips reading each line before overwriting it. The caller
+// fences (_mm_sfence) before anyone reads dst.
+inline void stream_floats(float* dst, const float* src, int64_t count) {
+  int64_t i = 0;
+  if (reinterpret_cast<uintptr_t>(dst) % sizeof(typename Simd::V) == 0)
+    for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::stream(dst + i, Simd::load(src + i));
+  copy_floats(dst + i, src + i, count - i);
 }
 
 // The next tile height when `remaining` rows are split into as few tiles of at most `most`
@@ -357,7 +363,7 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       const float* src = staging + n * cout * wo;
       float* dst = y + n * s.n + oh * wo * s.position;
       if (s.position == 1) {
-        for (int64_t c = 0; c < cout; ++c) copy_floats(dst + c * s.c, src + c * wo, wo);
+        for (int64_t c = 0; c < cout; ++c) stream_floats(dst + c * s.c, src + c * wo, wo);
       } else {
         for (int64_t c0 = 0; c0 < cout; c0 += 8)
           for (int64_t w0 = 0; w0 < wo; w0 += 8)
@@ -410,6 +416,23 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
       }
     }
     row_batch_last(false, g.batch, g.padded_batch, g.in_channels, g.width, grad_x, x_strides, ih, panel);
+  }
+}
+
+void kept_gradient_rows(const BatchVectorGeometry& g, const float* gy, Strides s, const int64_t* position_offsets,
+                        const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* rows,
+                        float* panel) {
+  // Each output row of gy is laid out batch-last in a panel (runs of Wout floats read per
+  // plane, as the forward reads its input), then its kept pairs are copied out whole.
+  const int64_t np = g.padded_batch, cout = g.out_channels, wo = g.out_width;
+  for (int64_t oh = row_begin; oh < row_end; ++oh) {
+    if (position_offsets[oh * wo] == position_offsets[(oh + 1) * wo]) continue;  // nothing kept in this row
+    row_batch_last(true, g.batch, np, cout, wo, const_cast<float*>(gy), s, oh, panel);
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const int64_t p = oh * wo + ow;
+      for (int64_t e = position_offsets[p]; e < position_offsets[p + 1]; ++e)
+        copy_floats(rows + e * np, panel + (ow * cout + position_channels[e]) * np, np);
+    }
   }
 }
 
@@ -473,5 +496,5 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
   }
 }
 
-const BatchVectorKernels kernels = {kName, kVectors * Simd::kLanes, padded_channels, forward_rows, grad_input_rows,
-                                    grad_weight_rows};
+const BatchVectorKernels kernels = {kName,           kVectors * Simd::kLanes, padded_channels, forward_rows,
+                                    kept_gradient_rows, grad_input_rows,        grad_weight_rows};

@@ -236,6 +236,22 @@ cpu::Strides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), position};
 }
 
+// Output rows split into one chunk per thread (at most one per row): a fixed split, so partial
+// results kept per chunk and summed in chunk order are deterministic for a thread count.
+int64_t row_chunks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)); }
+
+// f(chunk, first_row, last_row) for every non-empty chunk of row_chunks(rows), in parallel.
+template <typename F>
+void parallel_row_chunks(int64_t rows, const F& f) {
+  const int64_t chunks = row_chunks(rows), rows_per_chunk = (rows + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * rows_per_chunk, last = std::min(rows, first + rows_per_chunk);
+      if (first < last) f(chunk, first, last);
+    }
+  });
+}
+
 // The forward; with `channel_sums` (a (2, Cout) float64 tensor) also the per-channel sums
 // and sums of squares, accumulated per chunk of rows and added up in chunk order
 // (deterministic for a given thread count).
@@ -250,22 +266,19 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
   auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
                      input.options().memory_format(input.suggest_memory_format()));
   const int64_t slots = cpu::panel_ring_rows(bg);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.out_height));
-  const int64_t rows_per_chunk = (g.out_height + chunks - 1) / chunks;
-  auto partial = channel_sums ? at::zeros({chunks, 2, g.out_channels}, input.options().dtype(at::kDouble)) : at::Tensor();
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  auto partial = channel_sums ? at::zeros({row_chunks(g.out_height), 2, g.out_channels},
+                                          input.options().dtype(at::kDouble))
+                              : at::Tensor();
+  parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * bg.padded_batch);
     float* staging = thread_scratch(1, g.batch * g.out_channels * g.out_width);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t first = chunk * rows_per_chunk, last = std::min(g.out_height, first + rows_per_chunk);
-      if (first >= last) continue;
-      batch_vector_kernels()->forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
-                        b.defined() ? b.data_ptr<float>() : nullptr, relu, position_offsets.data_ptr<int64_t>(),
-                        position_channels.data_ptr<int64_t>(), first, last, y.data_ptr<float>(), strides_of(y),
-                        taps.data(), panels, panel_rows.data(), staging,
-                        channel_sums ? partial[chunk].data_ptr<double>() : nullptr);
-    }
+    batch_vector_kernels()->forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
+                                         b.defined() ? b.data_ptr<float>() : nullptr, relu,
+                                         position_offsets.data_ptr<int64_t>(), position_channels.data_ptr<int64_t>(),
+                                         first, last, y.data_ptr<float>(), strides_of(y), taps.data(), panels,
+                                         panel_rows.data(), staging,
+                                         channel_sums ? partial[chunk].data_ptr<double>() : nullptr);
   });
   if (channel_sums) *channel_sums = partial.sum(0);
   return y;
@@ -275,22 +288,13 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
 // position-CSR order: the operand of grad-input, grad-weight and grad-bias.
 at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const cpu::BatchVectorGeometry& bg,
                                           const at::Tensor& position_offsets, const at::Tensor& position_channels) {
-  const int64_t positions = bg.out_height * bg.out_width;
   auto rows = at::empty({position_channels.numel(), bg.padded_batch}, gy.options());
-  const cpu::Strides s = strides_of(gy);
-  const float* src = gy.data_ptr<float>();
-  const int64_t* po = position_offsets.data_ptr<int64_t>();
-  const int64_t* pc = position_channels.data_ptr<int64_t>();
-  float* dst = rows.data_ptr<float>();
-  at::parallel_for(0, positions, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t e = po[p]; e < po[p + 1]; ++e) {
-        const float* col = src + pc[e] * s.c + p * s.position;
-        float* row = dst + e * bg.padded_batch;
-        for (int64_t n = 0; n < bg.batch; ++n) row[n] = col[n * s.n];
-        for (int64_t n = bg.batch; n < bg.padded_batch; ++n) row[n] = 0.0f;
-      }
-    }
+  parallel_row_chunks(bg.out_height, [&](int64_t, int64_t first, int64_t last) {
+    float* panel = thread_scratch(2, bg.out_width * bg.out_channels * bg.padded_batch);
+    batch_vector_kernels()->kept_gradient_rows(bg, gy.data_ptr<float>(), strides_of(gy),
+                                               position_offsets.data_ptr<int64_t>(),
+                                               position_channels.data_ptr<int64_t>(), first, last,
+                                               rows.data_ptr<float>(), panel);
   });
   return rows;
 }
@@ -329,21 +333,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so
     // the result is bit-identical run to run for a given thread count.
     const auto x = addressable(input);
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.out_height));
-    const int64_t rows_per_chunk = (g.out_height + chunks - 1) / chunks;
     const int64_t cpad = batch_vector_kernels()->padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
-    auto partial = at::zeros({chunks, g.out_channels, kk, cpad}, weight.options());
+    auto partial = at::zeros({row_chunks(g.out_height), g.out_channels, kk, cpad}, weight.options());
     const int64_t slots = cpu::panel_ring_rows(bg);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
       float* panels = thread_scratch(0, slots * g.width * g.batch * cpad);
       std::vector<int64_t> panel_rows(slots);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t first = chunk * rows_per_chunk, last = std::min(g.out_height, first + rows_per_chunk);
-        if (first >= last) continue;
-        batch_vector_kernels()->grad_weight_rows(bg, rows.data_ptr<float>(), x.data_ptr<float>(), strides_of(x),
-                              position_offsets.data_ptr<int64_t>(), pc, first, last, partial[chunk].data_ptr<float>(),
-                              panels, panel_rows.data());
-      }
+      batch_vector_kernels()->grad_weight_rows(bg, rows.data_ptr<float>(), x.data_ptr<float>(), strides_of(x),
+                                               position_offsets.data_ptr<int64_t>(), pc, first, last,
+                                               partial[chunk].data_ptr<float>(), panels, panel_rows.data());
     });
     // [chunks][Cout][kh*kw][Cpad] -> [Cout][Cin][kh][kw]
     grad_weight = partial.sum(0)
