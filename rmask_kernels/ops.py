@@ -106,11 +106,16 @@ if extension_loaded():
 
     def _stats_setup_context(ctx, inputs, output):
         _save_for_conv_backward(ctx, inputs, output[0])
+        # Sums nobody differentiates arrive as None rather than zero tensors: their terms
+        # below cost full passes over the output.
+        ctx.set_materialize_grads(False)
 
     def _stats_backward(ctx, grad_output, grad_sum, grad_sum_of_squares):
         # sum_c = sum of y[n, c, p] over kept (n, p); sum_of_squares_c likewise of y^2, and y is 0
         # where masked: d sum / d y = mask, d sum_of_squares / d y = 2 y.
         input, weight, output, mask, *index = ctx.saved_tensors
+        if grad_output is None and grad_sum is None and grad_sum_of_squares is None:
+            return (None,) * 12
         grad = grad_output if grad_output is not None else torch.zeros_like(output)
         if grad_sum is not None:
             grad = grad + grad_sum.to(output.dtype).view(-1, 1, 1) * mask
