@@ -107,6 +107,7 @@ def masked_conv2d(
     kept_index=None,
     relu: bool = False,
     channel_stats: bool = False,
+    residual: Optional[torch.Tensor] = None,
 ):
     """``F.conv2d(input, weight, bias, stride, padding, dilation, groups) * mask``, differentiable,
     computing only the kept outputs where a compiled backend serves the tensor.
@@ -114,6 +115,9 @@ def masked_conv2d(
     ``mask``: bool (C_out, H_out, W_out) or (1, H_out, W_out), True = kept (see random_mask).
     ``kept_index``: optional precomputed ``rk.kept_index(mask, C_out)``; layers pass theirs.
     ``relu``: apply ReLU in the kernel's epilogue (the paper's unit at inference).
+    ``residual``: a tensor of the output's shape added at every position (masked ones
+    included) before the ReLU, in the kernel's epilogue: ``relu?(conv * mask + residual)``,
+    e.g. a ResNet block's shortcut.
     ``channel_stats``: also return, per output channel, the float64 sum and sum of squares of
     the output over the batch and the kept positions, computed in the same pass (BN
     statistics over kept positions, ``bn_stats="kept"``): ``(output, sum, sum_of_squares)``.
@@ -148,8 +152,10 @@ def masked_conv2d(
         )
     if mask is None:
         raise TypeError("mask is required: a bool tensor (C_out or 1, H_out, W_out), e.g. rk.random_mask(...)")
-    if relu and channel_stats:
-        raise ValueError("relu and channel_stats cannot be combined: the statistics are of the pre-activation output")
+    if channel_stats and (relu or residual is not None):
+        raise ValueError(
+            "channel_stats cannot be combined with relu or residual: the statistics are of the convolution's output"
+        )
 
     unbatched = input.dim() == 3
     if unbatched:
@@ -163,6 +169,16 @@ def masked_conv2d(
     if min(out_size) <= 0:
         raise ValueError(f"input of spatial size {tuple(input.shape[2:])} is too small for kernel {kernel_size}")
     check_mask_for_output(mask, weight.shape[0], out_size)
+    if residual is not None:
+        expected = (input.shape[0], weight.shape[0], *out_size)
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != expected[1 if unbatched else 0:]:
+            shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+            raise ValueError(f"residual must have the output's shape {expected[1 if unbatched else 0:]}, got {shape}")
+        if residual.dtype != input.dtype or residual.device != input.device:
+            raise ValueError(
+                f"residual must be a {input.dtype} tensor on {input.device}, got {residual.dtype} on {residual.device}"
+            )
+        residual = residual.unsqueeze(0) if unbatched else residual
     if top != bottom or left != right:
         # Asymmetric "same" padding: pad the extra row/column explicitly, as F.conv2d does.
         input = F.pad(input, (0, right - left, 0, bottom - top))
@@ -172,6 +188,7 @@ def masked_conv2d(
     conv_args = (stride, padding2, dilation, groups)
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, *conv_args)
+        output = output + residual if residual is not None else output
         output = F.relu(output) if relu else output
         if channel_stats:
             stats = reference.channel_stats(output)
@@ -180,6 +197,8 @@ def masked_conv2d(
         if channel_stats:
             output, *stats = torch.ops.rmask.masked_conv2d_stats(input, weight, bias, mask, *index, *conv_args)
         else:
-            output = torch.ops.rmask.masked_conv2d(input, weight, bias, mask, *index, *conv_args, relu=bool(relu))
+            output = torch.ops.rmask.masked_conv2d(
+                input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu)
+            )
     output = output.squeeze(0) if unbatched else output
     return (output, *stats) if channel_stats else output

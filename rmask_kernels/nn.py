@@ -123,13 +123,15 @@ class MaskedConv2d(nn.Conv2d):
         bias: Optional[torch.Tensor],
         relu: bool = False,
         channel_stats: bool = False,
+        residual: Optional[torch.Tensor] = None,
     ):
         """The masked convolution with this layer's mask and geometry, for any weight/bias
-        (MaskedConvBN2d passes BN-folded ones), optionally with a fused ReLU or with the
-        per-channel output statistics (see rk.masked_conv2d)."""
+        (MaskedConvBN2d passes BN-folded ones), optionally with a fused residual and ReLU or
+        with the per-channel output statistics (see rk.masked_conv2d)."""
         mask = self.mask_for(input)
         if self.mask_ratio == 0.0:
             output = self._conv_forward(input, weight, bias)
+            output = output + residual if residual is not None else output
             output = F.relu(output) if relu else output
             return (output, *reference.channel_stats(output)) if channel_stats else output
         padding = self.padding
@@ -139,6 +141,7 @@ class MaskedConv2d(nn.Conv2d):
         return masked_conv2d(
             input, weight, bias, mask, self.stride, padding, self.dilation, self.groups,
             backend=self.backend, kept_index=self.kept_index(), relu=relu, channel_stats=channel_stats,
+            residual=residual,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -268,21 +271,28 @@ class MaskedConvBN2d(nn.Module):
     def _uses_batch_stats(self) -> bool:
         return self.training or self.bn.running_mean is None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``act(mask * BN(conv(input)) + residual)``; ``residual`` (optional, the output's shape,
+        e.g. a ResNet block's shortcut) is added before the activation."""
         unbatched = input.dim() == 3
         if unbatched:
             input = input.unsqueeze(0)
-        if not self._uses_batch_stats():  # one masked conv, BN folded in, ReLU in the epilogue
+            residual = residual.unsqueeze(0) if residual is not None else None
+        relu = self.activation == "relu"
+        if not self._uses_batch_stats():  # one masked conv: BN folded in, residual and ReLU in the epilogue
             weight, bias = self.folded_weight_and_bias()
-            y = self.conv.masked_forward(input, weight, bias, relu=self.activation == "relu")
+            y = self.conv.masked_forward(input, weight, bias, relu=relu, residual=residual)
             return y.squeeze(0) if unbatched else y
         if self.bn_stats == "kept" and self.conv.mask_ratio > 0:
-            y = self._kept_stats_forward(input, relu=self.activation == "relu")
+            y = self._kept_stats_forward(input, relu=relu and residual is None)
         else:
             y = self.bn(self.conv.unmasked_forward(input))
             if self.conv.mask_ratio > 0:
                 y = y * self.conv.mask
-            y = F.relu(y) if self.activation == "relu" else y
+            y = F.relu(y) if relu and residual is None else y
+        if residual is not None:
+            y = y + residual
+            y = F.relu(y) if relu else y
         return y.squeeze(0) if unbatched else y
 
     def folded_weight_and_bias(self):

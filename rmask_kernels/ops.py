@@ -43,8 +43,8 @@ def _memory_format(tensor):
 if extension_loaded():
 
     @torch.library.register_fake("rmask::masked_conv2d")
-    def _masked_conv2d_fake(input, weight, bias, mask, *index_and_conv_args, relu=False):
-        *_, stride, padding, dilation, groups = index_and_conv_args
+    def _masked_conv2d_fake(input, weight, bias, mask, *index_conv_args_and_residual, relu=False):
+        stride, padding, dilation, groups = index_conv_args_and_residual[4:8]
         shape = _output_shape(input, weight, stride, padding, dilation)
         return input.new_empty(shape).contiguous(memory_format=_memory_format(input))
 
@@ -65,7 +65,7 @@ if extension_loaded():
         return output, input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=torch.float64)
 
     def _save_for_conv_backward(ctx, inputs, extra_output):
-        input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs
+        input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs[:12]
         needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Weight gradient needs the input, input gradient needs the weight: save only those.
         ctx.save_for_backward(
@@ -95,12 +95,15 @@ if extension_loaded():
     def _setup_context(ctx, inputs, keyword_only_inputs, output):
         # A fused ReLU's gradient gate is the output itself (> 0).
         _save_for_conv_backward(ctx, inputs, output if keyword_only_inputs.get("relu", False) else None)
+        ctx.has_residual = len(inputs) > 12 and inputs[12] is not None
 
     def _backward(ctx, grad_output):
         input, weight, relu_output, mask, *index = ctx.saved_tensors
         if relu_output is not None:
             grad_output = grad_output * (relu_output > 0)
-        return _conv_backward(ctx, grad_output, input, weight, mask, index)
+        # The residual is added at every position: its gradient is the (ReLU-gated) output's.
+        grad_residual = grad_output if ctx.has_residual and ctx.needs_input_grad[12] else None
+        return _conv_backward(ctx, grad_output, input, weight, mask, index) + (grad_residual,)
 
     torch.library.register_autograd("rmask::masked_conv2d", _backward, setup_context=_setup_context)
 

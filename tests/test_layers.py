@@ -490,6 +490,35 @@ def test_conv_bn_kept_stats(backend, mode, group_size, ratio, activation):
         torch.testing.assert_close(g, r, **TOL64, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bn_stats", ["all", "kept"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_conv_bn_residual(backend, bn_stats, training, activation):
+    # act(mask * BN(conv(x)) + residual): in eval mode inside the kernel's epilogue.
+    unit, _, _ = build_unit(mask_ratio=0.5, backend=backend, bn_stats=bn_stats, activation=activation, seed=0,
+                            output_size=(7, 6))
+    plain = copy.deepcopy(unit)
+    plain.activation = None
+    unit.train(training), plain.train(training)
+    x = torch.randn(3, 3, 7, 6, dtype=torch.float64)
+    residual = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    r_fused, r_plain = residual.clone().requires_grad_(), residual.clone().requires_grad_()
+    y = unit(x_fused, residual=r_fused)
+    expected = plain(x_plain) + r_plain
+    expected = F.relu(expected) if activation == "relu" else expected
+    torch.testing.assert_close(y, expected, **TOL64)
+    torch.testing.assert_close(unit.bn.running_mean, plain.bn.running_mean, **TOL64)
+    grad_y = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x_fused, r_fused, unit.conv.weight], grad_y)
+    want = torch.autograd.grad(expected, [x_plain, r_plain, plain.conv.weight], grad_y)
+    for name, g, r in zip(["input", "residual", "conv weight"], got, want):
+        torch.testing.assert_close(g, r, **TOL64, msg=lambda m: f"grad of {name}: {m}")
+    # Unbatched input and residual: the same as a batch of one.
+    torch.testing.assert_close(unit(x[0], residual=residual[0]), unit(x[:1], residual=residual[:1])[0], **TOL64)
+
+
 def test_conv_bn_kept_stats_differ_from_all_stats():
     # The two statistics really differ on the same data (the test above is not vacuous).
     x = torch.randn(3, 3, 7, 6, dtype=torch.float64)

@@ -275,7 +275,10 @@ def test_masked_outputs_of_every_unit_are_exactly_zero(backend, mode):
     model = randomize_batchnorms(rk.models.resnet18(mask_ratio=0.9, mask_mode=mode, backend=backend, seed=2))
     outputs = []
     hooks = [
-        unit.register_forward_hook(lambda m, a, out: outputs.append((out.detach(), m.mask)))
+        unit.register_forward_hook(
+            lambda m, args, kwargs, out: outputs.append((out.detach(), m.mask, kwargs.get("residual"))),
+            with_kwargs=True,
+        )
         for unit in masked_units(model).values()
     ]
     x = torch.randn(2, 3, 32, 32)
@@ -287,8 +290,11 @@ def test_masked_outputs_of_every_unit_are_exactly_zero(backend, mode):
     for hook in hooks:
         hook.remove()
     assert len(outputs) == 20
-    for out, mask in outputs:
-        assert (out * ~mask == 0).all()
+    assert sum(residual is not None for *_, residual in outputs) == 8  # every masked block's conv2, both passes
+    for out, mask, residual in outputs:
+        # Masked outputs are exactly 0, or exactly relu(shortcut) where the unit adds one.
+        at_masked = torch.zeros_like(out) if residual is None else F.relu(residual)
+        assert torch.equal(out * ~mask, at_masked * ~mask)
         # kept outputs are live (units feeding a ReLU apply it: about half of those are 0)
         assert (out[mask.expand_as(out)] != 0).float().mean() > 0.25
 

@@ -480,10 +480,63 @@ def test_channel_stats_in_the_same_pass(backend, mode, group_size, dtype):
         torch.testing.assert_close(got.double(), want, rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=1e-3 if dtype == torch.float32 else 1e-9)
 
 
-def test_channel_stats_and_relu_are_exclusive():
+@pytest.mark.parametrize("kwargs", [dict(relu=True), dict(residual=True)], ids=str)
+def test_channel_stats_exclude_relu_and_residual(kwargs):
     x, weight, mask = _ok()
-    with pytest.raises(ValueError, match="relu and channel_stats cannot be combined"):
-        rk.masked_conv2d(x, weight, None, mask, padding=1, relu=True, channel_stats=True)
+    if kwargs.get("residual"):
+        kwargs = dict(residual=torch.zeros(x.shape[0], weight.shape[0], *mask.shape[1:]))
+    with pytest.raises(ValueError, match="channel_stats cannot be combined with relu or residual"):
+        rk.masked_conv2d(x, weight, None, mask, padding=1, channel_stats=True, **kwargs)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["add", "add+relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "residual_channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("mode,group_size", MODES, ids=lambda v: str(v))
+def test_fused_residual_epilogue(backend, mode, group_size, dtype, layout, relu):
+    # relu?(conv * mask + residual): the residual lands on every position, masked ones too.
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], mode, group_size, 0.5, dtype)
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "residual_channels_last":  # a layout other than the output's
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    inputs, oracle = leaves_and_oracle(x, weight, bias, residual)
+    y = rk.masked_conv2d(*inputs[:3], mask=mask, backend=backend, relu=relu, residual=inputs[3], **conv_args)
+    expected = reference.masked_conv2d(*oracle[:3], mask, **conv_args) + oracle[3]
+    expected = F.relu(expected) if relu else expected
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    at_masked = F.relu(residual) if relu else residual
+    assert torch.equal(y.detach()[(~mask).expand_as(y)], at_masked[(~mask).expand_as(y)])
+    grad_y = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(y, inputs, grad_y.to(dtype)), torch.autograd.grad(expected, oracle, grad_y)):
+        torch.testing.assert_close(got.double(), want, **TOLERANCE[dtype])
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_fused_residual(dtype):
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5, dtype)
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=dtype, requires_grad=True)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *rk.kept_index(mask),
+            [1, 1], [1, 1], [1, 1], 1, residual)
+    torch.library.opcheck(torch.ops.rmask.masked_conv2d.default, args, {"relu": True})
+
+
+@pytest.mark.parametrize(
+    "residual,match",
+    [
+        (torch.zeros(2, 6, 8, 7), r"residual must have the output's shape \(2, 6, 8, 8\), got \(2, 6, 8, 7\)"),
+        (torch.zeros(2, 6, 8, 8, dtype=torch.float64), r"residual must be a torch.float32 tensor on cpu, got torch.float64"),
+        ("not a tensor", r"residual must have the output's shape .*got str"),
+    ],
+    ids=["shape", "dtype", "type"],
+)
+def test_rejected_residual(residual, match):
+    x, weight, mask = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), rk.random_mask((6, 8, 8), 0.5)
+    with pytest.raises(ValueError, match=match):
+        rk.masked_conv2d(x, weight, None, mask, padding=1, residual=residual)
 
 
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")

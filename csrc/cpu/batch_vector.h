@@ -37,7 +37,8 @@ struct Strides {
 //
 // forward_rows: y[n, c, p] = relu?(bias[c] + sum_{taps, ci} w_f[c, tap, ci] * x[n, ci, q(p, tap)])
 // for the kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones
-// (every element of y in those rows is written). x and y: NCHW or NHWC. w_f:
+// (every element of y in those rows is written); with `residual` (not null, laid out exactly
+// as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual) everywhere. x and y: NCHW or NHWC. w_f:
 // [Cout][kh][kw][Cin]. Scratch: taps 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin *
 // padded N floats and panel_rows panel_ring_rows(g) int64; staging N * Cout * Wout floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
@@ -63,8 +64,8 @@ struct BatchVectorKernels {
   int64_t (*padded_channels)(int64_t channels);
   void (*forward_rows)(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
                        const float* bias, bool relu, const int64_t* position_offsets,
-                       const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* y,
-                       Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
+                       const int64_t* position_channels, int64_t row_begin, int64_t row_end, const float* residual,
+                       float* y, Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
                        double* channel_sums);
   void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides,
                              const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,

@@ -24,6 +24,7 @@ struct Simd {
   static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }  // b where either is NaN
 };
 
 // 16 images per tile: 6 channels x 2 vectors = 12 accumulators + 2 loads + 1 broadcast <= 16.

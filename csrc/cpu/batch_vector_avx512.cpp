@@ -26,6 +26,7 @@ struct Simd {
   static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }  // b where either is NaN
 };
 
 // 32 images per tile: 10 channels x 2 vectors = 20 accumulators + 2 loads + 1 broadcast. The

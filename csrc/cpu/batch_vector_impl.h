@@ -208,6 +208,25 @@ inline void stream_floats(float* dst, const float* src, int64_t count) {
   copy_floats(dst + i, src + i, count - i);
 }
 
+// dst = relu?(src + residual), element by element; streaming stores where dst is aligned and
+// `stream` (see stream_floats). The ReLU keeps NaN, as torch.relu does.
+inline void add_floats(float* dst, const float* src, const float* residual, int64_t count, bool relu, bool stream) {
+  using V = typename Simd::V;
+  const V zero = Simd::zero();
+  stream = stream && reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= count; i += Simd::kLanes) {
+    V v = Simd::add(Simd::load(src + i), Simd::load(residual + i));
+    if (relu) v = Simd::max(zero, v);
+    if (stream) Simd::stream(dst + i, v);
+    else Simd::store(dst + i, v);
+  }
+  for (; i < count; ++i) {
+    const float v = src[i] + residual[i];
+    dst[i] = (relu && v < 0.0f) ? 0.0f : v;
+  }
+}
+
 // The next tile height when `remaining` rows are split into as few tiles of at most `most`
 // rows as possible, of near-equal heights: a thin tile pays the same loads for fewer FMAs.
 inline int even_tile(int64_t remaining, int64_t most) {
@@ -297,8 +316,8 @@ inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels,
 
 void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
-                  int64_t row_begin, int64_t row_end, float* y, Strides y_strides, int64_t* taps, float* panels,
-                  int64_t* panel_rows, float* staging, double* channel_sums) {
+                  int64_t row_begin, int64_t row_end, const float* residual, float* y, Strides y_strides,
+                  int64_t* taps, float* panels, int64_t* panel_rows, float* staging, double* channel_sums) {
   // Input rows are laid out batch-last on demand into a small ring of cache-resident panels
   // (each used by kernel_h output rows), so the layout change never round-trips through
   // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
@@ -306,6 +325,7 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   const int64_t cout = g.out_channels, wo = g.out_width, panel_size = g.width * g.in_channels * g.padded_batch;
   for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
   const Strides staged{cout * wo, wo, 1};
+  const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
     ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
@@ -332,11 +352,11 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
           const int tile = even_tile(e1 - e, kTile);
           with_count<kTile>(tile, [&](auto ch) {
             if (nv == kVectors)
-              forward_block<decltype(ch)::value, kVectors>(g, panels, w_f, bias, relu, position_channels + e, taps,
-                                                           ntaps, ow, nb, staging, staged);
+              forward_block<decltype(ch)::value, kVectors>(g, panels, w_f, bias, block_relu, position_channels + e,
+                                                           taps, ntaps, ow, nb, staging, staged);
             else
-              forward_block<decltype(ch)::value, 1>(g, panels, w_f, bias, relu, position_channels + e, taps, ntaps,
-                                                    ow, nb, staging, staged);
+              forward_block<decltype(ch)::value, 1>(g, panels, w_f, bias, block_relu, position_channels + e, taps,
+                                                    ntaps, ow, nb, staging, staged);
           });
           e += tile;
         }
@@ -356,19 +376,25 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
         }
       }
     }
-    // Out to y: NCHW rows are short ([c][ow] runs of Wout floats, too short to pay for a
-    // memcpy call each), NHWC needs [c][ow] -> [ow][c] transposes.
+    // Out to y, plus the residual (laid out as y) and then the ReLU if there is one: NCHW rows
+    // are short ([c][ow] runs of Wout floats, too short to pay for a memcpy call each), NHWC
+    // needs [c][ow] -> [ow][c] transposes (and then one pass over its contiguous row).
     const Strides& s = y_strides;
     for (int64_t n = 0; n < g.batch; ++n) {
       const float* src = staging + n * cout * wo;
-      float* dst = y + n * s.n + oh * wo * s.position;
+      const int64_t offset = n * s.n + oh * wo * s.position;
+      float* dst = y + offset;
       if (s.position == 1) {
-        for (int64_t c = 0; c < cout; ++c) stream_floats(dst + c * s.c, src + c * wo, wo);
+        for (int64_t c = 0; c < cout; ++c) {
+          if (residual) add_floats(dst + c * s.c, src + c * wo, residual + offset + c * s.c, wo, relu, true);
+          else stream_floats(dst + c * s.c, src + c * wo, wo);
+        }
       } else {
         for (int64_t c0 = 0; c0 < cout; c0 += 8)
           for (int64_t w0 = 0; w0 < wo; w0 += 8)
             transpose_block(src + c0 * wo + w0, wo, dst + w0 * s.position + c0 * s.c, s.position, min64(8, cout - c0),
                             min64(8, wo - w0));
+        if (residual) add_floats(dst, dst, residual + offset, wo * cout, relu, false);
       }
     }
   }

@@ -257,7 +257,8 @@ void parallel_row_chunks(int64_t rows, const F& f) {
 // (deterministic for a given thread count).
 at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& position_offsets,
-                                const at::Tensor& position_channels, bool relu, at::Tensor* channel_sums = nullptr) {
+                                const at::Tensor& position_channels, bool relu, at::Tensor* channel_sums = nullptr,
+                                const at::Tensor& residual = at::Tensor()) {
   const auto bg = batch_vector_geometry(g);
   const auto x = addressable(input);
   const auto w_f = weight.permute({0, 2, 3, 1}).contiguous();  // [Cout][kh][kw][Cin]
@@ -265,6 +266,7 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
   // Every element is written by the kernel (masked ones as zeros).
   auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
                      input.options().memory_format(input.suggest_memory_format()));
+  const auto res = residual.defined() ? residual.contiguous(input.suggest_memory_format()) : at::Tensor();  // y's layout
   const int64_t slots = cpu::panel_ring_rows(bg);
   auto partial = channel_sums ? at::zeros({row_chunks(g.out_height), 2, g.out_channels},
                                           input.options().dtype(at::kDouble))
@@ -276,7 +278,8 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
     batch_vector_kernels()->forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
                                          b.defined() ? b.data_ptr<float>() : nullptr, relu,
                                          position_offsets.data_ptr<int64_t>(), position_channels.data_ptr<int64_t>(),
-                                         first, last, y.data_ptr<float>(), strides_of(y), taps.data(), panels,
+                                         first, last, res.defined() ? res.data_ptr<float>() : nullptr,
+                                         y.data_ptr<float>(), strides_of(y), taps.data(), panels,
                                          panel_rows.data(), staging,
                                          channel_sums ? partial[chunk].data_ptr<double>() : nullptr);
   });
@@ -361,13 +364,26 @@ at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
                                         const at::Tensor& position_offsets, const at::Tensor& position_channels,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                        int64_t groups, bool relu) {
+                                        int64_t groups, const std::optional<at::Tensor>& residual, bool relu) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   const auto offsets = kept_offsets.contiguous(), positions = kept_positions.contiguous();
   const auto by_position = position_offsets.contiguous(), channels = position_channels.contiguous();
   check_kept_index(g, offsets, positions, by_position, channels);
-  if (use_batch_vector(g, input)) return batch_vector_forward(g, input, weight, bias, by_position, channels, relu);
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_height, g.out_width};
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), "masked_conv2d: residual must have the output's shape ",
+                at::IntArrayRef(shape), ", got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "masked_conv2d: residual dtype must match input dtype ",
+                input.scalar_type(), ", got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "masked_conv2d: residual must be on the input's device ",
+                input.device(), ", got ", residual->device());
+  }
+  if (use_batch_vector(g, input)) {
+    return batch_vector_forward(g, input, weight, bias, by_position, channels, relu, nullptr,
+                                has_residual ? *residual : at::Tensor());
+  }
 
   const auto ctype = compute_type(input.scalar_type());
   const auto x = input.to(ctype).contiguous();
@@ -393,6 +409,7 @@ at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tenso
       }
     });
   }
+  if (has_residual) y.add_(residual->to(ctype));
   if (relu) y.clamp_min_(0);
   // Output in the input's memory format and dtype, as F.conv2d returns it.
   return y.to(input.scalar_type()).contiguous(input.suggest_memory_format());
@@ -474,7 +491,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats_kernel(
     return {y, sums[0].clone(), sums[1].clone()};  // distinct outputs, not views of one
   }
   auto y = masked_conv2d_forward_kernel(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
-                                        position_channels, stride, padding, dilation, groups, /*relu=*/false);
+                                        position_channels, stride, padding, dilation, groups, std::nullopt,
+                                        /*relu=*/false);
   const auto y64 = y.to(at::kDouble);
   return {y, y64.sum({0, 2, 3}), y64.square().sum({0, 2, 3})};
 }

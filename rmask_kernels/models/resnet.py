@@ -1,6 +1,7 @@
 """The paper's CIFAR ResNet-18 (3×3 stem, no max-pool, average pool, FC 512 → classes) with
 Random Mask placed by hand: after BN, before ReLU, on the second conv of a block before the
-residual add, and on the 1×1 projection shortcut, in the chosen stages.
+residual add, and on the 1×1 projection shortcut, in the chosen stages. A masked second conv
+takes the shortcut as its residual, so in eval mode add and ReLU run in the kernel's epilogue.
 
 Stages: 0 = stem, 1..4 = layer1..layer4. A masked conv + BN pair is one MaskedConvBN2d in
 the conv's slot with nn.Identity in the BN's slot, exactly what rk.convert_model produces, so
@@ -73,9 +74,10 @@ class BasicBlock(nn.Module):
 
     def __init__(self, name: str, stage: int, in_planes: int, planes: int, stride: int, out_size: int, spec: _MaskSpec):
         super().__init__()
-        # conv1 feeds a ReLU: a masked unit applies it in its epilogue.
+        # conv1 feeds a ReLU, conv2 the residual add and then a ReLU: a masked unit does both
+        # in its epilogue.
         self.conv1, self.bn1 = spec.conv_bn(f"{name}.conv1", stage, in_planes, planes, 3, stride, 1, out_size, "relu")
-        self.conv2, self.bn2 = spec.conv_bn(f"{name}.conv2", stage, planes, planes, 3, 1, 1, out_size)
+        self.conv2, self.bn2 = spec.conv_bn(f"{name}.conv2", stage, planes, planes, 3, 1, 1, out_size, "relu")
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             conv, bn = spec.conv_bn(f"{name}.shortcut.0", stage, in_planes, planes, 1, stride, 0, out_size)
@@ -83,8 +85,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         out = _relu_unless_fused(self.conv1, self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        if isinstance(self.conv2, MaskedConvBN2d) and self.conv2.activation == "relu":
+            return self.conv2(out, residual=self.shortcut(x))  # relu(mask * BN(conv2(out)) + shortcut), one unit
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNet18(nn.Module):

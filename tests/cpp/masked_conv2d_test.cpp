@@ -1,7 +1,8 @@
 // C++ check of the rmask ops through the dispatcher, as a LibTorch user calls them:
-// the masked conv equals conv2d * mask, masked outputs are exactly zero, and the backward
-// op matches autograd through the reference; float32 (the batch-vector kernels on AVX2
-// CPUs) and float64 (the portable kernels). Built and run by `make cmake-check` (ctest).
+// the masked conv equals conv2d * mask (also with the fused ReLU and residual), masked
+// outputs are exactly zero, and the backward op matches autograd through the reference;
+// float32 (the batch-vector kernels on AVX2/AVX-512 CPUs) and float64 (the portable
+// kernels). Built and run by `make cmake-check` (ctest).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -47,15 +48,20 @@ void check(at::ScalarType dtype, double tolerance) {
                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                       bool)>();
+                                       const std::optional<at::Tensor>&, bool)>();
   const auto y = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride, padding,
-                              dilation, 1, /*relu=*/false);
+                              dilation, 1, std::nullopt, /*relu=*/false);
   const auto expected = at::conv2d(input, weight, bias, stride, padding, dilation, 1) * mask;
   expect(at::allclose(y, expected, tolerance, tolerance), "forward equals conv2d * mask", dtype);
   expect(y.masked_select(mask.logical_not().expand_as(y)).eq(0).all().item<bool>(), "masked outputs are zero", dtype);
   const auto y_relu = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride, padding,
-                                   dilation, 1, /*relu=*/true);
+                                   dilation, 1, std::nullopt, /*relu=*/true);
   expect(at::allclose(y_relu, at::relu(expected), tolerance, tolerance), "fused relu", dtype);
+  const auto residual = at::randn(y.sizes(), opts);
+  const auto y_residual = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride,
+                                       padding, dilation, 1, residual, /*relu=*/true);
+  expect(at::allclose(y_residual, at::relu(expected + residual), tolerance, tolerance), "fused residual and relu",
+         dtype);
 
   auto backward = c10::Dispatcher::singleton()
                       .findSchemaOrThrow("rmask::masked_conv2d_backward", "")
