@@ -5,8 +5,9 @@
 Providers: "baseline" (what a user writes: F.conv2d(...) * mask, oneDNN underneath),
 "reference" (the package's oracle path through rk.masked_conv2d), "cpu" (the compiled
 kernels, forced) and "auto" (what the layers use). Passes: "fwd", "bwd" (the backward of a
-fresh forward, timed alone), "fwd+bwd". Timings are never asserted; the report compares
-providers measured side by side in one process.
+fresh forward, timed alone), "fwd+bwd". Timings are never asserted. Each provider's median
+comes from pytest-benchmark; the speedup the report quotes is measured side by side with the
+baseline (alternating runs in one process: side_by_side.py).
 """
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import rmask_kernels as rk
+from side_by_side import side_by_side
 
 # (N, Cin, Cout, H, stride): PERF.md's shapes (3x3, padding 1).
 SHAPES = {
@@ -23,6 +25,7 @@ SHAPES = {
 }
 PROVIDERS = ["baseline", "reference", "auto"] + (["cpu"] if "cpu" in rk.available_backends() else [])
 RATIOS = [0.0, 0.3, 0.5, 0.7, 0.9]
+ROUNDS = 9
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -43,22 +46,31 @@ def test_masked_conv2d(benchmark, shape, pass_, mode, ratio, provider):
     benchmark.extra_info.update(
         shape=shape, mode=mode, ratio=ratio, pass_=pass_, provider=provider,
         threads=torch.get_num_threads(), torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cpu_kernels=rk.backends.cpu_kernels(),
     )
 
-    def forward():
-        if provider == "baseline":
-            return F.conv2d(x, weight, bias, stride, 1) * mask
-        return rk.masked_conv2d(x, weight, bias, mask, stride, 1, backend=provider, kept_index=index)
+    def step(which):
+        """(setup, target) for one pass of provider `which`, as benchmark.pedantic takes them."""
 
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                forward()
-        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    elif pass_ == "fwd+bwd":
-        benchmark.pedantic(lambda: forward().sum().backward(), rounds=5, warmup_rounds=1)
-    else:
+        def forward():
+            if which == "baseline":
+                return F.conv2d(x, weight, bias, stride, 1) * mask
+            return rk.masked_conv2d(x, weight, bias, mask, stride, 1, backend=which, kept_index=index)
+
+        if pass_ == "fwd":
+            def run():
+                with torch.no_grad():
+                    forward()
+            return None, run
+        if pass_ == "fwd+bwd":
+            return None, lambda: forward().sum().backward()
+
         def setup():
             y = forward()
             return (y, torch.ones_like(y)), {}
-        benchmark.pedantic(lambda y, g: y.backward(g), setup=setup, rounds=5, warmup_rounds=1)
+        return setup, lambda y, g: y.backward(g)
+
+    setup, target = step(provider)
+    benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=1)
+    if provider != "baseline":  # the speedup the report quotes: alternating runs, same conditions
+        benchmark.extra_info.update(side_by_side(step("baseline"), (setup, target), 1 if benchmark.disabled else ROUNDS))

@@ -22,21 +22,24 @@ def test_benchmark_files_run():
 def test_report_renders_a_ratio_table(tmp_path):
     import json
 
-    runs = [("baseline", 0.020), ("cpu", 0.008), ("auto", 0.010)]
+    # cpu has a side-by-side speedup (quoted), auto none (the sequential ratio stands in).
+    runs = [("baseline", 0.020, None), ("cpu", 0.008, 3.0), ("auto", 0.010, None)]
     data = {
         "datetime": "2026-11-25T00:00:00",
         "machine_info": {"cpu": {"brand_raw": "test cpu"}},
         "benchmarks": [
             {
                 "extra_info": {"shape": "s", "mode": "neuron", "ratio": 0.9, "pass_": "fwd", "provider": provider,
-                               "torch": "x", "threads": 2, "cpu_capability": "AVX2"},
+                               "torch": "x", "threads": 2, "cpu_capability": "AVX2",
+                               **({"side_by_side_speedup": side} if side else {})},
                 "stats": {"median": median},
             }
-            for provider, median in runs
+            for provider, median, side in runs
         ],
     }
     path = tmp_path / "run.json"
     path.write_text(json.dumps(data))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(path)],
                          capture_output=True, text=True, check=True).stdout
-    assert "| s | neuron | 0.9 | fwd | 20.0 | 8.0 | 10.0 | 2.50x | 2.00x |" in out
+    assert "| s | neuron | 0.9 | fwd | 20.0 | 8.0 | 10.0 | 3.00x | 2.00x |" in out
+    assert "| neuron | 0.9 | 2.00 | - | - |" in out
