@@ -83,16 +83,22 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 
 
 # When "auto" takes the CPU kernel instead of dense conv × mask, from a measured crossover
-# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `make bench`, benchmarks/NOTES.md).
-# The batch-vector kernels cost what their kept outputs cost plus a fixed part (laying the
-# input out batch-last, writing the whole output), so they win below a kept fraction:
-#   avx512 (Xeon, 2 cores): forward 1.0-1.3x at keep 0.5 (fwd+bwd 1.2-1.3x), 0.6-0.8x at
-#     keep 1.0 against oneDNN at ~360 GFLOP/s: the crossover sits just above keep 0.5.
-#   avx2 (EPYC Zen 3, 2 cores): forward 0.9-1.2x at keep 0.5, 1.4-1.8x at keep 0.3.
+# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `make bench`, side by side,
+# benchmarks/NOTES.md). The batch-vector kernels cost what their kept outputs cost plus a
+# fixed part (laying the input out batch-last, writing the whole output), so they win below
+# a kept fraction:
+#   avx512 (Xeon, 2 cores, oneDNN dense at ~360 GFLOP/s): forced at keep 0.5 forward 1.06-1.59x,
+#     fwd+bwd 1.23-1.78x; at keep 0.7 forward 0.84-1.20x (break-even), fwd+bwd 1.02-1.47x; at
+#     keep 1.0 forward 0.72-1.19x. Taken up to keep 0.6: a forward win, a training win.
+#   avx2 (measured on that Xeon with both sides held to AVX2: ATEN_CPU_CAPABILITY=avx2
+#     ONEDNN_MAX_CPU_ISA=AVX2): forward 1.5-2.1x at keep 0.5, 1.17-1.56x at keep 0.7,
+#     0.90-1.14x at keep 1.0; fwd+bwd 1.17-1.39x at keep 0.7, 0.82-0.90x at keep 1.0.
+#     Taken up to keep 0.75. (Step 1's 0.45, from an AMD Zen 3 VM, predates the kernels
+#     running on both threads.)
 # Their cost scales with the batch rounded up to 16 images (the SIMD padding), so a small
 # batch needs a sparser mask. The portable kernels gather columns once per mask pattern:
 # only few patterns (spatial, coarse groups) at keep <= 0.2 pay off.
-BATCH_VECTOR_MAX_KEEP = {"avx512": 0.5, "avx2": 0.45}
+BATCH_VECTOR_MAX_KEEP = {"avx512": 0.6, "avx2": 0.75}
 PORTABLE_MAX_KEEP = 0.2
 PORTABLE_MAX_PATTERNS = 4
 
