@@ -27,6 +27,12 @@
 #include "../masked_conv2d_common.h"
 #include "batch_vector.h"
 
+// at::parallel_for is a header template over `#pragma omp parallel` in an OpenMP build of
+// torch: compiled without OpenMP, every kernel here would silently run on one thread.
+#if defined(__linux__) && AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "rmask CPU kernels must be compiled with OpenMP (-fopenmp) against this torch, or at::parallel_for runs serially"
+#endif
+
 namespace rmask {
 namespace {
 
