@@ -40,7 +40,7 @@ struct Strides {
 // (every element of y in those rows is written); with `residual` (not null, laid out exactly
 // as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual) everywhere. x and y: NCHW or NHWC. w_f:
 // [Cout][kh][kw][Cin]. Scratch: taps 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin *
-// padded N floats and panel_rows panel_ring_rows(g) int64; staging N * Cout * Wout floats.
+// padded N floats and panel_rows panel_ring_rows(g) int64; staging N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 //

@@ -280,7 +280,7 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * bg.padded_batch);
-    float* staging = thread_scratch(1, g.batch * g.out_channels * g.out_width);
+    float* staging = thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
     batch_vector_kernels()->forward_rows(bg, x.data_ptr<float>(), strides_of(x), w_f.data_ptr<float>(),
                                          b.defined() ? b.data_ptr<float>() : nullptr, relu,
                                          position_offsets.data_ptr<int64_t>(), position_channels.data_ptr<int64_t>(),
