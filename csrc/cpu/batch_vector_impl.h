@@ -314,10 +314,9 @@ inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels,
   }
 }
 
-// Floats between images in the forward's staging row [n][c][ow]: Cout * Wout, padded so that
-// it is not a multiple of 1 KiB (the scratch holds N * (Cout * Wout + 16)). Each micro-tile stores its 32 images' values at this stride;
-// at 64 * 32 floats (8 KiB) they all fell into one L1 set and the epilogue took 40% of the
-// forward.
+// Floats between images in the forward's staging row [n][c][ow]: Cout * Wout, padded off
+// multiples of 1 KiB (the scratch holds N * (Cout * Wout + 16)). Each micro-tile stores its
+// images' values at this stride; at 64 * 32 floats (8 KiB) they all fell into one L1 set.
 inline int64_t staged_image_stride(const BatchVectorGeometry& g) {
   const int64_t floats = g.out_channels * g.out_width;
   return floats % 256 == 0 ? floats + 16 : floats;  // one cache line more than a multiple of 1 KiB
