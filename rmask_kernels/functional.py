@@ -170,10 +170,10 @@ def masked_conv2d(
         raise ValueError(f"input of spatial size {tuple(input.shape[2:])} is too small for kernel {kernel_size}")
     check_mask_for_output(mask, weight.shape[0], out_size)
     if residual is not None:
-        expected = (input.shape[0], weight.shape[0], *out_size)
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != expected[1 if unbatched else 0:]:
+        expected = (weight.shape[0], *out_size) if unbatched else (input.shape[0], weight.shape[0], *out_size)
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != expected:
             shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
-            raise ValueError(f"residual must have the output's shape {expected[1 if unbatched else 0:]}, got {shape}")
+            raise ValueError(f"residual must have the output's shape {expected}, got {shape}")
         if residual.dtype != input.dtype or residual.device != input.device:
             raise ValueError(
                 f"residual must be a {input.dtype} tensor on {input.device}, got {residual.dtype} on {residual.device}"

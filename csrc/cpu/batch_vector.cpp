@@ -6,10 +6,10 @@ namespace rmask {
 namespace cpu {
 
 const BatchVectorKernels* best_batch_vector_kernels(bool avx512_allowed) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef RMASK_BATCH_VECTOR_KERNELS
   __builtin_cpu_init();
-  if (avx512_allowed && __builtin_cpu_supports("avx512f") && avx512_kernels()) return avx512_kernels();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && avx2_kernels()) return avx2_kernels();
+  if (avx512_allowed && __builtin_cpu_supports("avx512f")) return avx512_kernels();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2_kernels();
 #else
   (void)avx512_allowed;
 #endif

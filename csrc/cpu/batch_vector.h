@@ -38,9 +38,10 @@ struct Strides {
 // forward_rows: y[n, c, p] = relu?(bias[c] + sum_{taps, ci} w_f[c, tap, ci] * x[n, ci, q(p, tap)])
 // for the kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones
 // (every element of y in those rows is written); with `residual` (not null, laid out exactly
-// as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual) everywhere. x and y: NCHW or NHWC. w_f:
-// [Cout][kh][kw][Cin]. Scratch: taps 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin *
-// padded N floats and panel_rows panel_ring_rows(g) int64; staging N * (Cout * Wout + 16) floats.
+// as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual) everywhere.
+// x and y: NCHW or NHWC. w_f: [Cout][kh][kw][Cin]. Scratch: taps 2 * kh * kw int64; panels
+// panel_ring_rows(g) * W * Cin * padded N floats and panel_rows panel_ring_rows(g) int64;
+// staging N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 //
@@ -59,8 +60,7 @@ struct Strides {
 // [Cout][kh * kw][Cpad], Cpad = padded_channels(Cin); x NCHW or NHWC. Scratch: panels
 // panel_ring_rows(g) * W * N * Cpad floats, panel_rows panel_ring_rows(g) int64.
 struct BatchVectorKernels {
-  const char* name;      // "avx2", "avx512"
-  int64_t tile_images;   // images per micro-tile (SIMD lanes x vectors)
+  const char* name;  // "avx2", "avx512"
   int64_t (*padded_channels)(int64_t channels);
   void (*forward_rows)(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
                        const float* bias, bool relu, const int64_t* position_offsets,
@@ -82,11 +82,18 @@ struct BatchVectorKernels {
 // of the panel ring.
 inline int64_t panel_ring_rows(const BatchVectorGeometry& g) { return (g.kernel_h - 1) * g.dilation_h + 1; }
 
-// The kernels of one instruction set, or null when this build has none for it or the CPU
-// lacks it. `avx512_allowed`: false keeps the AVX2 kernels on an AVX-512 CPU (the caller
-// passes what ATen's own CPU capability allows, so ATEN_CPU_CAPABILITY=avx2 selects both).
+// The kernels are built for x86-64 with GCC or Clang (their target pragmas), one set per
+// instruction set.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RMASK_BATCH_VECTOR_KERNELS 1
 const BatchVectorKernels* avx2_kernels();
 const BatchVectorKernels* avx512_kernels();
+#endif
+
+// The best kernels this CPU runs, or null (other CPUs and builds: the caller uses the
+// portable kernels). `avx512_allowed`: false keeps the AVX2 kernels on an AVX-512 CPU (the
+// caller passes what ATen's own CPU capability allows, so ATEN_CPU_CAPABILITY=avx2 selects
+// both).
 const BatchVectorKernels* best_batch_vector_kernels(bool avx512_allowed);
 
 }  // namespace cpu

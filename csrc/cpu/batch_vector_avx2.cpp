@@ -2,7 +2,7 @@
 // for that instruction set, run only on CPUs that have it (best_batch_vector_kernels).
 #include "batch_vector.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef RMASK_BATCH_VECTOR_KERNELS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
@@ -43,10 +43,4 @@ const BatchVectorKernels* avx2_kernels() { return &avx2::kernels; }
 }  // namespace rmask
 
 #pragma GCC pop_options
-#else
-namespace rmask {
-namespace cpu {
-const BatchVectorKernels* avx2_kernels() { return nullptr; }
-}  // namespace cpu
-}  // namespace rmask
 #endif

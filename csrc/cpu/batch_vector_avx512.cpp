@@ -4,7 +4,7 @@
 // channels, so each loaded input vector and each broadcast weight feed more FMAs.
 #include "batch_vector.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef RMASK_BATCH_VECTOR_KERNELS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 #include <immintrin.h>
@@ -48,10 +48,4 @@ const BatchVectorKernels* avx512_kernels() { return &avx512::kernels; }
 }  // namespace rmask
 
 #pragma GCC pop_options
-#else
-namespace rmask {
-namespace cpu {
-const BatchVectorKernels* avx512_kernels() { return nullptr; }
-}  // namespace cpu
-}  // namespace rmask
 #endif

@@ -531,5 +531,5 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
   }
 }
 
-const BatchVectorKernels kernels = {kName,           kVectors * Simd::kLanes, padded_channels, forward_rows,
-                                    kept_gradient_rows, grad_input_rows,        grad_weight_rows};
+const BatchVectorKernels kernels = {kName, padded_channels, forward_rows, kept_gradient_rows, grad_input_rows,
+                                    grad_weight_rows};
