@@ -83,8 +83,8 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 
 
 # When "auto" takes the CPU kernel instead of dense conv × mask, from a measured crossover
-# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `make bench`, side by side,
-# benchmarks/NOTES.md). The batch-vector kernels cost what their kept outputs cost plus a
+# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `benchmarks/op_times.py --speedup` and
+# `make bench`, side by side, benchmarks/NOTES.md). The batch-vector kernels cost what their kept outputs cost plus a
 # fixed part (laying the input out batch-last, writing the whole output), so they win below
 # a kept fraction:
 #   avx512 (Xeon, 2 cores, oneDNN dense at ~360 GFLOP/s): forced at keep 0.5 forward 1.06-1.59x,
