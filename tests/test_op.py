@@ -392,12 +392,15 @@ def test_avx2_kernels_on_an_avx512_cpu():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("ratio", [0.0, 0.3])
-def test_every_tile_shape(layout, ratio):
+@pytest.mark.parametrize("mode,out_channels", [("neuron", 23), ("spatial", 70)])
+def test_every_tile_shape(layout, ratio, mode, out_channels):
     # 40 images: a full tile of 32 and a tail of 16 (AVX-512) or 16 + 16 + 8 (AVX2); 70 input
     # channels: whole vectors of input channels plus remainders in grad-weight; 23 output
-    # channels: up to 23 kept at one position, more than any one tile holds.
-    config = (40, 70, 6, 5, 23, 3, 1, 1, 1, 1)
-    x, weight, bias, mask, conv_args = make_case(config, "neuron", None, ratio, torch.float32)
+    # channels: up to 23 kept at one position, more than any one tile holds. Spatial masks
+    # take the per-image kernel: 70 output channels are a full tile of 64 (AVX-512) plus a
+    # partial vector, and 30 or 21 kept positions full tiles of 6 plus a tail.
+    config = (40, 70, 6, 5, out_channels, 3, 1, 1, 1, 1)
+    x, weight, bias, mask, conv_args = make_case(config, mode, None, ratio, torch.float32)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     check_against_reference(x, weight, bias, mask, conv_args, BACKENDS[0])

@@ -45,6 +45,14 @@ struct Strides {
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 //
+// forward_positions: the forward of forward_rows for a mask that keeps every output channel
+// at each of its `npositions` kept positions (flat output positions, ascending), as a spatial
+// mask does: images [image_begin, image_end) of y, every element written; x and y NCHW or
+// NHWC. w_p: [kh][kw][Cin][cout_pad] and bias_p (or null): [cout_pad], cout_pad =
+// padded_channels(Cout), zero in the padding. Scratch: x_taps kPositionRows (at most 8) * kh *
+// kw pointers; zeros: Cin floats, all 0 (what padding taps read); scratch: (NCHW x: H * W *
+// Cin) + Hout * Wout * cout_pad floats. channel_sums as for forward_rows.
+//
 // kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
 // of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p]; gy NCHW or NHWC.
 // Scratch: panel Wout * Cout * padded_batch floats.
@@ -67,6 +75,11 @@ struct BatchVectorKernels {
                        const int64_t* position_channels, int64_t row_begin, int64_t row_end, const float* residual,
                        float* y, Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
                        double* channel_sums);
+  void (*forward_positions)(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_p,
+                            int64_t cout_pad, const float* bias_p, bool relu, const int64_t* positions,
+                            int64_t npositions, int64_t image_begin, int64_t image_end, const float* residual,
+                            float* y, Strides y_strides, const float** x_taps, const float* zeros, float* scratch,
+                            double* channel_sums);
   void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides,
                              const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                              int64_t row_end, float* rows, float* panel);

@@ -31,6 +31,9 @@ struct Simd {
 constexpr int kVectors = 2, kTile = 6;
 // grad-weight: 4 channels x 3 vectors of input channels = 12 accumulators + 3 loads + 1 broadcast.
 constexpr int kWeightTile = 4, kWeightVectors = 3;
+// forward_positions: 6 positions x 2 vectors (16 output channels) = 12 accumulators + 2 weight
+// loads + 1 broadcast.
+constexpr int kPositionRows = 6, kPositionVectors = 2;
 
 #include "batch_vector_impl.h"
 

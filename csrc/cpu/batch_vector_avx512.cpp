@@ -36,6 +36,9 @@ struct Simd {
 constexpr int kVectors = 2, kTile = 8;
 // grad-weight: 6 channels x 4 vectors (64 input channels) = 24 accumulators + 4 loads + 1 broadcast.
 constexpr int kWeightTile = 6, kWeightVectors = 4;
+// forward_positions: 6 positions x 4 vectors (64 output channels) = 24 accumulators + 4 weight
+// loads + 1 broadcast.
+constexpr int kPositionRows = 6, kPositionVectors = 4;
 
 #include "batch_vector_impl.h"
 

@@ -9,6 +9,8 @@
 //   kTile            most output (forward) or input (grad-input) channels per micro-tile
 //   kWeightTile      most output channels per grad-weight tile
 //   kWeightVectors   most vectors of input channels per grad-weight tile
+//   kPositionRows    most kept positions per forward_positions tile
+//   kPositionVectors most vectors of output channels per forward_positions tile
 // chosen so that the accumulators, the loaded vectors and one broadcast fit the register file.
 // No ATen or standard-library templates here: every function gets the including file's
 // target, and nothing inline is shared with code compiled for another CPU.
@@ -531,5 +533,142 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
   }
 }
 
-const BatchVectorKernels kernels = {kName, padded_channels, forward_rows, kept_gradient_rows, grad_input_rows,
+// forward_positions: R kept positions of one image x NV vectors of output channels from co0.
+// The tile reads x channels-last: x_taps[r * ntaps + t] is where position r's tap t reads
+// channel 0 (`zeros` for a padding tap). Results, plus the bias and then the ReLU, go to the
+// rows out_rows[r] (channels-last) at co0.
+template <int R, int NV>
+__attribute__((noinline)) void position_block(const float* const* x_taps, int64_t ntaps, int64_t cin,
+                                              const float* w_p, int64_t cout_pad, int64_t co0, const float* bias,
+                                              bool relu, float* const* out_rows) {
+  using V = typename Simd::V;
+  V acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = Simd::zero();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const float* xp[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) xp[r] = x_taps[r * ntaps + t];
+    const float* wp = w_p + t * cin * cout_pad + co0;
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      V w[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) w[v] = Simd::load(wp + ci * cout_pad + v * Simd::kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V xb = Simd::broadcast(xp[r] + ci);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = Simd::fma(xb, w[v], acc[r][v]);
+      }
+    }
+  }
+  const V zero = Simd::zero();
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? Simd::load(bias + co0 + v * Simd::kLanes) : zero;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      V value = Simd::add(acc[r][v], b);
+      if (relu) value = Simd::max(zero, value);
+      Simd::store(out_rows[r] + co0 + v * Simd::kLanes, value);
+    }
+  }
+}
+
+void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs, const float* w_p, int64_t cout_pad,
+                       const float* bias_p, bool relu, const int64_t* positions, int64_t npositions,
+                       int64_t image_begin, int64_t image_end, const float* residual, float* y, Strides ys,
+                       const float** x_taps, const float* zeros, float* scratch, double* channel_sums) {
+  // One image at a time, channels-last: an NCHW image is transposed into `scratch` first, so
+  // that each tap's channels are contiguous (in NCHW they lie a plane apart, all in one L1
+  // set); the kept positions are computed in tiles into a zeroed channels-last output image,
+  // which is then written to y in one pass (transposed for NCHW, with the residual and the
+  // ReLU). Its input, output and the weights stay in L2 for the whole image.
+  const int64_t cin = g.in_channels, cout = g.out_channels, ntaps = g.kernel_h * g.kernel_w;
+  const int64_t hw = g.height * g.width, hw_out = g.out_height * g.out_width;
+  const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
+  const bool x_nchw = xs.c != 1, y_nchw = ys.c != 1;
+  float* x_image = scratch;                                       // [H * W][Cin], for NCHW x
+  float* y_image = scratch + (x_nchw ? hw * cin : 0);            // [Hout * Wout][cout_pad]
+  float* out_rows[kPositionRows];
+  for (int64_t n = image_begin; n < image_end; ++n) {
+    const float* x_n = x + n * xs.n;
+    int64_t row_stride = xs.position;
+    if (x_nchw) {  // 16 positions per pass: each plane gives whole cache lines
+      for (int64_t q0 = 0; q0 < hw; q0 += 16)
+        for (int64_t c0 = 0; c0 < cin; c0 += 8)
+          for (int64_t q = q0; q < min64(hw, q0 + 16); q += 8)
+            transpose_block(x_n + c0 * xs.c + q, xs.c, x_image + q * cin + c0, cin, min64(8, cin - c0),
+                            min64(8, hw - q));
+      x_n = x_image, row_stride = cin;
+    }
+    __builtin_memset(y_image, 0, sizeof(float) * hw_out * cout_pad);
+    for (int64_t k0 = 0; k0 < npositions; k0 += kPositionRows) {
+      const int rows = static_cast<int>(min64(kPositionRows, npositions - k0));
+      for (int r = 0; r < rows; ++r) {
+        const int64_t p = positions[k0 + r], oh = p / g.out_width, ow = p % g.out_width;
+        out_rows[r] = y_image + p * cout_pad;
+        for (int64_t i = 0; i < g.kernel_h; ++i) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+          for (int64_t j = 0; j < g.kernel_w; ++j) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+            const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+            x_taps[r * ntaps + i * g.kernel_w + j] = inside ? x_n + (ih * g.width + iw) * row_stride : zeros;
+          }
+        }
+      }
+      for (int64_t co0 = 0; co0 < cout_pad; co0 += kPositionVectors * Simd::kLanes) {
+        const int nv = static_cast<int>(min64(kPositionVectors, (cout_pad - co0) / Simd::kLanes));
+        with_count<kPositionRows>(rows, [&](auto r) {
+          with_count<kPositionVectors>(nv, [&](auto v) {
+            position_block<decltype(r)::value, decltype(v)::value>(x_taps, ntaps, cin, w_p, cout_pad, co0, bias_p,
+                                                                   block_relu, out_rows);
+          });
+        });
+      }
+    }
+    if (channel_sums) {  // over the kept outputs (the masked rows are 0 and add nothing)
+      for (int64_t k = 0; k < npositions; ++k) {
+        const float* v = y_image + positions[k] * cout_pad;
+        for (int64_t c = 0; c < cout; ++c) {
+          channel_sums[c] += v[c];
+          channel_sums[cout + c] += static_cast<double>(v[c]) * v[c];
+        }
+      }
+    }
+    // Out to y with the residual and its ReLU: NCHW through [8 channels][16 positions] blocks,
+    // so that each plane gets whole cache lines, written with streaming stores (y is written
+    // once and read by the next layer, long after).
+    float* y_n = y + n * ys.n;
+    const float* res_n = residual ? residual + n * ys.n : nullptr;
+    if (y_nchw) {
+      alignas(64) float block[8 * 16];
+      for (int64_t q0 = 0; q0 < hw_out; q0 += 16) {
+        const int64_t positions_here = min64(16, hw_out - q0);
+        for (int64_t c0 = 0; c0 < cout; c0 += 8) {
+          const int64_t channels = min64(8, cout - c0);
+          for (int64_t q = 0; q < positions_here; q += 8)
+            transpose_block(y_image + (q0 + q) * cout_pad + c0, cout_pad, block + q, 16, min64(8, positions_here - q),
+                            channels);
+          for (int64_t k = 0; k < channels; ++k) {
+            float* dst = y_n + (c0 + k) * ys.c + q0;
+            if (res_n) add_floats(dst, block + k * 16, res_n + (c0 + k) * ys.c + q0, positions_here, relu, true);
+            else stream_floats(dst, block + k * 16, positions_here);
+          }
+        }
+      }
+    } else {
+      for (int64_t q = 0; q < hw_out; ++q) {
+        float* dst = y_n + q * ys.position;
+        if (res_n) add_floats(dst, y_image + q * cout_pad, res_n + q * ys.position, cout, relu, false);
+        else copy_floats(dst, y_image + q * cout_pad, cout);
+      }
+    }
+  }
+  _mm_sfence();  // the streaming stores are visible before the caller reads y
+}
+
+const BatchVectorKernels kernels = {kName, padded_channels, forward_rows, forward_positions, kept_gradient_rows, grad_input_rows,
                                     grad_weight_rows};
