@@ -41,9 +41,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speedup", action="store_true", help="side-by-side speedups, fwd and fwd+bwd")
     parser.add_argument("--mode", default="neuron", choices=["neuron", "spatial"])
+    parser.add_argument("--keeps", type=float, nargs="+", help="keep fractions (default: 0.5 0.7 1.0 with --speedup, else 0.001 0.1 0.5 1.0)")
     args = parser.parse_args()
     print(f"kernels: {rk.backends.cpu_kernels()}, threads: {torch.get_num_threads()}, mode: {args.mode}")
-    keeps = [0.5, 0.7, 1.0] if args.speedup else [0.001, 0.1, 0.5, 1.0]
+    keeps = args.keeps or ([0.5, 0.7, 1.0] if args.speedup else [0.001, 0.1, 0.5, 1.0])
     for n, cin, cout, h, stride in SHAPES:
         out = (h - 1) // stride + 1
         x = torch.randn(n, cin, h, h, requires_grad=args.speedup)
