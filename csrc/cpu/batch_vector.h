@@ -53,6 +53,15 @@ struct Strides {
 // kw pointers; zeros: Cin floats, all 0 (what padding taps read); scratch: (NCHW x: H * W *
 // Cin) + Hout * Wout * cout_pad floats. channel_sums as for forward_rows.
 //
+// backward_positions: the gradients of forward_positions (same masks) for images
+// [image_begin, image_end): grad_x (if not null; NCHW or NHWC, every element of those images
+// written) = sum over taps and kept (p, c) of w_b[tap, c, ci] * gy[n, c, p]; grad_w_part (if
+// not null, [Cout][kh * kw][padded_channels(Cin)]) += sum over the images and kept positions
+// of gy[n, c, p] * x[n, ci, q(p, tap)]; grad_b_part (if not null, [Cout]) += sum of gy over
+// the images and kept positions. gy, x: NCHW or NHWC. w_b: [kh][kw][Cout][padded_channels(Cin)],
+// zero in the padding. Scratch: P * (padded_channels(Cout) + Cout + padded_channels(Cin)) +
+// H * W * padded_channels(Cin) + padded_channels(Cin) floats, P = npositions.
+//
 // kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
 // of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p]; gy NCHW or NHWC.
 // Scratch: panel Wout * Cout * padded_batch floats.
@@ -80,6 +89,10 @@ struct BatchVectorKernels {
                             int64_t npositions, int64_t image_begin, int64_t image_end, const float* residual,
                             float* y, Strides y_strides, const float** x_taps, const float* zeros, float* scratch,
                             double* channel_sums);
+  void (*backward_positions)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* x,
+                             Strides x_strides, const float* w_b, const int64_t* positions, int64_t npositions,
+                             int64_t image_begin, int64_t image_end, float* grad_x, Strides grad_x_strides,
+                             float* grad_w_part, float* grad_b_part, float* scratch);
   void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides,
                              const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                              int64_t row_end, float* rows, float* panel);

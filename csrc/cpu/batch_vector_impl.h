@@ -533,14 +533,15 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
   }
 }
 
-// forward_positions: R kept positions of one image x NV vectors of output channels from co0.
-// The tile reads x channels-last: x_taps[r * ntaps + t] is where position r's tap t reads
-// channel 0 (`zeros` for a padding tap). Results, plus the bias and then the ReLU, go to the
-// rows out_rows[r] (channels-last) at co0.
+// forward_positions' tile: R kept positions of one image x NV vectors of output channels
+// from co0, reading the image channels-last: x_taps[r * ntaps + t] is where position r's tap t
+// reads channel 0 (`zeros` for a padding tap). The sums, plus the bias and then the ReLU, are
+// stored to (or with `accumulate`, added to) the channels-last rows out_rows[r] at co0.
+// backward_positions runs grad-input through it too (one tap, output channels as the sum).
 template <int R, int NV>
 __attribute__((noinline)) void position_block(const float* const* x_taps, int64_t ntaps, int64_t cin,
                                               const float* w_p, int64_t cout_pad, int64_t co0, const float* bias,
-                                              bool relu, float* const* out_rows) {
+                                              bool relu, bool accumulate, float* const* out_rows) {
   using V = typename Simd::V;
   V acc[R][NV];
 #pragma GCC unroll 8
@@ -570,9 +571,93 @@ __attribute__((noinline)) void position_block(const float* const* x_taps, int64_
     const V b = bias ? Simd::load(bias + co0 + v * Simd::kLanes) : zero;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+      float* out = out_rows[r] + co0 + v * Simd::kLanes;
       V value = Simd::add(acc[r][v], b);
       if (relu) value = Simd::max(zero, value);
-      Simd::store(out_rows[r] + co0 + v * Simd::kLanes, value);
+      if (accumulate) value = Simd::add(Simd::load(out), value);
+      Simd::store(out, value);
+    }
+  }
+}
+
+// position_block over every tile of R positions x NV vectors: rows of out_pad floats (padded
+// output channels), reduction over `cin` per tap.
+inline void position_tiles(const float* const* x_taps, int64_t ntaps, int64_t cin, const float* w_p, int64_t out_pad,
+                           const float* bias, bool relu, bool accumulate, float* const* out_rows, int rows) {
+  for (int64_t co0 = 0; co0 < out_pad; co0 += kPositionVectors * Simd::kLanes) {
+    const int nv = static_cast<int>(min64(kPositionVectors, (out_pad - co0) / Simd::kLanes));
+    with_count<kPositionRows>(rows, [&](auto r) {
+      with_count<kPositionVectors>(nv, [&](auto v) {
+        position_block<decltype(r)::value, decltype(v)::value>(x_taps, ntaps, cin, w_p, out_pad, co0, bias, relu,
+                                                               accumulate, out_rows);
+      });
+    });
+  }
+}
+
+// One image of an NCHW or NHWC tensor as a channels-last image [H * W][stride] (channels
+// [channels, stride) zero), into `image`: NCHW in blocks of 16 positions, so that each plane
+// gives whole cache lines.
+inline void image_channels_last(const float* src, Strides s, int64_t channels, int64_t hw, int64_t stride,
+                                float* image) {
+  if (s.c != 1) {
+    for (int64_t q0 = 0; q0 < hw; q0 += 16)
+      for (int64_t c0 = 0; c0 < channels; c0 += 8)
+        for (int64_t q = q0; q < min64(hw, q0 + 16); q += 8)
+          transpose_block(src + c0 * s.c + q, s.c, image + q * stride + c0, stride, min64(8, channels - c0),
+                          min64(8, hw - q));
+  } else {
+    for (int64_t q = 0; q < hw; ++q) copy_floats(image + q * stride, src + q * s.position, channels);
+  }
+  if (stride > channels)
+    for (int64_t q = 0; q < hw; ++q)
+      for (int64_t c = channels; c < stride; ++c) image[q * stride + c] = 0.0f;
+}
+
+// The inverse: a channels-last image [H * W][stride] out to one image of an NCHW or NHWC
+// tensor, plus `residual` (laid out as dst) and then the ReLU if given. NCHW goes through
+// [8 channels][16 positions] blocks, so that each plane gets whole cache lines, written with
+// streaming stores (the tensor is written once and read long after); the caller fences.
+inline void image_out(const float* image, int64_t stride, int64_t channels, int64_t hw, float* dst, Strides s,
+                      const float* residual, bool relu) {
+  if (s.c != 1) {
+    alignas(64) float block[8 * 16];
+    for (int64_t q0 = 0; q0 < hw; q0 += 16) {
+      const int64_t here = min64(16, hw - q0);
+      for (int64_t c0 = 0; c0 < channels; c0 += 8) {
+        const int64_t count = min64(8, channels - c0);
+        for (int64_t q = 0; q < here; q += 8)
+          transpose_block(image + (q0 + q) * stride + c0, stride, block + q, 16, min64(8, here - q), count);
+        for (int64_t k = 0; k < count; ++k) {
+          float* out = dst + (c0 + k) * s.c + q0;
+          if (residual) add_floats(out, block + k * 16, residual + (c0 + k) * s.c + q0, here, relu, true);
+          else stream_floats(out, block + k * 16, here);
+        }
+      }
+    }
+  } else {
+    for (int64_t q = 0; q < hw; ++q) {
+      float* out = dst + q * s.position;
+      if (residual) add_floats(out, image + q * stride, residual + q * s.position, channels, relu, false);
+      else copy_floats(out, image + q * stride, channels);
+    }
+  }
+}
+
+// Points x_taps (R rows of kh * kw) at the channels-last input rows that the output positions
+// positions[0 .. rows) read, `zeros` for padding taps.
+inline void point_taps(const BatchVectorGeometry& g, const int64_t* positions, int rows, const float* image,
+                       int64_t stride, const float* zeros, const float** x_taps) {
+  const int64_t ntaps = g.kernel_h * g.kernel_w;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t oh = positions[r] / g.out_width, ow = positions[r] % g.out_width;
+    for (int64_t i = 0; i < g.kernel_h; ++i) {
+      const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
+        const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+        const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+        x_taps[r * ntaps + i * g.kernel_w + j] = inside ? image + (ih * g.width + iw) * stride : zeros;
+      }
     }
   }
 }
@@ -584,50 +669,28 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
   // One image at a time, channels-last: an NCHW image is transposed into `scratch` first, so
   // that each tap's channels are contiguous (in NCHW they lie a plane apart, all in one L1
   // set); the kept positions are computed in tiles into a zeroed channels-last output image,
-  // which is then written to y in one pass (transposed for NCHW, with the residual and the
-  // ReLU). Its input, output and the weights stay in L2 for the whole image.
+  // which is then written to y in one pass (with the residual and the ReLU). The image's
+  // input, output and the weights stay in L2.
   const int64_t cin = g.in_channels, cout = g.out_channels, ntaps = g.kernel_h * g.kernel_w;
   const int64_t hw = g.height * g.width, hw_out = g.out_height * g.out_width;
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
-  const bool x_nchw = xs.c != 1, y_nchw = ys.c != 1;
-  float* x_image = scratch;                                       // [H * W][Cin], for NCHW x
-  float* y_image = scratch + (x_nchw ? hw * cin : 0);            // [Hout * Wout][cout_pad]
+  const bool x_nchw = xs.c != 1;
+  float* x_image = scratch;                             // [H * W][Cin], for NCHW x
+  float* y_image = scratch + (x_nchw ? hw * cin : 0);  // [Hout * Wout][cout_pad]
   float* out_rows[kPositionRows];
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* x_n = x + n * xs.n;
     int64_t row_stride = xs.position;
-    if (x_nchw) {  // 16 positions per pass: each plane gives whole cache lines
-      for (int64_t q0 = 0; q0 < hw; q0 += 16)
-        for (int64_t c0 = 0; c0 < cin; c0 += 8)
-          for (int64_t q = q0; q < min64(hw, q0 + 16); q += 8)
-            transpose_block(x_n + c0 * xs.c + q, xs.c, x_image + q * cin + c0, cin, min64(8, cin - c0),
-                            min64(8, hw - q));
+    if (x_nchw) {
+      image_channels_last(x_n, xs, cin, hw, cin, x_image);
       x_n = x_image, row_stride = cin;
     }
     __builtin_memset(y_image, 0, sizeof(float) * hw_out * cout_pad);
     for (int64_t k0 = 0; k0 < npositions; k0 += kPositionRows) {
       const int rows = static_cast<int>(min64(kPositionRows, npositions - k0));
-      for (int r = 0; r < rows; ++r) {
-        const int64_t p = positions[k0 + r], oh = p / g.out_width, ow = p % g.out_width;
-        out_rows[r] = y_image + p * cout_pad;
-        for (int64_t i = 0; i < g.kernel_h; ++i) {
-          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-          for (int64_t j = 0; j < g.kernel_w; ++j) {
-            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
-            const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
-            x_taps[r * ntaps + i * g.kernel_w + j] = inside ? x_n + (ih * g.width + iw) * row_stride : zeros;
-          }
-        }
-      }
-      for (int64_t co0 = 0; co0 < cout_pad; co0 += kPositionVectors * Simd::kLanes) {
-        const int nv = static_cast<int>(min64(kPositionVectors, (cout_pad - co0) / Simd::kLanes));
-        with_count<kPositionRows>(rows, [&](auto r) {
-          with_count<kPositionVectors>(nv, [&](auto v) {
-            position_block<decltype(r)::value, decltype(v)::value>(x_taps, ntaps, cin, w_p, cout_pad, co0, bias_p,
-                                                                   block_relu, out_rows);
-          });
-        });
-      }
+      point_taps(g, positions + k0, rows, x_n, row_stride, zeros, x_taps);
+      for (int r = 0; r < rows; ++r) out_rows[r] = y_image + positions[k0 + r] * cout_pad;
+      position_tiles(x_taps, ntaps, cin, w_p, cout_pad, bias_p, block_relu, false, out_rows, rows);
     }
     if (channel_sums) {  // over the kept outputs (the masked rows are 0 and add nothing)
       for (int64_t k = 0; k < npositions; ++k) {
@@ -638,37 +701,96 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
         }
       }
     }
-    // Out to y with the residual and its ReLU: NCHW through [8 channels][16 positions] blocks,
-    // so that each plane gets whole cache lines, written with streaming stores (y is written
-    // once and read by the next layer, long after).
-    float* y_n = y + n * ys.n;
-    const float* res_n = residual ? residual + n * ys.n : nullptr;
-    if (y_nchw) {
-      alignas(64) float block[8 * 16];
-      for (int64_t q0 = 0; q0 < hw_out; q0 += 16) {
-        const int64_t positions_here = min64(16, hw_out - q0);
-        for (int64_t c0 = 0; c0 < cout; c0 += 8) {
-          const int64_t channels = min64(8, cout - c0);
-          for (int64_t q = 0; q < positions_here; q += 8)
-            transpose_block(y_image + (q0 + q) * cout_pad + c0, cout_pad, block + q, 16, min64(8, positions_here - q),
-                            channels);
-          for (int64_t k = 0; k < channels; ++k) {
-            float* dst = y_n + (c0 + k) * ys.c + q0;
-            if (res_n) add_floats(dst, block + k * 16, res_n + (c0 + k) * ys.c + q0, positions_here, relu, true);
-            else stream_floats(dst, block + k * 16, positions_here);
-          }
-        }
-      }
-    } else {
-      for (int64_t q = 0; q < hw_out; ++q) {
-        float* dst = y_n + q * ys.position;
-        if (res_n) add_floats(dst, y_image + q * cout_pad, res_n + q * ys.position, cout, relu, false);
-        else copy_floats(dst, y_image + q * cout_pad, cout);
-      }
-    }
+    image_out(y_image, cout_pad, cout, hw_out, y + n * ys.n, ys, residual ? residual + n * ys.n : nullptr, relu);
   }
   _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
 
-const BatchVectorKernels kernels = {kName, padded_channels, forward_rows, forward_positions, kept_gradient_rows, grad_input_rows,
+void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gys, const float* x, Strides xs,
+                        const float* w_b, const int64_t* positions, int64_t npositions, int64_t image_begin,
+                        int64_t image_end, float* grad_x, Strides gxs, float* grad_w_part, float* grad_b_part,
+                        float* scratch) {
+  // Per image, as forward_positions: the kept output gradients gathered twice (rows [P][Cout]
+  // for grad-input, columns [Cout][P] for grad-weight and grad-bias); grad-input scattered
+  // tap by tap into a channels-last image (distinct positions of one tap never share an input
+  // position) and written out; grad-weight reduces over the kept positions, one tap's input
+  // rows packed at a time. One thread per image and a fixed order: deterministic.
+  const int64_t cin = g.in_channels, cout = g.out_channels, ntaps = g.kernel_h * g.kernel_w;
+  const int64_t cin_pad = padded_channels(cin), cout_pad = padded_channels(cout), hw = g.height * g.width;
+  const int64_t np = npositions;
+  float* rows = scratch;                     // [P][cout_pad]
+  float* columns = rows + np * cout_pad;     // [Cout][P]
+  float* image = columns + cout * np;        // [H * W][cin_pad]: x for grad-weight, grad-x for grad-input
+  float* panel = image + hw * cin_pad;       // [P][cin_pad]: one tap's input rows
+  float* spare = panel + np * cin_pad;       // [cin_pad]: what padding taps add to
+  float* out_rows[kPositionRows];
+  for (int64_t k = 0; k < np; ++k)
+    for (int64_t c = cout; c < cout_pad; ++c) rows[k * cout_pad + c] = 0.0f;
+  for (int64_t n = image_begin; n < image_end; ++n) {
+    const float* gy_n = gy + n * gys.n;
+    for (int64_t c = 0; c < cout; ++c)
+      for (int64_t k = 0; k < np; ++k) columns[c * np + k] = gy_n[c * gys.c + positions[k] * gys.position];
+    if (grad_x)
+      for (int64_t c0 = 0; c0 < cout; c0 += 8)
+        for (int64_t k0 = 0; k0 < np; k0 += 8)
+          transpose_block(columns + c0 * np + k0, np, rows + k0 * cout_pad + c0, cout_pad, min64(8, cout - c0),
+                          min64(8, np - k0));
+    if (grad_b_part)
+      for (int64_t c = 0; c < cout; ++c) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < np; ++k) sum += columns[c * np + k];
+        grad_b_part[c] += sum;
+      }
+    if (grad_w_part) {
+      image_channels_last(x + n * xs.n, xs, cin, hw, cin_pad, image);
+      const float* zeros = spare;
+      for (int64_t c = 0; c < cin_pad; ++c) spare[c] = 0.0f;
+      for (int64_t t = 0; t < ntaps; ++t) {
+        const int64_t i = t / g.kernel_w, j = t % g.kernel_w;
+        for (int64_t k = 0; k < np; ++k) {
+          const int64_t oh = positions[k] / g.out_width, ow = positions[k] % g.out_width;
+          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+          const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+          const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+          copy_floats(panel + k * cin_pad, inside ? image + (ih * g.width + iw) * cin_pad : zeros, cin_pad);
+        }
+        for (int64_t c0 = 0, count = 0; c0 < cout; c0 += count) {
+          count = even_tile(cout - c0, kWeightTile);
+          const float* gy_rows[kWeightTile];
+          float* out[kWeightTile];
+          for (int k = 0; k < count; ++k) {
+            gy_rows[k] = columns + (c0 + k) * np;
+            out[k] = grad_w_part + ((c0 + k) * ntaps + t) * cin_pad;
+          }
+          with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
+            grad_weight_channels_tile<decltype(ch)::value>(gy_rows, panel, np, cin_pad, out);
+          });
+        }
+      }
+    }
+    if (grad_x) {
+      __builtin_memset(image, 0, sizeof(float) * hw * cin_pad);
+      const float* row_of[kPositionRows];
+      for (int64_t k0 = 0; k0 < np; k0 += kPositionRows) {
+        const int count = static_cast<int>(min64(kPositionRows, np - k0));
+        for (int r = 0; r < count; ++r) row_of[r] = rows + (k0 + r) * cout_pad;
+        for (int64_t t = 0; t < ntaps; ++t) {
+          const int64_t i = t / g.kernel_w, j = t % g.kernel_w;
+          for (int r = 0; r < count; ++r) {
+            const int64_t oh = positions[k0 + r] / g.out_width, ow = positions[k0 + r] % g.out_width;
+            const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+            const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+            out_rows[r] = inside ? image + (ih * g.width + iw) * cin_pad : spare;
+          }
+          position_tiles(row_of, 1, cout, w_b + t * cout * cin_pad, cin_pad, nullptr, false, true, out_rows, count);
+        }
+      }
+      image_out(image, cin_pad, cin, hw, grad_x + n * gxs.n, gxs, nullptr, false);
+    }
+  }
+  _mm_sfence();  // the streaming stores are visible before the caller reads grad_x
+}
+
+const BatchVectorKernels kernels = {kName, padded_channels, forward_rows, forward_positions, backward_positions, kept_gradient_rows, grad_input_rows,
                                     grad_weight_rows};

@@ -359,9 +359,55 @@ at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const cpu::Batch
   return rows;
 }
 
+// [chunks][Cout][kh * kw][Cpad] partial weight gradients -> [Cout][Cin][kh][kw], summed in
+// chunk order (deterministic for a thread count).
+at::Tensor sum_weight_partials(const ConvGeometry& g, const at::Tensor& partial) {
+  return partial.sum(0)
+      .narrow(2, 0, g.in_channels)
+      .reshape({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
+      .permute({0, 3, 1, 2})
+      .contiguous();
+}
+
+// The backward for spatial masks (see full_positions): BatchVectorKernels::backward_positions,
+// one image per visit; partial weight and bias gradients per chunk of images.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
+    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::vector<int64_t>& positions, std::array<bool, 3> output_mask) {
+  const auto [need_input, need_weight, need_bias] = output_mask;
+  const auto bg = batch_vector_geometry(g);
+  const auto* kernels = batch_vector_kernels();
+  const int64_t cin_pad = kernels->padded_channels(g.in_channels), cout_pad = kernels->padded_channels(g.out_channels);
+  const int64_t kk = g.kernel_h * g.kernel_w, np = static_cast<int64_t>(positions.size()), chunks = row_chunks(g.batch);
+  const auto gy = addressable(grad_output);
+  const auto x = need_weight ? addressable(input) : at::Tensor();
+  const auto w_b = need_input ? at::constant_pad_nd(weight.permute({2, 3, 0, 1}), {0, cin_pad - g.in_channels})
+                                    .contiguous()  // [kh][kw][Cout][Cin_pad]
+                              : at::Tensor();
+  auto grad_input = need_input ? at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()))
+                               : at::empty({0}, input.options());
+  auto partial_w = need_weight ? at::zeros({chunks, g.out_channels, kk, cin_pad}, weight.options()) : at::Tensor();
+  auto partial_b = need_bias ? at::zeros({chunks, g.out_channels}, input.options()) : at::Tensor();
+  const int64_t scratch_size = np * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad + cin_pad;
+  const auto gx_strides = need_input ? strides_of(grad_input) : cpu::Strides{0, 0, 0};
+  parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
+    kernels->backward_positions(bg, gy.data_ptr<float>(), strides_of(gy), need_weight ? x.data_ptr<float>() : nullptr,
+                                need_weight ? strides_of(x) : cpu::Strides{0, 0, 0},
+                                need_input ? w_b.data_ptr<float>() : nullptr, positions.data(), np, first, last,
+                                need_input ? grad_input.data_ptr<float>() : nullptr, gx_strides,
+                                need_weight ? partial_w[chunk].data_ptr<float>() : nullptr,
+                                need_bias ? partial_b[chunk].data_ptr<float>() : nullptr,
+                                thread_scratch(0, scratch_size));
+  });
+  return {grad_input, need_weight ? sum_weight_partials(g, partial_w) : at::empty({0}, weight.options()),
+          need_bias ? partial_b.sum(0) : at::empty({0}, input.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& position_offsets, const at::Tensor& position_channels, std::array<bool, 3> output_mask) {
+  const auto positions = full_positions(g, position_offsets);
+  if (!positions.empty()) return full_positions_backward(g, grad_output, input, weight, positions, output_mask);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto bg = batch_vector_geometry(g);
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
@@ -403,12 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
                                                position_offsets.data_ptr<int64_t>(), pc, first, last,
                                                partial[chunk].data_ptr<float>(), panels, panel_rows.data());
     });
-    // [chunks][Cout][kh*kw][Cpad] -> [Cout][Cin][kh][kw]
-    grad_weight = partial.sum(0)
-                      .narrow(2, 0, g.in_channels)
-                      .reshape({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
-                      .permute({0, 3, 1, 2})
-                      .contiguous();
+    grad_weight = sum_weight_partials(g, partial);
   }
   return {grad_input, grad_weight, grad_bias};
 }
