@@ -96,9 +96,16 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 #     Taken up to keep 0.75. (Step 1's 0.45, from an AMD Zen 3 VM, predates the kernels
 #     running on both threads.)
 # Their cost scales with the batch rounded up to 16 images (the SIMD padding), so a small
-# batch needs a sparser mask. The portable kernels gather columns once per mask pattern:
+# batch needs a sparser mask.
+# Spatial masks (one pattern for all channels) take the per-image kernels instead
+# (forward_positions / backward_positions: no batch-wide layout step, channels in the lanes,
+# no batch padding), which stay ahead of dense conv much longer: avx512 forward 1.12-1.91x
+# and fwd+bwd 1.21-1.59x at keep 0.8, 1.04-1.31x / 0.96-1.44x at keep 0.9, 0.96-1.00x /
+# 0.99-1.23x at keep 1.0; avx2 (both sides held to AVX2) 1.12-1.40x / 1.01-1.42x at keep
+# 0.8, 1.00-1.09x / 0.91-1.05x at keep 0.9. Taken up to keep 0.85 (avx512) and 0.8 (avx2). The portable kernels gather columns once per mask pattern:
 # only few patterns (spatial, coarse groups) at keep <= 0.2 pay off.
 BATCH_VECTOR_MAX_KEEP = {"avx512": 0.6, "avx2": 0.75}
+SPATIAL_MAX_KEEP = {"avx512": 0.85, "avx2": 0.8}
 PORTABLE_MAX_KEEP = 0.2
 PORTABLE_MAX_PATTERNS = 4
 
@@ -107,6 +114,8 @@ def sparse_pays_off(index, positions_per_pattern: int, batch: int, dtype: torch.
     patterns = index.offsets.numel() - 1
     keep = index.positions.numel() / max(1, patterns * positions_per_pattern)
     if batch_vector_kernels(dtype, groups):
+        if patterns == 1:  # every channel kept at the same positions: the per-image kernels
+            return keep <= SPATIAL_MAX_KEEP[CPU_KERNELS]
         lanes = -(-max(batch, 1) // 16) * 16
         return keep * lanes / max(batch, 1) <= BATCH_VECTOR_MAX_KEEP[CPU_KERNELS]
     return patterns <= PORTABLE_MAX_PATTERNS and keep <= PORTABLE_MAX_KEEP
