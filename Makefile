@@ -8,7 +8,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --quiet --disable-pip-version-check
-DEPS       := numpy ninja pytest pytest-benchmark hypothesis scikit-learn setuptools wheel
+DEPS       := numpy ninja pytest pytest-benchmark hypothesis scikit-learn setuptools wheel tqdm foolbox==3.3.4 matplotlib
 TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
 SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=

@@ -1,0 +1,1 @@
+"""The paper's experiments as a tool: data, training, transfer attacks and evaluation."""

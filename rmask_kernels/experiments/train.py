@@ -1,0 +1,565 @@
+"""Training with the paper's recipe: run directories, exact resume, DistributedDataParallel.
+
+``train(config, run_dir)`` writes into ``run_dir``:
+
+    config.json   the TrainConfig (JSON)
+    log.jsonl     one JSON object per epoch: epoch, lr, train_loss, train_accuracy,
+                  test_loss, test_accuracy, seconds, global_step (accuracies are fractions)
+    last.pt       checkpoint after the latest epoch (see checkpoint.py); ``resume=True`` continues it
+    best.pt       checkpoint of the epoch with the best test accuracy
+
+Exact resume: the data order of an epoch comes from (seed, epoch) alone, the augmentation
+generator's state and the global RNG states are saved every epoch, so a run interrupted and
+resumed from last.pt ends with the same weights, bit for bit, as one that was not (on CPU;
+on GPU only as far as the kernels are deterministic).
+
+Several processes: launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the
+environment), every rank builds the same model and masks from the config, takes its shard of
+each epoch's order, and DDP averages the gradients (gloo on CPU, nccl on GPU). ``batch_size``
+is the global batch, split evenly. BatchNorm statistics are per rank during a step (DDP's
+default, no SyncBatchNorm) and averaged across ranks after each epoch. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import random
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import __version__
+from ..backends import BACKENDS
+from ..nn import BN_STATS
+from .checkpoint import atomic_write, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .data import DATASETS, ImageData, batches, default_augmentation, load_dataset
+from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, mask_checksum, parse_mask_ratio
+
+__all__ = [
+    "PRESETS",
+    "DistributedContext",
+    "TrainConfig",
+    "evaluate",
+    "model_spec",
+    "train",
+]
+
+CONFIG_FILE, LOG_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT = "config.json", "log.jsonl", "last.pt", "best.pt"
+
+# The paper's recipes by dataset; TrainConfig's own defaults are the CIFAR-10 one. The digits
+# take the MNIST recipe.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "cifar10": dict(model="resnet18", epochs=350, milestones=(150, 250)),
+    "mnist": dict(model="small", epochs=50, milestones=(20, 40)),
+    "digits": dict(model="small", epochs=50, milestones=(20, 40)),
+}
+
+# What may differ between a run and its resumption: nothing that changes the computation
+# of the epochs already done.
+RESUME_MAY_CHANGE = ("epochs", "device", "eval_batch_size", "data_path")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as config.json and in every checkpoint).
+    Defaults: the paper's CIFAR-10 recipe; `TrainConfig.for_data` applies the dataset's."""
+
+    # data
+    data: str = "cifar10"
+    data_path: Optional[str] = None
+    augment: bool = True  # the paper's crop (+ flip on CIFAR-10), see data.default_augmentation
+    limit_train: Optional[int] = None  # first N train images only: for smoke tests
+    limit_test: Optional[int] = None  # first N test images only: for smoke tests
+    # model and masks (see model_zoo.ModelSpec)
+    model: str = "resnet18"
+    mask_ratio: MaskRatio = 0.0
+    mask_layers: str = "shallow"
+    mask_mode: str = "neuron"
+    group_size: Optional[int] = None
+    mask_seed: int = 0
+    bn_stats: str = "all"
+    backend: str = "auto"
+    # optimization: SGD with momentum, lr × gamma at each milestone epoch
+    epochs: int = 350
+    batch_size: int = 128  # global: split evenly across DDP ranks
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: Tuple[int, ...] = (150, 250)
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0  # initial weights, data order, augmentation
+    eval_batch_size: int = 500
+    device: Optional[str] = None  # None: cuda when available, else cpu
+
+    def __post_init__(self):
+        if self.data not in DATASETS:
+            raise ValueError(f"data must be one of {DATASETS}, got {self.data!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        self.mask_ratio = parse_mask_ratio(self.mask_ratio)
+        self.milestones = tuple(int(m) for m in self.milestones)
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing epochs, got {self.milestones}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "limit_train", "limit_test"):
+            value = getattr(self, name)
+            minimum = 0 if name == "epochs" else 1
+            if value is None and name.startswith("limit"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError(
+                f"need lr > 0, momentum >= 0, weight_decay >= 0, 0 <= label_smoothing < 1; got lr={self.lr}, "
+                f"momentum={self.momentum}, weight_decay={self.weight_decay}, label_smoothing={self.label_smoothing}"
+            )
+
+    @classmethod
+    def for_data(cls, data: str, **overrides) -> "TrainConfig":
+        """The paper's recipe for ``data`` (`PRESETS`), with ``overrides``."""
+        if data not in PRESETS:
+            raise ValueError(f"data must be one of {tuple(PRESETS)}, got {data!r}")
+        return cls(**{"data": data, **PRESETS[data], **overrides})
+
+    def to_dict(self) -> Dict[str, Any]:
+        config = dataclasses.asdict(self)
+        config["milestones"] = list(self.milestones)  # JSON has no tuples: keep round trips equal
+        return config
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> "TrainConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields {unknown}; known: {sorted(known)}")
+        return cls(**config)
+
+
+def model_spec(config: TrainConfig, data: ImageData) -> ModelSpec:
+    """The ModelSpec that ``config`` trains on ``data``."""
+    return ModelSpec.for_data(
+        config.model, data, mask_ratio=config.mask_ratio, mask_layers=config.mask_layers,
+        mask_mode=config.mask_mode, group_size=config.group_size, mask_seed=config.mask_seed,
+        bn_stats=config.bn_stats, backend=config.backend,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside, every module's own training flag restored after."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _evaluation_sums(model: nn.Module, data: ImageData, batch_size: int, device: torch.device,
+                     rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """[summed loss, correct, count] over this rank's shard of ``data`` (every image once
+    across the ranks), float64 on ``device``."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    with _eval_mode(model):
+        for images, labels in batches(data, batch_size, rank=rank, world_size=world_size, equal_shards=False):
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            sums[0] += F.cross_entropy(logits.double(), labels, reduction="sum")
+            sums[1] += (logits.argmax(1) == labels).sum()
+            sums[2] += len(labels)
+    return sums
+
+
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500, *,
+             device: Union[str, torch.device, None] = None) -> Tuple[float, float]:
+    """(mean cross-entropy, accuracy as a fraction) of ``model`` (taking [0, 1] pixels) on
+    ``data``, in eval mode (the model's training flags are restored after), without gradients.
+    ``device``: where to run, by default the model's."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    loss, correct, count = _evaluation_sums(model, data, batch_size, device).tolist()
+    if count == 0:
+        raise ValueError(f"evaluate: {data!r} holds no images")
+    return loss / count, correct / count
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place among the DDP processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "DistributedContext":
+        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: one process)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: Optional[str], context: DistributedContext = DistributedContext()) -> torch.device:
+    """``name`` ("cpu", "cuda", "cuda:1"; None: cuda when available), a DDP rank on CUDA
+    taking its LOCAL_RANK's GPU when no index is given."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", context.local_rank if context.enabled else torch.cuda.current_device())
+    return device
+
+
+def _init_process_group(context: DistributedContext, device: torch.device) -> bool:
+    """Join torchrun's process group if not already in one; True if this call created it."""
+    if not context.enabled or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl and the *_object collectives use the current device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    if context.enabled:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _all_gather(value: Any, context: DistributedContext) -> list:
+    if not context.enabled:
+        return [value]
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _check_same_masks(model: nn.Module, context: DistributedContext) -> None:
+    # Masks are drawn from the config's seed, so they agree by construction; a rank that
+    # built different ones (another library version, a different config) must not train.
+    checksums = _all_gather(mask_checksum(model), context)
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"DDP ranks built different Random Masks (mask checksums by rank: {checksums})")
+
+
+def _average_batchnorm_statistics(model: nn.Module, context: DistributedContext) -> None:
+    # Each rank's BN running statistics saw only its shard; average them so that every rank
+    # evaluates, and rank 0 saves, the same model.
+    if not context.enabled:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            for statistic in (module.running_mean, module.running_var):
+                dist.all_reduce(statistic)
+                statistic.div_(context.world_size)
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    # No buffer broadcast before every forward: the masks agree already (checked), and
+    # re-broadcasting them would make each masked layer rebuild its index lists every step;
+    # BN statistics are averaged after each epoch instead. (torch >= 2.13 renamed the option.)
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_sync)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the loop
+
+
+def _derived_seed(seed: int, purpose: str, rank: int = 0) -> int:
+    # Distinct streams per purpose and rank from one user seed (ranks must not crop alike).
+    return zlib.crc32(f"{seed}/{purpose}/{rank}".encode())
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _limit(data: ImageData, count: Optional[int]) -> ImageData:
+    return data if count is None or count >= len(data) else data.subset(slice(0, count))
+
+
+def _check_resumable(saved: Mapping[str, Any], config: TrainConfig, path: Path) -> None:
+    saved = TrainConfig.from_dict(saved).to_dict()
+    current = config.to_dict()
+    changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved[key] != current[key]]
+    if changed:
+        differences = ", ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
+        raise ValueError(
+            f"cannot resume {path} with a different configuration ({differences}); only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change on resume"
+        )
+
+
+def _write_json(path: Path, value: Any) -> None:
+    text = json.dumps(value, indent=2) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _trim_log(path: Path, epochs_done: int) -> None:
+    """Keep the log lines of the epochs the checkpoint holds: an interruption between writing
+    a line and the checkpoint (or in the middle of a line) must not leave stale records."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= epochs_done:
+                kept.append(line + "\n")
+    text = "".join(kept)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _append_log(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class _NoProgress:
+    """Stands in for a tqdm bar when bars are off or tqdm is not installed."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(iterable, total: int, description: str, enabled: bool):
+    if not enabled:
+        return _NoProgress(iterable)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress(iterable)
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _train_epoch(model: nn.Module, bar, optimizer: torch.optim.Optimizer, device: torch.device,
+                 context: DistributedContext, label_smoothing: float) -> Tuple[torch.Tensor, int]:
+    """One pass over ``bar`` (the epoch's batches, maybe in a progress bar); returns
+    ([summed loss, correct, count] over ALL ranks, steps)."""
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    steps = 0
+    refresh = 1 if device.type == "cpu" else 10  # reading the sums syncs a GPU: not every step there
+    for images, labels in bar:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        with torch.no_grad():
+            sums[0] += loss.detach().double() * len(labels)
+            sums[1] += (logits.argmax(1) == labels).sum()
+            sums[2] += len(labels)
+        if steps % refresh == 0:
+            loss_sum, correct, count = sums.tolist()
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
+    bar.close()
+    return _all_reduce_sum(sums, context), steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(config: TrainConfig, run_dir: Union[str, os.PathLike], *, resume: bool = False, quiet: bool = False) -> Path:
+    """Train as ``config`` says, writing into ``run_dir`` (see the module docstring); returns it.
+
+    ``resume``: continue from ``run_dir/last.pt`` (the saved config must agree with ``config``
+    except for `RESUME_MAY_CHANGE`, e.g. more epochs). Without it, a ``run_dir`` that already
+    holds a last.pt is refused rather than overwritten. ``quiet``: no progress bars or epoch
+    lines (bars are also off when stderr is not a terminal). Under torchrun, runs as one DDP rank.
+    """
+    context = DistributedContext.from_environment()
+    device = resolve_device(config.device, context)
+    created_group = _init_process_group(context, device)
+    try:
+        return _run(config, Path(run_dir), context, device, resume, quiet)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _run(config: TrainConfig, run_dir: Path, context: DistributedContext, device: torch.device,
+         resume: bool, quiet: bool) -> Path:
+    last_path, best_path, log_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT, run_dir / LOG_FILE
+    if config.batch_size % context.world_size:
+        raise ValueError(f"batch_size {config.batch_size} does not split evenly across {context.world_size} processes")
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(last_path)  # every rank reads it: several machines need a shared file system
+        _check_resumable(checkpoint["config"], config, last_path)
+    elif last_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a run ({last_path.name}): resume it or choose another run directory")
+
+    train_data, test_data = load_dataset(config.data, config.data_path)
+    train_data, test_data = _limit(train_data, config.limit_train), _limit(test_data, config.limit_test)
+    spec = model_spec(config, train_data)
+    # Every rank draws the same initial weights and masks from the config's seeds.
+    model = build_model(spec, init_seed=config.seed)
+    if checkpoint is not None:
+        saved_spec = ModelSpec.from_dict(checkpoint["model_spec"])
+        if saved_spec != spec:
+            raise ValueError(f"{last_path} holds a {saved_spec}, but this data and config give a {spec}")
+        model.load_state_dict(checkpoint["model"])  # weights, BN statistics and masks
+    model.to(device)
+    _check_same_masks(model, context)
+    train_model = _wrap_ddp(model, device) if context.enabled else model
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), gamma=config.gamma)
+    augment = default_augmentation(config.data) if config.augment else None
+    augment_generator = torch.Generator().manual_seed(_derived_seed(config.seed, "augment", context.rank))
+    start_epoch, global_step, best_accuracy = 0, 0, -1.0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        restore_rng_state(checkpoint["rng"])
+        augment_states = checkpoint["rng"].get("augment") or []
+        if len(augment_states) == context.world_size:
+            augment_generator.set_state(augment_states[context.rank])
+        else:
+            warnings.warn(
+                f"{last_path} was written by {len(augment_states)} process(es), this run has {context.world_size}: "
+                "the augmentation continues from fresh generators, so the run will not match an uninterrupted one"
+            )
+        start_epoch, global_step, best_accuracy = checkpoint["epoch"], checkpoint["global_step"], checkpoint["best_accuracy"]
+    else:
+        _seed_everything(config.seed)
+
+    show = context.is_main and not quiet
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / CONFIG_FILE, config.to_dict())
+        _trim_log(log_path, start_epoch)  # a fresh run: an empty log
+        if show:
+            where = f"{context.world_size} processes" if context.enabled else str(device)
+            print(f"training {spec.name} on {train_data!r} ({where}), epochs {start_epoch + 1}..{config.epochs}, "
+                  f"run directory {run_dir}", flush=True)
+            if start_epoch >= config.epochs:
+                print(f"{last_path} already holds {start_epoch} epochs: nothing to do (raise --epochs to continue)")
+
+    per_rank_batch = config.batch_size // context.world_size
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        loader = batches(
+            train_data, per_rank_batch, shuffle=True, seed=config.seed, epoch=epoch, augment=augment,
+            generator=augment_generator, rank=context.rank, world_size=context.world_size,
+        )
+        bar = _progress(loader, len(loader), f"epoch {epoch + 1}/{config.epochs}", show and sys.stderr.isatty())
+        train_sums, steps = _train_epoch(train_model, bar, optimizer, device, context, config.label_smoothing)
+        global_step += steps
+        scheduler.step()
+        _average_batchnorm_statistics(model, context)
+        test_sums = _all_reduce_sum(
+            _evaluation_sums(model, test_data, config.eval_batch_size, device, context.rank, context.world_size), context
+        )
+        train_loss, train_correct, train_count = train_sums.tolist()
+        test_loss, test_correct, test_count = test_sums.tolist()
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss / max(train_count, 1),
+            "train_accuracy": train_correct / max(train_count, 1),
+            "test_loss": test_loss / max(test_count, 1),
+            "test_accuracy": test_correct / max(test_count, 1),
+            "seconds": time.perf_counter() - started,
+            "global_step": global_step,
+        }
+        improved = record["test_accuracy"] > best_accuracy
+        best_accuracy = max(best_accuracy, record["test_accuracy"])
+        augment_states = _all_gather(augment_generator.get_state(), context)  # every rank's, for exact resume
+        if context.is_main:
+            state = {
+                "version": __version__,
+                "torch_version": str(torch.__version__),  # a str subclass weights_only refuses
+                "config": config.to_dict(),
+                "model_spec": spec.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "global_step": global_step,
+                "best_accuracy": best_accuracy,
+                "test_accuracy": record["test_accuracy"],
+                "world_size": context.world_size,
+                "rng": capture_rng_state(augment_states, data_seed=config.seed),
+            }
+            # best.pt before last.pt: an interruption in between redoes this epoch on resume
+            # (identically) and rewrites best.pt, so the two never disagree for long.
+            if improved:
+                save_checkpoint(best_path, state)
+            save_checkpoint(last_path, state)
+            _append_log(log_path, record)
+            if show:
+                print(
+                    f"epoch {epoch + 1}/{config.epochs}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
+                    f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
+                    f"acc {record['test_accuracy']:.2%}  {record['seconds']:.1f} s",
+                    flush=True,
+                )
+    return run_dir
