@@ -76,6 +76,17 @@ def cpu_kernels() -> str | None:
     return CPU_KERNELS
 
 
+def cpu_output_cache() -> dict:
+    """The CPU kernels' output cache (csrc/cpu/output_cache.h): ``{"cached_bytes", "limit_bytes"}``.
+    Large outputs freed by one call are reused, already mapped, by the next call of that size
+    (a fresh multi-MB tensor page-faults on first write); ``RMASK_CPU_CACHE_MB`` (read at
+    start-up, default 256, 0 = off) bounds the bytes it keeps."""
+    if not ops.extension_loaded():
+        return {"cached_bytes": 0, "limit_bytes": 0}
+    cached, limit = torch.ops.rmask.cpu_output_cache()
+    return {"cached_bytes": cached, "limit_bytes": limit}
+
+
 def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
     """Whether the CPU op runs the batch-vector kernels (csrc/cpu/batch_vector.h) for
     these arguments; otherwise it runs the portable gather-GEMM-scatter kernels."""

@@ -376,6 +376,49 @@ def test_cpu_kernels_follow_the_cpu_capability():
     assert rk.backends.cpu_kernels() == expected
 
 
+@pytest.mark.skipif("cpu" not in rk.available_backends() or rk.backends.cpu_kernels() == "portable",
+                    reason="the output cache serves the batch-vector kernels")
+@pytest.mark.parametrize("mode", ["neuron", "spatial"])
+def test_large_outputs_reuse_freed_memory(mode):
+    # A freed output of >= 1 MiB goes to the cache, and the next output of its size takes it
+    # (already mapped: no page faults); the tensors are ordinary (resizable, correct).
+    x, weight = torch.randn(8, 16, 32, 32), torch.randn(64, 16, 3, 3)
+    mask = rk.random_mask((64, 32, 32), 0.5, mode)
+    y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
+    address, before = y.data_ptr(), rk.backends.cpu_output_cache()
+    assert before["limit_bytes"] == int(os.environ.get("RMASK_CPU_CACHE_MB", "256")) << 20
+    if before["limit_bytes"] < 8 << 20:
+        pytest.skip("RMASK_CPU_CACHE_MB set below this test's output")
+    del y
+    assert rk.backends.cpu_output_cache()["cached_bytes"] == before["cached_bytes"] + 8 * 64 * 32 * 32 * 4
+    y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
+    assert y.data_ptr() == address and rk.backends.cpu_output_cache() == before
+    torch.testing.assert_close(y, reference.masked_conv2d(x, weight, None, mask, padding=1), rtol=1e-4, atol=1e-4)
+    y.resize_(16, 64, 32, 32)  # storage grows like any tensor's
+    assert y.shape == (16, 64, 32, 32)
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("value,works", [("0", True), ("12", True), ("lots", False)])
+def test_output_cache_limit_from_the_environment(value, works):
+    code = (
+        "import torch, rmask_kernels as rk\n"
+        "m = rk.random_mask((64, 32, 32), 0.5, 'neuron')\n"
+        "y = rk.masked_conv2d(torch.randn(8, 16, 32, 32), torch.randn(64, 16, 3, 3), None, m, padding=1, backend='cpu')\n"
+        "del y\n"
+        "print(rk.backends.cpu_output_cache())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RMASK_CPU_CACHE_MB": value},
+                            capture_output=True, text=True)
+    if works:
+        assert result.returncode == 0, result.stderr[-2000:]
+        limit = int(value) << 20
+        cached = 8 * 64 * 32 * 32 * 4 if limit >= 8 * 64 * 32 * 32 * 4 else 0
+        assert f"'cached_bytes': {cached}, 'limit_bytes': {limit}" in result.stdout
+    else:
+        assert result.returncode != 0 and "RMASK_CPU_CACHE_MB must be a number of megabytes >= 0, got 'lots'" in result.stderr
+
+
 @pytest.mark.skipif(
     "cpu" not in rk.available_backends() or rk.backends.cpu_kernels() != "avx512",
     reason="needs an AVX-512 CPU (the AVX2 kernels are what the suite runs elsewhere)",

@@ -26,6 +26,7 @@
 
 #include "../masked_conv2d_common.h"
 #include "batch_vector.h"
+#include "output_cache.h"
 
 // at::parallel_for is a header template over `#pragma omp parallel` in an OpenMP build of
 // torch: compiled without OpenMP, every kernel here would silently run on one thread.
@@ -286,8 +287,8 @@ at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input
   const auto w_p = at::constant_pad_nd(weight.permute({2, 3, 1, 0}), {0, pad}).contiguous();  // [kh][kw][Cin][Cout_pad]
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b_p = has_bias ? at::constant_pad_nd(*bias, {0, pad}).contiguous() : at::Tensor();
-  auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
-                     input.options().memory_format(input.suggest_memory_format()));
+  auto y = cpu::empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, input.options(),
+                             input.suggest_memory_format());
   const auto res = residual.defined() ? residual.contiguous(input.suggest_memory_format()) : at::Tensor();
   auto partial = channel_sums ? at::zeros({row_chunks(g.batch), 2, g.out_channels}, input.options().dtype(at::kDouble))
                               : at::Tensor();
@@ -321,8 +322,8 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
   const auto w_f = weight.permute({0, 2, 3, 1}).contiguous();  // [Cout][kh][kw][Cin]
   const auto b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   // Every element is written by the kernel (masked ones as zeros).
-  auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
-                     input.options().memory_format(input.suggest_memory_format()));
+  auto y = cpu::empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, input.options(),
+                             input.suggest_memory_format());
   const auto res = residual.defined() ? residual.contiguous(input.suggest_memory_format()) : at::Tensor();  // y's layout
   const int64_t slots = cpu::panel_ring_rows(bg);
   auto partial = channel_sums ? at::zeros({row_chunks(g.out_height), 2, g.out_channels},
@@ -348,7 +349,7 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
 // position-CSR order: the operand of grad-input, grad-weight and grad-bias.
 at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const cpu::BatchVectorGeometry& bg,
                                           const at::Tensor& position_offsets, const at::Tensor& position_channels) {
-  auto rows = at::empty({position_channels.numel(), bg.padded_batch}, gy.options());
+  auto rows = cpu::empty_output({position_channels.numel(), bg.padded_batch}, gy.options(), at::MemoryFormat::Contiguous);
   parallel_row_chunks(bg.out_height, [&](int64_t, int64_t first, int64_t last) {
     float* panel = thread_scratch(2, bg.out_width * bg.out_channels * bg.padded_batch);
     batch_vector_kernels()->kept_gradient_rows(bg, gy.data_ptr<float>(), strides_of(gy),
@@ -384,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
   const auto w_b = need_input ? at::constant_pad_nd(weight.permute({2, 3, 0, 1}), {0, cin_pad - g.in_channels})
                                     .contiguous()  // [kh][kw][Cout][Cin_pad]
                               : at::Tensor();
-  auto grad_input = need_input ? at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()))
+  auto grad_input = need_input ? cpu::empty_output(input.sizes(), input.options(), input.suggest_memory_format())
                                : at::empty({0}, input.options());
   auto partial_w = need_weight ? at::zeros({chunks, g.out_channels, kk, cin_pad}, weight.options()) : at::Tensor();
   auto partial_b = need_bias ? at::zeros({chunks, g.out_channels}, input.options()) : at::Tensor();
@@ -426,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
   }
   if (need_input) {
     const auto w_b = weight.permute({2, 3, 0, 1}).contiguous();  // [kh][kw][Cout][Cin]
-    grad_input = at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()));
+    grad_input = cpu::empty_output(input.sizes(), input.options(), input.suggest_memory_format());
     const cpu::Strides xs = strides_of(grad_input);
     at::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> contributions(3 * g.kernel_h * g.kernel_w);
@@ -602,9 +603,14 @@ std::string cpu_kernels() {
 
 }  // namespace
 
-// Not an op on tensors: tells Python (the "auto" crossover, benchmarks, bug reports) which
-// kernels this process runs.
-TORCH_LIBRARY_FRAGMENT(rmask, m) { m.def("cpu_kernels() -> str", &cpu_kernels); }
+// Not ops on tensors: tell Python (the "auto" crossover, benchmarks, bug reports) which
+// kernels this process runs and what the output cache holds.
+// cpu_output_cache: the bytes the output cache (output_cache.h) holds free now, and its limit.
+TORCH_LIBRARY_FRAGMENT(rmask, m) {
+  m.def("cpu_kernels() -> str", &cpu_kernels);
+  m.def("cpu_output_cache() -> int[]",
+        []() -> std::vector<int64_t> { return {cpu::output_cache_bytes(), cpu::output_cache_limit()}; });
+}
 
 TORCH_LIBRARY_IMPL(rmask, CPU, m) {
   m.impl("masked_conv2d_stats", &masked_conv2d_stats_kernel);

@@ -1,0 +1,26 @@
+// Memory for the CPU kernels' large outputs, kept mapped between calls.
+//
+// A fresh multi-MB tensor from glibc malloc is a fresh mmap (or a heap top that malloc
+// trimmed back to the system on the last free), so each of its pages faults in on first
+// write: on the VM of benchmarks/NOTES.md, 1-4 ms per 8 MB output, as long as the kernel
+// itself. Layers call the op on the same shapes step after step, so outputs freed by one
+// step are handed to the next, already mapped, as the CUDA caching allocator does on GPUs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rmask {
+namespace cpu {
+
+// at::empty(sizes, options with memory_format) on a caching allocator: blocks of at least
+// 1 MiB are kept when freed, up to RMASK_CPU_CACHE_MB megabytes in all (default 256; 0
+// turns caching off), and reused for a request of exactly their size. Smaller tensors and
+// other devices come from the default allocator.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat memory_format);
+
+// Bytes the cache holds now (free blocks only) and its limit.
+int64_t output_cache_bytes();
+int64_t output_cache_limit();
+
+}  // namespace cpu
+}  // namespace rmask
