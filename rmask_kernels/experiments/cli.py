@@ -2,6 +2,8 @@
 
     rmask train --data digits --model small --mask-ratio 0.9 --epochs 20 --run-dir runs/rm09
     rmask train --run-dir runs/rm09 --resume --epochs 30
+    rmask attack --source runs/source --data digits --attack fgsm-16 pgd-1-20-16 --out adv/
+    rmask eval --target runs/normal runs/rm09 --adversarial adv/ --data digits --noise 16 --out results/
     torchrun --standalone --nproc_per_node 2 -m rmask_kernels.experiments.cli train --data cifar10 ...
 
 (``python -m rmask_kernels.experiments.cli`` works wherever ``rmask`` does.)
@@ -16,19 +18,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..backends import BACKENDS
 from ..nn import BN_STATS
-from .checkpoint import load_checkpoint
-from .data import DATASETS
-from .model_zoo import MODELS
-from .train import CONFIG_FILE, LAST_CHECKPOINT, PRESETS, TrainConfig, train
+from .attacks import (
+    AttackSpec, AttackSpecError, Ensemble, attacks_by_name, craft, load_adversarial, parse_attack, save_adversarial,
+)
+from .checkpoint import atomic_write, load_checkpoint
+from .data import DATASETS, ImageData, load_dataset, to_uint8
+from .evaluate import (
+    DECISION_ATTACKS, TransferResult, clean_accuracy, decision_based_eval, defense_success_rate, noise_robustness,
+    patch_shuffle_accuracy, to_markdown, transfer_predictions, transfer_setting, white_box_result, write_csv,
+)
+from .model_zoo import MODELS, load_model, mask_checksum, masks_of
+from .train import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, PRESETS, TrainConfig, resolve_device, train
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,357 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 register("train", "train a model (the paper's recipe by default)", _add_train_arguments, _run_train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by rmask attack and rmask eval
+
+
+def _add_data_and_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    parser.add_argument("--data", choices=DATASETS, required=True, help="dataset whose test images are used")
+    parser.add_argument("--data-path", type=Path, default=None, help="CIFAR-10 archive/directory or MNIST directory")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="the first N test images only")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
+    parser.add_argument("--seed", type=int, default=0, help="random starts, noise and shuffles (default 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="masked-conv implementation (default: the one each model was trained with)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """Checks and settings common to attack and eval, before anything slow runs."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def _test_data(args: argparse.Namespace) -> ImageData:
+    _, test = load_dataset(args.data, args.data_path)
+    return test if args.limit is None or args.limit >= len(test) else test.subset(slice(0, args.limit))
+
+
+def _attack_specs(names: Sequence[str], flag: str) -> List[AttackSpec]:
+    try:
+        return attacks_by_name(names)
+    except AttackSpecError as error:
+        raise ValueError(f"{flag}: {error}") from None
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """What `load_model` reads for ``path``: a run directory's best.pt, or the file itself."""
+    return path / BEST_CHECKPOINT if path.is_dir() else path
+
+
+def _model_name(path: Path) -> str:
+    """A short name for tables: the run directory's name (``+last`` for its last.pt), or
+    the checkpoint file's stem."""
+    file = _checkpoint_file(path)
+    if file.name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+        run = file.resolve().parent.name
+        return run if file.name == BEST_CHECKPOINT else f"{run}+last"
+    return file.stem
+
+
+@dataclass(frozen=True, eq=False)
+class _Model:
+    name: str
+    path: Path  # the checkpoint file
+    model: nn.Module
+    masked: bool  # has Random-Mask layers
+
+
+def _load_models(paths: Sequence[Path], flag: str, args: argparse.Namespace, device: torch.device) -> List[_Model]:
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+    names = [_model_name(path) for path in paths]
+    if len(set(names)) < len(names):
+        names = [str(path) for path in paths]  # run directories with equal names: keep them apart
+    models = []
+    for name, path in zip(names, paths):
+        model = load_model(path, device, args.backend)
+        models.append(_Model(name, _checkpoint_file(path).resolve(), model, bool(masks_of(model))))
+    return models
+
+
+def _file_name(spec: AttackSpec) -> str:
+    # The short name, or the canonical form (with ':' ',' '=') when a parameter is off its default.
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", spec.short_name)
+
+
+def _natural_key(path: Path) -> list:
+    # fgsm-8 before fgsm-16: numbers compare as numbers.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+# ---------------------------------------------------------------------------------------------
+# rmask attack
+
+
+def _add_attack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", type=Path, action="extend", nargs="+", required=True, metavar="RUN_OR_CKPT",
+                        help="source model: a run directory (its best.pt) or a checkpoint; several: their ensemble "
+                             "(averaged logits)")
+    parser.add_argument("--attack", action="extend", nargs="+", required=True, metavar="SPEC",
+                        help="attacks, eps and step in /255: fgsm-8, pgd-1-20-16 (step-iters-eps), mi-fgsm-1-20-16, "
+                             "cw-l2-40, 'pgd:eps=8,step=2,iters=7,random_start=true'; 'paper' for the paper's grid, "
+                             "'paper:pgd' for one family of it")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="writes DIR/<attack>.pt and DIR/<attack>.csv (the index) per attack")
+    _add_data_and_run_arguments(parser, batch_size=128)
+
+
+def _run_attack(args: argparse.Namespace) -> int:
+    _prepare(args)
+    specs = _attack_specs(args.attack, "--attack")
+    device = resolve_device(args.device)
+    test = _test_data(args)
+    sources = _load_models(args.source, "--source", args, device)
+    source = sources[0].model if len(sources) == 1 else Ensemble(s.model for s in sources).eval()
+    # What eval needs to name the setting (white-, gray- or black-box) of each target.
+    source_meta = [
+        {"name": s.name, "path": str(s.path), "masked": s.masked, "mask_checksum": mask_checksum(s.model)}
+        for s in sources
+    ]
+    generator = torch.Generator().manual_seed(args.seed)  # PGD's random start, if asked for
+    for spec in specs:
+        crafted = craft(source, test.images, test.labels, spec, batch_size=args.batch_size, generator=generator)
+        meta = {
+            "short_name": spec.short_name, "sources": source_meta, "data": args.data,
+            "data_path": str(args.data_path) if args.data_path is not None else None,
+            "limit": args.limit, "seed": args.seed,
+        }
+        path = save_adversarial(args.out / f"{_file_name(spec)}.pt", crafted, meta)
+        crafted_count = len(crafted["index"])
+        fooled = int((crafted["source_prediction"] != crafted["label"]).sum())
+        rate = f"{fooled / crafted_count:.1%}" if crafted_count else "n/a"
+        print(f"{spec.short_name}: {crafted_count}/{crafted['num_images']} test images crafted (those the source "
+              f"classifies correctly), source fooled on {fooled} ({rate}) -> {path}", flush=True)
+    return 0
+
+
+register("attack", "craft adversarial examples on source model(s) for the transfer experiments",
+         _add_attack_arguments, _run_attack)
+
+
+# ---------------------------------------------------------------------------------------------
+# rmask eval
+
+_TRANSFER_COLUMNS = ("target", "attack", "source", "setting", "clean_accuracy", "defense_success_rate",
+                     "transfer_rate", "counted")
+RESULTS_MARKDOWN, RESULTS_CSV = "results.md", "results.csv"
+ACCURACY_PLOT, EXAMPLES_PLOT = "accuracy_vs_eps.png", "examples.png"
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", type=Path, action="extend", nargs="+", required=True, metavar="RUN_OR_CKPT",
+                        help="models to evaluate: run directories (their best.pt) or checkpoints")
+    parser.add_argument("--adversarial", type=Path, action="extend", nargs="+", default=[], metavar="DIR_OR_FILE",
+                        help="examples from rmask attack: .pt files, or directories of them")
+    parser.add_argument("--white-box", action="extend", nargs="+", default=[], metavar="SPEC",
+                        help="attack each target directly with these specs (as rmask attack --attack)")
+    parser.add_argument("--noise", type=float, action="extend", nargs="+", default=[], metavar="EPS",
+                        help="accuracy under Gaussian noise, sigma eps/2 truncated to ±eps (eps in /255)")
+    parser.add_argument("--patch-shuffle", type=int, action="extend", nargs="+", default=[], metavar="S",
+                        help="accuracy with each image cut into an S×S grid of patches, randomly permuted (paper: 2 4 8)")
+    parser.add_argument("--boundary", type=int, default=None, metavar="N",
+                        help="decision-based attack on N correctly classified images (needs foolbox)")
+    parser.add_argument("--decision-attack", choices=DECISION_ATTACKS, default="boundary",
+                        help="the attack --boundary runs (default boundary)")
+    parser.add_argument("--decision-steps", type=int, default=None,
+                        help="its steps (default foolbox's: boundary 25000, hop-skip-jump 64)")
+    parser.add_argument("--examples", type=int, default=8, metavar="N",
+                        help=f"examples in {EXAMPLES_PLOT} (default 8)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help=f"writes {RESULTS_MARKDOWN}, {RESULTS_CSV} (+ one CSV per other table) and the plots")
+    _add_data_and_run_arguments(parser, batch_size=256)
+
+
+def _adversarial_files(paths: Sequence[Path]) -> List[Path]:
+    files: List[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.pt"), key=_natural_key)
+            if not found:
+                raise ValueError(f"--adversarial {path}: no adversarial-example files (*.pt) in this directory")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--adversarial {path}: no such file or directory")
+    return list(dict.fromkeys(files))
+
+
+class _Examples:
+    """Adversarial examples that fool one model, with their originals, for the example grid;
+    one per test image (several attacks often fool it on the same ones)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.shown: set = set()  # test-image indices
+        self.originals: List[torch.Tensor] = []
+        self.adversarials: List[torch.Tensor] = []
+        self.labels: List[torch.Tensor] = []
+        self.predictions: List[torch.Tensor] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.shown)
+
+    def add(self, test: ImageData, crafted: Dict[str, Any], predictions: torch.Tensor, fooled: torch.Tensor) -> None:
+        take = [position for position in torch.nonzero(fooled).flatten().tolist()
+                if int(crafted["index"][position]) not in self.shown][: self.limit - self.count]
+        self.shown.update(int(crafted["index"][position]) for position in take)
+        self.originals.append(to_uint8(test.images[crafted["index"][take]]))
+        self.adversarials.append(crafted["adversarial"][take])
+        self.labels.append(crafted["label"][take])
+        self.predictions.append(predictions[take])
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [torch.cat(values) for values in (self.originals, self.adversarials, self.labels, self.predictions)]
+
+
+def _transfer_row(target: _Model, attack: str, family: str, eps: Optional[float], source: str, setting: str,
+                  clean: float, result: TransferResult) -> Dict[str, Any]:
+    return {"target": target.name, "attack": attack, "source": source, "setting": setting,
+            "clean_accuracy": clean, **result.as_row(), "family": family, "eps": eps}
+
+
+def _family(spec_text: Optional[str], fallback: str) -> str:
+    try:
+        return parse_attack(spec_text).name
+    except (AttackSpecError, TypeError):
+        return fallback
+
+
+def _note(message: str) -> None:
+    print(f"rmask eval: note: {message}", file=sys.stderr)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    _prepare(args)
+    files = _adversarial_files(args.adversarial)
+    white_box = _attack_specs(args.white_box, "--white-box") if args.white_box else []
+    for eps in args.noise:
+        if not 0 <= eps <= 255:
+            raise ValueError(f"--noise {eps:g}: eps must be in [0, 255] (/255 units)")
+    if args.boundary is not None and args.boundary < 1:
+        raise ValueError(f"--boundary must be a positive number of images, got {args.boundary}")
+    if not (files or white_box or args.noise or args.patch_shuffle or args.boundary):
+        raise ValueError("nothing to evaluate: give --adversarial, --white-box, --noise, --patch-shuffle or --boundary")
+    device = resolve_device(args.device)
+    test = _test_data(args)
+    height, width = test.image_size
+    for s in args.patch_shuffle:  # before any slow work
+        if s < 1 or height % s or width % s:
+            raise ValueError(f"--patch-shuffle {s}: must be a positive divisor of the image size {height}×{width}")
+    targets = _load_models(args.target, "--target", args, device)
+    order = {target.name: position for position, target in enumerate(targets)}
+    clean = {target.name: clean_accuracy(target.model, test, args.batch_size) for target in targets}
+    # The example grid shows what fools the first Random-Mask target.
+    shown = next((target for target in targets if target.masked), None)
+    examples = _Examples(max(args.examples, 0))
+
+    transfer: List[Dict[str, Any]] = []
+    for file in files:
+        crafted = load_adversarial(file)
+        meta = crafted["meta"]
+        if meta.get("data") not in (None, args.data):
+            raise ValueError(f"{file} was crafted on {meta['data']} test images, not --data {args.data}")
+        attack = meta.get("short_name") or meta.get("attack") or file.stem
+        sources = meta.get("sources") or []
+        source_names = ", ".join(source.get("name", "?") for source in sources) or "?"
+        source_fooled = crafted["source_prediction"] != crafted["label"]
+        for target in targets:
+            predictions = transfer_predictions(target.model, crafted, test, args.batch_size)
+            setting = transfer_setting(sources, target.path, target.masked)
+            if setting == "white-box" and len(sources) == 1:
+                # Crafted on this very model: the same numbers as --white-box gives (the paper's
+                # filter would make the rate 0 by construction).
+                result = white_box_result(dict(crafted, source_prediction=predictions.adversarial))
+            else:
+                result = defense_success_rate(predictions.adversarial, predictions.clean, crafted["label"], source_fooled)
+            transfer.append(_transfer_row(target, attack, _family(meta.get("attack"), attack), meta.get("eps"),
+                                          source_names, setting, clean[target.name], result))
+            if target is shown:
+                fooled = source_fooled & (predictions.clean == crafted["label"]) & (predictions.adversarial != crafted["label"])
+                examples.add(test, crafted, predictions.adversarial, fooled)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    for spec in white_box:
+        for target in targets:
+            crafted = craft(target.model, test.images, test.labels, spec, batch_size=args.batch_size, generator=generator)
+            transfer.append(_transfer_row(target, spec.short_name, spec.name, spec.eps, target.name, "white-box",
+                                          clean[target.name], white_box_result(crafted)))
+            if target is shown:
+                examples.add(test, crafted, crafted["source_prediction"], crafted["source_prediction"] != crafted["label"])
+    transfer.sort(key=lambda row: order[row["target"]])  # stable: attacks keep their order per target
+
+    noise = [
+        {"target": target.name, "eps": int(eps) if eps.is_integer() else eps, "clean_accuracy": clean[target.name],
+         "accuracy": noise_robustness(target.model, test, eps / 255, args.batch_size, seed=args.seed)}
+        for target in targets for eps in args.noise
+    ]
+    shuffled = [
+        {"target": target.name, "s": s, "clean_accuracy": clean[target.name],
+         "accuracy": patch_shuffle_accuracy(target.model, test, s, args.batch_size, seed=args.seed)}
+        for target in targets for s in args.patch_shuffle
+    ]
+    decision: List[Dict[str, Any]] = []
+    if args.boundary:
+        try:
+            for target in targets:
+                result = decision_based_eval(target.model, test, args.decision_attack, n=args.boundary,
+                                             steps=args.decision_steps, seed=args.seed, batch_size=args.batch_size)
+                decision.append({"target": target.name, **result.as_row()})
+        except ImportError as error:
+            _note(f"--boundary skipped: {error}")
+
+    # (title, rows, markdown columns, decimals, CSV file); distortions are small numbers.
+    tables = [
+        ("Transfer: defense success rate (target accuracy on examples that fooled the source, among those "
+         "it classifies correctly when clean)", transfer, _TRANSFER_COLUMNS, 3, RESULTS_CSV),
+        ("Random noise (Gaussian, sigma eps/2 truncated to ±eps; eps in /255)", noise, None, 3, "noise.csv"),
+        ("Patch shuffling (s×s grid of patches, randomly permuted)", shuffled, None, 3, "patch_shuffle.csv"),
+        ("Decision-based attack (mean squared distortion, larger = more robust)", decision, None, 6, "decision.csv"),
+    ]
+    markdown = "".join(
+        f"## {title}\n\n{to_markdown(rows, columns, digits)}\n" for title, rows, columns, digits, _ in tables if rows
+    )
+    print(markdown, end="", flush=True)
+    atomic_write(args.out / RESULTS_MARKDOWN, lambda handle: handle.write(markdown.encode()))
+    for _, rows, _, _, name in tables:
+        if rows:
+            write_csv(args.out / name, rows)
+    _plot(args, transfer, examples, shown, test)
+    print(f"results: {args.out / RESULTS_MARKDOWN}", flush=True)
+    return 0
+
+
+def _plot(args: argparse.Namespace, transfer: List[Dict[str, Any]], examples: _Examples,
+          shown: Optional[_Model], test: ImageData) -> None:
+    try:
+        from .plots import example_grid, plot_accuracy_vs_eps
+
+        # Rows without an eps (CW) or with nothing counted have no point on the plot.
+        if any(row["eps"] is not None and not math.isnan(row["defense_success_rate"]) for row in transfer):
+            plot_accuracy_vs_eps(transfer, args.out / ACCURACY_PLOT)
+        if examples.count:
+            example_grid(*examples.tensors(), args.out / EXAMPLES_PLOT, n=examples.count, classes=test.classes,
+                         title=f"Adversarial examples that fool {shown.name}")
+        elif transfer and args.examples > 0:
+            reason = "no target has Random-Mask layers" if shown is None else f"no example fools {shown.name}"
+            _note(f"no {EXAMPLES_PLOT}: {reason}")
+    except ImportError as error:
+        _note(f"no plots: {error}")
+
+
+register("eval", "evaluate target models: transfer (black/gray-box), white-box, noise, patch shuffling, "
+         "decision-based", _add_eval_arguments, _run_eval)
 
 
 # ---------------------------------------------------------------------------------------------
