@@ -419,6 +419,27 @@ def test_output_cache_limit_from_the_environment(value, works):
         assert result.returncode != 0 and "RMASK_CPU_CACHE_MB must be a number of megabytes >= 0, got 'lots'" in result.stderr
 
 
+@pytest.mark.skipif("cpu" not in rk.available_backends() or rk.backends.cpu_kernels() == "portable",
+                    reason="the output cache serves the batch-vector kernels")
+def test_output_cache_releases_the_oldest_blocks_over_its_limit():
+    # 3 MB: a 2 MB output freed, then a 1.5 MB one: the 2 MB block (freed first) is released.
+    code = (
+        "import torch, rmask_kernels as rk\n"
+        "def out(n):\n"
+        "    m = rk.random_mask((64, 32, 32), 0.5, 'neuron')\n"
+        "    return rk.masked_conv2d(torch.randn(n, 16, 32, 32), torch.randn(64, 16, 3, 3), None, m, padding=1, backend='cpu')\n"
+        "a, b = out(8), out(6)\n"
+        "del a\n"
+        "print(rk.backends.cpu_output_cache()['cached_bytes'])\n"
+        "del b\n"
+        "print(rk.backends.cpu_output_cache()['cached_bytes'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RMASK_CPU_CACHE_MB": "3"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(2 << 20), str(3 << 19)]
+
+
 @pytest.mark.skipif(
     "cpu" not in rk.available_backends() or rk.backends.cpu_kernels() != "avx512",
     reason="needs an AVX-512 CPU (the AVX2 kernels are what the suite runs elsewhere)",

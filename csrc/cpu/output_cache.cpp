@@ -5,9 +5,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <mutex>
-#include <unordered_map>
-#include <vector>
 
 namespace rmask {
 namespace cpu {
@@ -33,11 +32,12 @@ class CachingAllocator final : public c10::Allocator {
     void* data = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(bytes);
-      if (it != free_.end() && !it->second.empty()) {
-        data = it->second.back();
-        it->second.pop_back();
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {  // the most recently freed first
+        if (it->bytes != bytes) continue;
+        data = it->data;
         cached_ -= bytes;
+        free_.erase(std::next(it).base());
+        break;
       }
     }
     if (!data) {
@@ -63,7 +63,7 @@ class CachingAllocator final : public c10::Allocator {
   static void release(void* context);
 
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
+  std::list<Block> free_;  // in the order they were freed: the oldest go first when over the limit
   size_t cached_ = 0;
   const size_t limit_ = limit_from_environment();
 };
@@ -77,16 +77,18 @@ CachingAllocator& allocator() {
 void CachingAllocator::release(void* context) {
   auto* block = static_cast<Block*>(context);
   auto& self = allocator();
-  bool kept = false;
+  std::list<Block> evicted;
   {
     std::lock_guard<std::mutex> lock(self.mutex_);
-    if (self.cached_ + block->bytes <= self.limit_) {
-      self.free_[block->bytes].push_back(block->data);
-      self.cached_ += block->bytes;
-      kept = true;
+    self.free_.push_back(*block);
+    self.cached_ += block->bytes;
+    // Over the limit, the blocks freed longest ago go (sizes the current work no longer uses).
+    while (self.cached_ > self.limit_) {
+      self.cached_ -= self.free_.front().bytes;
+      evicted.splice(evicted.end(), self.free_, self.free_.begin());
     }
   }
-  if (!kept) std::free(block->data);
+  for (const auto& old : evicted) std::free(old.data);
   delete block;
 }
 

@@ -14,8 +14,9 @@ namespace cpu {
 
 // at::empty(sizes, options with memory_format) on a caching allocator: blocks of at least
 // 1 MiB are kept when freed, up to RMASK_CPU_CACHE_MB megabytes in all (default 256; 0
-// turns caching off), and reused for a request of exactly their size. Smaller tensors and
-// other devices come from the default allocator.
+// turns caching off; over it, the blocks freed longest ago are released), and reused for a
+// request of exactly their size. Smaller tensors and other devices come from the default
+// allocator.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat memory_format);
 
 // Bytes the cache holds now (free blocks only) and its limit.
