@@ -19,6 +19,7 @@ struct Simd {
   static constexpr int kLanes = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p aligned to the vector size
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }

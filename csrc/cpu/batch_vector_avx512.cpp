@@ -21,6 +21,7 @@ struct Simd {
   static constexpr int kLanes = 16;
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p aligned to the vector size
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
