@@ -648,22 +648,24 @@ inline void image_out(const float* image, int64_t stride, int64_t channels, int6
   }
 }
 
+// The input position (flat, h * W + w) that output position p reads through tap t
+// (t = i * kw + j), or -1 for a padding tap.
+inline int64_t tap_input(const BatchVectorGeometry& g, int64_t p, int64_t t) {
+  const int64_t ih = (p / g.out_width) * g.stride_h - g.pad_h + (t / g.kernel_w) * g.dilation_h;
+  const int64_t iw = (p % g.out_width) * g.stride_w - g.pad_w + (t % g.kernel_w) * g.dilation_w;
+  return ih >= 0 && ih < g.height && iw >= 0 && iw < g.width ? ih * g.width + iw : -1;
+}
+
 // Points x_taps (R rows of kh * kw) at the channels-last input rows that the output positions
 // positions[0 .. rows) read, `zeros` for padding taps.
 inline void point_taps(const BatchVectorGeometry& g, const int64_t* positions, int rows, const float* image,
                        int64_t stride, const float* zeros, const float** x_taps) {
   const int64_t ntaps = g.kernel_h * g.kernel_w;
-  for (int r = 0; r < rows; ++r) {
-    const int64_t oh = positions[r] / g.out_width, ow = positions[r] % g.out_width;
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-      for (int64_t j = 0; j < g.kernel_w; ++j) {
-        const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
-        const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
-        x_taps[r * ntaps + i * g.kernel_w + j] = inside ? image + (ih * g.width + iw) * stride : zeros;
-      }
+  for (int r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const int64_t q = tap_input(g, positions[r], t);
+      x_taps[r * ntaps + t] = q >= 0 ? image + q * stride : zeros;
     }
-  }
 }
 
 void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs, const float* w_p, int64_t cout_pad,
@@ -750,13 +752,9 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
       const float* zeros = spare;
       for (int64_t c = 0; c < cin_pad; ++c) spare[c] = 0.0f;
       for (int64_t t = 0; t < ntaps; ++t) {
-        const int64_t i = t / g.kernel_w, j = t % g.kernel_w;
         for (int64_t k = 0; k < np; ++k) {
-          const int64_t oh = positions[k] / g.out_width, ow = positions[k] % g.out_width;
-          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-          const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
-          const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
-          copy_floats(panel + k * cin_pad, inside ? image + (ih * g.width + iw) * cin_pad : zeros, cin_pad);
+          const int64_t q = tap_input(g, positions[k], t);
+          copy_floats(panel + k * cin_pad, q >= 0 ? image + q * cin_pad : zeros, cin_pad);
         }
         for (int64_t c0 = 0, count = 0; c0 < cout; c0 += count) {
           count = even_tile(cout - c0, kWeightTile);
@@ -779,13 +777,9 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
         const int count = static_cast<int>(min64(kPositionRows, np - k0));
         for (int r = 0; r < count; ++r) row_of[r] = rows + (k0 + r) * cout_pad;
         for (int64_t t = 0; t < ntaps; ++t) {
-          const int64_t i = t / g.kernel_w, j = t % g.kernel_w;
           for (int r = 0; r < count; ++r) {
-            const int64_t oh = positions[k0 + r] / g.out_width, ow = positions[k0 + r] % g.out_width;
-            const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
-            const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
-            out_rows[r] = inside ? image + (ih * g.width + iw) * cin_pad : spare;
+            const int64_t q = tap_input(g, positions[k0 + r], t);
+            out_rows[r] = q >= 0 ? image + q * cin_pad : spare;
           }
           position_tiles(row_of, 1, cout, w_b + t * cout * cin_pad, cin_pad, nullptr, false, true, out_rows, count);
         }

@@ -259,26 +259,19 @@ void parallel_row_chunks(int64_t rows, const F& f) {
   });
 }
 
-// The kept positions (ascending) when every position keeps all output channels or none, as a
-// spatial mask does; empty otherwise (also when nothing is kept).
-std::vector<int64_t> full_positions(const ConvGeometry& g, const at::Tensor& position_offsets) {
-  const int64_t* offsets = position_offsets.data_ptr<int64_t>();
-  std::vector<int64_t> kept;
-  for (int64_t p = 0; p < g.out_height * g.out_width; ++p) {
-    const int64_t count = offsets[p + 1] - offsets[p];
-    if (count == g.out_channels) kept.push_back(p);
-    else if (count != 0) return {};
-  }
-  return kept;
+// Whether the per-image kernels for spatial masks serve this call: one mask pattern shared by
+// every channel (the kept index's by-pattern form then lists the kept positions, ascending).
+bool spatial_mask(const ConvGeometry& g, const at::Tensor& kept_positions) {
+  return g.patterns == 1 && kept_positions.numel() > 0;
 }
 
-// The forward for spatial masks (see full_positions): BatchVectorKernels::forward_positions,
+// The forward for spatial masks (see spatial_mask): BatchVectorKernels::forward_positions,
 // one image per visit, so no layout step over the whole batch (the batch-vector forward lays
 // out every input row for all images: at keep 0.1 that fixed part was half its time). Partial
 // channel sums per chunk of images, added in chunk order.
 at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, const std::vector<int64_t>& positions,
-                                  bool relu, at::Tensor* channel_sums, const at::Tensor& residual) {
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& positions, bool relu,
+                                  at::Tensor* channel_sums, const at::Tensor& residual) {
   const auto bg = batch_vector_geometry(g);
   const auto* kernels = batch_vector_kernels();
   const auto x = addressable(input);
@@ -298,8 +291,8 @@ at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input
     std::vector<const float*> x_taps(8 * g.kernel_h * g.kernel_w);
     const std::vector<float> zeros(g.in_channels, 0.0f);
     kernels->forward_positions(bg, x.data_ptr<float>(), xs, w_p.data_ptr<float>(), cout_pad,
-                               has_bias ? b_p.data_ptr<float>() : nullptr, relu, positions.data(),
-                               static_cast<int64_t>(positions.size()), first, last,
+                               has_bias ? b_p.data_ptr<float>() : nullptr, relu, positions.data_ptr<int64_t>(),
+                               positions.numel(), first, last,
                                res.defined() ? res.data_ptr<float>() : nullptr, y.data_ptr<float>(), strides_of(y),
                                x_taps.data(), zeros.data(), thread_scratch(2, scratch_size),
                                channel_sums ? partial[chunk].data_ptr<double>() : nullptr);
@@ -312,11 +305,11 @@ at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input
 // and sums of squares, accumulated per chunk of rows and added up in chunk order
 // (deterministic for a given thread count).
 at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& position_offsets,
-                                const at::Tensor& position_channels, bool relu, at::Tensor* channel_sums = nullptr,
-                                const at::Tensor& residual = at::Tensor()) {
-  const auto positions = full_positions(g, position_offsets);
-  if (!positions.empty()) return full_positions_forward(g, input, weight, bias, positions, relu, channel_sums, residual);
+                                const std::optional<at::Tensor>& bias, const at::Tensor& kept_positions,
+                                const at::Tensor& position_offsets, const at::Tensor& position_channels, bool relu,
+                                at::Tensor* channel_sums = nullptr, const at::Tensor& residual = at::Tensor()) {
+  if (spatial_mask(g, kept_positions))
+    return full_positions_forward(g, input, weight, bias, kept_positions, relu, channel_sums, residual);
   const auto bg = batch_vector_geometry(g);
   const auto x = addressable(input);
   const auto w_f = weight.permute({0, 2, 3, 1}).contiguous();  // [Cout][kh][kw][Cin]
@@ -370,16 +363,16 @@ at::Tensor sum_weight_partials(const ConvGeometry& g, const at::Tensor& partial)
       .contiguous();
 }
 
-// The backward for spatial masks (see full_positions): BatchVectorKernels::backward_positions,
+// The backward for spatial masks (see spatial_mask): BatchVectorKernels::backward_positions,
 // one image per visit; partial weight and bias gradients per chunk of images.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
     const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const std::vector<int64_t>& positions, std::array<bool, 3> output_mask) {
+    const at::Tensor& positions, std::array<bool, 3> output_mask) {
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto bg = batch_vector_geometry(g);
   const auto* kernels = batch_vector_kernels();
   const int64_t cin_pad = kernels->padded_channels(g.in_channels), cout_pad = kernels->padded_channels(g.out_channels);
-  const int64_t kk = g.kernel_h * g.kernel_w, np = static_cast<int64_t>(positions.size()), chunks = row_chunks(g.batch);
+  const int64_t kk = g.kernel_h * g.kernel_w, np = positions.numel(), chunks = row_chunks(g.batch);
   const auto gy = addressable(grad_output);
   const auto x = need_weight ? addressable(input) : at::Tensor();
   const auto w_b = need_input ? at::constant_pad_nd(weight.permute({2, 3, 0, 1}), {0, cin_pad - g.in_channels})
@@ -394,7 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
   parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
     kernels->backward_positions(bg, gy.data_ptr<float>(), strides_of(gy), need_weight ? x.data_ptr<float>() : nullptr,
                                 need_weight ? strides_of(x) : cpu::Strides{0, 0, 0},
-                                need_input ? w_b.data_ptr<float>() : nullptr, positions.data(), np, first, last,
+                                need_input ? w_b.data_ptr<float>() : nullptr, positions.data_ptr<int64_t>(), np,
+                                first, last,
                                 need_input ? grad_input.data_ptr<float>() : nullptr, gx_strides,
                                 need_weight ? partial_w[chunk].data_ptr<float>() : nullptr,
                                 need_bias ? partial_b[chunk].data_ptr<float>() : nullptr,
@@ -406,9 +400,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& position_offsets, const at::Tensor& position_channels, std::array<bool, 3> output_mask) {
-  const auto positions = full_positions(g, position_offsets);
-  if (!positions.empty()) return full_positions_backward(g, grad_output, input, weight, positions, output_mask);
+    const at::Tensor& kept_positions, const at::Tensor& position_offsets, const at::Tensor& position_channels,
+    std::array<bool, 3> output_mask) {
+  if (spatial_mask(g, kept_positions))
+    return full_positions_backward(g, grad_output, input, weight, kept_positions, output_mask);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto bg = batch_vector_geometry(g);
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
@@ -480,7 +475,7 @@ at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tenso
                 input.device(), ", got ", residual->device());
   }
   if (use_batch_vector(g, input)) {
-    return batch_vector_forward(g, input, weight, bias, by_position, channels, relu, nullptr,
+    return batch_vector_forward(g, input, weight, bias, positions, by_position, channels, relu, nullptr,
                                 has_residual ? *residual : at::Tensor());
   }
 
@@ -530,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_kernel(
   const auto by_position = position_offsets.contiguous(), channels = position_channels.contiguous();
   check_kept_index(g, offsets, positions, by_position, channels);
   if (use_batch_vector(g, input)) {
-    return batch_vector_backward(g, grad_output, input, weight, by_position, channels, output_mask);
+    return batch_vector_backward(g, grad_output, input, weight, positions, by_position, channels, output_mask);
   }
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto ctype = compute_type(input.scalar_type());
@@ -586,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats_kernel(
     const auto by_position = position_offsets.contiguous(), channels = position_channels.contiguous();
     check_kept_index(g, offsets, positions, by_position, channels);
     at::Tensor sums;
-    auto y = batch_vector_forward(g, input, weight, bias, by_position, channels, /*relu=*/false, &sums);
+    auto y = batch_vector_forward(g, input, weight, bias, positions, by_position, channels, /*relu=*/false, &sums);
     return {y, sums[0].clone(), sums[1].clone()};  // distinct outputs, not views of one
   }
   auto y = masked_conv2d_forward_kernel(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
