@@ -282,11 +282,18 @@ def noise_robustness(model: nn.Module, data: ImageData, eps: float, batch_size: 
     """Accuracy of ``model`` on ``data`` under `gaussian_noise` of ``eps`` ([0, 1] units; the
     paper's sigma = eps/2 truncated to ±eps). Reproducible for a given seed and batch size."""
     _check_eps(eps)
+    return _accuracy_under(model, data, lambda images, generator: gaussian_noise(images, eps, generator),
+                           batch_size, seed, device)
+
+
+def _accuracy_under(model: nn.Module, data: ImageData, transform, batch_size: int, seed: int, device) -> float:
+    """Accuracy on ``transform(images, generator)`` batch by batch, one seeded generator
+    drawn in order (reproducible for a given seed and batch size)."""
     _check_batch_size(batch_size)
     generator = torch.Generator().manual_seed(seed)
     correct = 0
     for start in range(0, len(data), batch_size):
-        images = gaussian_noise(data.images[start:start + batch_size], eps, generator)
+        images = transform(data.images[start:start + batch_size], generator)
         correct += int((_predict(model, images, batch_size, device) == data.labels[start:start + batch_size]).sum())
     return correct / len(data) if len(data) else math.nan
 
@@ -321,13 +328,8 @@ def patch_shuffle_accuracy(model: nn.Module, data: ImageData, s: int, batch_size
                            device: Union[str, torch.device, None] = None) -> float:
     """Accuracy of ``model`` on ``data`` with each image's `patch_shuffle` of an s×s grid
     (seeded: the same permutations for every model evaluated with the same seed)."""
-    _check_batch_size(batch_size)
-    generator = torch.Generator().manual_seed(seed)
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        images = patch_shuffle(data.images[start:start + batch_size], s, generator)
-        correct += int((_predict(model, images, batch_size, device) == data.labels[start:start + batch_size]).sum())
-    return correct / len(data) if len(data) else math.nan
+    return _accuracy_under(model, data, lambda images, generator: patch_shuffle(images, s, generator),
+                           batch_size, seed, device)
 
 
 # ---------------------------------------------------------------------------------------------
