@@ -39,14 +39,7 @@ def tiny_cnn() -> nn.Module:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models here are tiny: a second intra-op thread gains nothing and, on a machine
-    # shared with benchmarks, its barrier waits made this file several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ TRAIN = ["train", "--data", "digits", "--model", "small", "--epochs", "2", "--li
 LIMIT = ["--limit", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,11 @@ training); the full demo prints the robustness checks itself."""
 import re
 
 import pytest
-import torch
 
 from rmask_kernels import demo
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _table(output):

@@ -33,12 +33,7 @@ TINY = ["--data", "digits", "--model", "small", "--mask-ratio", "0.5", "--limit-
         "--batch-size", "32", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_train(run_dir, *extra):
