@@ -205,9 +205,9 @@ inline void copy_floats(float* dst, const float* src, int64_t count) {
 // them needs evicting, and the stores skip reading each line before overwriting it. Measured
 // side by side with F.conv2d * mask (make bench's setting, 64->64@32, keep 0.1): spatial
 // 4.8 -> 2.5 ms, neuron 3.7-4.1 -> 2.8-3.1 ms; ResNet-18 inference 1.52x -> 1.62x with
-// benchmarks/model_times.py. (Before
-// the output cache, outputs were fresh glibc memory the previous op had just dirtied, and
-// plain stores measured faster.) The caller fences (_mm_sfence) before anyone reads dst.
+// benchmarks/model_times.py. (Before the output cache, outputs were fresh glibc memory the
+// previous op had just dirtied, and plain stores measured faster.) The caller fences
+// (_mm_sfence) before anyone reads dst.
 inline void stream_floats(float* dst, const float* src, int64_t count) {
   int64_t i = 0;
   if (reinterpret_cast<uintptr_t>(dst) % sizeof(typename Simd::V) == 0)
