@@ -13,7 +13,7 @@ TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
 SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cmake-check
+.PHONY: install test demo bench clean cmake-check wheel wheel-cuda cuda-check
 
 install: $(VENV)/.stamp-build
 
@@ -49,12 +49,58 @@ bench: install
 	$(PY) benchmarks/report.py $(BENCH_JSON) | tee $(BENCH_JSON:.json=.md)
 
 # Build the C++ library against LibTorch with CMake, as C++ users do (no Python involved).
+# An abi3 wheel in dist/ for the torch of $(VENV): CPU-only with a CPU torch, CUDA kernels for
+# TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX) with a CUDA torch. Its version names that torch
+# (0.1.0+cputorch2.13, 0.1.0+cu130torch2.14) and it requires that torch minor release.
+wheel: $(VENV)/.stamp-deps
+	$(PY) setup.py --version
+	$(PIP) wheel --no-build-isolation --no-deps -w dist .
+
 cmake-check: install
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake
 	cd build/cmake && ctest --output-on-failure
+
+# ---------------------------------------------------------------------------------------
+# CUDA, without a GPU: a second venv with the CUDA build of torch (.venv-cuda, stamped like
+# .venv) in which the extension is compiled and linked with the machine's nvcc for
+# CUDA_ARCH_LIST, imported, and the kernels' arithmetic checked on the host (tests/cuda).
+CUDA_VENV       ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME       ?= /usr/local/cuda
+CUDA_ARCH_LIST  ?= 8.0;9.0+PTX
+CUDA_PY         := $(CUDA_VENV)/bin/python
+CUDA_PIP        := $(CUDA_PY) -m pip --quiet --disable-pip-version-check
+CUDA_DEPS       := numpy ninja pytest hypothesis setuptools wheel tqdm
+CUDA_TORCH_TAG  := $(shell printf '%s' '$(CUDA_TORCH_SPEC)' | md5sum | cut -c1-10)
+# torch's pip CUDA packages carry the cuBLAS/cuSPARSE headers ATen's CUDA headers include;
+# torch.utils.cpp_extension looks in /usr/local unless CUDA_HOME says otherwise.
+CUDA_ENV         = CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH_LIST)" MAX_JOBS=2 \
+                   CPATH="$$($(abspath $(CUDA_PY)) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')$${CPATH:+:$$CPATH}"
+
+$(CUDA_VENV)/.stamp-torch-$(CUDA_TORCH_TAG):
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	rm -f $(CUDA_VENV)/.stamp-*
+	$(CUDA_PIP) install "$(CUDA_TORCH_SPEC)" $(CUDA_DEPS)
+	touch $@
+
+# The CUDA wheel, built by the CUDA torch of .venv-cuda in its own build folder (build/cuda).
+wheel-cuda: $(CUDA_VENV)/.stamp-torch-$(CUDA_TORCH_TAG)
+	$(CUDA_ENV) RMASK_BUILD_BASE=build/cuda $(CUDA_PY) setup.py --version
+	$(CUDA_ENV) RMASK_BUILD_BASE=build/cuda $(CUDA_PIP) wheel --no-build-isolation --no-deps -w dist .
+
+# Build, link and import the CUDA extension; check its kernels are registered, its SASS/PTX
+# and metadata (tests/cuda/check_cuda_build.py); run the CUDA kernels' element functions on
+# the host against the reference (tests/cuda/test_host_emulation.py: their arithmetic, not
+# launches); and the op tests on CPU with this torch. Run from build/ or with the venv's
+# pytest, never `python -m`, so the installed wheel is imported, not the source tree.
+cuda-check: wheel-cuda
+	$(CUDA_PIP) install --no-deps --force-reinstall "$$(ls -t dist/rmask_kernels-*+cu*-abi3-*.whl | head -1)"
+	cd build && $(CUDA_ENV) ../$(CUDA_PY) ../tests/cuda/check_cuda_build.py
+	$(CUDA_ENV) $(CUDA_PY) tests/cuda/build_host_emulation.py
+	$(CUDA_VENV)/bin/pytest -q -p no:cacheprovider tests/cuda tests/test_op.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info rmask_kernels/*.so

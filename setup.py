@@ -1,57 +1,148 @@
 """Builds rmask_kernels._C: the rmask op schemas, the CPU kernels and, with a CUDA build of
 torch (or FORCE_CUDA=1), the CUDA kernels. Uses only ATen/torch::library headers and the
-limited Python API, so one abi3 wheel serves every Python >= 3.9 for a given torch."""
+limited Python API, so one abi3 wheel serves every Python >= 3.9 for a given torch.
+
+The compiled extension is tied to the torch it was built against (C++ ABI, CUDA runtime), so
+the version carries a local tag naming both, as flash-attention and xformers do
+(``0.1.0+cu130torch2.14``, ``0.1.0+cputorch2.13``), and the wheel requires that torch minor
+release (``torch==2.14.*``). Those rules are the small functions below (tests/test_wheel_version.py).
+
+Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": A100, H100, and PTX for newer GPUs),
+FORCE_CUDA=1, DEBUG=1, RMASK_BUILD_BASE (the build folder, default "build": the Makefile gives
+each torch its own, so a CPU and a CUDA build never share object files).
+"""
 
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY_LIMITED_API = "0x03090000"  # CPython 3.9
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
-def cuda_requested():
+def base_version():
+    """The package version without local tag, from rmask_kernels/__init__.py (one source)."""
+    with open(os.path.join(ROOT, "rmask_kernels", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def torch_minor(torch_version):
+    """'2.14.1+cu130' -> (2, 14)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch_version).groups()
+    return int(major), int(minor)
+
+
+def local_version_tag(torch_version, cuda_version):
+    """The local version label naming the build: 'cu130torch2.14' for CUDA 13.0, 'cputorch2.13'
+    without CUDA (cuda_version None)."""
+    major, minor = torch_minor(torch_version)
+    if cuda_version:
+        cuda = "cu" + "".join(cuda_version.split(".")[:2])
+    else:
+        cuda = "cpu"
+    return f"{cuda}torch{major}.{minor}"
+
+
+def package_version(torch_version, cuda_version, base=None):
+    """'0.1.0+cu130torch2.14'."""
+    return f"{base or base_version()}+{local_version_tag(torch_version, cuda_version)}"
+
+
+def torch_requirement(torch_version):
+    """The torch the wheel runs with: the minor release it was built against ('torch==2.14.*';
+    PEP 440 ignores torch's own local label, '+cu130', in that match)."""
+    major, minor = torch_minor(torch_version)
+    return f"torch=={major}.{minor}.*"
+
+
+def cuda_requested(torch_module):
     # Gate on the torch build, never on whether a GPU is visible (build machines have none).
-    return torch.version.cuda is not None or os.environ.get("FORCE_CUDA", "0") == "1"
+    return torch_module.version.cuda is not None or os.environ.get("FORCE_CUDA", "0") == "1"
 
 
-def extensions():
+def add_pip_cuda_headers(cuda_home):
+    """ATen's CUDA headers include cuBLAS/cuSPARSE headers, which a bare nvcc toolkit may lack
+    and the CUDA build of torch's pip packages (nvidia-*) carry: add those to CPATH (searched
+    after -I, so a full toolkit's own headers win). Returns the folder added, or None."""
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return None
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for base in nvidia.__path__:
+        for folder in sorted(glob.glob(os.path.join(base, "cu*", "include"))):
+            if os.path.exists(os.path.join(folder, "cusparse.h")):
+                paths = [p for p in os.environ.get("CPATH", "").split(os.pathsep) if p]
+                if folder not in paths:
+                    os.environ["CPATH"] = os.pathsep.join(paths + [folder])
+                return folder
+    return None
+
+
+def extensions(torch_module, use_cuda):
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
     debug = os.environ.get("DEBUG", "0") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O0" if debug else "-O3", "-std=c++17", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+    # No -std here: torch.utils.cpp_extension adds the standard this torch's headers need
+    # (C++20 since torch 2.14, whose ATen refuses C++17).
+    cxx_flags = ["-O0" if debug else "-O3", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
     # at::parallel_for is a header template over `#pragma omp parallel` (torch's OpenMP
     # build): compiled without OpenMP it silently runs every kernel on one thread. The
     # libgomp it links is the one torch already loaded (same soname).
     link_flags = []
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+    if sys.platform.startswith("linux") and torch_module.backends.openmp.is_available():
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags, py_limited_api=True)
-    use_cuda = cuda_requested()
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    if use_cuda and cuda_sources:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
-        extension = CUDAExtension(name="rmask_kernels._C", sources=sources + cuda_sources, **kwargs)
-    else:
-        extension = CppExtension(name="rmask_kernels._C", sources=sources, **kwargs)
+    if use_cuda:
+        kwargs["extra_compile_args"]["nvcc"] = ["-O0" if debug else "-O3", "-lineinfo"]
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        return [CUDAExtension(name="rmask_kernels._C", sources=sources + cuda_sources, **kwargs)], cxx_flags
+    return [CppExtension(name="rmask_kernels._C", sources=sources, **kwargs)], cxx_flags
+
+
+def main():
+    import torch
+    from torch.utils.cpp_extension import BuildExtension
+
+    use_cuda = cuda_requested(torch)
+    cuda_home = pip_headers = None
+    if use_cuda:
+        # Read by torch.utils.cpp_extension; without it, it would ask a GPU (there may be none).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+        from torch.utils.cpp_extension import CUDA_HOME as cuda_home
+
+        pip_headers = add_pip_cuda_headers(cuda_home)
+    cuda_version = torch.version.cuda if use_cuda else None
+    version = package_version(torch.__version__, cuda_version)
+    requirement = torch_requirement(torch.__version__)
+    ext_modules, cxx_flags = extensions(torch, use_cuda)
+    build_base = os.environ.get("RMASK_BUILD_BASE", "build")
     print(
-        f"rmask_kernels build: torch {torch.__version__}, cuda={'yes' if use_cuda and cuda_sources else 'no'}"
-        f" (torch.version.cuda={torch.version.cuda}, FORCE_CUDA={os.environ.get('FORCE_CUDA', '0')}),"
-        f" TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')}, debug={debug},"
-        f" openmp={'-fopenmp' in cxx_flags},"
-        f" sources={len(extension.sources)}"
+        f"rmask_kernels build: version {version}, requires {requirement};"
+        f" torch {torch.__version__}, cuda={'yes' if use_cuda else 'no'}"
+        f" (torch.version.cuda={torch.version.cuda}, FORCE_CUDA={os.environ.get('FORCE_CUDA', '0')},"
+        f" CUDA_HOME={cuda_home}, pip CUDA headers={pip_headers}),"
+        f" TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if use_cuda else '-'},"
+        f" debug={os.environ.get('DEBUG', '0') == '1'}, openmp={'-fopenmp' in cxx_flags},"
+        f" sources={len(ext_modules[0].sources)}, build_base={build_base}"
     )
-    return [extension]
+    setup(
+        version=version,
+        install_requires=[requirement, "numpy", "tqdm"],
+        packages=find_packages(include=["rmask_kernels", "rmask_kernels.*"]),
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"build": {"build_base": build_base}, "bdist_wheel": {"py_limited_api": "cp39"}},
+    )
 
 
-setup(
-    packages=find_packages(include=["rmask_kernels", "rmask_kernels.*"]),
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-)
+# Imported (tests/test_wheel_version.py) it only defines the functions above.
+if __name__ == "__main__":
+    main()

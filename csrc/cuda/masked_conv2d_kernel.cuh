@@ -1,0 +1,498 @@
+// The CUDA kernels of the rmask ops, written so that their arithmetic can be checked without a GPU.
+//
+// Every kernel is a functor whose per-element body, `operator()(int64_t index)`, is
+// C10_HOST_DEVICE (`__host__ __device__` under nvcc). The op bodies below are templates over a
+// `Launch` policy, `launch(count, element)`, that runs `element(i)` for every i in [0, count):
+//   masked_conv2d_kernel.cu            a grid-stride __global__ loop on the current CUDA stream
+//   tests/cuda/host_emulation.cu       a plain loop on the host, over CPU tensors
+// so the same element bodies, index arithmetic, allocations and reduction stages run in both;
+// only the launch differs. (The host run proves the arithmetic; it does not exercise
+// launches, streams or GPU memory.)
+//
+// The kernels are direct (no im2col, no tensor cores): simple, exact, deterministic, and they
+// SKIP masked outputs, reading the kept index (csrc/masked_conv2d.cpp):
+//   forward        one element per kept (image, kept position entry, channel of its pattern):
+//                  a dot product over Cin/groups * kh * kw, then bias, residual, ReLU
+//   stats          per (channel, image) partial sums over the channel's kept positions
+//                  (float64), then a fixed-order sum over the images: deterministic
+//   grad input     gather form: one element per input element, summing over the taps whose
+//                  output position keeps a channel of its group (by-position index); no atomics
+//   grad weight    two stages: per (row chunk, weight element) partial sums over kept
+//                  (image, position) rows, then a fixed-order sum over the chunks
+//   grad bias      like stats, over grad_output
+// Accumulation in at::opmath_type (float for half/bfloat16/float, double for double).
+// Tensors are addressed through their strides (NCHW, channels_last or any view), so the
+// input is never copied; outputs are allocated in the input's memory format.
+//
+// The kept index is not cross-checked against the mask here (that would need its values on
+// the host: a device sync per call); an inconsistent index gives wrong values but never an
+// out-of-bounds access: every index read from it is range-checked before it is used.
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../masked_conv2d_common.h"
+
+namespace rmask {
+namespace cuda {
+
+// Element strides of a 4-D tensor (n, c, h, w).
+struct Strides4 {
+  int64_t n, c, h, w;
+  C10_HOST_DEVICE int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
+    return in * n + ic * c + ih * h + iw * w;
+  }
+};
+
+inline Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// The convolution's shape as the elements need it (ConvGeometry's helpers are host-only).
+struct Shape {
+  int64_t batch, in_channels, height, width;
+  int64_t out_channels, kernel_h, kernel_w, out_height, out_width;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t in_channels_per_group, out_channels_per_group;
+  int64_t patterns, channels_per_pattern;
+};
+
+inline Shape shape_of(const ConvGeometry& g) {
+  return {g.batch,       g.in_channels, g.height,     g.width,      g.out_channels,
+          g.kernel_h,    g.kernel_w,    g.out_height, g.out_width,  g.stride_h,
+          g.stride_w,    g.pad_h,       g.pad_w,      g.dilation_h, g.dilation_w,
+          g.in_channels_per_group(), g.out_channels_per_group(), g.patterns, g.channels_per_pattern};
+}
+
+// The kept index as the elements read it: by pattern and by position (csrc/masked_conv2d.cpp).
+struct KeptIndex {
+  const int64_t* offsets;            // (patterns + 1)
+  const int64_t* positions;          // (kept): flat output positions
+  int64_t kept;                      // kept_positions.numel()
+  const int64_t* position_offsets;   // (Hout * Wout + 1)
+  const int64_t* position_channels;  // (kept * channels_per_pattern), ascending per position
+  int64_t pairs;                     // position_channels.numel()
+};
+
+// v limited to [lo, hi] (std::min/max are not device functions).
+C10_HOST_DEVICE inline int64_t clamp_to(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Pattern p keeps positions[begin:end), clamped to the index's bounds.
+C10_HOST_DEVICE inline void pattern_range(const KeptIndex& index, int64_t p, int64_t& begin, int64_t& end) {
+  begin = clamp_to(index.offsets[p], 0, index.kept);
+  end = clamp_to(index.offsets[p + 1], begin, index.kept);
+}
+
+// The pattern whose range holds kept entry e: the last p with offsets[p] <= e (binary search).
+C10_HOST_DEVICE inline int64_t pattern_of(const KeptIndex& index, int64_t patterns, int64_t e) {
+  int64_t lo = 0, hi = patterns;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (index.offsets[mid] <= e) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// ---------------------------------------------------------------------------------
+// Forward: one element per kept (image n, kept entry e, channel c of e's pattern), c fastest
+// (neighbouring threads read the same input taps).
+
+template <typename scalar_t>
+struct ForwardElement {
+  using acc_t = at::opmath_type<scalar_t>;
+  Shape s;
+  KeptIndex index;
+  const scalar_t* x;
+  Strides4 xs;
+  const scalar_t* w;  // contiguous (Cout, Cin/groups, kh, kw)
+  const scalar_t* bias;      // or null
+  const scalar_t* residual;  // or null
+  Strides4 rs;
+  bool relu;
+  scalar_t* y;
+  Strides4 ys;
+
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t c = i % s.channels_per_pattern;
+    const int64_t rest = i / s.channels_per_pattern;
+    const int64_t e = rest % index.kept, n = rest / index.kept;
+    const int64_t q = index.positions[e];
+    if (q < 0 || q >= s.out_height * s.out_width) return;
+    const int64_t oc = pattern_of(index, s.patterns, e) * s.channels_per_pattern + c;
+    const int64_t oh = q / s.out_width, ow = q % s.out_width;
+    const int64_t c_first = (oc / s.out_channels_per_group) * s.in_channels_per_group;
+    const int64_t h0 = oh * s.stride_h - s.pad_h, w0 = ow * s.stride_w - s.pad_w;
+    const scalar_t* w_oc = w + oc * s.in_channels_per_group * s.kernel_h * s.kernel_w;
+    acc_t acc = 0;
+    for (int64_t ci = 0; ci < s.in_channels_per_group; ++ci) {
+      for (int64_t ki = 0; ki < s.kernel_h; ++ki) {
+        const int64_t ih = h0 + ki * s.dilation_h;
+        if (ih < 0 || ih >= s.height) continue;
+        for (int64_t kj = 0; kj < s.kernel_w; ++kj) {
+          const int64_t iw = w0 + kj * s.dilation_w;
+          if (iw < 0 || iw >= s.width) continue;
+          acc += static_cast<acc_t>(x[xs.at(n, c_first + ci, ih, iw)]) *
+                 static_cast<acc_t>(w_oc[(ci * s.kernel_h + ki) * s.kernel_w + kj]);
+        }
+      }
+    }
+    if (bias) acc += static_cast<acc_t>(bias[oc]);
+    if (residual) acc += static_cast<acc_t>(residual[rs.at(n, oc, oh, ow)]);
+    if (relu && acc < acc_t(0)) acc = acc_t(0);
+    y[ys.at(n, oc, oh, ow)] = static_cast<scalar_t>(acc);
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Per-channel sums over the kept outputs of a (N, Cout, Hout, Wout) tensor, stage 1: one element
+// per (channel oc, image n), summing over oc's kept positions into partial[oc * N + n] (and the
+// squares into partial_squares, if given). Stage 2 is OrderedSum over n.
+
+template <typename scalar_t, typename acc_t>
+struct KeptRowSumsElement {
+  Shape s;
+  KeptIndex index;
+  const scalar_t* t;
+  Strides4 ts;
+  acc_t* partial;
+  acc_t* partial_squares;  // or null
+
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t oc = i / s.batch, n = i % s.batch;
+    int64_t begin, end;
+    pattern_range(index, oc / s.channels_per_pattern, begin, end);
+    acc_t sum = 0, squares = 0;
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t q = index.positions[e];
+      if (q < 0 || q >= s.out_height * s.out_width) continue;
+      const acc_t v = static_cast<acc_t>(t[ts.at(n, oc, q / s.out_width, q % s.out_width)]);
+      sum += v;
+      squares += v * v;
+    }
+    partial[i] = sum;
+    if (partial_squares) partial_squares[i] = squares;
+  }
+};
+
+// out[k] = sum over j < count of partial[k * stride_k + j * stride_j], j ascending: the
+// fixed-order second stage of every reduction here.
+template <typename acc_t, typename out_t>
+struct OrderedSumElement {
+  const acc_t* partial;
+  int64_t count, stride_k, stride_j;
+  out_t* out;
+
+  C10_HOST_DEVICE void operator()(int64_t k) const {
+    acc_t sum = 0;
+    for (int64_t j = 0; j < count; ++j) sum += partial[k * stride_k + j * stride_j];
+    out[k] = static_cast<out_t>(sum);
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Grad input, gather form: one element per input element (n, ci, ih, iw), iw fastest. It sums
+// grad_output * weight over the taps (ki, kj) whose output (oh, ow) exists and over the channels
+// of ci's group kept at that output (by-position index): masked grad_output is never read.
+
+template <typename scalar_t>
+struct GradInputElement {
+  using acc_t = at::opmath_type<scalar_t>;
+  Shape s;
+  KeptIndex index;
+  const scalar_t* grad_output;
+  Strides4 gys;
+  const scalar_t* w;  // contiguous (Cout, Cin/groups, kh, kw)
+  scalar_t* grad_input;
+  Strides4 gxs;
+
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t iw = i % s.width;
+    int64_t rest = i / s.width;
+    const int64_t ih = rest % s.height;
+    rest /= s.height;
+    const int64_t ci = rest % s.in_channels, n = rest / s.in_channels;
+    const int64_t group = ci / s.in_channels_per_group, c_local = ci % s.in_channels_per_group;
+    const int64_t oc_first = group * s.out_channels_per_group, oc_last = oc_first + s.out_channels_per_group;
+    acc_t acc = 0;
+    for (int64_t ki = 0; ki < s.kernel_h; ++ki) {
+      const int64_t th = ih + s.pad_h - ki * s.dilation_h;  // = oh * stride_h
+      if (th < 0 || th % s.stride_h != 0) continue;
+      const int64_t oh = th / s.stride_h;
+      if (oh >= s.out_height) continue;
+      for (int64_t kj = 0; kj < s.kernel_w; ++kj) {
+        const int64_t tw = iw + s.pad_w - kj * s.dilation_w;
+        if (tw < 0 || tw % s.stride_w != 0) continue;
+        const int64_t ow = tw / s.stride_w;
+        if (ow >= s.out_width) continue;
+        const int64_t q = oh * s.out_width + ow;
+        const int64_t begin = clamp_to(index.position_offsets[q], 0, index.pairs);
+        const int64_t end = clamp_to(index.position_offsets[q + 1], begin, index.pairs);
+        // The kept channels are ascending: start at the group's first one (binary search).
+        int64_t lo = begin, hi = end;
+        while (lo < hi) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          if (index.position_channels[mid] < oc_first) lo = mid + 1; else hi = mid;
+        }
+        for (int64_t k = lo; k < end; ++k) {
+          const int64_t oc = index.position_channels[k];
+          if (oc >= oc_last) break;
+          if (oc < oc_first) continue;  // only for an index that is not ascending
+          acc += static_cast<acc_t>(grad_output[gys.at(n, oc, oh, ow)]) *
+                 static_cast<acc_t>(w[((oc * s.in_channels_per_group + c_local) * s.kernel_h + ki) * s.kernel_w + kj]);
+        }
+      }
+    }
+    grad_input[gxs.at(n, ci, ih, iw)] = static_cast<scalar_t>(acc);
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Grad weight, stage 1: one element per (chunk j, weight element (oc, c_local, ki, kj)), weight
+// element fastest. Channel oc's rows are its kept (image, position) pairs, N * K_p of them,
+// split into `chunks` equal runs; chunk j sums grad_output * input over its run into
+// partial[j * weight_numel + weight element]. Stage 2 is OrderedSum over j.
+
+template <typename scalar_t>
+struct GradWeightPartialElement {
+  using acc_t = at::opmath_type<scalar_t>;
+  Shape s;
+  KeptIndex index;
+  const scalar_t* grad_output;
+  Strides4 gys;
+  const scalar_t* x;
+  Strides4 xs;
+  int64_t chunks;
+  acc_t* partial;
+
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t taps = s.kernel_h * s.kernel_w;
+    const int64_t weight_numel = s.out_channels * s.in_channels_per_group * taps;
+    const int64_t element = i % weight_numel, j = i / weight_numel;
+    const int64_t oc = element / (s.in_channels_per_group * taps);
+    const int64_t c_local = (element / taps) % s.in_channels_per_group;
+    const int64_t ki = (element % taps) / s.kernel_w, kj = element % s.kernel_w;
+    const int64_t ci = (oc / s.out_channels_per_group) * s.in_channels_per_group + c_local;
+    int64_t begin, end;
+    pattern_range(index, oc / s.channels_per_pattern, begin, end);
+    const int64_t kept = end - begin, rows = s.batch * kept;
+    const int64_t per_chunk = (rows + chunks - 1) / chunks;
+    const int64_t first = clamp_to(j * per_chunk, 0, rows), last = clamp_to(first + per_chunk, first, rows);
+    acc_t acc = 0;
+    for (int64_t r = first; r < last; ++r) {
+      const int64_t n = r / kept, q = index.positions[begin + r % kept];
+      if (q < 0 || q >= s.out_height * s.out_width) continue;
+      const int64_t oh = q / s.out_width, ow = q % s.out_width;
+      const int64_t ih = oh * s.stride_h - s.pad_h + ki * s.dilation_h;
+      const int64_t iw = ow * s.stride_w - s.pad_w + kj * s.dilation_w;
+      if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) continue;
+      acc += static_cast<acc_t>(grad_output[gys.at(n, oc, oh, ow)]) * static_cast<acc_t>(x[xs.at(n, ci, ih, iw)]);
+    }
+    partial[i] = acc;
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Op bodies, over a Launch policy (see the top of this file).
+
+inline KeptIndex kept_index_of(const at::Tensor& offsets, const at::Tensor& positions,
+                               const at::Tensor& position_offsets, const at::Tensor& position_channels) {
+  return {offsets.data_ptr<int64_t>(),          positions.data_ptr<int64_t>(), positions.numel(),
+          position_offsets.data_ptr<int64_t>(), position_channels.data_ptr<int64_t>(), position_channels.numel()};
+}
+
+// The checks that need no index values (those would need a device sync): the two forms list
+// the same number of kept (position, channel) pairs.
+inline void check_kept_index_sizes(const ConvGeometry& g, const at::Tensor& positions,
+                                   const at::Tensor& position_channels) {
+  TORCH_CHECK(position_channels.numel() == positions.numel() * g.channels_per_pattern,
+              "masked_conv2d: position_channels must list the ", positions.numel() * g.channels_per_pattern,
+              " kept (position, channel) pairs of kept_offsets/kept_positions, got ", position_channels.numel());
+}
+
+inline void check_residual(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& residual) {
+  const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_height, g.out_width};
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(shape), "masked_conv2d: residual must have the output's shape ",
+              at::IntArrayRef(shape), ", got ", residual.sizes());
+  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), "masked_conv2d: residual dtype must match input dtype ",
+              input.scalar_type(), ", got ", residual.scalar_type());
+  TORCH_CHECK(residual.device() == input.device(), "masked_conv2d: residual must be on the input's device ",
+              input.device(), ", got ", residual.device());
+}
+
+struct IndexTensors {
+  at::Tensor offsets, positions, position_offsets, position_channels;
+  KeptIndex view() const { return kept_index_of(offsets, positions, position_offsets, position_channels); }
+};
+
+inline IndexTensors contiguous_index(const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+                                     const at::Tensor& position_offsets, const at::Tensor& position_channels) {
+  return {kept_offsets.contiguous(), kept_positions.contiguous(), position_offsets.contiguous(),
+          position_channels.contiguous()};
+}
+
+// relu?(mask * (conv + bias) + residual), in the input's memory format. Masked outputs are
+// never computed: they are 0, or relu?(residual), written by one ATen op before the kernel.
+template <typename Launch>
+at::Tensor masked_conv2d_forward(const Launch& launch, const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+                                 const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+                                 const at::Tensor& position_offsets, const at::Tensor& position_channels,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, const std::optional<at::Tensor>& residual, bool relu) {
+  const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
+                                                  position_offsets, position_channels, stride, padding, dilation, groups);
+  check_kept_index_sizes(g, kept_positions, position_channels);
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) check_residual(g, input, *residual);
+  auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
+                     input.options().memory_format(input.suggest_memory_format()));
+  if (has_residual) {
+    if (relu) at::clamp_min_out(y, *residual, 0); else y.copy_(*residual);
+  } else {
+    y.zero_();
+  }
+  const int64_t count = g.batch * kept_positions.numel() * g.channels_per_pattern;
+  if (y.numel() == 0 || count == 0) return y;
+  const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
+  const auto w = weight.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto b = has_bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "masked_conv2d_forward_cuda", [&] {
+    ForwardElement<scalar_t> element{shape_of(g),
+                                     index.view(),
+                                     input.data_ptr<scalar_t>(),
+                                     strides_of(input),
+                                     w.data_ptr<scalar_t>(),
+                                     has_bias ? b.data_ptr<scalar_t>() : nullptr,
+                                     has_residual ? residual->data_ptr<scalar_t>() : nullptr,
+                                     has_residual ? strides_of(*residual) : Strides4{0, 0, 0, 0},
+                                     relu,
+                                     y.data_ptr<scalar_t>(),
+                                     strides_of(y)};
+    launch(count, element);
+  });
+  return y;
+}
+
+// Per-channel float64 sum and sum of squares of `t` (N, Cout, Hout, Wout) over the kept
+// outputs, in two fixed-order stages (no atomics: bit-identical run to run).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> kept_channel_sums(const Launch& launch, const ConvGeometry& g,
+                                                     const IndexTensors& index, const at::Tensor& t) {
+  const auto options = t.options().dtype(at::kDouble);
+  auto partial = at::empty({2, g.out_channels, g.batch}, options);
+  auto sums = at::empty({2, g.out_channels}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "masked_conv2d_stats_cuda", [&] {
+    KeptRowSumsElement<scalar_t, double> rows{shape_of(g), index.view(), t.data_ptr<scalar_t>(), strides_of(t),
+                                              partial[0].data_ptr<double>(), partial[1].data_ptr<double>()};
+    launch(g.out_channels * g.batch, rows);
+  });
+  OrderedSumElement<double, double> total{partial.data_ptr<double>(), g.batch, g.batch, 1, sums.data_ptr<double>()};
+  launch(2 * g.out_channels, total);  // the two rows of partial are consecutive: k over (2, Cout)
+  return {sums[0].clone(), sums[1].clone()};  // distinct outputs, not views of one
+}
+
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats(
+    const Launch& launch, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+    const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  auto y = masked_conv2d_forward(launch, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
+                                 position_channels, stride, padding, dilation, groups, std::nullopt, /*relu=*/false);
+  const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
+                                                  position_offsets, position_channels, stride, padding, dilation, groups);
+  if (g.batch == 0 || kept_positions.numel() == 0) {
+    auto zeros = at::zeros({g.out_channels}, input.options().dtype(at::kDouble));
+    return {y, zeros, zeros.clone()};
+  }
+  const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
+  auto [sum, sum_of_squares] = kept_channel_sums(launch, g, index, y);
+  return {y, sum, sum_of_squares};
+}
+
+// How many row chunks the grad-weight reduction uses: about 64 kept (image, position) rows per
+// chunk for an average pattern, and the partial sums held under 2^26 elements.
+inline int64_t grad_weight_chunks(const ConvGeometry& g, int64_t kept, int64_t weight_numel) {
+  const int64_t rows = g.batch * kept / std::max<int64_t>(1, g.patterns);
+  const int64_t by_rows = (rows + 63) / 64;
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t{1} << 26) / std::max<int64_t>(1, weight_numel));
+  return std::max<int64_t>(1, std::min(by_rows, by_memory));
+}
+
+// Gradients for (input, weight, bias) of mask * conv: grad_output is read at kept outputs only.
+// Outputs not asked for in output_mask are empty tensors.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
+    const Launch& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+    const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+  const ConvGeometry g = check_masked_conv2d_args(input, weight, std::nullopt, mask, kept_offsets, kept_positions,
+                                                  position_offsets, position_channels, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height, g.out_width}),
+              "masked_conv2d_backward: grad_output must have shape (", g.batch, ", ", g.out_channels, ", ",
+              g.out_height, ", ", g.out_width, "), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "masked_conv2d_backward: grad_output dtype must be ",
+              input.scalar_type(), ", got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "masked_conv2d_backward: grad_output must be on the input's device ",
+              input.device(), ", got ", grad_output.device());
+  check_kept_index_sizes(g, kept_positions, position_channels);
+  const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2];
+  const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
+  const auto w = weight.contiguous();
+  const int64_t weight_numel = w.numel();
+
+  at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
+             grad_bias = at::empty({0}, input.options());
+  // Every element of grad_input is written by its gather element (zero where no kept output uses it).
+  if (need_input) grad_input = at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()));
+  if (need_weight) grad_weight = at::zeros(weight.sizes(), weight.options());
+  if (need_bias) grad_bias = at::zeros({g.out_channels}, input.options());
+  const bool nothing_kept = g.batch == 0 || kept_positions.numel() == 0;
+  if (need_input && nothing_kept) grad_input.zero_();
+  if (nothing_kept || !(need_input || need_weight || need_bias)) return {grad_input, grad_weight, grad_bias};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "masked_conv2d_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    if (need_input && grad_input.numel() > 0) {
+      GradInputElement<scalar_t> element{shape_of(g), index.view(), grad_output.data_ptr<scalar_t>(),
+                                         strides_of(grad_output), w.data_ptr<scalar_t>(),
+                                         grad_input.data_ptr<scalar_t>(), strides_of(grad_input)};
+      launch(grad_input.numel(), element);
+    }
+    if (need_weight && weight_numel > 0) {
+      const int64_t chunks = grad_weight_chunks(g, kept_positions.numel(), weight_numel);
+      auto partial = at::empty({chunks, weight_numel}, acc_options);
+      GradWeightPartialElement<scalar_t> element{shape_of(g), index.view(), grad_output.data_ptr<scalar_t>(),
+                                                 strides_of(grad_output), input.data_ptr<scalar_t>(),
+                                                 strides_of(input), chunks, partial.data_ptr<acc_t>()};
+      launch(chunks * weight_numel, element);
+      OrderedSumElement<acc_t, scalar_t> total{partial.data_ptr<acc_t>(), chunks, 1, weight_numel,
+                                               grad_weight.data_ptr<scalar_t>()};
+      launch(weight_numel, total);
+    }
+    if (need_bias) {
+      auto partial = at::empty({g.out_channels, g.batch}, acc_options);
+      KeptRowSumsElement<scalar_t, acc_t> rows{shape_of(g), index.view(), grad_output.data_ptr<scalar_t>(),
+                                               strides_of(grad_output), partial.data_ptr<acc_t>(), nullptr};
+      launch(g.out_channels * g.batch, rows);
+      OrderedSumElement<acc_t, scalar_t> total{partial.data_ptr<acc_t>(), g.batch, g.batch, 1,
+                                               grad_bias.data_ptr<scalar_t>()};
+      launch(g.out_channels, total);
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace cuda
+}  // namespace rmask

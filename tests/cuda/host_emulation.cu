@@ -1,0 +1,92 @@
+// Host emulation of the CUDA kernels (csrc/cuda/masked_conv2d_kernel.cuh), for machines without
+// a GPU: the same op bodies and element functions, with a launch that is a plain loop on the
+// host over every index, on CPU tensors. Registered as rmask_cuda_emulation::* (the rmask
+// schemas), CPU only; tests/cuda/test_host_emulation.py compares them with the reference.
+//
+// What this proves: the kernels' arithmetic (index decoding, which outputs are computed and
+// which skipped, taps, padding, stride, dilation, groups, epilogue, the two-stage reductions,
+// reduced-precision accumulation). What it does not: launches, grid sizes, streams, device
+// memory, races; those need a GPU (tests/cuda/test_cuda_op.py, marked cuda).
+//
+// Built with nvcc against the CUDA build of torch by tests/cuda/build_host_emulation.py
+// (`make cuda-check`), so nvcc parses exactly the code the GPU build compiles.
+
+#include <torch/library.h>
+
+#include "cuda/masked_conv2d_kernel.cuh"
+
+namespace rmask {
+namespace cuda {
+namespace {
+
+// element(i) for every i in [0, count), in order, on this thread.
+struct HostLaunch {
+  template <typename Element>
+  void operator()(int64_t count, const Element& element) const {
+    for (int64_t i = 0; i < count; ++i) element(i);
+  }
+};
+
+void check_cpu(const at::Tensor& input) {
+  TORCH_CHECK(input.is_cpu(), "rmask_cuda_emulation: runs on CPU tensors, got ", input.device());
+}
+
+at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+                   const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                   const std::optional<at::Tensor>& residual, bool relu) {
+  check_cpu(input);
+  return masked_conv2d_forward(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
+                               position_channels, stride, padding, dilation, groups, residual, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stats(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
+    const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups) {
+  check_cpu(input);
+  return masked_conv2d_stats(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
+                             position_channels, stride, padding, dilation, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
+    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
+    const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, std::array<bool, 3> output_mask) {
+  check_cpu(input);
+  return masked_conv2d_backward(HostLaunch{}, grad_output, input, weight, mask, kept_offsets, kept_positions,
+                                position_offsets, position_channels, stride, padding, dilation, groups, output_mask);
+}
+
+}  // namespace
+
+// The rmask schemas (csrc/masked_conv2d.cpp), in their own namespace.
+TORCH_LIBRARY(rmask_cuda_emulation, m) {
+  m.def(
+      "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
+      "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, *, bool relu=False) "
+      "-> Tensor");
+  m.def(
+      "masked_conv2d_stats(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
+      "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
+      "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rmask_cuda_emulation, CPU, m) {
+  m.impl("masked_conv2d", &forward);
+  m.impl("masked_conv2d_stats", &stats);
+  m.impl("masked_conv2d_backward", &backward);
+}
+
+}  // namespace cuda
+}  // namespace rmask
