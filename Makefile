@@ -13,7 +13,7 @@ TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
 SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cmake-check wheel wheel-cuda cuda-check
+.PHONY: install test demo bench clean cmake-check wheel wheel-cuda cuda-check cmake-check-cuda
 
 install: $(VENV)/.stamp-build
 
@@ -73,21 +73,26 @@ CUDA_HOME       ?= /usr/local/cuda
 CUDA_ARCH_LIST  ?= 8.0;9.0+PTX
 CUDA_PY         := $(CUDA_VENV)/bin/python
 CUDA_PIP        := $(CUDA_PY) -m pip --quiet --disable-pip-version-check
-CUDA_DEPS       := numpy ninja pytest hypothesis setuptools wheel tqdm
+CUDA_DEPS       := numpy ninja pytest hypothesis setuptools wheel tqdm "cmake>=3.26,<4"
 CUDA_TORCH_TAG  := $(shell printf '%s' '$(CUDA_TORCH_SPEC)' | md5sum | cut -c1-10)
-# torch's pip CUDA packages carry the cuBLAS/cuSPARSE headers ATen's CUDA headers include;
-# torch.utils.cpp_extension looks in /usr/local unless CUDA_HOME says otherwise.
+# torch's pip CUDA packages (nvidia/cu13) carry the cuBLAS/cuSPARSE headers ATen's CUDA headers
+# include, and nvrtc; torch.utils.cpp_extension looks in /usr/local unless CUDA_HOME says otherwise.
+CUDA_NVIDIA      = $$($(abspath $(CUDA_PY)) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
 CUDA_ENV         = CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH_LIST)" MAX_JOBS=2 \
-                   CPATH="$$($(abspath $(CUDA_PY)) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')$${CPATH:+:$$CPATH}"
+                   CPATH="$(CUDA_NVIDIA)/include$${CPATH:+:$$CPATH}"
 
 $(CUDA_VENV)/.stamp-torch-$(CUDA_TORCH_TAG):
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
 	rm -f $(CUDA_VENV)/.stamp-*
-	$(CUDA_PIP) install "$(CUDA_TORCH_SPEC)" $(CUDA_DEPS)
+	$(CUDA_PIP) install "$(CUDA_TORCH_SPEC)"
+	touch $@
+
+$(CUDA_VENV)/.stamp-deps: $(CUDA_VENV)/.stamp-torch-$(CUDA_TORCH_TAG) Makefile
+	$(CUDA_PIP) install $(CUDA_DEPS)
 	touch $@
 
 # The CUDA wheel, built by the CUDA torch of .venv-cuda in its own build folder (build/cuda).
-wheel-cuda: $(CUDA_VENV)/.stamp-torch-$(CUDA_TORCH_TAG)
+wheel-cuda: $(CUDA_VENV)/.stamp-deps
 	$(CUDA_ENV) RMASK_BUILD_BASE=build/cuda $(CUDA_PY) setup.py --version
 	$(CUDA_ENV) RMASK_BUILD_BASE=build/cuda $(CUDA_PIP) wheel --no-build-isolation --no-deps -w dist .
 
@@ -100,7 +105,19 @@ cuda-check: wheel-cuda
 	$(CUDA_PIP) install --no-deps --force-reinstall "$$(ls -t dist/rmask_kernels-*+cu*-abi3-*.whl | head -1)"
 	cd build && $(CUDA_ENV) ../$(CUDA_PY) ../tests/cuda/check_cuda_build.py
 	$(CUDA_ENV) $(CUDA_PY) tests/cuda/build_host_emulation.py
-	$(CUDA_VENV)/bin/pytest -q -p no:cacheprovider tests/cuda tests/test_op.py $(PYTEST_ARGS)
+	$(CUDA_VENV)/bin/pytest -q -p no:cacheprovider tests/cuda tests/test_op.py tests/test_wheel_version.py $(PYTEST_ARGS)
+	$(MAKE) cmake-check-cuda
+
+# The LibTorch (CMake) build with the CUDA kernels (-DRMASK_WITH_CUDA=ON) against .venv-cuda's
+# torch, and its C++ test: CMake >= 3.26 (pip's) for nvcc's C++20, nvrtc from torch's packages.
+cmake-check-cuda: $(CUDA_VENV)/.stamp-deps
+	$(CUDA_ENV) $(CUDA_VENV)/bin/cmake -S . -B build/cmake-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DRMASK_WITH_CUDA=ON -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) \
+	  -DCUDA_nvrtc_LIBRARY="$$(ls $(CUDA_NVIDIA)/lib/libnvrtc.so.* | head -1)" \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(CUDA_VENV))/bin/ninja \
+	  -DCMAKE_PREFIX_PATH="$$($(CUDA_PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	$(CUDA_ENV) $(CUDA_VENV)/bin/cmake --build build/cmake-cuda
+	cd build/cmake-cuda && ../../$(CUDA_VENV)/bin/ctest --output-on-failure
 
 clean:
 	rm -rf build dist *.egg-info rmask_kernels/*.so
