@@ -120,6 +120,7 @@ cmake-check-cuda: $(CUDA_VENV)/.stamp-deps
 	  -DCMAKE_PREFIX_PATH="$$($(CUDA_PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	$(CUDA_ENV) $(CUDA_VENV)/bin/cmake --build build/cmake-cuda
 	cd build/cmake-cuda && ../../$(CUDA_VENV)/bin/ctest --output-on-failure
+	$(CUDA_ENV) $(CUDA_PY) tests/cuda/check_cuda_build.py --library build/cmake-cuda/librmask_kernels.so
 
 clean:
 	rm -rf build dist *.egg-info rmask_kernels/*.so

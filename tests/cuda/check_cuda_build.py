@@ -2,7 +2,8 @@
 build of torch on a machine without a GPU, registers the CUDA kernels of every op, carries
 device code for the requested architectures, and its metadata name the torch it needs.
 Run from outside the source tree (so the installed package is the one imported) by
-`make cuda-check`."""
+`make cuda-check`; with `--library PATH`, checks only that library's device code (the CMake
+build's, `make cmake-check-cuda`)."""
 
 import os
 import re
@@ -44,7 +45,25 @@ def find_cuobjdump():
     raise FileNotFoundError(f"cuobjdump not found (looked at {candidates}): it lists the device code in the library")
 
 
+def check_device_code(library):
+    """The library holds machine code (SASS) and PTX for the TORCH_CUDA_ARCH_LIST it was built for."""
+    cuobjdump = find_cuobjdump()
+    elf = subprocess.run([cuobjdump, "--list-elf", library], check=True, capture_output=True, text=True).stdout
+    ptx = subprocess.run([cuobjdump, "--list-ptx", library], check=True, capture_output=True, text=True).stdout
+    want_elf, want_ptx = required_architectures(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX"))
+    have_elf = set(re.findall(r"sm_\d+a?", elf))
+    have_ptx = set(re.findall(r"sm_\d+a?", ptx))
+    assert want_elf <= have_elf, f"device code for {sorted(want_elf)} expected, {library} has {sorted(have_elf)}"
+    assert want_ptx <= have_ptx, f"PTX for {sorted(want_ptx)} expected, {library} has {sorted(have_ptx)}"
+    return have_elf, have_ptx
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--library":  # only the device code of that library
+        have_elf, have_ptx = check_device_code(sys.argv[2])
+        print(f"{sys.argv[2]}: SASS {sorted(have_elf)}, PTX {sorted(have_ptx)}")
+        return 0
+
     import rmask_kernels
     from rmask_kernels import ops
 
@@ -68,14 +87,7 @@ def main():
         os.path.join(package_dir, f) for f in os.listdir(package_dir) if f.startswith("_C") and f.endswith(".so")
     )
     assert library.endswith(".abi3.so"), library
-    cuobjdump = find_cuobjdump()
-    elf = subprocess.run([cuobjdump, "--list-elf", library], check=True, capture_output=True, text=True).stdout
-    ptx = subprocess.run([cuobjdump, "--list-ptx", library], check=True, capture_output=True, text=True).stdout
-    want_elf, want_ptx = required_architectures(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX"))
-    have_elf = set(re.findall(r"sm_\d+a?", elf))
-    have_ptx = set(re.findall(r"sm_\d+a?", ptx))
-    assert want_elf <= have_elf, f"device code for {sorted(want_elf)} expected, {library} has {sorted(have_elf)}"
-    assert want_ptx <= have_ptx, f"PTX for {sorted(want_ptx)} expected, {library} has {sorted(have_ptx)}"
+    have_elf, have_ptx = check_device_code(library)
     print(
         f"CUDA build OK: rmask_kernels {version} (requires {', '.join(requires)}) from {package_dir};"
         f" torch {torch.__version__}, GPU visible: {torch.cuda.is_available()};"
