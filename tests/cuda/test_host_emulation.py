@@ -180,6 +180,26 @@ def test_backward_output_mask(output_mask):
             assert g.numel() == 0, "an output not asked for is an empty tensor"
 
 
+def test_broadcast_and_sliced_views():
+    """Tensors are read through their strides: an expanded grad_output (stride 0, as from
+    y.sum()), an expanded residual and a sliced input need no copy and give the same values."""
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "spatial", None, 0.5)
+    index = index_of(mask, weight.shape[0])
+    shape = reference.masked_conv2d(x, weight, bias, mask, *conv_args).shape
+    residual = torch.randn(1, shape[1], 1, shape[3], dtype=x.dtype).expand(shape)
+    y = ops.masked_conv2d(x, weight, bias, mask, *index, *conv_args, residual)
+    torch.testing.assert_close(y, reference.masked_conv2d(x, weight, bias, mask, *conv_args) + residual, **TOLERANCE)
+    grad_output = torch.ones((), dtype=x.dtype).expand(shape)
+    got = ops.masked_conv2d_backward(grad_output, x, weight, mask, *index, *conv_args, [True, True, True])
+    for g, r in zip(got, reference_grads(x, weight, bias, mask, conv_args, grad_output.contiguous())):
+        torch.testing.assert_close(g, r, **TOLERANCE)
+    wide = torch.randn(x.shape[0], x.shape[1] + 3, x.shape[2] + 2, x.shape[3], dtype=x.dtype)
+    sliced = wide[:, 1 : 1 + x.shape[1], 2:]
+    y = ops.masked_conv2d(sliced, weight, bias, mask, *index, *conv_args)
+    expected = reference.masked_conv2d(sliced.contiguous(), weight, bias, mask, *conv_args)
+    torch.testing.assert_close(y, expected, **TOLERANCE)
+
+
 def test_fully_masked_pattern_and_batch_zero():
     x, weight, bias, mask, conv_args = make_case(CONFIGS[0], "neuron", None, 0.5)
     mask[2] = False  # one channel with nothing kept: its pattern's range is empty
