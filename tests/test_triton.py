@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="triton is not installed (the Makefile's DEPS pin it): no Triton backend to test")
 
@@ -163,6 +165,65 @@ def test_channels_last_and_non_contiguous(mode, group_size, layout):
         x = x.detach().requires_grad_()
         (grad,) = torch.autograd.grad(triton(x, weight, bias, mask, **conv_args).sum(), [x])
         assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["spatial", "neuron"])
+def test_conv_bn_unit_matches_the_reference_backend(mode, training):
+    # The paper's unit end to end: BN over the kept outputs from the fused statistics when
+    # training, folded BN + residual + ReLU in the epilogue in eval mode.
+    torch.manual_seed(0)
+    units = [rk.MaskedConvBN2d(3, 16, 3, padding=1, mask_ratio=0.6, mask_mode=mode, seed=1, output_size=(6, 5),
+                               backend=backend, activation="relu", bn_stats="kept").to(DEVICE)
+             for backend in ("triton", "reference")]
+    units[1].load_state_dict(units[0].state_dict())
+    x = torch.randn(2, 3, 6, 5, device=DEVICE)
+    residual = torch.randn(2, 16, 6, 5, device=DEVICE)
+    outputs, grads = [], []
+    for unit in units:
+        unit.train(training)
+        xs = x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = unit(xs, residual=residual) if not training else unit(xs)
+        outputs.append(y)
+        grads.append(torch.autograd.grad(y, [xs, unit.conv.weight], torch.ones_like(y)))
+    torch.testing.assert_close(outputs[0], outputs[1], **TOLERANCE)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    if training:
+        torch.testing.assert_close(units[0].bn.running_var, units[1].bn.running_var, **TOLERANCE)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(0, 2),
+    cin_per_group=st.integers(1, 3),
+    groups=st.integers(1, 2),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    mode=st.sampled_from(["neuron", "spatial", "group"]),
+    ratio=st.floats(0.0, 0.95),
+    bias=st.booleans(),
+)
+def test_property_random_configurations(n, cin_per_group, groups, h, w, kh, kw, stride, padding, dilation, mode,
+                                        ratio, bias):
+    cout = 16 * groups  # 16 channels per group: the by-pattern kernels for spatial and group masks
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if out_h <= 0 or out_w <= 0:
+        return  # no valid convolution
+    mask = rk.random_mask((cout, out_h, out_w), ratio, mode, 8 if mode == "group" else None).to(DEVICE)
+    x = torch.randn(n, cin_per_group * groups, h, w, device=DEVICE)
+    weight = torch.randn(cout, cin_per_group, kh, kw, device=DEVICE)
+    b = torch.randn(cout, device=DEVICE) if bias else None
+    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    check_forward_and_backward(x, weight, b, mask, conv_args)
 
 
 def test_batch_zero():
