@@ -108,7 +108,8 @@ CPU_KERNELS = torch.ops.rmask.cpu_kernels() if ops.extension_loaded() else None
 
 
 def cpu_kernels() -> str | None:
-    """The compiled CPU kernels that serve float32 in this process: "avx512" or "avx2" (the
+    """The compiled CPU kernels that serve float32 for backend "cpu" in this process (the GPU
+    backends are listed by ``available_backends()``): "avx512" or "avx2" (the
     batch-vector kernels, csrc/cpu/batch_vector.h, chosen by ATen's CPU capability, so
     ``ATEN_CPU_CAPABILITY=avx2`` selects AVX2 on an AVX-512 CPU), "portable" (the
     gather-GEMM-scatter kernels) or None without the extension."""

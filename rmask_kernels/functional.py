@@ -202,14 +202,13 @@ def masked_conv2d(
     else:
         index = kept_index if kept_index is not None else cached_kept_index(mask, weight.shape[0])
         # The Triton kernels are a second op family with the same schemas (csrc/masked_conv2d.cpp).
-        ops = (
-            (torch.ops.rmask.triton_masked_conv2d, torch.ops.rmask.triton_masked_conv2d_stats)
-            if chosen == "triton"
-            else (torch.ops.rmask.masked_conv2d, torch.ops.rmask.masked_conv2d_stats)
-        )
-        if channel_stats:
-            output, *stats = ops[1](input, weight, bias, mask, *index, *conv_args)
+        if chosen == "triton":
+            conv_op, stats_op = torch.ops.rmask.triton_masked_conv2d, torch.ops.rmask.triton_masked_conv2d_stats
         else:
-            output = ops[0](input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu))
+            conv_op, stats_op = torch.ops.rmask.masked_conv2d, torch.ops.rmask.masked_conv2d_stats
+        if channel_stats:
+            output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args)
+        else:
+            output = conv_op(input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu))
     output = output.squeeze(0) if unbatched else output
     return (output, *stats) if channel_stats else output
