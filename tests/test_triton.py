@@ -110,6 +110,16 @@ def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
     check_forward_and_backward(*case((2, 20, 5, 6, 48, 3, 1, 1, 1, 1), mode, group_size and group_size * 3 // 2))
 
 
+def test_grad_weight_chunks_follow_the_partials_budget(monkeypatch):
+    # A budget of 4 chunks of partials for 3 patterns (the grid bound adds one per pattern):
+    # each pattern's rows in one chunk, however many rows.
+    x, weight, bias, mask, conv_args = case((3, 4, 8, 8, 48, 3, 1, 1, 1, 1), "group", 16)
+    monkeypatch.setattr(kernels, "BLOCK_M", 16)
+    monkeypatch.setattr(kernels, "WEIGHT_CHUNK", 16)
+    monkeypatch.setattr(kernels, "PARTIAL_BUDGET_BYTES", 4 * 4 * 48 * 36)
+    check_forward_and_backward(x, weight, bias, mask, conv_args)
+
+
 @pytest.mark.parametrize("kept", [True, False])
 def test_all_kept_and_fully_masked(kept):
     x, weight, bias, mask, conv_args = case(CONFIGS[0], "neuron", None)

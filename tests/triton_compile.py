@@ -47,7 +47,7 @@ def jobs(everything):
                 PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, HAS_BIAS=True, HAS_RESIDUAL=not stats,
                 RELU=not stats, STATS=stats, **blocks)
         yield kernels._grad_weight_partial_kernel, dict(
-            PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, CHUNK=1024, **blocks)
+            PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, **blocks)
     for stats in [True, False] if everything else [False]:
         yield kernels._forward_by_position_kernel, dict(
             HAS_BIAS=True, HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)

@@ -35,6 +35,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # of each position as N instead. Unmeasured on a GPU: tl.dot's smallest N is 16.
 MIN_PATTERN_CHANNELS = 16
 
+# The grad-weight partials (chunks × Cout × Cin/groups·kh·kw fp32) stay within this: large
+# layers get fewer, longer chunks of rows (WEIGHT_CHUNK is the shortest).
+PARTIAL_BUDGET_BYTES = 64 << 20
+
 # The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks.
 if INTERPRET:
     BLOCK_M, BLOCK_N, BLOCK_K, WEIGHT_CHUNK, NUM_WARPS = 128, 64, 32, 4096, 4
@@ -293,12 +297,12 @@ def _grad_input_kernel(
 def _grad_weight_partial_kernel(
     grad_output_ptr, x_ptr, mask_ptr, partial_ptr,
     kept_offsets_ptr, kept_positions_ptr, tile_ends_ptr, segments_ptr,
-    batch, rows_per_image, num_patterns, num_segments, out_channels, reduce_size,
+    batch, rows_per_image, num_patterns, num_segments, out_channels, reduce_size, chunk_rows,
     cin_per_group, cout_per_group, height, width, out_width,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, mask_channel_stride,
     KH: tl.constexpr, KW: tl.constexpr, PATTERN_BLOCK: tl.constexpr, ALL_POSITIONS: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # partial[chunk, c, k] = sum over the chunk's kept rows (image, position) of
@@ -327,8 +331,8 @@ def _grad_weight_partial_kernel(
     x_cols = (group * cin_per_group + ci) * xs_c
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    row_end = tl.minimum((local_tile + 1) * CHUNK, batch * count)
-    for r0 in range(local_tile * CHUNK, row_end, BLOCK_M):
+    row_end = tl.minimum((local_tile + 1) * chunk_rows, batch * count)
+    for r0 in range(local_tile * chunk_rows, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < row_end
         image = rows // count
@@ -622,8 +626,13 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
             patterns = 1 if all_positions else geometry.patterns
             positions = geometry.out_height * geometry.out_width
             rows_per_image = positions if all_positions else kept_positions.numel()
+            # Chunks of a multiple of BLOCK_M rows, at least WEIGHT_CHUNK, few enough that
+            # the partials fit PARTIAL_BUDGET_BYTES.
+            max_chunks = max(1, PARTIAL_BUDGET_BYTES // (4 * geometry.out_channels * reduce_size) - patterns)
+            chunk_rows = max(WEIGHT_CHUNK, triton.cdiv(geometry.batch * rows_per_image, max_chunks))
+            chunk_rows = triton.cdiv(chunk_rows, BLOCK_M) * BLOCK_M
             tile_ends, tiles = _tiles(kept_offsets.contiguous(), geometry.batch, patterns, rows_per_image,
-                                      WEIGHT_CHUNK)
+                                      chunk_rows)
             segments, num_segments = _segments_on(
                 patterns, geometry.out_channels // patterns, geometry.cout_per_group, BLOCK_N, str(input.device))
             partial = torch.zeros(tiles, geometry.out_channels, reduce_size, dtype=torch.float32, device=input.device)
@@ -632,11 +641,11 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
                 grad_output, input, mask_arg, partial,
                 kept_offsets.contiguous(), kept_positions.contiguous(), tile_ends, segments,
                 geometry.batch, rows_per_image, patterns, num_segments, geometry.out_channels, reduce_size,
-                geometry.cin_per_group, geometry.cout_per_group, geometry.height, geometry.width,
+                chunk_rows, geometry.cin_per_group, geometry.cout_per_group, geometry.height, geometry.width,
                 geometry.out_width, *conv, *input.stride(), *grad_output.stride(),
                 positions if mask.shape[0] > 1 else 0,
                 KH=geometry.kernel_h, KW=geometry.kernel_w, PATTERN_BLOCK=_pattern_block(patterns),
-                ALL_POSITIONS=all_positions, CHUNK=WEIGHT_CHUNK,
+                ALL_POSITIONS=all_positions,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options,
             )
             # Second stage: the chunks' fp32 partials summed in a fixed order.
