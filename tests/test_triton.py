@@ -30,9 +30,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 # Mask modes and the kernel each takes with 32 output channels: spatial and group-of-16 the
-# by-pattern forward (1 and 2 patterns), group-of-2 and neuron the by-position one (groups == 1)
-# or the all-positions one (groups > 1).
-MODES = [("spatial", None), ("group", 16), ("group", 2), ("neuron", None)]
+# by-pattern forward (1 and 2 patterns), neuron the by-position one (groups == 1) or the
+# all-positions one (groups > 1); so do small groups (group-of-2: test_small_blocks_many_tiles
+# and the random configurations).
+MODES = [("spatial", None), ("group", 16), ("neuron", None)]
 # (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups), small: every program costs.
 CONFIGS = [
     (2, 4, 8, 8, 32, 3, 1, 1, 1, 1),
@@ -100,7 +101,7 @@ def test_ratios_and_no_bias(mode, group_size, ratio):
     check_forward_and_backward(x, weight, None, mask, conv_args)
 
 
-@pytest.mark.parametrize("mode,group_size", MODES, ids=str)
+@pytest.mark.parametrize("mode,group_size", MODES + [("group", 2)], ids=str)
 def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
     # Blocks of 16 and weight chunks of 32 rows: many row tiles per pattern (the tile search
     # across patterns), several channel blocks per position, input-channel blocks (20 > 16)
@@ -108,6 +109,30 @@ def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
     for name, value in dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, WEIGHT_CHUNK=32).items():
         monkeypatch.setattr(kernels, name, value)
     check_forward_and_backward(*case((2, 20, 5, 6, 48, 3, 1, 1, 1, 1), mode, group_size and group_size * 3 // 2))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("config", CONFIGS[1:], ids=str)
+def test_grad_input_by_tap(monkeypatch, config, layout):
+    # Spatial masks up to GRAD_INPUT_BY_TAP_MAX_KEEP take the per-tap grad input (forced here
+    # at keep 0.5; the parity tests above take it only at ratio 0.9): every geometry.
+    monkeypatch.setattr(kernels, "GRAD_INPUT_BY_TAP_MAX_KEEP", 1.0)
+    x, weight, bias, mask, conv_args = case(config, "spatial", None)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_forward_and_backward(x, weight, bias, mask, conv_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_grad_input_by_tap_low_precision(dtype):
+    # Ratio 0.9: by tap without forcing; the fp32 buffer rounds to the dtype once.
+    x, weight, b, mask, conv_args = case(CONFIGS[0], "spatial", None, 0.9)
+    x, weight = x.to(dtype).requires_grad_(), weight.to(dtype)
+    (grad,) = torch.autograd.grad(triton(x, weight, None, mask, **conv_args).sum(), [x])
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.masked_conv2d(x64, weight.double(), None, mask, **conv_args).sum(), [x64])
+    assert grad.dtype == dtype
+    assert (grad.double() - want).abs().max() <= GRAD_TOLERANCE[dtype] * want.abs().max()
 
 
 def test_grad_weight_chunks_follow_the_partials_budget(monkeypatch):

@@ -22,7 +22,7 @@ import rmask_kernels.triton.masked_conv2d as kernels  # noqa: E402
 
 INDEX = {"kept_offsets_ptr", "kept_positions_ptr", "tile_ends_ptr", "segments_ptr", "position_offsets_ptr",
          "position_channels_ptr"}
-FP32 = {"sums_ptr", "squares_ptr", "partial_ptr"}
+FP32 = {"sums_ptr", "squares_ptr", "partial_ptr", "grad_buffer_ptr"}
 
 
 def signature(fn, dtype, constexprs):
@@ -51,6 +51,7 @@ def jobs(everything):
     for stats in [True, False] if everything else [False]:
         yield kernels._forward_by_position_kernel, dict(
             HAS_BIAS=True, HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)
+    yield kernels._grad_input_by_tap_kernel, dict(**blocks)
     for per_channel in [True, False] if everything else [True]:
         yield kernels._grad_input_kernel, dict(MASK_PER_CHANNEL=per_channel, **blocks)
 
@@ -65,6 +66,7 @@ def main(argv=None):
         precision = "ieee" if dtype == "fp32" else "tf32"
         for fn, constexprs in jobs(args.all):
             constexprs = dict(constexprs, KH=3, KW=3, INTERPRETER=False, PRECISION=precision)
+            constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs), target=target,
                                       options=dict(num_warps=kernels.NUM_WARPS))

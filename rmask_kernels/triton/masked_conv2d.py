@@ -9,7 +9,8 @@ forward, by pattern   per mask pattern p (P patterns of channels_per_pattern cha
 forward, by position  neuron-like masks (few channels per pattern): per output position q,
                       M = images, N = the channels kept at q (their weight rows gathered).
 grad input            gather form: M = input pixels, N = input channels, K = (tap, output
-                      channel); grad_output is loaded only where the mask keeps it.
+                      channel); grad_output is loaded only where the mask keeps it. Sparse
+                      spatial masks: by tap, M = kept rows, one launch per tap.
 grad weight           two stages: chunks of kept rows each give fp32 partials, summed in a
                       fixed order (deterministic, no atomics).
 grad bias             per channel sum of grad_output over the kept positions (torch reduction).
@@ -38,6 +39,12 @@ MIN_PATTERN_CHANNELS = 16
 # The grad-weight partials (chunks × Cout × Cin/groups·kh·kw fp32) stay within this: large
 # layers get fewer, longer chunks of rows (WEIGHT_CHUNK is the shortest).
 PARTIAL_BUDGET_BYTES = 64 << 20
+
+# Spatial masks (one pattern) keeping at most this fraction take the grad input by tap (kept
+# rows only, keep × dense FLOPs, one launch per tap adding into an fp32 buffer) instead of the
+# gather over every input pixel (dense FLOPs, one pass). Unmeasured on a GPU: a guess that
+# kh·kw launches and read-modify-writes pay off once two thirds of the work is skipped.
+GRAD_INPUT_BY_TAP_MAX_KEEP = 0.35
 
 # The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks.
 if INTERPRET:
@@ -291,6 +298,54 @@ def _grad_input_kernel(
     channel = group * cin_per_group + ci
     tl.store(grad_input_ptr + image[:, None] * is_n + channel[None, :] * is_c + ih[:, None] * is_h + iw[:, None] * is_w,
              _cast(acc, grad_input_ptr.dtype.element_ty, INTERPRETER), mask=row_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _grad_input_by_tap_kernel(
+    grad_output_ptr, w_ptr, kept_positions_ptr, grad_buffer_ptr,
+    batch, count, kh, kw, height, width, out_width, cin_per_group, cout_per_group,
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One pattern (spatial masks), one tap (kh, kw) per launch: grad_input[n, :, ih, iw] +=
+    # grad_output[n, :, q] @ w[:, :, kh, kw] over the kept rows (n, q), (ih, iw) = q's tap.
+    # For a fixed tap q -> (ih, iw) is injective, so no two programs of a launch touch one
+    # pixel, and the launches, in stream order, add up deterministically without atomics.
+    row_block = tl.program_id(0).to(tl.int64)
+    channel_block = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < batch * count
+    image = rows // count
+    position = tl.load(kept_positions_ptr + rows % count, mask=row_ok, other=0)
+    oh = position // out_width
+    ow = position % out_width
+    ih = oh * stride_h - pad_h + kh * dilation_h
+    iw = ow * stride_w - pad_w + kw * dilation_w
+    ok = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+    if tl.max(ok.to(tl.int32), axis=0) > 0:  # the tap lands in the padding for every row
+        ci = channel_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        ci_ok = ci < cin_per_group
+        ks = tl.arange(0, BLOCK_K)
+        go_rows = grad_output_ptr + image * gs_n + oh * gs_h + ow * gs_w
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, cout_per_group, BLOCK_K):
+            co_ok = (c0 + ks) < cout_per_group
+            co = group * cout_per_group + c0 + ks
+            a = tl.load(go_rows[:, None] + co[None, :] * gs_c, mask=ok[:, None] & co_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
+                        mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+            if INTERPRETER:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        channel = group * cin_per_group + ci
+        pointers = (grad_buffer_ptr + image[:, None] * is_n + channel[None, :] * is_c + ih[:, None] * is_h
+                    + iw[:, None] * is_w)
+        store_ok = ok[:, None] & ci_ok[None, :]
+        tl.store(pointers, tl.load(pointers, mask=store_ok, other=0.0) + acc, mask=store_ok)
 
 
 @triton.jit
@@ -600,8 +655,25 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
 
     if output_mask[0]:
         memory_format = torch._prims_common.suggest_memory_format(input)
+        positions = geometry.out_height * geometry.out_width
+        by_tap = geometry.patterns == 1 and kept_positions.numel() <= GRAD_INPUT_BY_TAP_MAX_KEEP * positions
         if nothing_kept:
             grad_input = torch.zeros_like(input, memory_format=memory_format)
+        elif by_tap:
+            grad_input = torch.zeros_like(input, dtype=torch.float32, memory_format=memory_format)
+            count = kept_positions.numel()
+            grid = (triton.cdiv(geometry.batch * count, BLOCK_M), triton.cdiv(geometry.cin_per_group, BLOCK_N),
+                    geometry.groups)
+            for kh in range(geometry.kernel_h):
+                for kw in range(geometry.kernel_w):
+                    _grad_input_by_tap_kernel[grid](
+                        grad_output, weight, kept_positions.contiguous(), grad_input,
+                        geometry.batch, count, kh, kw, geometry.height, geometry.width, geometry.out_width,
+                        geometry.cin_per_group, geometry.cout_per_group, *conv,
+                        *grad_output.stride(), *weight.stride(), *grad_input.stride(),
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options,
+                    )
+            grad_input = grad_input.to(input.dtype)
         else:
             grad_input = torch.empty_like(input, memory_format=memory_format)
             rows = geometry.batch * geometry.height * geometry.width
