@@ -342,8 +342,8 @@ def test_backend_resolution():
     assert select_backend("triton", x, mask) == "triton"
     if DEVICE == "cpu":
         # The interpreter serves "triton" when asked; "auto" on CPU tensors stays on the CPU path.
-        assert select_backend("auto", x, mask) in ("cpu", "reference")
-        assert select_backend("auto", x, mask) == select_backend("auto", x, mask.clone())
+        assert rk.backends.resolve_backend("auto", x) == "cpu"
+        assert select_backend("auto", x, mask) != "triton"
         with pytest.warns(RuntimeWarning, match="backend='triton' runs float32, float16 and bfloat16"):
             assert select_backend("triton", x.double(), mask) == "reference"
     else:
