@@ -114,13 +114,22 @@ def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("config", CONFIGS[1:], ids=str)
 def test_grad_input_by_tap(monkeypatch, config, layout):
-    # Spatial masks up to GRAD_INPUT_BY_TAP_MAX_KEEP take the per-tap grad input (forced here
+    # Spatial masks up to GRAD_INPUT_SPARSE_MAX_KEEP take the per-tap grad input (forced here
     # at keep 0.5; the parity tests above take it only at ratio 0.9): every geometry.
-    monkeypatch.setattr(kernels, "GRAD_INPUT_BY_TAP_MAX_KEEP", 1.0)
+    monkeypatch.setattr(kernels, "GRAD_INPUT_SPARSE_MAX_KEEP", 1.0)
     x, weight, bias, mask, conv_args = case(config, "spatial", None)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     check_forward_and_backward(x, weight, bias, mask, conv_args)
+
+
+@pytest.mark.parametrize("config,mode,group_size", [
+    (CONFIGS[1], "neuron", None), (CONFIGS[2], "neuron", None), (CONFIGS[3], "group", 4)], ids=str)
+def test_grad_input_by_position(monkeypatch, config, mode, group_size):
+    # Neuron-like masks (groups == 1) up to GRAD_INPUT_SPARSE_MAX_KEEP take the by-position
+    # grad input (forced here at keep 0.5; ratio 0.9 takes it unforced).
+    monkeypatch.setattr(kernels, "GRAD_INPUT_SPARSE_MAX_KEEP", 1.0)
+    check_forward_and_backward(*case(config, mode, group_size))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

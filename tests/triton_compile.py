@@ -52,6 +52,7 @@ def jobs(everything):
         yield kernels._forward_by_position_kernel, dict(
             HAS_BIAS=True, HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)
     yield kernels._grad_input_by_tap_kernel, dict(**blocks)
+    yield kernels._grad_input_by_position_kernel, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16)
     for per_channel in [True, False] if everything else [True]:
         yield kernels._grad_input_kernel, dict(MASK_PER_CHANNEL=per_channel, **blocks)
 

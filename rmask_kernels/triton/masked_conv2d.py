@@ -5,14 +5,19 @@ Every kernel is an implicit GEMM whose input rows are loaded by computed address
 passed in, bounds masks for the padding), accumulating in fp32 and computing kept outputs only:
 
 forward, by pattern   per mask pattern p (P patterns of channels_per_pattern channels each):
-                      M = (image, kept position of p), N = p's channels, K = (tap, input channel).
-forward, by position  neuron-like masks (few channels per pattern): per output position q,
-                      M = images, N = the channels kept at q (their weight rows gathered).
+                      M = (image, kept position of p), N = p's channels (cut at conv-group
+                      boundaries), K = (tap, input channel of the group).
+forward, by position  neuron-like masks (few channels per pattern), groups == 1: per output
+                      position q, M = images, N = the channels kept at q (weight rows gathered).
+                      With groups > 1 such masks take the by-pattern kernel over every
+                      position instead, its stores predicated on the mask (simpler, dense FLOPs).
 grad input            gather form: M = input pixels, N = input channels, K = (tap, output
                       channel); grad_output is loaded only where the mask keeps it. Sparse
-                      spatial masks: by tap, M = kept rows, one launch per tap.
+                      masks: spatial by tap (M = kept rows, one launch per tap), neuron-like
+                      by input position (K = the channels kept where each tap lands).
 grad weight           two stages: chunks of kept rows each give fp32 partials, summed in a
-                      fixed order (deterministic, no atomics).
+                      fixed order (deterministic, no atomics). Neuron-like masks: chunks of
+                      every row, grad_output read only where kept.
 grad bias             per channel sum of grad_output over the kept positions (torch reduction).
 
 Block sizes are one fixed configuration (no GPU was lent to tune them; see benchmarks/gpu_times.py).
@@ -40,11 +45,13 @@ MIN_PATTERN_CHANNELS = 16
 # layers get fewer, longer chunks of rows (WEIGHT_CHUNK is the shortest).
 PARTIAL_BUDGET_BYTES = 64 << 20
 
-# Spatial masks (one pattern) keeping at most this fraction take the grad input by tap (kept
-# rows only, keep × dense FLOPs, one launch per tap adding into an fp32 buffer) instead of the
-# gather over every input pixel (dense FLOPs, one pass). Unmeasured on a GPU: a guess that
-# kh·kw launches and read-modify-writes pay off once two thirds of the work is skipped.
-GRAD_INPUT_BY_TAP_MAX_KEEP = 0.35
+# Masks keeping at most this fraction take a sparse grad input (keep × dense FLOPs) instead of
+# the gather over every input pixel and output channel (dense FLOPs, grad_output reads
+# predicated, one pass): spatial masks by tap (kept rows only, one launch per tap adding into an
+# fp32 buffer), neuron-like masks (groups == 1) by input position (the channels kept at each
+# tapped output position gathered as K). Unmeasured on a GPU: a guess that the extra launches,
+# read-modify-writes and narrow tiles pay off once two thirds of the work is skipped.
+GRAD_INPUT_SPARSE_MAX_KEEP = 0.35
 
 # The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks.
 if INTERPRET:
@@ -346,6 +353,57 @@ def _grad_input_by_tap_kernel(
                     + iw[:, None] * is_w)
         store_ok = ok[:, None] & ci_ok[None, :]
         tl.store(pointers, tl.load(pointers, mask=store_ok, other=0.0) + acc, mask=store_ok)
+
+
+@triton.jit
+def _grad_input_by_position_kernel(
+    grad_output_ptr, w_ptr, position_offsets_ptr, position_channels_ptr, grad_input_ptr,
+    batch, in_channels, height, width, out_height, out_width,
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    KH: tl.constexpr, KW: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Gather form, groups == 1: per input pixel, M = images, N = input channels, K = for each
+    # tap the output channels kept at the output position it reaches (their grad_output and
+    # weight rows gathered), so masked outputs cost nothing.
+    pixel = tl.program_id(0).to(tl.int64)
+    image_block = tl.program_id(1).to(tl.int64)
+    channel_block = tl.program_id(2).to(tl.int64)
+    ih = pixel // width
+    iw = pixel % width
+    image = image_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = image < batch
+    ci = channel_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < in_channels
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        oh_scaled = ih + pad_h - kh * dilation_h
+        ow_scaled = iw + pad_w - kw * dilation_w
+        oh = oh_scaled // stride_h
+        ow = ow_scaled // stride_w
+        if ((oh_scaled >= 0) & (ow_scaled >= 0) & (oh * stride_h == oh_scaled) & (ow * stride_w == ow_scaled)
+                & (oh < out_height) & (ow < out_width)):
+            position = oh * out_width + ow
+            start = tl.load(position_offsets_ptr + position)
+            count = tl.load(position_offsets_ptr + position + 1) - start
+            for c0 in range(0, count, BLOCK_K):
+                cols = c0 + ks
+                c_ok = cols < count
+                co = tl.load(position_channels_ptr + start + cols, mask=c_ok, other=0)
+                a = tl.load(grad_output_ptr + image[:, None] * gs_n + co[None, :] * gs_c + oh * gs_h + ow * gs_w,
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
+                            mask=c_ok[:, None] & ci_ok[None, :], other=0.0)
+                if INTERPRETER:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(grad_input_ptr + image[:, None] * is_n + ci[None, :] * is_c + ih * is_h + iw * is_w,
+             _cast(acc, grad_input_ptr.dtype.element_ty, INTERPRETER), mask=row_ok[:, None] & ci_ok[None, :])
 
 
 @triton.jit
@@ -656,9 +714,24 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
     if output_mask[0]:
         memory_format = torch._prims_common.suggest_memory_format(input)
         positions = geometry.out_height * geometry.out_width
-        by_tap = geometry.patterns == 1 and kept_positions.numel() <= GRAD_INPUT_BY_TAP_MAX_KEEP * positions
+        sparse = kept_positions.numel() <= GRAD_INPUT_SPARSE_MAX_KEEP * positions * geometry.patterns
+        by_tap = sparse and geometry.patterns == 1
+        by_position = sparse and geometry.groups == 1 and geometry.channels_per_pattern < MIN_PATTERN_CHANNELS
         if nothing_kept:
             grad_input = torch.zeros_like(input, memory_format=memory_format)
+        elif by_position:
+            grad_input = torch.empty_like(input, memory_format=memory_format)
+            block_m = min(BLOCK_M, max(16, triton.next_power_of_2(geometry.batch)))
+            block_k = min(BLOCK_K, max(16, triton.next_power_of_2(triton.cdiv(position_channels.numel(), positions))))
+            grid = (geometry.height * geometry.width, triton.cdiv(geometry.batch, block_m),
+                    triton.cdiv(geometry.in_channels, BLOCK_N))
+            _grad_input_by_position_kernel[grid](
+                grad_output, weight, position_offsets.contiguous(), position_channels.contiguous(), grad_input,
+                geometry.batch, geometry.in_channels, geometry.height, geometry.width, geometry.out_height,
+                geometry.out_width, *conv, *grad_output.stride(), *weight.stride(), *grad_input.stride(),
+                KH=geometry.kernel_h, KW=geometry.kernel_w,
+                BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, **options,
+            )
         elif by_tap:
             grad_input = torch.zeros_like(input, dtype=torch.float32, memory_format=memory_format)
             count = kept_positions.numel()
