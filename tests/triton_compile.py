@@ -22,7 +22,7 @@ import rmask_kernels.triton.masked_conv2d as kernels  # noqa: E402
 
 INDEX = {"kept_offsets_ptr", "kept_positions_ptr", "tile_ends_ptr", "segments_ptr", "position_offsets_ptr",
          "position_channels_ptr"}
-FP32 = {"sums_ptr", "squares_ptr", "partial_ptr", "grad_buffer_ptr"}
+FP32 = {"sums_ptr", "squares_ptr", "partial_ptr", "grad_buffer_ptr", "pairs_ptr", "grad_weight_ptr"}
 
 
 def signature(fn, dtype, constexprs):
@@ -52,6 +52,8 @@ def jobs(everything):
         yield kernels._forward_by_position_kernel, dict(
             HAS_BIAS=True, HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)
     yield kernels._grad_input_by_tap_kernel, dict(**blocks)
+    yield kernels._grad_weight_pairs_kernel, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    yield kernels._grad_weight_sum_pairs_kernel, dict(CHANNEL_BLOCK=64, BLOCK_K=32)
     yield kernels._grad_input_by_position_kernel, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16)
     for per_channel in [True, False] if everything else [True]:
         yield kernels._grad_input_kernel, dict(MASK_PER_CHANNEL=per_channel, **blocks)

@@ -17,7 +17,9 @@ grad input            gather form: M = input pixels, N = input channels, K = (ta
                       by input position (K = the channels kept where each tap lands).
 grad weight           two stages: chunks of kept rows each give fp32 partials, summed in a
                       fixed order (deterministic, no atomics). Neuron-like masks: chunks of
-                      every row, grad_output read only where kept.
+                      every row, grad_output read only where kept; sparse ones (groups == 1):
+                      per (position, kept channel) pair a row reduced over the images, then
+                      per channel its pairs' rows summed in position order.
 grad bias             per channel sum of grad_output over the kept positions (torch reduction).
 
 Block sizes are one fixed configuration (no GPU was lent to tune them; see benchmarks/gpu_times.py).
@@ -49,9 +51,11 @@ PARTIAL_BUDGET_BYTES = 64 << 20
 # the gather over every input pixel and output channel (dense FLOPs, grad_output reads
 # predicated, one pass): spatial masks by tap (kept rows only, one launch per tap adding into an
 # fp32 buffer), neuron-like masks (groups == 1) by input position (the channels kept at each
-# tapped output position gathered as K). Unmeasured on a GPU: a guess that the extra launches,
-# read-modify-writes and narrow tiles pay off once two thirds of the work is skipped.
-GRAD_INPUT_SPARSE_MAX_KEEP = 0.35
+# tapped output position gathered as K). Neuron-like masks (groups == 1) also take a sparse grad
+# weight: per (position, kept channel) pair its batch-reduced row, then per channel the sum of
+# its pairs' rows in position order. Unmeasured on a GPU: a guess that the extra launches,
+# buffers and narrow tiles pay off once two thirds of the work is skipped.
+SPARSE_BACKWARD_MAX_KEEP = 0.35
 
 # The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks.
 if INTERPRET:
@@ -407,6 +411,83 @@ def _grad_input_by_position_kernel(
 
 
 @triton.jit
+def _grad_weight_pairs_kernel(
+    grad_output_ptr, x_ptr, position_offsets_ptr, position_channels_ptr, pairs_ptr,
+    batch, reduce_size, height, width, out_width,
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w,
+    KH: tl.constexpr, KW: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Sparse grad weight, stage 1 (groups == 1): per output position q, M = the channels kept
+    # at q, N = k = (ci, kh, kw), reduced over the images: pairs[pair, k] for each (q, channel)
+    # pair of the by-position index (rows position_offsets[q] ...).
+    position = tl.program_id(0).to(tl.int64)
+    k_block = tl.program_id(1).to(tl.int64)
+    slot_block = tl.program_id(2).to(tl.int64)
+    start = tl.load(position_offsets_ptr + position)
+    count = tl.load(position_offsets_ptr + position + 1) - start
+    if slot_block * BLOCK_M >= count:
+        return
+    slots = slot_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot_ok = slots < count
+    channel = tl.load(position_channels_ptr + start + slots, mask=slot_ok, other=0)
+    oh = position // out_width
+    ow = position % out_width
+    k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < reduce_size
+    ci = k // (KH * KW)
+    kh = (k % (KH * KW)) // KW
+    kw = k % KW
+    ih = oh * stride_h - pad_h + kh * dilation_h
+    iw = ow * stride_w - pad_w + kw * dilation_w
+    k_in = k_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+    x_cols = ci * xs_c + ih * xs_h + iw * xs_w
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, batch, BLOCK_N):
+        image = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        image_ok = image < batch
+        g = tl.load(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c + oh * gs_h + ow * gs_w,
+                    mask=slot_ok[:, None] & image_ok[None, :], other=0.0)
+        patch = tl.load(x_ptr + image[:, None] * xs_n + x_cols[None, :], mask=image_ok[:, None] & k_in[None, :],
+                        other=0.0)
+        if INTERPRETER:
+            g = g.to(tl.float32)
+            patch = patch.to(tl.float32)
+        acc = tl.dot(g, patch, acc, input_precision=PRECISION)
+    tl.store(pairs_ptr + (start + slots)[:, None] * reduce_size + k[None, :], acc,
+             mask=slot_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _grad_weight_sum_pairs_kernel(
+    pairs_ptr, kept_offsets_ptr, kept_positions_ptr, position_offsets_ptr, position_channels_ptr, grad_weight_ptr,
+    channels_per_pattern, reduce_size,
+    CHANNEL_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Stage 2: grad_weight[c, k] = the sum of c's pairs' rows, in ascending position order (a
+    # fixed order: deterministic). c's positions are its pattern's kept positions; its row at
+    # position q is position_offsets[q] + the number of channels kept at q below c.
+    channel = tl.program_id(0).to(tl.int64)
+    k_block = tl.program_id(1).to(tl.int64)
+    pattern = channel // channels_per_pattern
+    first = tl.load(kept_offsets_ptr + pattern)
+    last = tl.load(kept_offsets_ptr + pattern + 1)
+    k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < reduce_size
+    lanes = tl.arange(0, CHANNEL_BLOCK)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for i in range(first, last):
+        position = tl.load(kept_positions_ptr + i)
+        start = tl.load(position_offsets_ptr + position)
+        count = tl.load(position_offsets_ptr + position + 1) - start
+        listed = tl.load(position_channels_ptr + start + lanes, mask=lanes < count, other=channel)
+        rank = tl.sum((listed < channel).to(tl.int64), axis=0)
+        acc += tl.load(pairs_ptr + (start + rank) * reduce_size + k, mask=k_ok, other=0.0)
+    tl.store(grad_weight_ptr + channel * reduce_size + k, acc, mask=k_ok)
+
+
+@triton.jit
 def _grad_weight_partial_kernel(
     grad_output_ptr, x_ptr, mask_ptr, partial_ptr,
     kept_offsets_ptr, kept_positions_ptr, tile_ends_ptr, segments_ptr,
@@ -714,7 +795,7 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
     if output_mask[0]:
         memory_format = torch._prims_common.suggest_memory_format(input)
         positions = geometry.out_height * geometry.out_width
-        sparse = kept_positions.numel() <= GRAD_INPUT_SPARSE_MAX_KEEP * positions * geometry.patterns
+        sparse = kept_positions.numel() <= SPARSE_BACKWARD_MAX_KEEP * positions * geometry.patterns
         by_tap = sparse and geometry.patterns == 1
         by_position = sparse and geometry.groups == 1 and geometry.channels_per_pattern < MIN_PATTERN_CHANNELS
         if nothing_kept:
@@ -762,14 +843,37 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
 
     if output_mask[1]:
         reduce_size = geometry.cin_per_group * geometry.kernel_h * geometry.kernel_w
+        pairs = position_channels.numel()
+        positions = geometry.out_height * geometry.out_width
+        sparse_pairs = (geometry.groups == 1 and geometry.channels_per_pattern < MIN_PATTERN_CHANNELS
+                        and pairs <= SPARSE_BACKWARD_MAX_KEEP * positions * geometry.out_channels
+                        and 4 * pairs * reduce_size <= PARTIAL_BUDGET_BYTES)
         if nothing_kept:
             grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        elif sparse_pairs:
+            pair_rows = torch.empty(pairs, reduce_size, dtype=torch.float32, device=input.device)
+            block_m = min(BLOCK_N, max(16, triton.next_power_of_2(triton.cdiv(pairs, positions))))
+            block_images = min(BLOCK_M, max(16, triton.next_power_of_2(geometry.batch)))
+            grid = (positions, triton.cdiv(reduce_size, BLOCK_K), triton.cdiv(geometry.out_channels, block_m))
+            _grad_weight_pairs_kernel[grid](
+                grad_output, input, position_offsets.contiguous(), position_channels.contiguous(), pair_rows,
+                geometry.batch, reduce_size, geometry.height, geometry.width, geometry.out_width, *conv,
+                *input.stride(), *grad_output.stride(), KH=geometry.kernel_h, KW=geometry.kernel_w,
+                BLOCK_M=block_m, BLOCK_N=block_images, BLOCK_K=BLOCK_K, **options,
+            )
+            grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=input.device)
+            _grad_weight_sum_pairs_kernel[(geometry.out_channels, triton.cdiv(reduce_size, BLOCK_K))](
+                pair_rows, kept_offsets.contiguous(), kept_positions.contiguous(), position_offsets.contiguous(),
+                position_channels.contiguous(), grad_weight, geometry.channels_per_pattern, reduce_size,
+                CHANNEL_BLOCK=triton.next_power_of_2(geometry.out_channels), BLOCK_K=BLOCK_K,
+                num_warps=NUM_WARPS,
+            )
+            grad_weight = grad_weight.to(weight.dtype)
         else:
             # Pattern rows as in the forward; few channels per pattern: every position a row,
             # grad_output read only where kept (a tile of a pattern's channels would be mostly empty).
             all_positions = geometry.channels_per_pattern < MIN_PATTERN_CHANNELS
             patterns = 1 if all_positions else geometry.patterns
-            positions = geometry.out_height * geometry.out_width
             rows_per_image = positions if all_positions else kept_positions.numel()
             # Chunks of a multiple of BLOCK_M rows, at least WEIGHT_CHUNK, few enough that
             # the partials fit PARTIAL_BUDGET_BYTES.
