@@ -629,6 +629,12 @@ def _check_args(name, input, weight, bias, mask, index, stride, padding, dilatio
     if index[2].numel() != out_h * out_w + 1:
         raise RuntimeError(f"{name}: position_offsets must have Hout * Wout + 1 = {out_h * out_w + 1} entries, "
                            f"got {index[2].numel()}")
+    # Sizes only: checking the index's values (offsets ascending, positions in range) would
+    # synchronize with the GPU on every call; the index is built once by rk.kept_index.
+    if index[1].numel() > patterns * out_h * out_w or index[3].numel() != index[1].numel() * (cout // patterns):
+        raise RuntimeError(f"{name}: kept_positions ({index[1].numel()}) and position_channels "
+                           f"({index[3].numel()}) must list the same kept outputs: {cout // patterns} channels "
+                           "per kept position of each pattern")
     return Geometry(n, cin, h, w, cout, kh, kw, out_h, out_w, groups, patterns)
 
 
