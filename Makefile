@@ -55,11 +55,11 @@ bench: install
 	$(PY) benchmarks/report.py $(BENCH_JSON) | tee $(BENCH_JSON:.json=.md)
 
 # GPU speed of the triton and cuda backends vs cuDNN F.conv2d * mask (PERF.md's shapes and keep
-# ratios, fp32 with TF32 off and bf16, fwd and fwd+bwd): JSON in benchmarks/results/, then the
-# markdown ratio table. Needs a CUDA device (says so and stops without one).
+# ratios, fp32 with TF32 off and bf16, fwd and fwd+bwd): JSON and the markdown ratio table in
+# benchmarks/results/. Needs a CUDA device (says so and fails without one).
 GPU_BENCH_JSON ?= benchmarks/results/gpu_latest.json
 bench-gpu: install
-	$(PY) benchmarks/gpu_times.py --json $(GPU_BENCH_JSON) $(BENCH_ARGS) | tee $(GPU_BENCH_JSON:.json=.log)
+	$(PY) benchmarks/gpu_times.py --json $(GPU_BENCH_JSON) $(BENCH_ARGS)
 
 # Build the C++ library against LibTorch with CMake, as C++ users do (no Python involved).
 cmake-check: install

@@ -8,7 +8,8 @@ PERF.md's GPU method: both sides in the same precision (fp32 with TF32 off on bo
 both), CUDA events around each call, the median of several rounds, providers interleaved
 within each round. Columns: milliseconds; "speedup" = baseline / ours (> 1: ours faster);
 "/ k·dense" = ours / (keep × the dense F.conv2d time), PERF.md's spatial-mask target (<= 1.3).
-Writes a JSON (device, torch / triton / CUDA versions, date, every timing) and prints the table.
+Writes a JSON (device, torch / triton / CUDA versions, date, every timing) and, next to it, the
+markdown table (same name, .md), and prints the table.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=["spatial", "neuron"], choices=["spatial", "neuron", "group"])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per provider (median reported)")
-    parser.add_argument("--json", default="benchmarks/results/gpu_latest.json", help="where to write the results")
+    parser.add_argument("--json", default="benchmarks/results/gpu_latest.json",
+                        help="where to write the results (the markdown table goes next to it, .md)")
     return parser.parse_args(argv)
 
 
@@ -162,8 +164,11 @@ def main(argv=None):
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
-    print(f"\n{record['device']}, torch {record['torch']}, triton {record['triton']}, {record['date']} -> {path}\n")
-    print(markdown(results, backends))
+    title = f"{record['device']}, torch {record['torch']}, triton {record['triton']}, {record['date']}"
+    table = markdown(results, backends)
+    path.with_suffix(".md").write_text(f"{title}\n\n{table}\n")
+    print(f"\n{title} -> {path} and {path.with_suffix('.md')}\n")
+    print(table)
     return 0
 
 

@@ -5,6 +5,7 @@ TRITON_INTERPRET=1 before anything imports them; ~0.5 ms per program, hence the 
 with one, on CUDA tensors. The oracle runs in float64; fp32 kernels are compared at 1e-4 (as in
 test_op: only the summation order and fp32 rounding differ)."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -486,6 +487,20 @@ def test_kernels_compile_for_a_gpu():
                             text=True, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.count("compiled ") >= 4 and result.stdout.rstrip().endswith("ok")
+
+
+def test_gpu_benchmark_table():
+    # The script's table and defaults, without a GPU: ratios as PERF.md defines them.
+    spec = importlib.util.spec_from_file_location("gpu_times", ROOT / "benchmarks" / "gpu_times.py")
+    gpu_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_times)
+    args = gpu_times.parse_args([])
+    assert args.keeps == [0.1, 0.3, 0.5, 0.7, 1.0] and args.batches == [32, 128]
+    assert set(args.modes) == {"spatial", "neuron"} and set(args.dtypes) == {"float32", "bfloat16"}
+    row = dict(shape="64->64@32 s1", batch=32, mode="spatial", dtype="float32", keep=0.1, ms=dict(
+        dense=1.0, baseline=1.2, triton=0.3), **{"pass": "fwd"})
+    last = gpu_times.markdown([row], ["triton"]).splitlines()[-1]
+    assert last == "| 64->64@32 s1 | 32 | spatial | float32 | 0.1 | fwd | 1.200 | 0.300 | 4.00x | 3.00 |"
 
 
 def test_gpu_benchmark_needs_a_gpu():
