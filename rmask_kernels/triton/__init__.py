@@ -9,12 +9,12 @@ which the tests use on machines without a GPU).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import torch
 
 DEVICE_TYPES = ("cuda", "cpu")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
@@ -28,6 +28,9 @@ def _kernels(device: torch.device):
             "rmask triton ops: the Triton kernels run on CPU tensors only in Triton's interpreter; "
             "set TRITON_INTERPRET=1 before the first call (or use backend='cpu' / a CUDA tensor)"
         )
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("rmask triton ops: triton is not installed (pip install triton); "
+                           "use backend='cuda', 'cpu' or 'reference'")
     module = importlib.import_module(".masked_conv2d", __name__)
     if device.type == "cpu" and not module.INTERPRET:
         raise RuntimeError(
