@@ -8,12 +8,18 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --quiet --disable-pip-version-check
-DEPS       := numpy ninja pytest pytest-benchmark hypothesis scikit-learn setuptools wheel tqdm foolbox==3.3.4 matplotlib
+# triton: needed to test the Triton backend's kernels (rmask_kernels/triton) on CPU tensors in
+# its interpreter (TRITON_INTERPRET=1, tests/test_triton.py). Pinned: the interpreter quirks the
+# kernels work around (bf16 tl.dot, bf16 rounding) are this release's. A CUDA torch build pins
+# its own triton: pass that one, e.g. make install TORCH_SPEC=... TRITON_SPEC="triton==X.Y.Z".
+TRITON_SPEC ?= triton==3.9.0
+DEPS       := numpy ninja pytest pytest-benchmark hypothesis scikit-learn setuptools wheel tqdm foolbox==3.3.4 matplotlib \
+              $(TRITON_SPEC)
 TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
 SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cmake-check wheel wheel-cuda cuda-check cmake-check-cuda
+.PHONY: install test demo bench bench-gpu clean cmake-check wheel wheel-cuda cuda-check cmake-check-cuda
 
 install: $(VENV)/.stamp-build
 
@@ -47,6 +53,13 @@ bench: install
 	$(PY) -m pytest benchmarks/bench_masked_conv2d.py benchmarks/bench_resnet18.py -q -o python_files='bench_*.py' \
 	  -p no:cacheprovider --benchmark-json=$(BENCH_JSON) --benchmark-columns=median,iqr --benchmark-sort=name $(BENCH_ARGS)
 	$(PY) benchmarks/report.py $(BENCH_JSON) | tee $(BENCH_JSON:.json=.md)
+
+# GPU speed of the triton and cuda backends vs cuDNN F.conv2d * mask (PERF.md's shapes and keep
+# ratios, fp32 with TF32 off and bf16, fwd and fwd+bwd): JSON and the markdown ratio table in
+# benchmarks/results/. Needs a CUDA device (says so and fails without one).
+GPU_BENCH_JSON ?= benchmarks/results/gpu_latest.json
+bench-gpu: install
+	$(PY) benchmarks/gpu_times.py --json $(GPU_BENCH_JSON) $(BENCH_ARGS)
 
 # Build the C++ library against LibTorch with CMake, as C++ users do (no Python involved).
 # An abi3 wheel in dist/ for the torch of $(VENV): CPU-only with a CPU torch, CUDA kernels for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 
 import torch
@@ -13,12 +15,34 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _warned = set()
 
 
+def _cuda_kernels_registered() -> bool:
+    """Whether the extension was built with its CUDA kernels (csrc/cuda): the one place that asks."""
+    return ops.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("rmask::masked_conv2d", "CUDA")
+
+
+# Read once at import: plain values are also what torch.compile can trace through. Finding
+# triton does not import it (rmask_kernels/triton imports it on the first call).
+CUDA_KERNELS = _cuda_kernels_registered()
+TRITON_INSTALLED = ops.extension_loaded() and importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter() -> bool:
+    """Whether ``TRITON_INTERPRET=1``: the Triton backend then also serves CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def available_backends() -> list:
-    """Backends usable in this process: "reference" always, "cpu" when the extension is built
-    (``cpu_kernels()`` tells which CPU kernels it runs)."""
+    """Backends usable in this process: "reference" always; "cpu" when the extension is built
+    (``cpu_kernels()`` tells which CPU kernels it runs); "cuda" when it was built with its CUDA
+    kernels; "triton" when it is built and triton is installed (CUDA tensors, and CPU tensors
+    under ``TRITON_INTERPRET=1``)."""
     names = ["reference"]
     if ops.extension_loaded():
         names.append("cpu")
+    if CUDA_KERNELS:
+        names.append("cuda")
+    if TRITON_INSTALLED:
+        names.append("triton")
     return names
 
 
@@ -39,21 +63,36 @@ def _serves(backend: str, tensor: torch.Tensor) -> str | None:
         return reason
     if backend == "cpu" and tensor.device.type != "cpu":
         return f"runs on CPU tensors, got a tensor on {tensor.device}"
+    if backend == "cuda" and tensor.device.type != "cuda":
+        return f"runs on CUDA tensors, got a tensor on {tensor.device}"
+    if backend == "triton":
+        # The device first: on CUDA tensors nothing else is read (torch.compile traces this).
+        if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and triton_interpreter()):
+            return f"runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got a tensor on {tensor.device}"
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"runs float32, float16 and bfloat16, got {tensor.dtype}"
     return None
+
+
+# "auto" by device: CPU tensors take the CPU kernels; CUDA tensors the Triton kernels if
+# triton is installed, else the CUDA C++ kernels if built (each then subject to
+# sparse_pays_off / gpu_sparse_pays_off), else the reference. The interpreter never takes
+# "auto": it is for testing the Triton kernels, not for speed.
+AUTO_CANDIDATES = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """The backend that will run: the requested one, or the reference with a warning (once)."""
     check_backend(backend)
     if backend == "auto":
-        for candidate in ("cpu",):
+        for candidate in AUTO_CANDIDATES.get(tensor.device.type, ()):
             if _serves(candidate, tensor) is None:
                 return candidate
         return "reference"
     reason = _serves(backend, tensor)
     if reason is None:
         return backend
-    key = (backend, tensor.device.type)
+    key = (backend, tensor.device.type, reason)
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
@@ -69,7 +108,8 @@ CPU_KERNELS = torch.ops.rmask.cpu_kernels() if ops.extension_loaded() else None
 
 
 def cpu_kernels() -> str | None:
-    """The compiled CPU kernels that serve float32 in this process: "avx512" or "avx2" (the
+    """The compiled CPU kernels that serve float32 for backend "cpu" in this process (the GPU
+    backends are listed by ``available_backends()``): "avx512" or "avx2" (the
     batch-vector kernels, csrc/cpu/batch_vector.h, chosen by ATen's CPU capability, so
     ``ATEN_CPU_CAPABILITY=avx2`` selects AVX2 on an AVX-512 CPU), "portable" (the
     gather-GEMM-scatter kernels) or None without the extension."""
@@ -121,7 +161,17 @@ PORTABLE_MAX_KEEP = 0.2
 PORTABLE_MAX_PATTERNS = 4
 
 
+# GPU backends (triton, cuda) under "auto": the masked kernel whenever anything is masked,
+# dense conv × mask (the reference, cuDNN) when nothing is (keep 1.0), where a masked kernel
+# can only match cuDNN. The crossover keep fraction on a GPU is unmeasured (no GPU was lent
+# yet; benchmarks/gpu_times.py measures it): refine this rule from its table.
+def gpu_sparse_pays_off(index, positions_per_pattern: int) -> bool:
+    patterns = index.offsets.numel() - 1
+    return index.positions.numel() < patterns * positions_per_pattern
+
+
 def sparse_pays_off(index, positions_per_pattern: int, batch: int, dtype: torch.dtype, groups: int) -> bool:
+    """Whether the CPU kernels beat dense conv × mask here (the measured rule above)."""
     patterns = index.offsets.numel() - 1
     keep = index.positions.numel() / max(1, patterns * positions_per_pattern)
     if batch_vector_kernels(dtype, groups):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .backends import check_backend, resolve_backend, sparse_pays_off
+from .backends import check_backend, gpu_sparse_pays_off, resolve_backend, sparse_pays_off
 from .masks import kept_index as build_kept_index
 
 IntPair = Union[int, Tuple[int, int]]
@@ -89,7 +89,11 @@ def select_backend(
     if backend == "auto" and chosen != "reference":
         index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels or mask.shape[0])
         positions = mask.shape[1] * mask.shape[2]
-        if not sparse_pays_off(index, positions, input.shape[0], input.dtype, groups):
+        if chosen in ("triton", "cuda"):
+            pays_off = gpu_sparse_pays_off(index, positions)
+        else:
+            pays_off = sparse_pays_off(index, positions, input.shape[0], input.dtype, groups)
+        if not pays_off:
             chosen = "reference"
     return chosen
 
@@ -121,8 +125,11 @@ def masked_conv2d(
     ``channel_stats``: also return, per output channel, the float64 sum and sum of squares of
     the output over the batch and the kept positions, computed in the same pass (BN
     statistics over kept positions, ``bn_stats="kept"``): ``(output, sum, sum_of_squares)``.
-    ``backend``: "auto", "reference" (the oracle), "cpu", later "cuda"/"triton"; a backend
-    that cannot serve the tensor falls back to the reference with a warning.
+    ``backend``: "auto", "reference" (the oracle), "cpu" (the C++ CPU kernels), "cuda" (the
+    CUDA C++ kernels, when built) or "triton" (the Triton kernels: CUDA tensors, and CPU
+    tensors under ``TRITON_INTERPRET=1``); "auto" takes the device's compiled kernels where
+    they pay off (rmask_kernels/backends.py), else the reference. A backend that cannot serve
+    the tensor falls back to the reference with a warning.
     """
     check_backend(backend)
     if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
@@ -194,11 +201,14 @@ def masked_conv2d(
             stats = reference.channel_stats(output)
     else:
         index = kept_index if kept_index is not None else cached_kept_index(mask, weight.shape[0])
-        if channel_stats:
-            output, *stats = torch.ops.rmask.masked_conv2d_stats(input, weight, bias, mask, *index, *conv_args)
+        # The Triton kernels are a second op family with the same schemas (csrc/masked_conv2d.cpp).
+        if chosen == "triton":
+            conv_op, stats_op = torch.ops.rmask.triton_masked_conv2d, torch.ops.rmask.triton_masked_conv2d_stats
         else:
-            output = torch.ops.rmask.masked_conv2d(
-                input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu)
-            )
+            conv_op, stats_op = torch.ops.rmask.masked_conv2d, torch.ops.rmask.masked_conv2d_stats
+        if channel_stats:
+            output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args)
+        else:
+            output = conv_op(input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu))
     output = output.squeeze(0) if unbatched else output
     return (output, *stats) if channel_stats else output

@@ -1,7 +1,9 @@
 """Python side of the rmask ops: loading the compiled library, fake kernels, autograd.
 
-The schemas live in csrc/masked_conv2d.cpp; the CPU kernels in csrc/cpu/. When the
-extension is not built the package still works through the reference path (warned once).
+The schemas live in csrc/masked_conv2d.cpp (two families: ``masked_conv2d*`` for the C++
+kernels in csrc/cpu/ and csrc/cuda/, ``triton_masked_conv2d*`` for rmask_kernels/triton/);
+the fake kernels and autograd of both are registered here. When the extension is not built
+the package still works through the reference path (warned once).
 """
 
 from __future__ import annotations
@@ -40,15 +42,22 @@ def _memory_format(tensor):
     return torch._prims_common.suggest_memory_format(tensor)
 
 
-if extension_loaded():
+# The two op families with identical schemas (csrc/masked_conv2d.cpp): the plain ops, served
+# by the C++ kernels (csrc/cpu, csrc/cuda), and the triton_ ops, served by rmask_kernels/triton.
+# Both get their fake kernels and autograd from the one code path below.
+FAMILIES = ("", "triton_")
 
-    @torch.library.register_fake("rmask::masked_conv2d")
+
+def _register_family(prefix: str) -> None:
+    backward_op = getattr(torch.ops.rmask, f"{prefix}masked_conv2d_backward")
+
+    @torch.library.register_fake(f"rmask::{prefix}masked_conv2d")
     def _masked_conv2d_fake(input, weight, bias, mask, *index_conv_args_and_residual, relu=False):
         stride, padding, dilation, groups = index_conv_args_and_residual[4:8]
         shape = _output_shape(input, weight, stride, padding, dilation)
         return input.new_empty(shape).contiguous(memory_format=_memory_format(input))
 
-    @torch.library.register_fake("rmask::masked_conv2d_backward")
+    @torch.library.register_fake(f"rmask::{prefix}masked_conv2d_backward")
     def _masked_conv2d_backward_fake(grad_output, input, weight, mask, *index_conv_args_and_output_mask):
         output_mask = index_conv_args_and_output_mask[-1]
         grad_input = (
@@ -58,22 +67,11 @@ if extension_loaded():
         grad_bias = input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
         return grad_input, grad_weight, grad_bias
 
-    @torch.library.register_fake("rmask::masked_conv2d_stats")
+    @torch.library.register_fake(f"rmask::{prefix}masked_conv2d_stats")
     def _masked_conv2d_stats_fake(input, weight, bias, mask, *index_and_conv_args):
         output = _masked_conv2d_fake(input, weight, bias, mask, *index_and_conv_args)
         channels = weight.shape[0]
         return output, input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=torch.float64)
-
-    def _save_for_conv_backward(ctx, inputs, extra_output):
-        input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs[:12]
-        needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # Weight gradient needs the input, input gradient needs the weight: save only those.
-        ctx.save_for_backward(
-            input if needs_weight else None, weight if needs_input or needs_weight else None, extra_output, mask, *index
-        )
-        ctx.input_meta = (input.shape, input.dtype, input.device)
-        ctx.has_bias = bias is not None
-        ctx.conv_args = (stride, padding, dilation, groups)
 
     def _conv_backward(ctx, grad_output, input, weight, mask, index):
         needs = ctx.needs_input_grad
@@ -81,9 +79,10 @@ if extension_loaded():
         if not any(output_mask) or grad_output is None:
             return (None,) * 12
         if input is None:  # only the input gradient is wanted: its values are never read
-            shape, dtype, device = ctx.input_meta
-            input = torch.empty(shape, dtype=dtype, device=device)
-        grad_input, grad_weight, grad_bias = torch.ops.rmask.masked_conv2d_backward(
+            shape, dtype, device, memory_format = ctx.input_meta
+            # In the input's memory format: the kernels give the input gradient in its format.
+            input = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        grad_input, grad_weight, grad_bias = backward_op(
             grad_output, input, weight, mask, *index, *ctx.conv_args, output_mask
         )
         return (
@@ -91,11 +90,6 @@ if extension_loaded():
             grad_weight if output_mask[1] else None,
             grad_bias if output_mask[2] else None,
         ) + (None,) * 9
-
-    def _setup_context(ctx, inputs, keyword_only_inputs, output):
-        # A fused ReLU's gradient gate is the output itself (> 0).
-        _save_for_conv_backward(ctx, inputs, output if keyword_only_inputs.get("relu", False) else None)
-        ctx.has_residual = len(inputs) > 12 and inputs[12] is not None
 
     def _backward(ctx, grad_output):
         input, weight, relu_output, mask, *index = ctx.saved_tensors
@@ -105,13 +99,7 @@ if extension_loaded():
         grad_residual = grad_output if ctx.has_residual and ctx.needs_input_grad[12] else None
         return _conv_backward(ctx, grad_output, input, weight, mask, index) + (grad_residual,)
 
-    torch.library.register_autograd("rmask::masked_conv2d", _backward, setup_context=_setup_context)
-
-    def _stats_setup_context(ctx, inputs, output):
-        _save_for_conv_backward(ctx, inputs, output[0])
-        # Sums nobody differentiates arrive as None rather than zero tensors: their terms
-        # below cost full passes over the output.
-        ctx.set_materialize_grads(False)
+    torch.library.register_autograd(f"rmask::{prefix}masked_conv2d", _backward, setup_context=_setup_context)
 
     def _stats_backward(ctx, grad_output, grad_sum, grad_sum_of_squares):
         # sum_c = sum of y[n, c, p] over kept (n, p); sum_of_squares_c likewise of y^2, and y is 0
@@ -127,5 +115,37 @@ if extension_loaded():
         return _conv_backward(ctx, grad, input, weight, mask, index)
 
     torch.library.register_autograd(
-        "rmask::masked_conv2d_stats", _stats_backward, setup_context=_stats_setup_context
+        f"rmask::{prefix}masked_conv2d_stats", _stats_backward, setup_context=_stats_setup_context
     )
+
+
+def _save_for_conv_backward(ctx, inputs, extra_output):
+    input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs[:12]
+    needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # Weight gradient needs the input, input gradient needs the weight: save only those.
+    ctx.save_for_backward(
+        input if needs_weight else None, weight if needs_input or needs_weight else None, extra_output, mask, *index
+    )
+    ctx.input_meta = (input.shape, input.dtype, input.device, _memory_format(input))
+    ctx.has_bias = bias is not None
+    ctx.conv_args = (stride, padding, dilation, groups)
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    # A fused ReLU's gradient gate is the output itself (> 0).
+    _save_for_conv_backward(ctx, inputs, output if keyword_only_inputs.get("relu", False) else None)
+    ctx.has_residual = len(inputs) > 12 and inputs[12] is not None
+
+
+def _stats_setup_context(ctx, inputs, output):
+    _save_for_conv_backward(ctx, inputs, output[0])
+    # Sums nobody differentiates arrive as None rather than zero tensors: their terms
+    # below cost full passes over the output.
+    ctx.set_materialize_grads(False)
+
+
+if extension_loaded():
+    for _prefix in FAMILIES:
+        _register_family(_prefix)
+    # The Triton family's implementations (registering them imports no triton).
+    from . import triton as _triton  # noqa: E402,F401

@@ -1,7 +1,16 @@
 """Fixtures shared by the test files."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter
+# (tests/test_triton.py). Triton reads TRITON_INTERPRET when a kernel is defined, so it is set
+# here, before any test module can import the kernels. It changes nothing else: only the
+# Triton backend reads it (torch.compile's CPU code is C++, never Triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,67 @@
+"""The Triton backend: implementations of the ``rmask::triton_*`` ops (schemas in
+csrc/masked_conv2d.cpp, fake kernels and autograd in rmask_kernels/ops.py).
+
+Registering imports no triton: the kernels (masked_conv2d.py) are imported on the first call.
+They serve CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter,
+which the tests use on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+DEVICE_TYPES = ("cuda", "cpu")
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (read by triton when a kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels(device: torch.device):
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "rmask triton ops: the Triton kernels run on CPU tensors only in Triton's interpreter; "
+            "set TRITON_INTERPRET=1 before the first call (or use backend='cpu' / a CUDA tensor)"
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("rmask triton ops: triton is not installed (pip install triton); "
+                           "use backend='cuda', 'cpu' or 'reference'")
+    module = importlib.import_module(".masked_conv2d", __name__)
+    if device.type == "cpu" and not module.INTERPRET:
+        raise RuntimeError(
+            "rmask triton ops: TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU; "
+            "set it before the first call to run them on CPU tensors"
+        )
+    return module
+
+
+@torch.library.register_kernel("rmask::triton_masked_conv2d", DEVICE_TYPES)
+def _masked_conv2d(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+                   stride, padding, dilation, groups, residual=None, *, relu=False):
+    return _kernels(input.device).masked_conv2d_forward(
+        input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+        stride, padding, dilation, groups, residual=residual, relu=relu,
+    )[0]
+
+
+@torch.library.register_kernel("rmask::triton_masked_conv2d_stats", DEVICE_TYPES)
+def _masked_conv2d_stats(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
+                         position_channels, stride, padding, dilation, groups):
+    return _kernels(input.device).masked_conv2d_forward(
+        input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+        stride, padding, dilation, groups, channel_stats=True,
+    )
+
+
+@torch.library.register_kernel("rmask::triton_masked_conv2d_backward", DEVICE_TYPES)
+def _masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets,
+                            position_channels, stride, padding, dilation, groups, output_mask):
+    return _kernels(input.device).masked_conv2d_backward(
+        grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+        stride, padding, dilation, groups, output_mask,
+    )

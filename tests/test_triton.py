@@ -1,0 +1,511 @@
+"""The Triton backend (rmask_kernels/triton) against the reference (F.conv2d * mask).
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports them; ~0.5 ms per program, hence the tiny shapes);
+with one, on CUDA tensors. The oracle runs in float64; fp32 kernels are compared at 1e-4 (as in
+test_op: only the summation order and fp32 rounding differ)."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton", reason="triton is not installed (the Makefile's DEPS pin it): no Triton backend to test")
+
+import rmask_kernels as rk  # noqa: E402
+import rmask_kernels.triton.masked_conv2d as kernels  # noqa: E402
+from rmask_kernels import reference  # noqa: E402
+from rmask_kernels.functional import select_backend  # noqa: E402
+
+from test_op import leaves_and_oracle, make_case  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+# Mask modes and the kernel each takes with 32 output channels: spatial and group-of-16 the
+# by-pattern forward (1 and 2 patterns), neuron the by-position one (groups == 1) or the
+# all-positions one (groups > 1); so do small groups (group-of-2: test_small_blocks_many_tiles
+# and the random configurations).
+MODES = [("spatial", None), ("group", 16), ("neuron", None)]
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups), small: every program costs.
+CONFIGS = [
+    (2, 4, 8, 8, 32, 3, 1, 1, 1, 1),
+    (2, 4, 9, 7, 32, 3, 2, 1, 1, 1),  # odd sizes, stride 2
+    (1, 3, 8, 9, 32, (3, 5), (2, 1), (1, 2), 1, 1),  # rectangular kernel, mixed strides
+    (2, 4, 8, 8, 32, 3, 1, 1, 2, 1),  # dilation
+    (2, 4, 8, 8, 32, 1, 2, 0, 1, 1),  # 1x1 stride-2 projection shortcut
+    (2, 4, 8, 8, 32, 3, 1, 1, 1, 2),  # groups: pattern blocks cut at group boundaries
+    (2, 4, 7, 7, 32, 3, 1, 1, 1, 4),  # depthwise, multiplier 8
+    (1, 3, 7, 6, 32, (2, 4), 1, "same", (2, 1), 1),  # asymmetric "same" (padded by the caller)
+]
+
+
+@pytest.fixture(autouse=True)
+def strict_fp32():
+    """fp32 kernels in strict fp32 (they follow cudnn.allow_tf32, as F.conv2d does; its
+    default, True, would leave TF32's ~1e-3 error): matters on a GPU only."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
+def case(config, mode, group_size, ratio=0.5, dtype=torch.float32, bias=True):
+    x, weight, b, mask, conv_args = make_case(config, mode, group_size, ratio, dtype, bias)
+    move = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    return move(x), move(weight), move(b), move(mask), conv_args
+
+
+FALLBACK_WARNING = "rmask_kernels: backend="
+
+
+def triton(*args, **kwargs):
+    with warnings.catch_warnings():
+        # A fallback to the reference would warn: fail instead (other warnings, e.g. triton's
+        # own when it compiles for a GPU, stay warnings).
+        warnings.filterwarnings("error", message=FALLBACK_WARNING)
+        return rk.masked_conv2d(*args, backend="triton", **kwargs)
+
+
+def check_forward_and_backward(x, weight, bias, mask, conv_args, tolerance=TOLERANCE, **kwargs):
+    inputs, oracle = leaves_and_oracle(*(t for t in (x, weight, bias) if t is not None))
+    if bias is None:
+        inputs.insert(2, None)
+        oracle.insert(2, None)
+    y = triton(*inputs, mask=mask, **conv_args, **kwargs)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    assert y.dtype == x.dtype and y.shape == expected.shape and y.device == x.device
+    torch.testing.assert_close(y.double(), expected, **tolerance)
+    assert (y.detach()[(~mask).expand_as(y)] == 0).all(), "masked outputs must be exactly zero"
+    grad_y = torch.randn_like(expected)
+    leaves = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
+    want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
+    for name, g, r in zip(("input", "weight", "bias"), got, want):
+        torch.testing.assert_close(g.double(), r, **tolerance, msg=lambda m: f"grad {name}: {m}")
+    return y
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("mode,group_size", MODES, ids=str)
+def test_parity_with_reference(config, mode, group_size):
+    check_forward_and_backward(*case(config, mode, group_size))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.9, 0.99])
+@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("neuron", None)], ids=str)
+def test_ratios_and_no_bias(mode, group_size, ratio):
+    x, weight, _, mask, conv_args = case(CONFIGS[1], mode, group_size, ratio)
+    check_forward_and_backward(x, weight, None, mask, conv_args)
+
+
+@pytest.mark.parametrize("mode,group_size", MODES + [("group", 2)], ids=str)
+def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
+    # Blocks of 16 and weight chunks of 32 rows: many row tiles per pattern (the tile search
+    # across patterns), several channel blocks per position, input-channel blocks (20 > 16)
+    # and a multi-chunk grad-weight reduction.
+    for name, value in dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, WEIGHT_CHUNK=32).items():
+        monkeypatch.setattr(kernels, name, value)
+    check_forward_and_backward(*case((2, 20, 5, 6, 48, 3, 1, 1, 1, 1), mode, group_size and group_size * 3 // 2))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("config", CONFIGS[1:], ids=str)
+def test_grad_input_by_tap(monkeypatch, config, layout):
+    # Spatial masks up to SPARSE_BACKWARD_MAX_KEEP take the per-tap grad input (forced here
+    # at keep 0.5; the parity tests above take it only at ratio 0.9): every geometry.
+    monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
+    x, weight, bias, mask, conv_args = case(config, "spatial", None)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_forward_and_backward(x, weight, bias, mask, conv_args)
+
+
+@pytest.mark.parametrize("config,mode,group_size", [(CONFIGS[1], "neuron", None), (CONFIGS[3], "group", 4)], ids=str)
+def test_sparse_backward_by_position(monkeypatch, config, mode, group_size):
+    # Neuron-like masks (groups == 1) up to SPARSE_BACKWARD_MAX_KEEP take the by-position grad
+    # input and the (position, channel)-pair grad weight (forced here at keep 0.5; ratio 0.9
+    # takes them unforced).
+    monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
+    check_forward_and_backward(*case(config, mode, group_size))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["spatial", "neuron"])
+def test_sparse_backward_low_precision(mode, dtype):
+    # Ratio 0.9: the sparse backward without forcing (by tap into an fp32 buffer; by position
+    # and pairs), each rounding to the dtype once.
+    x, weight, _, mask, conv_args = case(CONFIGS[1], mode, None, 0.9)
+    x, weight = x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    grad_y = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=DEVICE)
+    got = torch.autograd.grad(triton(x, weight, None, mask, **conv_args), [x, weight], grad_y.to(dtype))
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+    want = torch.autograd.grad(reference.masked_conv2d(x64, w64, None, mask, **conv_args), [x64, w64],
+                               grad_y.to(dtype).double())
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        assert (g.double() - r).abs().max() <= GRAD_TOLERANCE[dtype] * r.abs().max()
+
+
+def test_grad_weight_chunks_follow_the_partials_budget(monkeypatch):
+    # A budget of 4 chunks of partials for 3 patterns (the grid bound adds one per pattern):
+    # each pattern's rows in one chunk, however many rows.
+    x, weight, bias, mask, conv_args = case((3, 4, 8, 8, 48, 3, 1, 1, 1, 1), "group", 16)
+    monkeypatch.setattr(kernels, "BLOCK_M", 16)
+    monkeypatch.setattr(kernels, "WEIGHT_CHUNK", 16)
+    monkeypatch.setattr(kernels, "PARTIAL_BUDGET_BYTES", 4 * 4 * 48 * 36)
+    check_forward_and_backward(x, weight, bias, mask, conv_args)
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_all_kept_and_fully_masked(kept):
+    x, weight, bias, mask, conv_args = case(CONFIGS[0], "neuron", None)
+    mask = torch.full_like(mask, kept)
+    y = check_forward_and_backward(x, weight, bias, mask, conv_args)
+    assert kept or (y == 0).all()
+
+
+@pytest.mark.parametrize("relu,with_residual", [(True, False), (False, True), (True, True)], ids=str)
+@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("group", 16), ("neuron", None)], ids=str)
+def test_relu_and_residual_epilogues(mode, group_size, relu, with_residual):
+    # relu?(conv * mask + residual): the residual lands on every position, masked ones too.
+    x, weight, bias, mask, conv_args = case(CONFIGS[1], mode, group_size)
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=DEVICE)
+    residual = residual.contiguous(memory_format=torch.channels_last)  # a layout other than the output's
+    inputs, oracle = leaves_and_oracle(x, weight, bias, residual)
+    y = triton(*inputs[:3], mask=mask, relu=relu, residual=inputs[3] if with_residual else None, **conv_args)
+    expected = reference.masked_conv2d(*oracle[:3], mask, **conv_args) + (oracle[3] if with_residual else 0)
+    expected = F.relu(expected) if relu else expected
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE)
+    at_masked = (F.relu(residual) if relu else residual) if with_residual else torch.zeros_like(residual)
+    assert torch.equal(y.detach()[(~mask).expand_as(y)], at_masked[(~mask).expand_as(y)])
+    grad_y = torch.randn_like(expected)
+    leaves = inputs if with_residual else inputs[:3]
+    got = torch.autograd.grad(y, leaves, grad_y.float())
+    want = torch.autograd.grad(expected, oracle if with_residual else oracle[:3], grad_y)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, **TOLERANCE)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[5]], ids=str)
+@pytest.mark.parametrize("mode,group_size", MODES, ids=str)
+def test_channel_stats_in_the_same_pass(config, mode, group_size):
+    x, weight, bias, mask, conv_args = case(config, mode, group_size)
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
+    y, total, squares = triton(*inputs, mask=mask, channel_stats=True, **conv_args)
+    assert total.dtype == squares.dtype == torch.float64 and total.shape == (weight.shape[0],)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    want_total, want_squares = reference.channel_stats(expected)
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE)
+    torch.testing.assert_close(total, want_total, **TOLERANCE)
+    torch.testing.assert_close(squares, want_squares, rtol=1e-4, atol=1e-3)
+    g_y, g_total, g_squares = torch.randn_like(expected), torch.randn_like(want_total), torch.randn_like(want_squares)
+    loss = (y.double() * g_y).sum() + (total * g_total).sum() + (squares * g_squares).sum()
+    want_loss = (expected * g_y).sum() + (want_total * g_total).sum() + (want_squares * g_squares).sum()
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want_loss, oracle)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("neuron", None)], ids=str)
+def test_channels_last_and_non_contiguous(mode, group_size, layout):
+    x, weight, bias, mask, conv_args = case(CONFIGS[1], mode, group_size)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(2, 8, 9, 14, device=DEVICE)[:, ::2, :, ::2]
+        weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x.is_contiguous()
+    y = check_forward_and_backward(x, weight, bias, mask, conv_args)
+    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected_format), "output in the input's memory format, as F.conv2d"
+    if layout == "channels_last":
+        x = x.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(triton(x, weight, bias, mask, **conv_args).sum(), [x])
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["spatial", "neuron"])
+def test_conv_bn_unit_matches_the_reference_backend(mode, training):
+    # The paper's unit end to end: BN over the kept outputs from the fused statistics when
+    # training, folded BN + residual + ReLU in the epilogue in eval mode.
+    torch.manual_seed(0)
+    units = [rk.MaskedConvBN2d(3, 16, 3, padding=1, mask_ratio=0.6, mask_mode=mode, seed=1, output_size=(6, 5),
+                               backend=backend, activation="relu", bn_stats="kept").to(DEVICE)
+             for backend in ("triton", "reference")]
+    units[1].load_state_dict(units[0].state_dict())
+    x = torch.randn(2, 3, 6, 5, device=DEVICE)
+    residual = torch.randn(2, 16, 6, 5, device=DEVICE)
+    outputs, grads = [], []
+    for unit in units:
+        unit.train(training)
+        xs = x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=FALLBACK_WARNING)
+            y = unit(xs, residual=residual) if not training else unit(xs)
+        outputs.append(y)
+        grads.append(torch.autograd.grad(y, [xs, unit.conv.weight], torch.ones_like(y)))
+    torch.testing.assert_close(outputs[0], outputs[1], **TOLERANCE)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    if training:
+        torch.testing.assert_close(units[0].bn.running_var, units[1].bn.running_var, **TOLERANCE)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(0, 2),
+    cin_per_group=st.integers(1, 3),
+    groups=st.integers(1, 2),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    mode=st.sampled_from(["neuron", "spatial", "group"]),
+    ratio=st.floats(0.0, 0.95),
+    bias=st.booleans(),
+)
+def test_property_random_configurations(n, cin_per_group, groups, h, w, kh, kw, stride, padding, dilation, mode,
+                                        ratio, bias):
+    cout = 16 * groups  # 16 channels per group: the by-pattern kernels for spatial and group masks
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if out_h <= 0 or out_w <= 0:
+        return  # no valid convolution
+    mask = rk.random_mask((cout, out_h, out_w), ratio, mode, 8 if mode == "group" else None).to(DEVICE)
+    x = torch.randn(n, cin_per_group * groups, h, w, device=DEVICE)
+    weight = torch.randn(cout, cin_per_group, kh, kw, device=DEVICE)
+    b = torch.randn(cout, device=DEVICE) if bias else None
+    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    check_forward_and_backward(x, weight, b, mask, conv_args)
+
+
+def test_batch_zero():
+    x, weight, bias, mask, conv_args = case((0,) + CONFIGS[0][1:], "neuron", None)
+    inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    y = triton(*inputs, mask=mask, **conv_args)
+    assert y.shape == (0, 32, 8, 8)
+    grads = torch.autograd.grad(y.sum(), inputs)
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in inputs]
+    assert all((g == 0).all() for g in grads[1:])
+    y, total, squares = triton(x, weight, bias, mask, channel_stats=True, **conv_args)
+    assert y.shape == (0, 32, 8, 8) and (total == 0).all() and (squares == 0).all()
+
+
+# Low precision: the error vs the float64 oracle may be at most ~2x PyTorch's own conv in that
+# dtype (STYLE.md), whose error is that of rounding the fp32-accumulated result once. Gradients:
+# relative to their largest entry, within a few roundings of the dtype (eps: 2^-8 bf16, 2^-11 fp16).
+GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("group", 16), ("neuron", None)], ids=str)
+def test_low_precision_near_pytorchs_own(mode, group_size, dtype):
+    x, weight, b, mask, conv_args = case(CONFIGS[0], mode, group_size)
+    x, weight, b = x.to(dtype), weight.to(dtype), b.to(dtype)
+    inputs, oracle = leaves_and_oracle(x, weight, b)
+    ours = triton(*inputs, mask=mask, **conv_args)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    theirs = reference.masked_conv2d(x.float(), weight.float(), b.float(), mask, **conv_args).to(dtype)
+    assert ours.dtype == dtype
+    assert (ours.double() - expected).abs().max() <= 2 * (theirs.double() - expected).abs().max() + 1e-6
+    assert (ours.detach()[(~mask).expand_as(ours)] == 0).all()
+    grad_y = torch.randn_like(expected).to(dtype)
+    got = torch.autograd.grad(ours, inputs, grad_y)
+    want = torch.autograd.grad(expected, oracle, grad_y.double())
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        assert (g.double() - r).abs().max() <= GRAD_TOLERANCE[dtype] * r.abs().max()
+
+
+def test_deterministic_bit_identical_runs(monkeypatch):
+    monkeypatch.setattr(kernels, "WEIGHT_CHUNK", kernels.BLOCK_M)  # several grad-weight partials
+    x, weight, bias, mask, conv_args = case((3, 4, 9, 9, 32, 3, 1, 1, 1, 1), "group", 16)
+    runs = []
+    for _ in range(2):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
+        y, total, squares = triton(xs, ws, bs, mask, channel_stats=True, **conv_args)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE))
+        runs.append((y.detach(), total, squares, xs.grad, ws.grad, bs.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_masked_grad_output_is_ignored():
+    # The backward reads grad_output only where the mask keeps it (BN's backward leaves
+    # meaningless values at masked positions).
+    x, weight, _, mask, conv_args = case(CONFIGS[1], "neuron", None)
+    index = rk.kept_index(mask, weight.shape[0])
+    args = (mask, *index, [2, 2], [1, 1], [1, 1], 1, [True, True, True])
+    grad = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=DEVICE)
+    noisy = torch.where(mask, grad, torch.full_like(grad, float("nan")))
+    clean = torch.ops.rmask.triton_masked_conv2d_backward(grad * mask, x, weight, *args)
+    for got, want in zip(torch.ops.rmask.triton_masked_conv2d_backward(noisy, x, weight, *args), clean):
+        assert torch.equal(got, want)
+
+
+def test_backend_resolution():
+    x, weight, bias, mask, conv_args = case(CONFIGS[0], "neuron", None, 0.9)
+    assert "triton" in rk.available_backends()
+    assert select_backend("triton", x, mask) == "triton"
+    if DEVICE == "cpu":
+        # The interpreter serves "triton" when asked; "auto" on CPU tensors stays on the CPU path.
+        assert rk.backends.resolve_backend("auto", x) == "cpu"
+        assert select_backend("auto", x, mask) != "triton"
+        with pytest.warns(RuntimeWarning, match="backend='triton' runs float32, float16 and bfloat16"):
+            assert select_backend("triton", x.double(), mask) == "reference"
+    else:
+        assert select_backend("auto", x, mask) == "triton"
+        # Nothing masked: dense conv x mask (cuDNN).
+        assert select_backend("auto", x, torch.ones_like(mask)) == "reference"
+
+
+def test_registration_imports_no_triton_and_cpu_needs_the_interpreter():
+    code = (
+        "import sys, torch, warnings, rmask_kernels as rk\n"
+        "assert 'triton' not in sys.modules, 'registering the Triton ops imported triton'\n"
+        "m = rk.random_mask((4, 6, 6), 0.5); x = torch.randn(1, 3, 6, 6); w = torch.randn(4, 3, 3, 3)\n"
+        "try:\n"
+        "    torch.ops.rmask.triton_masked_conv2d(x, w, None, m, *rk.kept_index(m), [1, 1], [1, 1], [1, 1], 1)\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = rk.masked_conv2d(x, w, None, m, padding=1, backend='triton')\n"
+        "print(caught[0].message)\n"
+        "assert torch.allclose(y, torch.nn.functional.conv2d(x, w, None, 1, 1) * m)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run on CPU tensors only in Triton's interpreter; set TRITON_INTERPRET=1" in result.stdout
+    assert "backend='triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda x, w, m: (x.double(), w.double(), m), "take float32, float16 or bfloat16 input, got torch.float64"),
+        (lambda x, w, m: (x, w.half(), m), "weight dtype must match input dtype torch.float32, got torch.float16"),
+        (lambda x, w, m: (x, w, m[:, :5]), r"mask must be bool of shape \(6 or 1, 6, 6\)"),
+    ],
+    ids=["float64", "weight dtype", "mask shape"],
+)
+def test_op_rejects_bad_arguments(change, match):
+    x, weight, mask = torch.randn(1, 3, 6, 6), torch.randn(6, 3, 3, 3), rk.random_mask((6, 6, 6), 0.5)
+    index = rk.kept_index(mask)
+    x, weight, mask = (t.to(DEVICE) for t in change(x, weight, mask))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.rmask.triton_masked_conv2d(x, weight, None, mask, *(t.to(DEVICE) for t in index),
+                                             [1, 1], [1, 1], [1, 1], 1)
+
+
+def test_op_rejects_an_inconsistent_index():
+    x, weight, mask = torch.randn(1, 3, 6, 6), torch.randn(6, 3, 3, 3), rk.random_mask((6, 6, 6), 0.5)
+    offsets, positions, by_position, channels = (t.to(DEVICE) for t in rk.kept_index(mask))
+    x, weight, mask = x.to(DEVICE), weight.to(DEVICE), mask.to(DEVICE)
+
+    def call(*index):
+        return torch.ops.rmask.triton_masked_conv2d(x, weight, None, mask, *index, [1, 1], [1, 1], [1, 1], 1)
+
+    with pytest.raises(RuntimeError, match="must list the same kept outputs"):
+        call(offsets, positions, by_position, channels[:-1])
+    with pytest.raises(RuntimeError, match="kept_offsets describes 4 mask patterns, which must divide the 6"):
+        call(offsets[:5], positions, by_position, channels)
+    with pytest.raises(RuntimeError, match=r"position_offsets must have Hout \* Wout \+ 1 = 37 entries"):
+        call(offsets, positions, by_position[:-1], channels)
+    with pytest.raises(RuntimeError, match="kept_positions must be a 1-D int64 tensor, got torch.int32"):
+        call(offsets, positions.int(), by_position, channels)
+
+
+def opcheck_all(device):
+    # A spatial mask: one program per kernel, opcheck calls each op many times.
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "spatial", None, 0.5, torch.float32)
+    x, weight, bias, mask = (t.to(device) for t in (x, weight, bias, mask))
+    residual = torch.randn(2, 32, *mask.shape[1:], device=device, requires_grad=True)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask,
+            *rk.kept_index(mask, 32), [2, 2], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.rmask.triton_masked_conv2d.default, args + (residual,), {"relu": True})
+    torch.library.opcheck(torch.ops.rmask.triton_masked_conv2d_stats.default, args)
+    y = torch.ops.rmask.triton_masked_conv2d(*args)
+    backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
+    torch.library.opcheck(torch.ops.rmask.triton_masked_conv2d_backward.default, backward_args)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CUDA variant below runs on a GPU")
+def test_opcheck_under_the_interpreter():
+    opcheck_all("cpu")
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda():
+    opcheck_all("cuda")
+
+
+@pytest.mark.cuda
+def test_torch_compile_cuda():
+    # fullgraph: no graph break around the op nor in auto's choice of triton.
+    layer = rk.MaskedConv2d(4, 32, 3, padding=1, mask_ratio=0.9, output_size=(8, 8), backend="auto").cuda()
+    x = torch.randn(2, 4, 8, 8, device="cuda", requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    (grad,) = torch.autograd.grad(y.sum(), [x])
+    expected = reference.masked_conv2d(x, layer.weight, layer.bias, layer.mask, padding=1)
+    (want,) = torch.autograd.grad(expected.sum(), [x])
+    torch.testing.assert_close(y, expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode,group_size", MODES, ids=str)
+def test_benchmark_shapes_cuda(mode, group_size):
+    # One of PERF.md's shapes at full size, fp32 in strict precision (TF32 off on both sides:
+    # the strict_fp32 fixture); sums of 576 products, hence the looser tolerance.
+    x, weight, bias, mask, conv_args = case((8, 64, 32, 32, 64, 3, 1, 1, 1, 1), mode, group_size, 0.7)
+    check_forward_and_backward(x, weight, bias, mask, conv_args, tolerance=dict(rtol=1e-3, atol=1e-3))
+
+
+def test_kernels_compile_for_a_gpu():
+    # The interpreter never lowers the kernels: compile each for sm_90 (no GPU needed), in a
+    # process where they are defined for the GPU. Triton's cache (keyed by the kernels' source)
+    # makes a rerun of unchanged kernels quick; a changed kernel compiles again.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile.py")], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count("compiled ") >= 4 and result.stdout.rstrip().endswith("ok")
+
+
+def test_gpu_benchmark_table():
+    # The script's table and defaults, without a GPU: ratios as PERF.md defines them.
+    spec = importlib.util.spec_from_file_location("gpu_times", ROOT / "benchmarks" / "gpu_times.py")
+    gpu_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_times)
+    args = gpu_times.parse_args([])
+    assert args.keeps == [0.1, 0.3, 0.5, 0.7, 1.0] and args.batches == [32, 128]
+    assert set(args.modes) == {"spatial", "neuron"} and set(args.dtypes) == {"float32", "bfloat16"}
+    row = dict(shape="64->64@32 s1", batch=32, mode="spatial", dtype="float32", keep=0.1, ms=dict(
+        dense=1.0, baseline=1.2, triton=0.3), **{"pass": "fwd"})
+    last = gpu_times.markdown([row], ["triton"]).splitlines()[-1]
+    assert last == "| 64->64@32 s1 | 32 | spatial | float32 | 0.1 | fwd | 1.200 | 0.300 | 4.00x | 3.00 |"
+
+
+def test_gpu_benchmark_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run the benchmark")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_times.py")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "needs a CUDA device" in result.stderr
