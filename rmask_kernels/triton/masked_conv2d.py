@@ -104,6 +104,23 @@ def _locate_tile(tile, tile_ends_ptr, kept_offsets_ptr, num_patterns, rows_per_i
 
 
 @triton.jit
+def _tile_channels(tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr, num_patterns, num_segments,
+                   rows_per_image, cout_per_group, PATTERN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What program (tile, segment) of a by-pattern kernel covers: its tile's place in the
+    pattern (_locate_tile), and the segment's channels (consecutive channels of the pattern
+    inside one conv group, at most BLOCK_N) with their conv group. No channel is valid
+    (col_ok all False) when the tile or the segment is past the end: the program has no work."""
+    pattern, local_tile, position_start, count = _locate_tile(
+        tile, tile_ends_ptr, kept_offsets_ptr, num_patterns, rows_per_image, PATTERN_BLOCK)
+    entry = segments_ptr + (tl.maximum(pattern, 0) * num_segments + segment) * 2
+    channel_start = tl.load(entry)
+    channel_count = tl.where(pattern >= 0, tl.load(entry + 1), 0)
+    cols = tl.arange(0, BLOCK_N)
+    return (local_tile, position_start, count, channel_start // cout_per_group, channel_start + cols,
+            cols < channel_count)
+
+
+@triton.jit
 def _forward_by_pattern_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, mask_ptr, sums_ptr, squares_ptr,
     kept_offsets_ptr, kept_positions_ptr, tile_ends_ptr, segments_ptr,
@@ -119,19 +136,11 @@ def _forward_by_pattern_kernel(
 ):
     tile = tl.program_id(0).to(tl.int64)
     segment = tl.program_id(1).to(tl.int64)
-    pattern, local_tile, position_start, count = _locate_tile(
-        tile, tile_ends_ptr, kept_offsets_ptr, num_patterns, rows_per_image, PATTERN_BLOCK)
-    if pattern < 0:
+    local_tile, position_start, count, group, channel, col_ok = _tile_channels(
+        tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr, num_patterns, num_segments, rows_per_image,
+        cout_per_group, PATTERN_BLOCK, BLOCK_N)
+    if tl.max(col_ok.to(tl.int32), axis=0) == 0:
         return
-    # A segment: consecutive channels of this pattern inside one conv group, at most BLOCK_N.
-    channel_start = tl.load(segments_ptr + (pattern * num_segments + segment) * 2)
-    channel_count = tl.load(segments_ptr + (pattern * num_segments + segment) * 2 + 1)
-    if channel_count == 0:
-        return
-    group = channel_start // cout_per_group
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < channel_count
-    channel = channel_start + cols
 
     rows = local_tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < batch * count
@@ -504,18 +513,11 @@ def _grad_weight_partial_kernel(
     tile = tl.program_id(0).to(tl.int64)
     segment = tl.program_id(1).to(tl.int64)
     k_block = tl.program_id(2).to(tl.int64)
-    pattern, local_tile, position_start, count = _locate_tile(
-        tile, tile_ends_ptr, kept_offsets_ptr, num_patterns, rows_per_image, PATTERN_BLOCK)
-    if pattern < 0:
+    local_tile, position_start, count, group, channel, col_ok = _tile_channels(
+        tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr, num_patterns, num_segments, rows_per_image,
+        cout_per_group, PATTERN_BLOCK, BLOCK_N)
+    if tl.max(col_ok.to(tl.int32), axis=0) == 0:
         return
-    channel_start = tl.load(segments_ptr + (pattern * num_segments + segment) * 2)
-    channel_count = tl.load(segments_ptr + (pattern * num_segments + segment) * 2 + 1)
-    if channel_count == 0:
-        return
-    group = channel_start // cout_per_group
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < channel_count
-    channel = channel_start + cols
 
     k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < reduce_size
