@@ -2,6 +2,9 @@
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+import rmask_kernels as rk
 
 
 def randomize_batchnorms(model):
@@ -14,3 +17,23 @@ def randomize_batchnorms(model):
                 module.running_mean.normal_(0.0, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
     return model
+
+
+def make_case(config, mode, group_size, ratio, dtype=torch.float64, bias=True):
+    """Fresh random (x, weight, bias, mask, conv kwargs) for a test configuration
+    (N, Cin, H, W, Cout, kernel, stride, padding, dilation, groups) and mask mode."""
+    n, cin, h, w, cout, kernel, stride, padding, dilation, groups = config
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    weight = torch.randn(cout, cin // groups, kh, kw, dtype=dtype)
+    b = torch.randn(cout, dtype=dtype) if bias else None
+    out = F.conv2d(x[:1] if n else torch.zeros(1, cin, h, w, dtype=dtype), weight, None, stride, padding, dilation, groups)
+    gsize = group_size if mode == "group" and cout % group_size == 0 else None
+    mask = rk.random_mask(tuple(out.shape[1:]), ratio, mode if gsize or mode != "group" else "neuron", gsize)
+    return x, weight, b, mask, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def leaves_and_oracle(*tensors):
+    """Fresh leaves of the inputs (in their dtype) and float64 leaves for the oracle."""
+    return ([t.detach().clone().requires_grad_() for t in tensors],
+            [t.detach().double().requires_grad_() for t in tensors])

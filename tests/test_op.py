@@ -18,6 +18,8 @@ import rmask_kernels as rk
 from rmask_kernels import reference
 from rmask_kernels.functional import resolve_padding, select_backend
 
+from helpers import leaves_and_oracle, make_case
+
 BACKENDS = [b for b in ("cpu", "auto") if b == "auto" or b in rk.available_backends()]
 MODES = [("neuron", None), ("spatial", None), ("group", 2)]
 RATIOS = [0.0, 0.5, 0.9]
@@ -40,24 +42,6 @@ CONFIGS = [
     (2, 3, 5, 5, 4, 5, 3, 0, 1, 1),  # kernel as large as the image
     (0, 4, 8, 8, 6, 3, 1, 1, 1, 1),  # batch 0
 ]
-
-
-def make_case(config, mode, group_size, ratio, dtype=torch.float64, bias=True):
-    n, cin, h, w, cout, kernel, stride, padding, dilation, groups = config
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    x = torch.randn(n, cin, h, w, dtype=dtype)
-    weight = torch.randn(cout, cin // groups, kh, kw, dtype=dtype)
-    b = torch.randn(cout, dtype=dtype) if bias else None
-    out = F.conv2d(x[:1] if n else torch.zeros(1, cin, h, w, dtype=dtype), weight, None, stride, padding, dilation, groups)
-    gsize = group_size if mode == "group" and cout % group_size == 0 else None
-    mask = rk.random_mask(tuple(out.shape[1:]), ratio, mode if gsize or mode != "group" else "neuron", gsize)
-    return x, weight, b, mask, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-
-
-def leaves_and_oracle(*tensors):
-    """Fresh leaves of the inputs (in their dtype) and float64 leaves for the oracle."""
-    return ([t.detach().clone().requires_grad_() for t in tensors],
-            [t.detach().double().requires_grad_() for t in tensors])
 
 
 def check_against_reference(x, weight, bias, mask, conv_args, backend, grad=True):

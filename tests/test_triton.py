@@ -25,7 +25,7 @@ import rmask_kernels.triton.masked_conv2d as kernels  # noqa: E402
 from rmask_kernels import reference  # noqa: E402
 from rmask_kernels.functional import select_backend  # noqa: E402
 
-from test_op import leaves_and_oracle, make_case  # noqa: E402
+from helpers import leaves_and_oracle, make_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
