@@ -121,6 +121,45 @@ def _tile_channels(tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr,
 
 
 @triton.jit
+def _dot_tap(acc, a_rows, a_ok, xs_c, w_tap, channel, col_ok, channels, ws_o, ws_i,
+             INTERPRETER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += input rows (a_rows: each row's pixel of this tap, a_ok: inside the image) times the
+    tap's weights (w_tap) of `channel`, over `channels` input channels in blocks of BLOCK_K."""
+    ks = tl.arange(0, BLOCK_K)
+    for c0 in range(0, channels, BLOCK_K):
+        ci = c0 + ks
+        ci_ok = ci < channels
+        a = tl.load(a_rows[:, None] + ci[None, :] * xs_c, mask=a_ok[:, None] & ci_ok[None, :], other=0.0)
+        b = tl.load(w_tap + channel[None, :] * ws_o + ci[:, None] * ws_i, mask=ci_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        if INTERPRETER:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, keep, channel, col_ok, bias_ptr, sums_row, squares_row, residual_tile, out_ptr, out_offsets,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+              INTERPRETER: tl.constexpr):
+    """The forward's epilogue on a tile: bias; the statistics of the output as returned (rounded
+    to its dtype, kept entries only) into this tile's row of partials; residual; ReLU; the
+    store of the kept entries (`keep`)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channel, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if STATS:
+        value = tl.where(keep, _cast(acc, out_ptr.dtype.element_ty, INTERPRETER).to(tl.float32), 0.0)
+        tl.store(sums_row + channel, tl.sum(value, axis=0), mask=col_ok)
+        tl.store(squares_row + channel, tl.sum(value * value, axis=0), mask=col_ok)
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_tile, mask=keep, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + out_offsets, _cast(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=keep)
+
+
+@triton.jit
 def _forward_by_pattern_kernel(
     x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, mask_ptr, sums_ptr, squares_ptr,
     kept_offsets_ptr, kept_positions_ptr, tile_ends_ptr, segments_ptr,
@@ -153,7 +192,6 @@ def _forward_by_pattern_kernel(
     oh = position // out_width
     ow = position % out_width
 
-    ks = tl.arange(0, BLOCK_K)
     x_image = x_ptr + image * xs_n + (group * cin_per_group) * xs_c
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(KH * KW):
@@ -162,36 +200,17 @@ def _forward_by_pattern_kernel(
         ih = oh * stride_h - pad_h + kh * dilation_h
         iw = ow * stride_w - pad_w + kw * dilation_w
         ok = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-        a_rows = x_image + ih * xs_h + iw * xs_w
-        for c0 in range(0, cin_per_group, BLOCK_K):
-            ci = c0 + ks
-            ci_ok = ci < cin_per_group
-            a = tl.load(a_rows[:, None] + ci[None, :] * xs_c, mask=ok[:, None] & ci_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + channel[None, :] * ws_o + ci[:, None] * ws_i + kh * ws_h + kw * ws_w,
-                        mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
-            if INTERPRETER:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot_tap(acc, x_image + ih * xs_h + iw * xs_w, ok, xs_c, w_ptr + kh * ws_h + kw * ws_w, channel,
+                       col_ok, cin_per_group, ws_o, ws_i, INTERPRETER, PRECISION, BLOCK_K)
 
     keep = row_ok[:, None] & col_ok[None, :]
     if ALL_POSITIONS:
         kept = tl.load(mask_ptr + channel[None, :] * mask_channel_stride + position[:, None], mask=keep, other=0)
         keep = keep & (kept != 0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + channel, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if STATS:  # of the output as returned (rounded to its dtype), kept entries only
-        value = tl.where(keep, _cast(acc, out_ptr.dtype.element_ty, INTERPRETER).to(tl.float32), 0.0)
-        tl.store(sums_ptr + tile * out_channels + channel, tl.sum(value, axis=0), mask=col_ok)
-        tl.store(squares_ptr + tile * out_channels + channel, tl.sum(value * value, axis=0), mask=col_ok)
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + image[:, None] * rs_n + channel[None, :] * rs_c + oh[:, None] * rs_h
-                           + ow[:, None] * rs_w, mask=keep, other=0.0)
-        acc += residual.to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + image[:, None] * os_n + channel[None, :] * os_c + oh[:, None] * os_h + ow[:, None] * os_w,
-             _cast(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=keep)
+    _epilogue(acc, keep, channel, col_ok, bias_ptr, sums_ptr + tile * out_channels, squares_ptr + tile * out_channels,
+              residual_ptr + image[:, None] * rs_n + channel[None, :] * rs_c + (oh * rs_h + ow * rs_w)[:, None],
+              out_ptr, image[:, None] * os_n + channel[None, :] * os_c + (oh * os_h + ow * os_w)[:, None],
+              HAS_BIAS, HAS_RESIDUAL, RELU, STATS, INTERPRETER)
 
 
 @triton.jit
@@ -222,7 +241,6 @@ def _forward_by_position_kernel(
     oh = position // out_width
     ow = position % out_width
 
-    ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(KH * KW):
         kh = tap // KW
@@ -230,34 +248,16 @@ def _forward_by_position_kernel(
         ih = oh * stride_h - pad_h + kh * dilation_h
         iw = ow * stride_w - pad_w + kw * dilation_w
         if (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width):  # padding taps cost nothing
-            a_rows = x_ptr + image * xs_n + ih * xs_h + iw * xs_w
-            for c0 in range(0, in_channels, BLOCK_K):
-                ci = c0 + ks
-                ci_ok = ci < in_channels
-                a = tl.load(a_rows[:, None] + ci[None, :] * xs_c, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + channel[None, :] * ws_o + ci[:, None] * ws_i + kh * ws_h + kw * ws_w,
-                            mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
-                if INTERPRETER:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _dot_tap(acc, x_ptr + image * xs_n + ih * xs_h + iw * xs_w, row_ok, xs_c,
+                           w_ptr + kh * ws_h + kw * ws_w, channel, col_ok, in_channels, ws_o, ws_i, INTERPRETER,
+                           PRECISION, BLOCK_K)
 
     keep = row_ok[:, None] & col_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + channel, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if STATS:
-        value = tl.where(keep, _cast(acc, out_ptr.dtype.element_ty, INTERPRETER).to(tl.float32), 0.0)
-        partial = (position * image_blocks + image_block) * out_channels
-        tl.store(sums_ptr + partial + channel, tl.sum(value, axis=0), mask=col_ok)
-        tl.store(squares_ptr + partial + channel, tl.sum(value * value, axis=0), mask=col_ok)
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + image[:, None] * rs_n + channel[None, :] * rs_c + oh * rs_h + ow * rs_w,
-                           mask=keep, other=0.0)
-        acc += residual.to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    tl.store(out_ptr + image[:, None] * os_n + channel[None, :] * os_c + oh * os_h + ow * os_w,
-             _cast(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=keep)
+    partial = (position * image_blocks + image_block) * out_channels
+    _epilogue(acc, keep, channel, col_ok, bias_ptr, sums_ptr + partial, squares_ptr + partial,
+              residual_ptr + image[:, None] * rs_n + channel[None, :] * rs_c + oh * rs_h + ow * rs_w,
+              out_ptr, image[:, None] * os_n + channel[None, :] * os_c + oh * os_h + ow * os_w,
+              HAS_BIAS, HAS_RESIDUAL, RELU, STATS, INTERPRETER)
 
 
 @triton.jit
