@@ -16,6 +16,8 @@
 
 #include <torch/library.h>
 
+#include "masked_conv2d_schemas.h"
+
 namespace {
 
 // Each schema is defined twice, from one string: `name` (served by csrc/cpu and csrc/cuda,
@@ -30,29 +32,7 @@ void define_in_both_families(torch::Library& m, const std::string& schema) {
 }  // namespace
 
 TORCH_LIBRARY(rmask, m) {
-  // relu?(mask * (conv + bias) + residual): `residual` (the output's shape, e.g. a ResNet
-  // shortcut) is added at every position, masked ones included, then the ReLU if asked.
-  define_in_both_families(
-      m, "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
-      "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, *, bool relu=False) "
-      "-> Tensor");
-  // The forward plus, per output channel, the sum and the sum of squares of its outputs over
-  // the batch (masked outputs are 0, so: over the kept ones), float64: the statistics of BN
-  // over kept positions (bn_stats="kept") computed in the same pass.
-  define_in_both_families(
-      m, "masked_conv2d_stats(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
-      "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
-  // relu=True fuses the activation into the epilogue: relu(conv * mask + ...), for inference
-  // of the paper's unit (mask after BN, then ReLU; masked outputs stay 0, or relu(residual)).
-  // Gradients for (input, weight, bias); an output not asked for in output_mask is an
-  // empty tensor (the autograd glue turns it into None). For relu=True the caller passes
-  // grad_output already multiplied by (output > 0).
-  define_in_both_families(
-      m, "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
-      "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
-      "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor)");
+  define_in_both_families(m, rmask::kMaskedConv2dSchema);
+  define_in_both_families(m, rmask::kMaskedConv2dStatsSchema);
+  define_in_both_families(m, rmask::kMaskedConv2dBackwardSchema);
 }

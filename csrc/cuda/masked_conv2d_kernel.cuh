@@ -340,16 +340,11 @@ inline IndexTensors contiguous_index(const at::Tensor& kept_offsets, const at::T
 
 // relu?(mask * (conv + bias) + residual), in the input's memory format. Masked outputs are
 // never computed: they are 0, or relu?(residual), written by one ATen op before the kernel.
+// The forward for arguments already checked (geometry `g`).
 template <typename Launch>
-at::Tensor masked_conv2d_forward(const Launch& launch, const at::Tensor& input, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& mask,
-                                 const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
-                                 const at::Tensor& position_offsets, const at::Tensor& position_channels,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, const std::optional<at::Tensor>& residual, bool relu) {
-  const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
-                                                  position_offsets, position_channels, stride, padding, dilation, groups);
-  check_kept_index_sizes(g, kept_positions, position_channels);
+at::Tensor forward_of_checked(const Launch& launch, const ConvGeometry& g, const at::Tensor& input,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const IndexTensors& index, const std::optional<at::Tensor>& residual, bool relu) {
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) check_residual(g, input, *residual);
   auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
@@ -359,9 +354,8 @@ at::Tensor masked_conv2d_forward(const Launch& launch, const at::Tensor& input, 
   } else {
     y.zero_();
   }
-  const int64_t count = g.batch * kept_positions.numel() * g.channels_per_pattern;
+  const int64_t count = g.batch * index.positions.numel() * g.channels_per_pattern;
   if (y.numel() == 0 || count == 0) return y;
-  const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
   const auto w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? bias->contiguous() : at::Tensor();
@@ -380,6 +374,21 @@ at::Tensor masked_conv2d_forward(const Launch& launch, const at::Tensor& input, 
     launch(count, element);
   });
   return y;
+}
+
+template <typename Launch>
+at::Tensor masked_conv2d_forward(const Launch& launch, const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& mask,
+                                 const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+                                 const at::Tensor& position_offsets, const at::Tensor& position_channels,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, const std::optional<at::Tensor>& residual, bool relu) {
+  const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
+                                                  position_offsets, position_channels, stride, padding, dilation, groups);
+  check_kept_index_sizes(g, kept_positions, position_channels);
+  return forward_of_checked(launch, g, input, weight, bias,
+                            contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels),
+                            residual, relu);
 }
 
 // Per-channel float64 sum and sum of squares of `t` (N, Cout, Hout, Wout) over the kept
@@ -406,15 +415,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats(
     const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
     const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  auto y = masked_conv2d_forward(launch, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
-                                 position_channels, stride, padding, dilation, groups, std::nullopt, /*relu=*/false);
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
+  check_kept_index_sizes(g, kept_positions, position_channels);
+  const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
+  auto y = forward_of_checked(launch, g, input, weight, bias, index, std::nullopt, /*relu=*/false);
   if (g.batch == 0 || kept_positions.numel() == 0) {
     auto zeros = at::zeros({g.out_channels}, input.options().dtype(at::kDouble));
     return {y, zeros, zeros.clone()};
   }
-  const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
   auto [sum, sum_of_squares] = kept_channel_sums(launch, g, index, y);
   return {y, sum, sum_of_squares};
 }

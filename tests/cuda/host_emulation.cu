@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cuda/masked_conv2d_kernel.cuh"
+#include "masked_conv2d_schemas.h"
 
 namespace rmask {
 namespace cuda {
@@ -65,21 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 
 // The rmask schemas (csrc/masked_conv2d.cpp), in their own namespace.
 TORCH_LIBRARY(rmask_cuda_emulation, m) {
-  m.def(
-      "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
-      "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, *, bool relu=False) "
-      "-> Tensor");
-  m.def(
-      "masked_conv2d_stats(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
-      "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
-      "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
-      "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor)");
+  m.def(kMaskedConv2dSchema);
+  m.def(kMaskedConv2dStatsSchema);
+  m.def(kMaskedConv2dBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(rmask_cuda_emulation, CPU, m) {

@@ -1,0 +1,36 @@
+// The schemas of the rmask ops, as strings: defined by csrc/masked_conv2d.cpp (under both op
+// families) and by the host emulation of the CUDA kernels (tests/cuda/host_emulation.cu, in its
+// own namespace), so each signature is written once.
+#pragma once
+
+namespace rmask {
+
+// relu?(mask * (conv + bias) + residual): `residual` (the output's shape, e.g. a ResNet
+// shortcut) is added at every position, masked ones included, then the ReLU if asked.
+// relu=True fuses the activation into the epilogue: relu(conv * mask + ...), for inference
+// of the paper's unit (mask after BN, then ReLU; masked outputs stay 0, or relu(residual)).
+constexpr const char* kMaskedConv2dSchema =
+    "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
+    "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, *, bool relu=False) "
+    "-> Tensor";
+
+// The forward plus, per output channel, the sum and the sum of squares of its outputs over
+// the batch (masked outputs are 0, so: over the kept ones), float64: the statistics of BN
+// over kept positions (bn_stats="kept") computed in the same pass.
+constexpr const char* kMaskedConv2dStatsSchema =
+    "masked_conv2d_stats(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
+    "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
+    "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)";
+
+// Gradients for (input, weight, bias); an output not asked for in output_mask is an
+// empty tensor (the autograd glue turns it into None). For relu=True the caller passes
+// grad_output already multiplied by (output > 0).
+constexpr const char* kMaskedConv2dBackwardSchema =
+    "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+    "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
+    "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+    "bool[3] output_mask) "
+    "-> (Tensor, Tensor, Tensor)";
+
+}  // namespace rmask
