@@ -25,6 +25,14 @@ struct Simd {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+  // Lane j gets the next of p[0], p[1], ... where bit j of `lanes` is set, else 0; reads only
+  // popcount(lanes) floats (AVX2 has no expand instruction: lane by lane).
+  static V expand(uint32_t lanes, const float* p) {
+    alignas(32) float v[kLanes] = {};
+    for (int j = 0; j < kLanes; ++j)
+      if (lanes >> j & 1) v[j] = *p++;
+    return _mm256_load_ps(v);
+  }
 };
 
 // 16 images per tile: 6 channels x 2 vectors = 12 accumulators + 2 loads + 1 broadcast <= 16.

@@ -649,6 +649,81 @@ inline void image_out(const float* image, int64_t stride, int64_t channels, int6
   }
 }
 
+// Where a plane's block of Simd::kLanes output positions (from b * kLanes) finds its kept
+// outputs: `kept` has a bit per kept position, `first` is the compact index of the first one.
+struct KeptBlock {
+  uint32_t kept;
+  int64_t first;
+};
+
+// The blocks of a plane of hw positions, from the ascending kept `positions`.
+inline std::vector<KeptBlock> kept_blocks(const int64_t* positions, int64_t npositions, int64_t hw) {
+  std::vector<KeptBlock> blocks((hw + Simd::kLanes - 1) / Simd::kLanes, KeptBlock{0, 0});
+  for (int64_t k = npositions - 1; k >= 0; --k) {  // backwards: `first` ends at the lowest index
+    KeptBlock& b = blocks[positions[k] / Simd::kLanes];
+    b.kept |= 1u << (positions[k] % Simd::kLanes);
+    b.first = k;
+  }
+  return blocks;
+}
+
+// The compact outputs of one image, rows [P][stride] for the ascending kept `positions`, out to
+// that image of an NCHW or NHWC tensor with every masked element 0, plus `residual` (laid out as
+// dst) and then the ReLU if given. NCHW: the rows are transposed to planes [channels][P] in
+// `planes`, then each plane is written a vector at a time, each vector expanded from its kept
+// values (Simd::expand), with streaming stores (see stream_floats; the caller fences): the
+// masked outputs cost only their share of the write.
+inline void compact_out(const float* rows, int64_t stride, const int64_t* positions, int64_t npositions,
+                        const KeptBlock* blocks, int64_t channels, int64_t hw, float* dst, Strides s,
+                        const float* residual, bool relu, float* planes) {
+  using V = typename Simd::V;
+  const V zero = Simd::zero();
+  if (s.c != 1) {
+    for (int64_t p0 = 0; p0 < npositions; p0 += 8)
+      for (int64_t c0 = 0; c0 < channels; c0 += 8)
+        transpose_block(rows + p0 * stride + c0, stride, planes + c0 * npositions + p0, npositions,
+                        min64(8, npositions - p0), min64(8, channels - c0));
+    const int64_t whole = hw / Simd::kLanes * Simd::kLanes;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float* plane = planes + c * npositions;
+      float* out = dst + c * s.c;
+      const float* res = residual ? residual + c * s.c : nullptr;
+      for (int64_t q = 0; q < whole; q += Simd::kLanes) {
+        const KeptBlock& b = blocks[q / Simd::kLanes];
+        V v = b.kept ? Simd::expand(b.kept, plane + b.first) : zero;
+        if (res) {
+          v = Simd::add(v, Simd::load(res + q));
+          if (relu) v = Simd::max(zero, v);
+        }
+        if (reinterpret_cast<uintptr_t>(out + q) % sizeof(V) == 0) Simd::stream(out + q, v);
+        else Simd::store(out + q, v);
+      }
+      if (whole < hw) {
+        const KeptBlock& b = blocks[whole / Simd::kLanes];
+        for (int64_t q = whole, k = b.first; q < hw; ++q) {
+          float v = (b.kept >> (q - whole) & 1) ? plane[k++] : 0.0f;
+          if (res) v = v + res[q];
+          out[q] = (res && relu && v < 0.0f) ? 0.0f : v;
+        }
+      }
+    }
+  } else {
+    for (int64_t q = 0, k = 0; q < hw; ++q) {
+      float* out = dst + q * s.position;
+      const float* res = residual ? residual + q * s.position : nullptr;
+      if (k < npositions && positions[k] == q) {
+        const float* row = rows + (k++) * stride;
+        if (res) add_floats(out, row, res, channels, relu, false);
+        else copy_floats(out, row, channels);
+      } else if (res) {
+        for (int64_t c = 0; c < channels; ++c) out[c] = (relu && res[c] < 0.0f) ? 0.0f : res[c];
+      } else {
+        __builtin_memset(out, 0, sizeof(float) * channels);
+      }
+    }
+  }
+}
+
 // The input position (flat, h * W + w) that output position p reads through tap t
 // (t = i * kw + j), or -1 for a padding tap.
 inline int64_t tap_input(const BatchVectorGeometry& g, int64_t p, int64_t t) {
@@ -675,15 +750,17 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
                        const float** x_taps, const float* zeros, float* scratch, double* channel_sums) {
   // One image at a time, channels-last: an NCHW image is transposed into `scratch` first, so
   // that each tap's channels are contiguous (in NCHW they lie a plane apart, all in one L1
-  // set); the kept positions are computed in tiles into a zeroed channels-last output image,
-  // which is then written to y in one pass (with the residual and the ReLU). The image's
-  // input, output and the weights stay in L2.
+  // set); the kept positions are computed in tiles into compact rows, one per kept position,
+  // which compact_out then writes to y in one pass (zeros, the residual and the ReLU). The
+  // image's input, its kept outputs and the weights stay in L2.
   const int64_t cin = g.in_channels, cout = g.out_channels, ntaps = g.kernel_h * g.kernel_w;
   const int64_t hw = g.height * g.width, hw_out = g.out_height * g.out_width;
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
   const bool x_nchw = xs.c != 1;
-  float* x_image = scratch;                             // [H * W][Cin], for NCHW x
-  float* y_image = scratch + (x_nchw ? hw * cin : 0);  // [Hout * Wout][cout_pad]
+  float* x_image = scratch;                                     // [H * W][Cin], for NCHW x
+  float* y_rows = scratch + (x_nchw ? hw * cin : 0);            // [P][cout_pad]
+  float* y_planes = y_rows + npositions * cout_pad;             // [Cout][P], for NCHW y
+  const auto blocks = kept_blocks(positions, npositions, hw_out);
   float* out_rows[kPositionRows];
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* x_n = x + n * xs.n;
@@ -692,23 +769,23 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
       image_channels_last(x_n, xs, cin, hw, cin, x_image);
       x_n = x_image, row_stride = cin;
     }
-    __builtin_memset(y_image, 0, sizeof(float) * hw_out * cout_pad);
     for (int64_t k0 = 0; k0 < npositions; k0 += kPositionRows) {
       const int rows = static_cast<int>(min64(kPositionRows, npositions - k0));
       point_taps(g, positions + k0, rows, x_n, row_stride, zeros, x_taps);
-      for (int r = 0; r < rows; ++r) out_rows[r] = y_image + positions[k0 + r] * cout_pad;
+      for (int r = 0; r < rows; ++r) out_rows[r] = y_rows + (k0 + r) * cout_pad;
       position_tiles(x_taps, ntaps, cin, w_p, cout_pad, bias_p, block_relu, false, out_rows, rows);
     }
-    if (channel_sums) {  // over the kept outputs (the masked rows are 0 and add nothing)
+    if (channel_sums) {  // over the kept outputs (the masked ones are 0 and add nothing)
       for (int64_t k = 0; k < npositions; ++k) {
-        const float* v = y_image + positions[k] * cout_pad;
+        const float* v = y_rows + k * cout_pad;
         for (int64_t c = 0; c < cout; ++c) {
           channel_sums[c] += v[c];
           channel_sums[cout + c] += static_cast<double>(v[c]) * v[c];
         }
       }
     }
-    image_out(y_image, cout_pad, cout, hw_out, y + n * ys.n, ys, residual ? residual + n * ys.n : nullptr, relu);
+    compact_out(y_rows, cout_pad, positions, npositions, blocks.data(), cout, hw_out, y + n * ys.n, ys,
+                residual ? residual + n * ys.n : nullptr, relu, y_planes);
   }
   _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
