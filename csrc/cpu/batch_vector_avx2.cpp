@@ -33,6 +33,8 @@ struct Simd {
       if (lanes >> j & 1) v[j] = *p++;
     return _mm256_load_ps(v);
   }
+  // dst row k (stride ds) = column k of the 8x8 block src (rows at stride ss).
+  static void transpose(const float* src, int64_t ss, float* dst, int64_t ds);
 };
 
 // 16 images per tile: 6 channels x 2 vectors = 12 accumulators + 2 loads + 1 broadcast <= 16.
@@ -44,6 +46,8 @@ constexpr int kWeightTile = 4, kWeightVectors = 3;
 constexpr int kPositionRows = 6, kPositionVectors = 2;
 
 #include "batch_vector_impl.h"
+
+void Simd::transpose(const float* src, int64_t ss, float* dst, int64_t ds) { transpose8x8(src, ss, dst, ds); }
 
 }  // namespace
 }  // namespace avx2

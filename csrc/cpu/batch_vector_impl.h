@@ -601,16 +601,22 @@ inline void position_tiles(const float* const* x_taps, int64_t ntaps, int64_t ci
 }
 
 // One image of an NCHW or NHWC tensor as a channels-last image [H * W][stride] (channels
-// [channels, stride) zero), into `image`: NCHW in blocks of 16 positions, so that each plane
-// gives whole cache lines.
+// [channels, stride) zero), into `image`. NCHW in blocks of kLanes channels x kLanes positions,
+// a block of channels at a time over the whole plane: each block row is a whole cache line of
+// its plane, and only kLanes planes stream at once (all of them at once, in blocks of 16
+// positions: 12% slower on 64->64@32, 1024-position planes).
 inline void image_channels_last(const float* src, Strides s, int64_t channels, int64_t hw, int64_t stride,
                                 float* image) {
+  constexpr int64_t L = Simd::kLanes;
   if (s.c != 1) {
-    for (int64_t q0 = 0; q0 < hw; q0 += 16)
-      for (int64_t c0 = 0; c0 < channels; c0 += 8)
-        for (int64_t q = q0; q < min64(hw, q0 + 16); q += 8)
-          transpose_block(src + c0 * s.c + q, s.c, image + q * stride + c0, stride, min64(8, channels - c0),
-                          min64(8, hw - q));
+    for (int64_t c0 = 0; c0 < channels; c0 += L) {
+      const int64_t nc = min64(L, channels - c0);
+      int64_t q = 0;
+      if (nc == L)
+        for (; q + L <= hw; q += L) Simd::transpose(src + c0 * s.c + q, s.c, image + q * stride + c0, stride);
+      for (int64_t c = c0; c < c0 + nc; ++c)
+        for (int64_t r = q; r < hw; ++r) image[r * stride + c] = src[c * s.c + r];
+    }
   } else {
     for (int64_t q = 0; q < hw; ++q) copy_floats(image + q * stride, src + q * s.position, channels);
   }
