@@ -63,6 +63,9 @@ struct Strides {
 // zero in the padding. Scratch: P * (padded_channels(Cout) + Cout + padded_channels(Cin)) +
 // H * W * padded_channels(Cin) + padded_channels(Cin) floats, P = npositions.
 //
+// pack_position_weights: forward_positions' w_p from contiguous weights w [Cout][Cin][taps]:
+// dst [taps][Cin][cout_pad], zero past Cout.
+//
 // kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
 // of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p]; gy NCHW or NHWC.
 // Scratch: panel Wout * Cout * padded_batch floats.
@@ -103,6 +106,8 @@ struct BatchVectorKernels {
   void (*grad_weight_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
                            const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                            int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows);
+  void (*pack_position_weights)(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst,
+                                int64_t cout_pad);
 };
 
 // Any two input rows one output row needs lie within this window, so they never share a slot

@@ -874,5 +874,34 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   _mm_sfence();  // the streaming stores are visible before the caller reads grad_x
 }
 
-const BatchVectorKernels kernels = {kName, padded_channels, forward_rows, forward_positions, backward_positions, kept_gradient_rows, grad_input_rows,
-                                    grad_weight_rows};
+// forward_positions' weights: dst[t][ci][co] (rows of cout_pad, zero past Cout) = w[co][ci][t],
+// w contiguous. As a [Cout][Cin * taps] matrix w is transposed a kLanes x kLanes block at a time,
+// each block row stored to its (tap, input channel) row: ATen's copy of the permuted weights
+// took 40-90 us (PERF.md's shapes, 2 threads), a tenth of the fixed part.
+void pack_position_weights(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst, int64_t cout_pad) {
+  constexpr int64_t L = Simd::kLanes;
+  const int64_t k_total = cin * taps;
+  alignas(64) float block[L * L];
+  int64_t co0 = 0;
+  for (; co0 + L <= cout; co0 += L) {
+    int64_t k0 = 0;
+    for (; k0 + L <= k_total; k0 += L) {
+      Simd::transpose(w + co0 * k_total + k0, k_total, block, L);
+      for (int64_t kk = 0; kk < L; ++kk) {
+        const int64_t k = k0 + kk, ci = k / taps, t = k % taps;
+        Simd::store(dst + (t * cin + ci) * cout_pad + co0, Simd::load(block + kk * L));
+      }
+    }
+    for (int64_t k = k0; k < k_total; ++k)
+      for (int64_t co = co0; co < co0 + L; ++co) dst[(k % taps * cin + k / taps) * cout_pad + co] = w[co * k_total + k];
+  }
+  for (int64_t k = 0; k < k_total; ++k) {
+    float* row = dst + (k % taps * cin + k / taps) * cout_pad;
+    for (int64_t co = co0; co < cout; ++co) row[co] = w[co * k_total + k];
+    for (int64_t co = cout; co < cout_pad; ++co) row[co] = 0.0f;
+  }
+}
+
+const BatchVectorKernels kernels = {kName,          padded_channels,  forward_rows,    forward_positions,
+                                    backward_positions, kept_gradient_rows, grad_input_rows, grad_weight_rows,
+                                    pack_position_weights};

@@ -277,7 +277,9 @@ at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input
   const auto x = addressable(input);
   const auto xs = strides_of(x);
   const int64_t cout_pad = kernels->padded_channels(g.out_channels), pad = cout_pad - g.out_channels;
-  const auto w_p = at::constant_pad_nd(weight.permute({2, 3, 1, 0}), {0, pad}).contiguous();  // [kh][kw][Cin][Cout_pad]
+  auto w_p = at::empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, weight.options());  // [kh][kw][Cin][Cout_pad]
+  kernels->pack_position_weights(weight.contiguous().data_ptr<float>(), g.out_channels, g.in_channels,
+                                 g.kernel_h * g.kernel_w, w_p.data_ptr<float>(), cout_pad);
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b_p = has_bias ? at::constant_pad_nd(*bias, {0, pad}).contiguous() : at::Tensor();
   auto y = cpu::empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, input.options(),
