@@ -52,7 +52,7 @@ struct Strides {
 // NHWC. w_p: [kh][kw][Cin][cout_pad] and bias_p (or null): [cout_pad], cout_pad =
 // padded_channels(Cout), zero in the padding. Scratch: x_taps kPositionRows (at most 8) * kh *
 // kw pointers; zeros: Cin floats, all 0 (what padding taps read); scratch: (NCHW x: H * W *
-// Cin) + npositions * (cout_pad + Cout) floats. channel_sums as for forward_rows.
+// Cin) + npositions * (cout_pad + Cout) + kBatchBlock floats. channel_sums as for forward_rows.
 //
 // backward_positions: the gradients of forward_positions (same masks) for images
 // [image_begin, image_end): grad_x (if not null; NCHW or NHWC, every element of those images

@@ -25,14 +25,10 @@ struct Simd {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }  // b where either is NaN
-  // Lane j gets the next of p[0], p[1], ... where bit j of `lanes` is set, else 0; reads only
-  // popcount(lanes) floats (AVX2 has no expand instruction: lane by lane).
-  static V expand(uint32_t lanes, const float* p) {
-    alignas(32) float v[kLanes] = {};
-    for (int j = 0; j < kLanes; ++j)
-      if (lanes >> j & 1) v[j] = *p++;
-    return _mm256_load_ps(v);
-  }
+  // Lane j gets the next of p[0], p[1], ... where bit j of `lanes` is set, else 0. AVX2 has
+  // no expand instruction: a permutation from a table, then the unset lanes zeroed; reads
+  // kLanes floats from p, so the caller leaves kLanes floats of slack after its data.
+  static V expand(uint32_t lanes, const float* p);
   // dst row k (stride ds) = column k of the 8x8 block src (rows at stride ss).
   static void transpose(const float* src, int64_t ss, float* dst, int64_t ds);
 };
@@ -46,6 +42,23 @@ constexpr int kWeightTile = 4, kWeightVectors = 3;
 constexpr int kPositionRows = 6, kPositionVectors = 2;
 
 #include "batch_vector_impl.h"
+
+// Per 8-bit lane mask: lane j's source, the rank of bit j among the set bits.
+struct ExpandTable {
+  alignas(32) int32_t source[256][8];
+  constexpr ExpandTable() : source() {
+    for (int m = 0; m < 256; ++m)
+      for (int j = 0, k = 0; j < 8; ++j) source[m][j] = (m >> j & 1) ? k++ : 0;
+  }
+};
+constexpr ExpandTable kExpandTable{};
+
+Simd::V Simd::expand(uint32_t lanes, const float* p) {
+  const __m256i source = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTable.source[lanes]));
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(lanes)), bits), bits);
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), source), _mm256_castsi256_ps(set));
+}
 
 void Simd::transpose(const float* src, int64_t ss, float* dst, int64_t ds) { transpose8x8(src, ss, dst, ds); }
 

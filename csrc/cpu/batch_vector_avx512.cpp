@@ -27,8 +27,8 @@ struct Simd {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }  // b where either is NaN
-  // Lane j gets the next of p[0], p[1], ... where bit j of `lanes` is set, else 0; reads only
-  // popcount(lanes) floats.
+  // Lane j gets the next of p[0], p[1], ... where bit j of `lanes` is set, else 0 (reads only
+  // popcount(lanes) floats here; the AVX2 version reads kLanes).
   static V expand(uint32_t lanes, const float* p) { return _mm512_maskz_expandloadu_ps(__mmask16(lanes), p); }
   // dst row k (stride ds) = column k of the 16x16 block src (rows at stride ss).
   static void transpose(const float* src, int64_t ss, float* dst, int64_t ds) {

@@ -288,7 +288,7 @@ at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input
   auto partial = channel_sums ? at::zeros({row_chunks(g.batch), 2, g.out_channels}, input.options().dtype(at::kDouble))
                               : at::Tensor();
   const int64_t scratch_size = (xs.c == 1 ? 0 : g.height * g.width * g.in_channels) +
-                               positions.numel() * (cout_pad + g.out_channels);
+                               positions.numel() * (cout_pad + g.out_channels) + cpu::kBatchBlock;
   parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<const float*> x_taps(8 * g.kernel_h * g.kernel_w);
     const std::vector<float> zeros(g.in_channels, 0.0f);
