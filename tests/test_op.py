@@ -456,6 +456,33 @@ def test_every_tile_shape(layout, ratio, mode, out_channels):
     check_against_reference(x, weight, bias, mask, conv_args, BACKENDS[0])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ratio", [0.3, 0.95])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "residual+relu"])
+def test_spatial_write_out(layout, ratio, epilogue):
+    # The spatial kernel keeps only the kept outputs and writes each output vector expanded
+    # from them: 19x23 = 437 positions per plane are 27 whole vectors of 16 (or 54 of 8) plus
+    # a tail of 5, planes of 437 floats leave most vectors unaligned, and at ratio 0.95 most
+    # vectors have nothing kept while at 0.3 some have everything. 70 channels: 4 whole
+    # 16-channel blocks of the input transpose and the weight packing plus a remainder.
+    config = (5, 70, 19, 23, 70, 3, 1, 1, 1, 1)
+    x, weight, bias, mask, conv_args = make_case(config, "spatial", None, ratio, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(5, 70, 19, 23) if epilogue != "none" else None
+    relu = epilogue == "residual+relu"
+    y = rk.masked_conv2d(x, weight, bias, mask, backend=BACKENDS[0], relu=relu, residual=residual, **conv_args)
+    expected = reference.masked_conv2d(x.double(), weight.double(), bias.double(), mask, **conv_args)
+    if residual is not None:
+        expected = expected + residual.double()
+    if relu:
+        expected = F.relu(expected)
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[torch.float32])
+    if residual is None:
+        assert (y[(~mask).expand_as(y)] == 0).all(), "masked outputs must be exactly zero"
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
 def test_auto_takes_the_kernel_where_it_pays_off():
     x = torch.randn(32, 4, 16, 16)
