@@ -3,6 +3,8 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import assume
+from hypothesis import strategies as st
 
 import rmask_kernels as rk
 
@@ -37,3 +39,18 @@ def leaves_and_oracle(*tensors):
     """Fresh leaves of the inputs (in their dtype) and float64 leaves for the oracle."""
     return ([t.detach().clone().requires_grad_() for t in tensors],
             [t.detach().double().requires_grad_() for t in tensors])
+
+
+@st.composite
+def conv_geometries(draw, max_batch=3, max_size=9, max_kernel=4, max_groups=2, cout_per_group=st.integers(1, 3)):
+    """A random valid convolution geometry for property tests: a dict of n, cin, cout, groups and
+    the (height, width) pairs size, kernel, stride, padding, dilation and out (both >= 1)."""
+    groups = draw(st.integers(1, max_groups))
+    pair = lambda low, high: draw(st.tuples(st.integers(low, high), st.integers(low, high)))  # noqa: E731
+    g = dict(n=draw(st.integers(0, max_batch)), groups=groups, cin=draw(st.integers(1, 3)) * groups,
+             cout=draw(cout_per_group) * groups, size=pair(1, max_size), kernel=pair(1, max_kernel),
+             stride=pair(1, 3), padding=pair(0, 2), dilation=pair(1, 2))
+    g["out"] = tuple((s + 2 * p - d * (k - 1) - 1) // t + 1
+                     for s, p, d, k, t in zip(g["size"], g["padding"], g["dilation"], g["kernel"], g["stride"]))
+    assume(min(g["out"]) > 0)
+    return g

@@ -18,7 +18,7 @@ import rmask_kernels as rk
 from rmask_kernels import reference
 from rmask_kernels.functional import resolve_padding, select_backend
 
-from helpers import leaves_and_oracle, make_case
+from helpers import conv_geometries, leaves_and_oracle, make_case
 
 BACKENDS = [b for b in ("cpu", "auto") if b == "auto" or b in rk.available_backends()]
 MODES = [("neuron", None), ("spatial", None), ("group", 2)]
@@ -209,36 +209,16 @@ def test_opcheck(config, mode, group_size):
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(0, 3),
-    cin_per_group=st.integers(1, 3),
-    cout_per_group=st.integers(1, 3),
-    groups=st.integers(1, 2),
-    h=st.integers(1, 9),
-    w=st.integers(1, 9),
-    kh=st.integers(1, 4),
-    kw=st.integers(1, 4),
-    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    mode=st.sampled_from(["neuron", "spatial", "group"]),
-    ratio=st.floats(0.0, 0.95),
-    bias=st.booleans(),
-)
-def test_property_random_configurations(
-    n, cin_per_group, cout_per_group, groups, h, w, kh, kw, stride, padding, dilation, mode, ratio, bias
-):
-    cin, cout = cin_per_group * groups, cout_per_group * groups
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if out_h <= 0 or out_w <= 0:
-        return  # no valid convolution: rejected inputs are tested separately
-    group_size = cout_per_group if mode == "group" else None
-    mask = rk.random_mask((cout, out_h, out_w), ratio, mode, group_size)
-    x = torch.randn(n, cin, h, w, dtype=torch.float64)
-    weight = torch.randn(cout, cin_per_group, kh, kw, dtype=torch.float64)
-    b = torch.randn(cout, dtype=torch.float64) if bias else None
-    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+@given(geometry=conv_geometries(), mode=st.sampled_from(["neuron", "spatial", "group"]), ratio=st.floats(0.0, 0.95),
+       bias=st.booleans())
+def test_property_random_configurations(geometry, mode, ratio, bias):
+    g = geometry
+    group_size = g["cout"] // g["groups"] if mode == "group" else None
+    mask = rk.random_mask((g["cout"], *g["out"]), ratio, mode, group_size)
+    x = torch.randn(g["n"], g["cin"], *g["size"], dtype=torch.float64)
+    weight = torch.randn(g["cout"], g["cin"] // g["groups"], *g["kernel"], dtype=torch.float64)
+    b = torch.randn(g["cout"], dtype=torch.float64) if bias else None
+    conv_args = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"], groups=g["groups"])
     check_against_reference(x, weight, b, mask, conv_args, BACKENDS[0])
 
 

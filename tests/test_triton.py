@@ -25,7 +25,7 @@ import rmask_kernels.triton.masked_conv2d as kernels  # noqa: E402
 from rmask_kernels import reference  # noqa: E402
 from rmask_kernels.functional import select_backend  # noqa: E402
 
-from helpers import leaves_and_oracle, make_case  # noqa: E402
+from helpers import conv_geometries, leaves_and_oracle, make_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -262,33 +262,15 @@ def test_conv_bn_unit_matches_the_reference_backend(mode, training):
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    n=st.integers(0, 2),
-    cin_per_group=st.integers(1, 3),
-    groups=st.integers(1, 2),
-    h=st.integers(1, 6),
-    w=st.integers(1, 6),
-    kh=st.integers(1, 3),
-    kw=st.integers(1, 3),
-    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-    mode=st.sampled_from(["neuron", "spatial", "group"]),
-    ratio=st.floats(0.0, 0.95),
-    bias=st.booleans(),
-)
-def test_property_random_configurations(n, cin_per_group, groups, h, w, kh, kw, stride, padding, dilation, mode,
-                                        ratio, bias):
-    cout = 16 * groups  # 16 channels per group: the by-pattern kernels for spatial and group masks
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if out_h <= 0 or out_w <= 0:
-        return  # no valid convolution
-    mask = rk.random_mask((cout, out_h, out_w), ratio, mode, 8 if mode == "group" else None).to(DEVICE)
-    x = torch.randn(n, cin_per_group * groups, h, w, device=DEVICE)
-    weight = torch.randn(cout, cin_per_group, kh, kw, device=DEVICE)
-    b = torch.randn(cout, device=DEVICE) if bias else None
-    conv_args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+@given(geometry=conv_geometries(max_batch=2, max_size=6, max_kernel=3, cout_per_group=st.just(16)),
+       mode=st.sampled_from(["neuron", "spatial", "group"]), ratio=st.floats(0.0, 0.95), bias=st.booleans())
+def test_property_random_configurations(geometry, mode, ratio, bias):
+    g = geometry  # 16 channels per group: the by-pattern kernels for spatial and group masks
+    mask = rk.random_mask((g["cout"], *g["out"]), ratio, mode, 8 if mode == "group" else None).to(DEVICE)
+    x = torch.randn(g["n"], g["cin"], *g["size"], device=DEVICE)
+    weight = torch.randn(g["cout"], g["cin"] // g["groups"], *g["kernel"], device=DEVICE)
+    b = torch.randn(g["cout"], device=DEVICE) if bias else None
+    conv_args = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"], groups=g["groups"])
     check_forward_and_backward(x, weight, b, mask, conv_args)
 
 

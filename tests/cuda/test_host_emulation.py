@@ -19,9 +19,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import conv_geometries  # tests/ (pytest puts it on sys.path)
 from rmask_kernels import reference
 from rmask_kernels.masks import kept_index, random_mask
 
@@ -257,34 +258,22 @@ def test_argument_errors():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(0, 3),
-    cin_per_group=st.integers(1, 3),
-    cout_per_group=st.integers(1, 3),
-    groups=st.integers(1, 3),
-    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
-    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
-    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
-    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    geometry=conv_geometries(max_groups=3),
     mode=st.sampled_from(["neuron", "spatial", "group"]),
     ratio=st.sampled_from([0.0, 0.3, 0.8, 0.95]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_configurations(n, cin_per_group, cout_per_group, groups, size, kernel, stride, padding, dilation,
-                               mode, ratio, seed):
+def test_random_configurations(geometry, mode, ratio, seed):
     """Forward and every gradient on random geometries (hypothesis), against the reference."""
-    height, width = size
-    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    assume(out_h > 0 and out_w > 0)
-    cout = cout_per_group * groups
-    group_size = next((g for g in (2, 3, 1) if cout % g == 0), 1) if mode == "group" else None
+    geo = geometry
+    cout = geo["cout"]
+    group_size = next((k for k in (2, 3, 1) if cout % k == 0), 1) if mode == "group" else None
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, cin_per_group * groups, height, width, dtype=torch.float64, generator=generator)
-    weight = torch.randn(cout, cin_per_group, *kernel, dtype=torch.float64, generator=generator)
+    x = torch.randn(geo["n"], geo["cin"], *geo["size"], dtype=torch.float64, generator=generator)
+    weight = torch.randn(cout, geo["cin"] // geo["groups"], *geo["kernel"], dtype=torch.float64, generator=generator)
     bias = torch.randn(cout, dtype=torch.float64, generator=generator)
-    mask = random_mask((cout, out_h, out_w), ratio, mode, group_size, seed=seed)
-    conv_args = [list(stride), list(padding), list(dilation), groups]
+    mask = random_mask((cout, *geo["out"]), ratio, mode, group_size, seed=seed)
+    conv_args = [list(geo["stride"]), list(geo["padding"]), list(geo["dilation"]), geo["groups"]]
     index = index_of(mask, cout)
     y = ops.masked_conv2d(x, weight, bias, mask, *index, *conv_args)
     torch.testing.assert_close(y, reference.masked_conv2d(x, weight, bias, mask, *conv_args), **TOLERANCE)
