@@ -15,7 +15,7 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
+#include <vector>  // here, not in batch_vector_impl.h: no std code compiled for AVX-512 only
 
 namespace rmask {
 namespace cpu {
