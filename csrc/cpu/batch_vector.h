@@ -64,7 +64,8 @@ struct Strides {
 // H * W * padded_channels(Cin) + padded_channels(Cin) floats, P = npositions.
 //
 // pack_position_weights: forward_positions' w_p from contiguous weights w [Cout][Cin][taps]:
-// dst [taps][Cin][cout_pad], zero past Cout.
+// dst [taps][Cin][cout_pad], zero past Cout; the rows of k = ci * taps + t in [k_begin, k_end)
+// (k_begin a multiple of padded_channels(1)), so that threads can share the work.
 //
 // kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
 // of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p]; gy NCHW or NHWC.
@@ -107,7 +108,7 @@ struct BatchVectorKernels {
                            const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                            int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows);
   void (*pack_position_weights)(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst,
-                                int64_t cout_pad);
+                                int64_t cout_pad, int64_t k_begin, int64_t k_end);
 };
 
 // Any two input rows one output row needs lie within this window, so they never share a slot

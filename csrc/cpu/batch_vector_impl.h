@@ -875,30 +875,32 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
 }
 
 // forward_positions' weights: dst[t][ci][co] (rows of cout_pad, zero past Cout) = w[co][ci][t],
-// w contiguous. As a [Cout][Cin * taps] matrix w is transposed a kLanes x kLanes block at a time,
-// each block row stored to its (tap, input channel) row: ATen's copy of the permuted weights
+// w contiguous, for k = ci * taps + t in [k_begin, k_end). As a [Cout][Cin * taps] matrix w is
+// transposed a kLanes x kLanes block at a time, a block of k over every Cout before the next,
+// so that each (tap, input channel) row is written whole: ATen's copy of the permuted weights
 // took 40-90 us (PERF.md's shapes, 2 threads), a tenth of the fixed part.
-void pack_position_weights(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst, int64_t cout_pad) {
+void pack_position_weights(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst, int64_t cout_pad,
+                           int64_t k_begin, int64_t k_end) {
   constexpr int64_t L = Simd::kLanes;
   const int64_t k_total = cin * taps;
   alignas(64) float block[L * L];
-  int64_t co0 = 0;
-  for (; co0 + L <= cout; co0 += L) {
-    int64_t k0 = 0;
-    for (; k0 + L <= k_total; k0 += L) {
-      Simd::transpose(w + co0 * k_total + k0, k_total, block, L);
-      for (int64_t kk = 0; kk < L; ++kk) {
-        const int64_t k = k0 + kk, ci = k / taps, t = k % taps;
-        Simd::store(dst + (t * cin + ci) * cout_pad + co0, Simd::load(block + kk * L));
-      }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += L) {
+    const int64_t nk = min64(L, k_end - k0);
+    float* rows[L];
+    // (ci, t) of each k, stepped rather than divided: a division per row was most of the
+    // packing's ~40 us (128x64x3x3)
+    for (int64_t kk = 0, ci = k0 / taps, t = k0 % taps; kk < nk; ++kk) {
+      rows[kk] = dst + (t * cin + ci) * cout_pad;
+      if (++t == taps) t = 0, ++ci;
     }
-    for (int64_t k = k0; k < k_total; ++k)
-      for (int64_t co = co0; co < co0 + L; ++co) dst[(k % taps * cin + k / taps) * cout_pad + co] = w[co * k_total + k];
-  }
-  for (int64_t k = 0; k < k_total; ++k) {
-    float* row = dst + (k % taps * cin + k / taps) * cout_pad;
-    for (int64_t co = co0; co < cout; ++co) row[co] = w[co * k_total + k];
-    for (int64_t co = cout; co < cout_pad; ++co) row[co] = 0.0f;
+    int64_t co0 = 0;
+    if (nk == L)
+      for (; co0 + L <= cout; co0 += L) {
+        Simd::transpose(w + co0 * k_total + k0, k_total, block, L);
+        for (int64_t kk = 0; kk < L; ++kk) Simd::store(rows[kk] + co0, Simd::load(block + kk * L));
+      }
+    for (int64_t kk = 0; kk < nk; ++kk)
+      for (int64_t co = co0; co < cout_pad; ++co) rows[kk][co] = co < cout ? w[co * k_total + k0 + kk] : 0.0f;
   }
 }
 
