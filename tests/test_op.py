@@ -463,6 +463,27 @@ def test_spatial_write_out(layout, ratio, epilogue):
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("stride,dilation", [(2, 1), (1, 2)])
+def test_spatial_lays_out_every_input_it_reads(stride, dilation):
+    # The spatial kernels lay out only the blocks of input positions that some kept output
+    # reads (per-thread scratch keeps the rest from the call before). One kept position at a
+    # time, every position of the plane, each call on fresh input after a dense call has
+    # filled the scratch with other values: a block read but not laid out gives wrong sums.
+    x_shape, weight = (6, 20, 18, 19), torch.randn(24, 20, 3, 3)
+    conv_args = dict(stride=stride, padding=1, dilation=dilation)
+    out_h, out_w = reference.masked_conv2d(torch.zeros(x_shape), weight, None, torch.ones(1, 1, 1, dtype=torch.bool),
+                                           **conv_args).shape[2:]
+    for p in range(out_h * out_w):
+        rk.masked_conv2d(torch.randn(x_shape), weight, None, torch.ones(1, out_h, out_w, dtype=torch.bool),
+                         backend=BACKENDS[0], **conv_args)
+        mask = torch.zeros(1, out_h * out_w, dtype=torch.bool)
+        mask[0, p] = True
+        mask = mask.view(1, out_h, out_w)
+        x = torch.randn(x_shape)
+        for grad in (False, True):
+            check_against_reference(x, weight, None, mask, conv_args, BACKENDS[0], grad=grad)
+
+
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
 def test_auto_takes_the_kernel_where_it_pays_off():
     x = torch.randn(32, 4, 16, 16)

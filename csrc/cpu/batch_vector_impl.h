@@ -600,20 +600,30 @@ inline void position_tiles(const float* const* x_taps, int64_t ntaps, int64_t ci
   }
 }
 
+// Whether a kept output position reads a block of Simd::kLanes input positions through some
+// tap. A type of this file's own, as KeptBlock below: a std::vector<uint8_t> instantiated here would
+// be shared with code compiled for another CPU.
+struct InputBlock {
+  bool read;
+};
+
 // One image of an NCHW or NHWC tensor as a channels-last image [H * W][stride] (channels
 // [channels, stride) zero), into `image`. NCHW in blocks of kLanes channels x kLanes positions,
 // a block of channels at a time over the whole plane: each block row is a whole cache line of
 // its plane, and only kLanes planes stream at once (all of them at once, in blocks of 16
-// positions: 12% slower on 64->64@32, 1024-position planes).
+// positions: 12% slower on 64->64@32, 1024-position planes). `needed` (or null: all), per
+// block of kLanes positions: whether any kept output reads it; the others are left as they
+// were (a strided conv at keep 0.1 reads ~70% of them, see needed_blocks).
 inline void image_channels_last(const float* src, Strides s, int64_t channels, int64_t hw, int64_t stride,
-                                float* image) {
+                                float* image, const InputBlock* needed = nullptr) {
   constexpr int64_t L = Simd::kLanes;
   if (s.c != 1) {
     for (int64_t c0 = 0; c0 < channels; c0 += L) {
       const int64_t nc = min64(L, channels - c0);
       int64_t q = 0;
       if (nc == L)
-        for (; q + L <= hw; q += L) Simd::transpose(src + c0 * s.c + q, s.c, image + q * stride + c0, stride);
+        for (; q + L <= hw; q += L)
+          if (!needed || needed[q / L].read) Simd::transpose(src + c0 * s.c + q, s.c, image + q * stride + c0, stride);
       for (int64_t c = c0; c < c0 + nc; ++c)
         for (int64_t r = q; r < hw; ++r) image[r * stride + c] = src[c * s.c + r];
     }
@@ -738,6 +748,18 @@ inline int64_t tap_input(const BatchVectorGeometry& g, int64_t p, int64_t t) {
   return ih >= 0 && ih < g.height && iw >= 0 && iw < g.width ? ih * g.width + iw : -1;
 }
 
+// The blocks of a plane of H * W input positions, for the kept output `positions`.
+inline std::vector<InputBlock> needed_blocks(const BatchVectorGeometry& g, const int64_t* positions,
+                                             int64_t npositions) {
+  std::vector<InputBlock> needed((g.height * g.width + Simd::kLanes - 1) / Simd::kLanes, InputBlock{false});
+  for (int64_t k = 0; k < npositions; ++k)
+    for (int64_t t = 0; t < g.kernel_h * g.kernel_w; ++t) {
+      const int64_t q = tap_input(g, positions[k], t);
+      if (q >= 0) needed[q / Simd::kLanes].read = true;
+    }
+  return needed;
+}
+
 // Points x_taps (R rows of kh * kw) at the channels-last input rows that the output positions
 // positions[0 .. rows) read, `zeros` for padding taps.
 inline void point_taps(const BatchVectorGeometry& g, const int64_t* positions, int rows, const float* image,
@@ -767,12 +789,13 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
   float* y_rows = scratch + (x_nchw ? hw * cin : 0);            // [P][cout_pad]
   float* y_planes = y_rows + npositions * cout_pad;             // [Cout][P], for NCHW y
   const auto blocks = kept_blocks(positions, npositions, hw_out);
+  const auto needed = needed_blocks(g, positions, npositions);
   float* out_rows[kPositionRows];
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* x_n = x + n * xs.n;
     int64_t row_stride = xs.position;
     if (x_nchw) {
-      image_channels_last(x_n, xs, cin, hw, cin, x_image);
+      image_channels_last(x_n, xs, cin, hw, cin, x_image, needed.data());
       x_n = x_image, row_stride = cin;
     }
     for (int64_t k0 = 0; k0 < npositions; k0 += kPositionRows) {
@@ -814,6 +837,7 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   float* panel = image + hw * cin_pad;       // [P][cin_pad]: one tap's input rows
   float* spare = panel + np * cin_pad;       // [cin_pad]: what padding taps add to
   float* out_rows[kPositionRows];
+  const auto needed = needed_blocks(g, positions, npositions);
   for (int64_t k = 0; k < np; ++k)
     for (int64_t c = cout; c < cout_pad; ++c) rows[k * cout_pad + c] = 0.0f;
   for (int64_t n = image_begin; n < image_end; ++n) {
@@ -832,7 +856,7 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
         grad_b_part[c] += sum;
       }
     if (grad_w_part) {
-      image_channels_last(x + n * xs.n, xs, cin, hw, cin_pad, image);
+      image_channels_last(x + n * xs.n, xs, cin, hw, cin_pad, image, needed.data());
       const float* zeros = spare;
       for (int64_t c = 0; c < cin_pad; ++c) spare[c] = 0.0f;
       for (int64_t t = 0; t < ntaps; ++t) {
