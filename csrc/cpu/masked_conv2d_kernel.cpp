@@ -281,7 +281,7 @@ at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input
   const auto* kernels = batch_vector_kernels();
   const auto x = addressable(input);
   const auto xs = strides_of(x);
-  const int64_t cout_pad = kernels->padded_channels(g.out_channels), pad = cout_pad - g.out_channels;
+  const int64_t cout_pad = kernels->padded_channels(g.out_channels);
   auto w_p = at::empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, weight.options());  // [kh][kw][Cin][Cout_pad]
   const auto w = weight.contiguous();
   const int64_t lanes = kernels->padded_channels(1), k_total = g.in_channels * g.kernel_h * g.kernel_w;
