@@ -134,29 +134,31 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 
 
 # When "auto" takes the CPU kernel instead of dense conv × mask, from a measured crossover
-# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `benchmarks/op_times.py --speedup` and
-# `make bench`, side by side, benchmarks/NOTES.md). The batch-vector kernels cost what their kept outputs cost plus a
-# fixed part (laying the input out batch-last, writing the whole output), so they win below
-# a kept fraction:
-#   avx512 (Xeon, 2 cores, oneDNN dense at ~360 GFLOP/s): forced at keep 0.5 forward 1.06-1.59x,
-#     fwd+bwd 1.23-1.78x; at keep 0.7 forward 0.84-1.20x (break-even), fwd+bwd 1.02-1.47x; at
-#     keep 1.0 forward 0.72-1.19x. Taken up to keep 0.6: a forward win, a training win.
-#   avx2 (measured on that Xeon with both sides held to AVX2: ATEN_CPU_CAPABILITY=avx2
-#     ONEDNN_MAX_CPU_ISA=AVX2): forward 1.5-2.1x at keep 0.5, 1.17-1.56x at keep 0.7,
-#     0.90-1.14x at keep 1.0; fwd+bwd 1.17-1.39x at keep 0.7, 0.82-0.90x at keep 1.0.
-#     Taken up to keep 0.75. (Step 1's 0.45, from an AMD Zen 3 VM, predates the kernels
-#     running on both threads.)
-# Their cost scales with the batch rounded up to 16 images (the SIMD padding), so a small
-# batch needs a sparser mask.
-# Spatial masks (one pattern for all channels) take the per-image kernels instead
-# (forward_positions / backward_positions: no batch-wide layout step, channels in the lanes,
-# no batch padding), which stay ahead of dense conv much longer: avx512 forward 1.12-1.91x
-# and fwd+bwd 1.21-1.59x at keep 0.8, 1.04-1.31x / 0.96-1.44x at keep 0.9, 0.96-1.00x /
-# 0.99-1.23x at keep 1.0; avx2 (both sides held to AVX2) 1.12-1.40x / 1.01-1.42x at keep
-# 0.8, 1.00-1.09x / 0.91-1.05x at keep 0.9. Taken up to keep 0.85 (avx512) and 0.8 (avx2). The portable kernels gather columns once per mask pattern:
-# only few patterns (spatial, coarse groups) at keep <= 0.2 pay off.
-BATCH_VECTOR_MAX_KEEP = {"avx512": 0.6, "avx2": 0.75}
-SPATIAL_MAX_KEEP = {"avx512": 0.85, "avx2": 0.8}
+# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `benchmarks/op_times.py --speedup
+# --mode neuron|spatial --keeps ...`, side by side, benchmarks/NOTES.md). The kernels cost what
+# their kept outputs cost plus a fixed part (laying the input out, writing the whole output),
+# so they win below a kept fraction, and their backward wins further than their forward
+# (oneDNN's dense backward is slower than its forward, the strided one most): a call that
+# will be differentiated (grad enabled and an input requiring it) takes the fwd+bwd crossover.
+# Measured 2026-11-25 (step 5 of benchmarks/NOTES.md), speedups over the three shapes:
+#   neuron, avx512: keep 0.7 forward 0.99-1.79x, keep 0.75 0.93-1.09x; fwd+bwd keep 0.8
+#     1.13-1.39x, keep 0.9 1.03-1.29x.                        -> 0.7, with grad 0.85
+#   neuron, avx2 (both sides held to AVX2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):
+#     keep 0.85 forward 1.02-1.28x, keep 0.95 0.95-1.20x; fwd+bwd keep 0.9 1.02-1.14x,
+#     keep 0.95 0.90-1.21x.                                    -> 0.85, with grad 0.9
+#   spatial (the per-image kernels: no batch-wide layout, channels in the lanes, no batch
+#     padding), avx512: keep 0.9 forward 1.01-1.08x, keep 1.0 1.00-1.45x; fwd+bwd keep 1.0
+#     1.09-1.42x.                                              -> 0.9, with grad 0.95
+#   spatial, avx2: keep 0.8 forward 1.09-1.29x, keep 0.9 0.98-1.07x; fwd+bwd keep 0.9
+#     1.03-1.31x, keep 1.0 0.87-1.22x.                         -> 0.85, with grad 0.9
+# Nothing masked (keep 1.0) always takes dense conv. The batch-vector kernels' cost scales
+# with the batch rounded up to 16 images (the SIMD padding), so a small batch needs a sparser
+# mask. The portable kernels gather columns once per mask pattern: only few patterns
+# (spatial, coarse groups) at keep <= 0.2 pay off.
+BATCH_VECTOR_MAX_KEEP = {"avx512": 0.7, "avx2": 0.85}
+BATCH_VECTOR_MAX_KEEP_WITH_GRAD = {"avx512": 0.85, "avx2": 0.9}
+SPATIAL_MAX_KEEP = {"avx512": 0.9, "avx2": 0.85}
+SPATIAL_MAX_KEEP_WITH_GRAD = {"avx512": 0.95, "avx2": 0.9}
 PORTABLE_MAX_KEEP = 0.2
 PORTABLE_MAX_PATTERNS = 4
 
@@ -170,13 +172,19 @@ def gpu_sparse_pays_off(index, positions_per_pattern: int) -> bool:
     return index.positions.numel() < patterns * positions_per_pattern
 
 
-def sparse_pays_off(index, positions_per_pattern: int, batch: int, dtype: torch.dtype, groups: int) -> bool:
-    """Whether the CPU kernels beat dense conv × mask here (the measured rule above)."""
+def sparse_pays_off(
+    index, positions_per_pattern: int, batch: int, dtype: torch.dtype, groups: int, with_grad: bool = False
+) -> bool:
+    """Whether the CPU kernels beat dense conv × mask here (the measured rule above);
+    ``with_grad``: the call will be differentiated, so forward + backward is what counts."""
     patterns = index.offsets.numel() - 1
     keep = index.positions.numel() / max(1, patterns * positions_per_pattern)
     if batch_vector_kernels(dtype, groups):
+        if keep >= 1.0:
+            return False
         if patterns == 1:  # every channel kept at the same positions: the per-image kernels
-            return keep <= SPATIAL_MAX_KEEP[CPU_KERNELS]
+            return keep <= (SPATIAL_MAX_KEEP_WITH_GRAD if with_grad else SPATIAL_MAX_KEEP)[CPU_KERNELS]
         lanes = -(-max(batch, 1) // 16) * 16
-        return keep * lanes / max(batch, 1) <= BATCH_VECTOR_MAX_KEEP[CPU_KERNELS]
+        limit = (BATCH_VECTOR_MAX_KEEP_WITH_GRAD if with_grad else BATCH_VECTOR_MAX_KEEP)[CPU_KERNELS]
+        return keep * lanes / max(batch, 1) <= limit
     return patterns <= PORTABLE_MAX_PATTERNS and keep <= PORTABLE_MAX_KEEP

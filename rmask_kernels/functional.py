@@ -82,9 +82,16 @@ def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple
 
 
 def select_backend(
-    backend: str, input: torch.Tensor, mask: torch.Tensor, kept_index=None, out_channels=None, groups: int = 1
+    backend: str,
+    input: torch.Tensor,
+    mask: torch.Tensor,
+    kept_index=None,
+    out_channels=None,
+    groups: int = 1,
+    with_grad: bool = False,
 ) -> str:
-    """The backend that runs a masked conv of ``input`` (batched, 4-D) with ``mask``."""
+    """The backend that runs a masked conv of ``input`` (batched, 4-D) with ``mask``;
+    ``with_grad``: the call will be differentiated (its backward counts too)."""
     chosen = resolve_backend(backend, input)
     if backend == "auto" and chosen != "reference":
         index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels or mask.shape[0])
@@ -92,7 +99,7 @@ def select_backend(
         if chosen in ("triton", "cuda"):
             pays_off = gpu_sparse_pays_off(index, positions)
         else:
-            pays_off = sparse_pays_off(index, positions, input.shape[0], input.dtype, groups)
+            pays_off = sparse_pays_off(index, positions, input.shape[0], input.dtype, groups, with_grad)
         if not pays_off:
             chosen = "reference"
     return chosen
@@ -191,7 +198,10 @@ def masked_conv2d(
         input = F.pad(input, (0, right - left, 0, bottom - top))
     padding2 = (top, left)
 
-    chosen = select_backend(backend, input, mask, kept_index, weight.shape[0], groups)
+    with_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, residual)
+    )
+    chosen = select_backend(backend, input, mask, kept_index, weight.shape[0], groups, with_grad)
     conv_args = (stride, padding2, dilation, groups)
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, *conv_args)

@@ -488,7 +488,7 @@ def test_spatial_lays_out_every_input_it_reads(stride, dilation):
 def test_auto_takes_the_kernel_where_it_pays_off():
     x = torch.randn(32, 4, 16, 16)
     sparse = rk.random_mask((6, 16, 16), 0.9, "spatial")
-    dense = rk.random_mask((6, 16, 16), 0.2, "neuron")
+    dense = rk.random_mask((6, 16, 16), 0.05, "neuron")
     assert select_backend("auto", x, sparse, out_channels=6) == "cpu"
     assert select_backend("auto", x, dense) == "reference"
     assert select_backend("cpu", x, dense) == "cpu"
@@ -504,9 +504,46 @@ def test_auto_takes_the_kernel_where_it_pays_off():
         # Spatial masks take the per-image kernels: sparse pays off up to a higher keep, and
         # for a single image too.
         assert select_backend("auto", x, rk.random_mask((6, 16, 16), 0.22, "spatial"), out_channels=6) == "cpu"
-        assert select_backend("auto", x, rk.random_mask((6, 16, 16), 0.22, "neuron")) == "reference"
+        assert select_backend("auto", x, rk.random_mask((6, 16, 16), 0.1, "neuron")) == "reference"
         assert select_backend("auto", x[:1], sparse, out_channels=6) == "cpu"
-        assert select_backend("auto", x, rk.random_mask((6, 16, 16), 0.05, "spatial"), out_channels=6) == "reference"
+        assert select_backend("auto", x, rk.random_mask((6, 16, 16), 0.02, "spatial"), out_channels=6) == "reference"
+
+
+def kept_fraction_mask(channels, keep):
+    """A (channels, 16, 16) mask keeping exactly round(keep * 256) positions per channel,
+    at a different place in each channel (channels > 1: one pattern per channel)."""
+    kept = round(keep * 256)
+    mask = torch.zeros(channels, 256, dtype=torch.bool)
+    for c in range(channels):
+        mask[c, (torch.arange(kept) * 7 + c) % 256] = True
+    return mask.view(channels, 16, 16)
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("mode", ["neuron", "spatial"])
+def test_auto_counts_the_backward_when_there_will_be_one(mode):
+    # Between the forward-only crossover and the fwd+bwd one, "auto" takes dense conv for
+    # inference and the kernel for a call that will be differentiated; keep 1.0 stays dense.
+    kernels = rk.backends.cpu_kernels()
+    if not rk.backends.batch_vector_kernels(torch.float32, 1):
+        pytest.skip(f"the {kernels} kernels have one crossover")
+    table = ("SPATIAL" if mode == "spatial" else "BATCH_VECTOR") + "_MAX_KEEP"
+    forward_only, with_grad = (getattr(rk.backends, table + suffix)[kernels] for suffix in ("", "_WITH_GRAD"))
+    mask = kept_fraction_mask(1 if mode == "spatial" else 6, (forward_only + with_grad) / 2)
+    x, weight = torch.randn(32, 4, 16, 16), torch.randn(6, 4, 3, 3)
+    assert select_backend("auto", x, mask, out_channels=6) == "reference"
+    assert select_backend("auto", x, mask, out_channels=6, with_grad=True) == "cpu"
+    assert select_backend("auto", x, kept_fraction_mask(6, 1.0), with_grad=True) == "reference"
+    # masked_conv2d tells the two apart by torch.is_grad_enabled() and requires_grad.
+    def runs_kernel(x, weight, grad_enabled=True):
+        with torch.profiler.profile() as prof, torch.set_grad_enabled(grad_enabled):
+            rk.masked_conv2d(x, weight, None, mask, padding=1)
+        return "rmask::masked_conv2d" in {event.name for event in prof.events()}
+
+    assert not runs_kernel(x, weight)
+    assert runs_kernel(x, weight.requires_grad_())
+    assert runs_kernel(x.requires_grad_(), weight.detach())
+    assert not runs_kernel(x, weight, grad_enabled=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
