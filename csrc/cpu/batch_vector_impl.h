@@ -601,8 +601,8 @@ inline void position_tiles(const float* const* x_taps, int64_t ntaps, int64_t ci
 }
 
 // Whether a kept output position reads a block of Simd::kLanes input positions through some
-// tap. A type of this file's own, as KeptBlock below: a std::vector<uint8_t> instantiated here would
-// be shared with code compiled for another CPU.
+// tap. A type of this file's own, as KeptBlock below: a std::vector<uint8_t> instantiated
+// here would be shared with code compiled for another CPU.
 struct InputBlock {
   bool read;
 };
