@@ -141,8 +141,8 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 # (oneDNN's dense backward is slower than its forward, the strided one most): a call that
 # will be differentiated (grad enabled and an input requiring it) takes the fwd+bwd crossover.
 # Measured 2026-11-25 (step 5 of benchmarks/NOTES.md), speedups over the three shapes:
-#   neuron, avx512: keep 0.7 forward 0.99-1.79x, keep 0.75 0.93-1.09x; fwd+bwd keep 0.8
-#     1.13-1.39x, keep 0.9 1.03-1.29x.                        -> 0.7, with grad 0.85
+#   neuron, avx512 (after the scratch alignment, b832b33): keep 0.75 forward 0.98-1.68x, keep
+#     0.8 0.96-1.60x; fwd+bwd keep 0.85 0.97-1.35x, keep 0.9 0.96-1.30x. -> 0.75, with grad 0.85
 #   neuron, avx2 (both sides held to AVX2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):
 #     keep 0.85 forward 1.02-1.28x, keep 0.95 0.95-1.20x; fwd+bwd keep 0.9 1.02-1.14x,
 #     keep 0.95 0.90-1.21x.                                    -> 0.85, with grad 0.9
@@ -155,7 +155,7 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 # with the batch rounded up to 16 images (the SIMD padding), so a small batch needs a sparser
 # mask. The portable kernels gather columns once per mask pattern: only few patterns
 # (spatial, coarse groups) at keep <= 0.2 pay off.
-BATCH_VECTOR_MAX_KEEP = {"avx512": 0.7, "avx2": 0.85}
+BATCH_VECTOR_MAX_KEEP = {"avx512": 0.75, "avx2": 0.85}
 BATCH_VECTOR_MAX_KEEP_WITH_GRAD = {"avx512": 0.85, "avx2": 0.9}
 SPATIAL_MAX_KEEP = {"avx512": 0.9, "avx2": 0.85}
 SPATIAL_MAX_KEEP_WITH_GRAD = {"avx512": 0.95, "avx2": 0.9}
