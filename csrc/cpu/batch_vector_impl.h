@@ -256,9 +256,25 @@ inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t
   const int64_t np = padded;
   if (s.position == 1) {  // NCHW: 8 consecutive positions of one channel per tile row
     // Images outermost within a channel: each tensor page (one image's plane) is visited once per row.
+    // Whole 16 x 16 blocks (AVX-512) where the batch and the row allow, 8 x 8 elsewhere.
+    constexpr int64_t L = Simd::kLanes;
+    const int64_t n_whole = L == 16 ? batch / L * L : 0, w_whole = L == 16 ? width / L * L : 0;
     for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t n0 = 0; n0 < n_whole; n0 += L)
+        for (int64_t w0 = 0; w0 < w_whole; w0 += L) {
+          float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
+          float* b = panel + (w0 * channels + c) * np + n0;
+          if (to_panel) {
+            if (c + kPrefetchChannels < channels)
+              for (int64_t n = 0; n < L; ++n)
+                _mm_prefetch(reinterpret_cast<const char*>(t + n * s.n + kPrefetchChannels * s.c), _MM_HINT_T0);
+            Simd::transpose(t, s.n, b, channels * np);
+          } else {
+            Simd::transpose(b, channels * np, t, s.n);
+          }
+        }
       for (int64_t n0 = 0; n0 < batch; n0 += 8) {
-        for (int64_t w0 = 0; w0 < width; w0 += 8) {
+        for (int64_t w0 = n0 < n_whole ? w_whole : 0; w0 < width; w0 += 8) {
           float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
           float* b = panel + (w0 * channels + c) * np + n0;
           const int64_t images = min64(8, batch - n0), cols = min64(8, width - w0);
