@@ -436,14 +436,18 @@ def test_every_tile_shape(layout, ratio, mode, out_channels):
     check_against_reference(x, weight, bias, mask, conv_args, BACKENDS[0])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("ratio", [0.3, 0.7])
-def test_batch_last_rows_in_whole_and_partial_blocks(ratio):
+def test_batch_last_rows_in_whole_and_partial_blocks(ratio, layout):
     # NCHW rows go batch-last in 16 x 16 blocks (AVX-512) where 16 images and 16 columns
-    # remain, 8 x 8 blocks elsewhere: 40 images are two whole blocks and 8 more, a row of 37
-    # two whole blocks and 5 more columns; forward (input rows), grad-input (back out of the
-    # panels) and the kept output gradients (rows of 37 outputs) all go through them.
-    config = (40, 20, 3, 37, 24, 3, 1, 1, 1, 1)
+    # remain, 8 x 8 blocks elsewhere (NHWC rows: 8 x 8 blocks of images x channels): 40 images
+    # are two whole blocks and 8 more, a row of 37 two whole blocks and 5 more columns, 37
+    # input and 40 output channels whole blocks and a remainder; forward (input rows),
+    # grad-input (back out of the panels) and the kept output gradients all go through them.
+    config = (40, 37, 3, 37, 40, 3, 1, 1, 1, 1)
     x, weight, bias, mask, conv_args = make_case(config, "neuron", None, ratio, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     check_against_reference(x, weight, bias, mask, conv_args, BACKENDS[0])
 
 
