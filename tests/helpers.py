@@ -7,6 +7,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import rmask_kernels as rk
+from rmask_kernels.functional import conv_output_size
 
 
 def randomize_batchnorms(model):
@@ -50,7 +51,7 @@ def conv_geometries(draw, max_batch=3, max_size=9, max_kernel=4, max_groups=2, c
     g = dict(n=draw(st.integers(0, max_batch)), groups=groups, cin=draw(st.integers(1, 3)) * groups,
              cout=draw(cout_per_group) * groups, size=pair(1, max_size), kernel=pair(1, max_kernel),
              stride=pair(1, 3), padding=pair(0, 2), dilation=pair(1, 2))
-    g["out"] = tuple((s + 2 * p - d * (k - 1) - 1) // t + 1
-                     for s, p, d, k, t in zip(g["size"], g["padding"], g["dilation"], g["kernel"], g["stride"]))
+    padding4 = (g["padding"][0], g["padding"][0], g["padding"][1], g["padding"][1])
+    g["out"] = conv_output_size(g["size"], g["kernel"], g["stride"], padding4, g["dilation"])
     assume(min(g["out"]) > 0)
     return g

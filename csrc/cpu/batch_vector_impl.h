@@ -254,20 +254,25 @@ constexpr int64_t kPrefetchChannels = 2;
 inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t channels, int64_t width,
                            float* tensor, Strides s, int64_t row, float* panel) {
   const int64_t np = padded;
-  if (s.position == 1) {  // NCHW: 8 consecutive positions of one channel per tile row
+  if (s.position == 1) {  // NCHW: consecutive positions of one channel per tile row
     // Images outermost within a channel: each tensor page (one image's plane) is visited once per row.
     // Whole 16 x 16 blocks (AVX-512) where the batch and the row allow, 8 x 8 elsewhere.
     constexpr int64_t L = Simd::kLanes;
     const int64_t n_whole = L == 16 ? batch / L * L : 0, w_whole = L == 16 ? width / L * L : 0;
+    // Each (image, channel) plane gives this row only Wout floats: too short a run for the
+    // hardware prefetcher, so ask for the same run two channels ahead.
+    auto prefetch_ahead = [&](const float* t, int64_t c, int64_t images) {
+      if (c + kPrefetchChannels < channels)
+        for (int64_t n = 0; n < images; ++n)
+          _mm_prefetch(reinterpret_cast<const char*>(t + n * s.n + kPrefetchChannels * s.c), _MM_HINT_T0);
+    };
     for (int64_t c = 0; c < channels; ++c) {
       for (int64_t n0 = 0; n0 < n_whole; n0 += L)
         for (int64_t w0 = 0; w0 < w_whole; w0 += L) {
           float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
           float* b = panel + (w0 * channels + c) * np + n0;
           if (to_panel) {
-            if (c + kPrefetchChannels < channels)
-              for (int64_t n = 0; n < L; ++n)
-                _mm_prefetch(reinterpret_cast<const char*>(t + n * s.n + kPrefetchChannels * s.c), _MM_HINT_T0);
+            prefetch_ahead(t, c, L);
             Simd::transpose(t, s.n, b, channels * np);
           } else {
             Simd::transpose(b, channels * np, t, s.n);
@@ -279,11 +284,7 @@ inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t
           float* b = panel + (w0 * channels + c) * np + n0;
           const int64_t images = min64(8, batch - n0), cols = min64(8, width - w0);
           if (to_panel) {
-            // Each (image, channel) plane gives this row only Wout floats: too short a run
-            // for the hardware prefetcher, so ask for the same run two channels ahead.
-            if (c + kPrefetchChannels < channels && w0 % 16 == 0)
-              for (int64_t n = 0; n < images; ++n)
-                _mm_prefetch(reinterpret_cast<const char*>(t + n * s.n + kPrefetchChannels * s.c), _MM_HINT_T0);
+            if (w0 % 16 == 0) prefetch_ahead(t, c, images);  // a 64-byte line covers 16 columns
             transpose_block(t, s.n, b, channels * np, images, cols);
           } else {
             transpose_block(b, channels * np, t, s.n, cols, images);
