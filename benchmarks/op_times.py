@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/op_times.py            # forward ms at keep 0.001 / 0.1 / 0.5 / 1.0
     .venv/bin/python benchmarks/op_times.py --speedup  # side-by-side speedups vs F.conv2d * mask
+    .venv/bin/python benchmarks/op_times.py --batch 2  # the same shapes at another batch size
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/op_times.py --speedup
 
 The first form gives the "fixed part" (keep 0.001: laying the input out, writing the output)
@@ -41,11 +42,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speedup", action="store_true", help="side-by-side speedups, fwd and fwd+bwd")
     parser.add_argument("--mode", default="neuron", choices=["neuron", "spatial"])
+    parser.add_argument("--batch", type=int, default=32, help="images per call (default 32, the targets' batch)")
     parser.add_argument("--keeps", type=float, nargs="+", help="keep fractions (default: 0.5 0.7 1.0 with --speedup, else 0.001 0.1 0.5 1.0)")
     args = parser.parse_args()
     print(f"kernels: {rk.backends.cpu_kernels()}, threads: {torch.get_num_threads()}, mode: {args.mode}")
     keeps = args.keeps or ([0.5, 0.7, 1.0] if args.speedup else [0.001, 0.1, 0.5, 1.0])
-    for n, cin, cout, h, stride in SHAPES:
+    for _, cin, cout, h, stride in SHAPES:
+        n = args.batch
         out = (h - 1) // stride + 1
         x = torch.randn(n, cin, h, h, requires_grad=args.speedup)
         w = torch.randn(cout, cin, 3, 3, requires_grad=args.speedup)

@@ -14,13 +14,22 @@ namespace {
 
 constexpr const char* kName = "avx2";
 
+// All ones in lane j where bit j of `lanes` is set, else zero.
+inline __m256i lanes_set(uint32_t lanes) {
+  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(lanes)), bits), bits);
+}
+
 struct Simd {
   using V = __m256;
   static constexpr int kLanes = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  // p[j] where bit j of `lanes` is set, else 0; the unset lanes are not read.
+  static V load_lanes(uint32_t lanes, const float* p) { return _mm256_maskload_ps(p, lanes_set(lanes)); }
   static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p aligned to the vector size
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store_lanes(uint32_t lanes, float* p, V v) { _mm256_maskstore_ps(p, lanes_set(lanes), v); }
   static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -55,9 +64,7 @@ constexpr ExpandTable kExpandTable{};
 
 Simd::V Simd::expand(uint32_t lanes, const float* p) {
   const __m256i source = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTable.source[lanes]));
-  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(lanes)), bits), bits);
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), source), _mm256_castsi256_ps(set));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), source), _mm256_castsi256_ps(lanes_set(lanes)));
 }
 
 void Simd::transpose(const float* src, int64_t ss, float* dst, int64_t ds) { transpose8x8(src, ss, dst, ds); }

@@ -194,6 +194,14 @@ inline void transpose_block(const float* src, int64_t src_stride, float* dst, in
     for (int64_t k = 0; k < cols; ++k) dst[k * dst_stride + i] = src[i * src_stride + k];
 }
 
+// The padding lanes of panel rows, a few floats each, once per row: a memset call each
+// (what GCC made of the plain loop) was a quarter of a batch-2 neuron forward.
+inline void zero_floats(float* dst, int64_t count) {
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::store(dst + i, Simd::zero());
+  if (i < count) Simd::store_lanes((1u << (count - i)) - 1, dst + i, Simd::zero());
+}
+
 inline void copy_floats(float* dst, const float* src, int64_t count) {
   int64_t i = 0;
   for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::store(dst + i, Simd::load(src + i));
@@ -230,6 +238,35 @@ inline void add_floats(float* dst, const float* src, const float* residual, int6
   }
   for (; i < count; ++i) {
     const float v = src[i] + residual[i];
+    dst[i] = (relu && v < 0.0f) ? 0.0f : v;
+  }
+}
+
+// 64 output columns' kept bits. A type of this file's own (see InputBlock).
+struct KeptWord {
+  uint64_t bits;
+};
+
+// dst = relu?(src + residual) where bit i of `kept` (64-bit words) is set and relu?(residual)
+// elsewhere, where src is not read; residual may be null (then 0). Streaming stores where dst
+// is aligned (see stream_floats). The ReLU keeps NaN, as torch.relu does.
+inline void kept_floats_out(float* dst, const float* src, const KeptWord* kept, const float* residual, int64_t count,
+                            bool relu) {
+  using V = typename Simd::V;
+  constexpr int64_t L = Simd::kLanes;
+  const V zero = Simd::zero();
+  const bool stream = reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
+  int64_t i = 0;
+  for (; i + L <= count; i += L) {  // L divides 64: a vector's bits never straddle two words
+    V v = Simd::load_lanes(static_cast<uint32_t>(kept[i / 64].bits >> (i % 64)) & ((1u << L) - 1), src + i);
+    if (residual) v = Simd::add(v, Simd::load(residual + i));
+    if (relu) v = Simd::max(zero, v);
+    if (stream) Simd::stream(dst + i, v);
+    else Simd::store(dst + i, v);
+  }
+  for (; i < count; ++i) {
+    float v = (kept[i / 64].bits >> (i % 64) & 1) ? src[i] : 0.0f;
+    if (residual) v += residual[i];
     dst[i] = (relu && v < 0.0f) ? 0.0f : v;
   }
 }
@@ -291,9 +328,8 @@ inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t
           }
         }
       }
-      if (to_panel)
-        for (int64_t w = 0; w < width; ++w)
-          for (int64_t n = batch; n < np; ++n) panel[(w * channels + c) * np + n] = 0.0f;
+      if (to_panel && np > batch)
+        for (int64_t w = 0; w < width; ++w) zero_floats(panel + (w * channels + c) * np + batch, np - batch);
     }
   } else {  // NHWC: 8 consecutive channels of one position per tile row
     for (int64_t w = 0; w < width; ++w) {
@@ -306,9 +342,8 @@ inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t
           if (to_panel) transpose_block(t + n0 * s.n, s.n, b + n0, np, images, cols);
           else transpose_block(b + n0, np, t + n0 * s.n, s.n, cols, images);
         }
-        if (to_panel)
-          for (int64_t k = 0; k < cols; ++k)
-            for (int64_t n = batch; n < np; ++n) b[k * np + n] = 0.0f;
+        if (to_panel && np > batch)
+          for (int64_t k = 0; k < cols; ++k) zero_floats(b + k * np + batch, np - batch);
       }
     }
   }
@@ -359,11 +394,22 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   const int64_t image_stride = staged_image_stride(g);  // see staged_image_stride
   const Strides staged{image_stride, wo, 1};
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
+  // The row's kept (c, ow) as bits, [c][ow / 64]: NCHW copy-outs load only the kept values
+  // from the staging row and write zeros for the rest, so it needs no zeroing per row (a
+  // memset of N * Cout * Wout floats a row, as many bytes as y). NHWC rows are transposed
+  // out whole, so their staging row is zeroed.
+  const bool nchw_out = y_strides.position == 1;
+  const int64_t words = (wo + 63) / 64;
+  std::vector<KeptWord> kept(cout * words);
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
     ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
                 [&](int64_t ih, float* panel) { row_to_batch_last(g, x, x_strides, ih, panel); });
-    __builtin_memset(staging, 0, sizeof(float) * g.batch * image_stride);
+    for (KeptWord& word : kept) word.bits = 0;
+    for (int64_t ow = 0; ow < wo; ++ow)
+      for (int64_t e = position_offsets[oh * wo + ow]; e < position_offsets[oh * wo + ow + 1]; ++e)
+        kept[position_channels[e] * words + ow / 64].bits |= uint64_t{1} << (ow % 64);
+    if (!nchw_out) __builtin_memset(staging, 0, sizeof(float) * g.batch * image_stride);
     for (int64_t ow = 0; ow < wo; ++ow) {
       const int64_t p = oh * wo + ow;
       const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
@@ -395,12 +441,14 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
         }
       }
     }
-    if (channel_sums) {  // masked outputs are 0 in the staging row: they add nothing
+    if (channel_sums) {  // over the kept outputs (masked ones are 0)
       for (int64_t n = 0; n < g.batch; ++n) {
         for (int64_t c = 0; c < cout; ++c) {
           const float* v = staging + n * image_stride + c * wo;
+          const KeptWord* bits = kept.data() + c * words;
           float sum = 0.0f, squares = 0.0f;
           for (int64_t ow = 0; ow < wo; ++ow) {
+            if (!(bits[ow / 64].bits >> (ow % 64) & 1)) continue;
             sum += v[ow];
             squares += v[ow] * v[ow];
           }
@@ -418,10 +466,9 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       const int64_t offset = n * s.n + oh * wo * s.position;
       float* dst = y + offset;
       if (s.position == 1) {
-        for (int64_t c = 0; c < cout; ++c) {
-          if (residual) add_floats(dst + c * s.c, src + c * wo, residual + offset + c * s.c, wo, relu, true);
-          else stream_floats(dst + c * s.c, src + c * wo, wo);
-        }
+        for (int64_t c = 0; c < cout; ++c)
+          kept_floats_out(dst + c * s.c, src + c * wo, kept.data() + c * words,
+                          residual ? residual + offset + c * s.c : nullptr, wo, relu && residual);
       } else {
         for (int64_t c0 = 0; c0 < cout; c0 += 8)
           for (int64_t w0 = 0; w0 < wo; w0 += 8)
@@ -513,8 +560,7 @@ inline void row_to_image_major(const BatchVectorGeometry& g, const float* src, S
                          sizeof(float) * cin);
   }
   if (cpad > cin)
-    for (int64_t r = 0; r < width * batch; ++r)
-      for (int64_t c = cin; c < cpad; ++c) dst[r * cpad + c] = 0.0f;
+    for (int64_t r = 0; r < width * batch; ++r) zero_floats(dst + r * cpad + cin, cpad - cin);
 }
 
 void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
@@ -648,8 +694,7 @@ inline void image_channels_last(const float* src, Strides s, int64_t channels, i
     for (int64_t q = 0; q < hw; ++q) copy_floats(image + q * stride, src + q * s.position, channels);
   }
   if (stride > channels)
-    for (int64_t q = 0; q < hw; ++q)
-      for (int64_t c = channels; c < stride; ++c) image[q * stride + c] = 0.0f;
+    for (int64_t q = 0; q < hw; ++q) zero_floats(image + q * stride + channels, stride - channels);
 }
 
 // The inverse: a channels-last image [H * W][stride] out to one image of an NCHW or NHWC
@@ -855,8 +900,7 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   float* spare = panel + np * cin_pad;       // [cin_pad]: what padding taps add to
   float* out_rows[kPositionRows];
   const auto needed = needed_blocks(g, positions, npositions);
-  for (int64_t k = 0; k < np; ++k)
-    for (int64_t c = cout; c < cout_pad; ++c) rows[k * cout_pad + c] = 0.0f;
+  for (int64_t k = 0; k < np; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* gy_n = gy + n * gys.n;
     for (int64_t c = 0; c < cout; ++c)
