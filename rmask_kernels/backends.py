@@ -152,11 +152,17 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 #   spatial, avx2: keep 0.8 forward 1.09-1.29x, keep 0.9 0.98-1.07x; fwd+bwd keep 0.9
 #     1.03-1.31x, keep 1.0 0.87-1.22x.                         -> 0.85, with grad 0.9
 # Nothing masked (keep 1.0) always takes dense conv. The batch-vector kernels' cost scales
-# with the batch rounded up to 16 images (the SIMD padding), so a small batch needs a sparser
-# mask. The portable kernels gather columns once per mask pattern: only few patterns
+# with the batch rounded up to 16 images (the SIMD padding), fixed part included, while dense
+# conv's scales with the batch itself: with the fixed part F (relative to the arithmetic at
+# keep 1.0) they win where lanes * (F + keep) <= batch * (F + limit). F = 0.05 fits the
+# crossovers measured at small batches (`op_times.py --batch B --speedup`, avx512, forward):
+# batch 2 between keep 0.02 and 0.05, batch 3 0.05-0.1, batch 4 0.1-0.2, batch 8 0.3-0.5
+# (the rule: 0.05, 0.1, 0.15, 0.35); at batch 1 nothing masked pays for the 15 empty lanes.
+# The portable kernels gather columns once per mask pattern: only few patterns
 # (spatial, coarse groups) at keep <= 0.2 pay off.
 BATCH_VECTOR_MAX_KEEP = {"avx512": 0.75, "avx2": 0.85}
 BATCH_VECTOR_MAX_KEEP_WITH_GRAD = {"avx512": 0.85, "avx2": 0.9}
+BATCH_VECTOR_FIXED = 0.05
 SPATIAL_MAX_KEEP = {"avx512": 0.9, "avx2": 0.85}
 SPATIAL_MAX_KEEP_WITH_GRAD = {"avx512": 0.95, "avx2": 0.9}
 PORTABLE_MAX_KEEP = 0.2
@@ -186,5 +192,5 @@ def sparse_pays_off(
             return keep <= (SPATIAL_MAX_KEEP_WITH_GRAD if with_grad else SPATIAL_MAX_KEEP)[CPU_KERNELS]
         lanes = -(-max(batch, 1) // 16) * 16
         limit = (BATCH_VECTOR_MAX_KEEP_WITH_GRAD if with_grad else BATCH_VECTOR_MAX_KEEP)[CPU_KERNELS]
-        return keep * lanes / max(batch, 1) <= limit
+        return lanes * (BATCH_VECTOR_FIXED + keep) <= max(batch, 1) * (BATCH_VECTOR_FIXED + limit)
     return patterns <= PORTABLE_MAX_PATTERNS and keep <= PORTABLE_MAX_KEEP
