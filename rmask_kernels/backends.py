@@ -157,7 +157,9 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
 # keep 1.0) they win where lanes * (F + keep) <= batch * (F + limit). F = 0.05 fits the
 # crossovers measured at small batches (`op_times.py --batch B --speedup`, avx512, forward):
 # batch 2 between keep 0.02 and 0.05, batch 3 0.05-0.1, batch 4 0.1-0.2, batch 8 0.3-0.5
-# (the rule: 0.05, 0.1, 0.15, 0.35); at batch 1 nothing masked pays for the 15 empty lanes.
+# (the rule: 0.05, 0.1, 0.15, 0.35); avx2 (both sides held to it): batch 2 keep 0.05
+# 0.98-1.44x, batch 8 keep 0.4 1.15-1.57x (the rule: 0.06, 0.4). At batch 1 nothing masked
+# pays for the 15 empty lanes.
 # The portable kernels gather columns once per mask pattern: only few patterns
 # (spatial, coarse groups) at keep <= 0.2 pay off.
 BATCH_VECTOR_MAX_KEEP = {"avx512": 0.75, "avx2": 0.85}
