@@ -451,6 +451,28 @@ def test_batch_last_rows_in_whole_and_partial_blocks(ratio, layout):
     check_against_reference(x, weight, bias, mask, conv_args, BACKENDS[0])
 
 
+@pytest.mark.parametrize("epilogue", ["none", "residual+relu", "stats"])
+def test_neuron_rows_wider_than_64_outputs(epilogue):
+    # The neuron forward copies each output row out of its staging row loading only the kept
+    # values, from a bit per (channel, column) in 64-bit words (the staging row is never
+    # zeroed): rows of 150 outputs are three words and a tail past the last whole vector.
+    x, weight, bias, mask, conv_args = make_case((3, 4, 4, 150, 6, 3, 1, 1, 1, 1), "neuron", None, 0.5, torch.float32)
+    residual = torch.randn(3, 6, 4, 150) if epilogue == "residual+relu" else None
+    expected = reference.masked_conv2d(x.double(), weight.double(), bias.double(), mask, **conv_args)
+    for _ in range(2):  # the second call finds the first call's values in the staging rows
+        result = rk.masked_conv2d(x, weight, bias, mask, backend=BACKENDS[0], relu=residual is not None,
+                                  residual=residual, channel_stats=epilogue == "stats", **conv_args)
+    y = result[0] if epilogue == "stats" else result
+    if residual is not None:
+        expected = F.relu(expected + residual.double())
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[torch.float32])
+    at_masked = torch.zeros_like(y) if residual is None else F.relu(residual)
+    assert torch.equal(y[(~mask).expand_as(y)], at_masked[(~mask).expand_as(y)])
+    if epilogue == "stats":
+        torch.testing.assert_close(result[1], expected.sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(result[2], expected.square().sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-2)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("ratio", [0.3, 0.95])
 @pytest.mark.parametrize("epilogue", ["none", "residual", "residual+relu"])
