@@ -10,25 +10,15 @@ leave them in memory rather than in the caches, so the next layer reads its inpu
 """
 
 import argparse
-import statistics
-import time
+import pathlib
+import sys
 
 import torch
 
 import rmask_kernels as rk
 
-
-def median_ms(call, before=lambda: None, rounds=100):
-    """Median of `call`'s time, each round after an untimed `before` (which sets the state)."""
-    before()
-    call()
-    times = []
-    for _ in range(rounds):
-        before()
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from side_by_side import median_ms  # noqa: E402
 
 
 def main():
@@ -53,10 +43,10 @@ def main():
 
     with torch.no_grad():
         rows = {
-            "the same input as the call before (in cache)": median_ms(lambda: layer(x)),
-            "written by plain stores just before (copy_)": median_ms(lambda: layer(copy), lambda: copy.copy_(x)),
-            "after a 64 MB sweep (evicted from L2)": median_ms(lambda: layer(x), lambda: sweep.fill_(1.0)),
-            "written by the op's streaming stores just before": median_ms(lambda: layer(produced["x"]), produce),
+            "the same input as the call before (in cache)": median_ms(lambda: layer(x), 100),
+            "written by plain stores just before (copy_)": median_ms(lambda: layer(copy), 100, lambda: copy.copy_(x)),
+            "after a 64 MB sweep (evicted from L2)": median_ms(lambda: layer(x), 100, lambda: sweep.fill_(1.0)),
+            "written by the op's streaming stores just before": median_ms(lambda: layer(produced["x"]), 100, produce),
         }
     print(f"kernels: {rk.backends.cpu_kernels()}, threads: {torch.get_num_threads()}, "
           f"{args.mode} keep {args.keep}, {n}x{c}->{c}@{h} s1")

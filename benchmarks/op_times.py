@@ -13,9 +13,7 @@ the environment variables hold both sides to AVX2 on an AVX-512 CPU.
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,19 +21,9 @@ import torch.nn.functional as F
 import rmask_kernels as rk
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from side_by_side import side_by_side  # noqa: E402
+from side_by_side import median_ms, side_by_side  # noqa: E402
 
 SHAPES = [(32, 64, 64, 32, 1), (32, 128, 128, 16, 1), (32, 64, 128, 32, 2)]  # N, Cin, Cout, H, stride
-
-
-def median_ms(call, rounds=15):
-    call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main():

@@ -25,3 +25,17 @@ def side_by_side(baseline, candidate, rounds):
                 times[which].append(elapsed)
     base, ours = (statistics.median(t) * 1e3 for t in times)
     return {"side_by_side_baseline_ms": base, "side_by_side_ms": ours, "side_by_side_speedup": base / ours}
+
+
+def median_ms(call, rounds=15, before=None):
+    """Median milliseconds of `call` over `rounds` runs (after one untimed warm-up), each after
+    an untimed `before()` if given (which sets up the state the call should find)."""
+    times = []
+    for round_ in range(rounds + 1):
+        if before:
+            before()
+        start = time.perf_counter()
+        call()
+        if round_:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
