@@ -208,64 +208,39 @@ inline void copy_floats(float* dst, const float* src, int64_t count) {
   for (; i < count; ++i) dst[i] = src[i];
 }
 
-// Outputs are written with streaming stores where dst is aligned: they come from the output
-// cache (output_cache.h), blocks this code last wrote the same way, so no cached copy of
-// them needs evicting, and the stores skip reading each line before overwriting it. Measured
-// side by side with F.conv2d * mask (make bench's setting, 64->64@32, keep 0.1): spatial
-// 4.8 -> 2.5 ms, neuron 3.7-4.1 -> 2.8-3.1 ms; ResNet-18 inference 1.52x -> 1.62x with
-// benchmarks/model_times.py. (Before the output cache, outputs were fresh glibc memory the
-// previous op had just dirtied, and plain stores measured faster.) The caller fences
-// (_mm_sfence) before anyone reads dst.
-inline void stream_floats(float* dst, const float* src, int64_t count) {
-  int64_t i = 0;
-  if (reinterpret_cast<uintptr_t>(dst) % sizeof(typename Simd::V) == 0)
-    for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::stream(dst + i, Simd::load(src + i));
-  copy_floats(dst + i, src + i, count - i);
-}
-
-// dst = relu?(src + residual), element by element; streaming stores where dst is aligned and
-// `stream` (see stream_floats). The ReLU keeps NaN, as torch.relu does.
-inline void add_floats(float* dst, const float* src, const float* residual, int64_t count, bool relu, bool stream) {
-  using V = typename Simd::V;
-  const V zero = Simd::zero();
-  stream = stream && reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
-  int64_t i = 0;
-  for (; i + Simd::kLanes <= count; i += Simd::kLanes) {
-    V v = Simd::add(Simd::load(src + i), Simd::load(residual + i));
-    if (relu) v = Simd::max(zero, v);
-    if (stream) Simd::stream(dst + i, v);
-    else Simd::store(dst + i, v);
-  }
-  for (; i < count; ++i) {
-    const float v = src[i] + residual[i];
-    dst[i] = (relu && v < 0.0f) ? 0.0f : v;
-  }
-}
-
 // 64 output columns' kept bits. A type of this file's own (see InputBlock).
 struct KeptWord {
   uint64_t bits;
 };
 
-// dst = relu?(src + residual) where bit i of `kept` (64-bit words) is set and relu?(residual)
-// elsewhere, where src is not read; residual may be null (then 0). Streaming stores where dst
-// is aligned (see stream_floats). The ReLU keeps NaN, as torch.relu does.
-inline void kept_floats_out(float* dst, const float* src, const KeptWord* kept, const float* residual, int64_t count,
-                            bool relu) {
+// dst = relu?(src + residual) element by element, the one way outputs are written out. With
+// `kept` (bits in 64-bit words; null: all kept), src only where bit i is set and 0 elsewhere,
+// where src is not read. residual may be null (then 0). The ReLU keeps NaN, as torch.relu does.
+// With `stream`, streaming stores where dst is aligned: outputs come from the output cache
+// (output_cache.h), blocks this code last wrote the same way, so no cached copy of them needs
+// evicting, and the stores skip reading each line before overwriting it. Measured side by side
+// with F.conv2d * mask (make bench's setting, 64->64@32, keep 0.1): spatial 4.8 -> 2.5 ms,
+// neuron 3.7-4.1 -> 2.8-3.1 ms; ResNet-18 inference 1.52x -> 1.62x with
+// benchmarks/model_times.py. (Before the output cache, outputs were fresh glibc memory the
+// previous op had just dirtied, and plain stores measured faster.) The caller fences
+// (_mm_sfence) before anyone reads dst.
+inline void floats_out(float* dst, const float* src, const KeptWord* kept, const float* residual, int64_t count,
+                       bool relu, bool stream) {
   using V = typename Simd::V;
   constexpr int64_t L = Simd::kLanes;
   const V zero = Simd::zero();
-  const bool stream = reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
+  stream = stream && reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
   int64_t i = 0;
   for (; i + L <= count; i += L) {  // L divides 64: a vector's bits never straddle two words
-    V v = Simd::load_lanes(static_cast<uint32_t>(kept[i / 64].bits >> (i % 64)) & ((1u << L) - 1), src + i);
+    V v = kept ? Simd::load_lanes(static_cast<uint32_t>(kept[i / 64].bits >> (i % 64)) & ((1u << L) - 1), src + i)
+               : Simd::load(src + i);
     if (residual) v = Simd::add(v, Simd::load(residual + i));
     if (relu) v = Simd::max(zero, v);
     if (stream) Simd::stream(dst + i, v);
     else Simd::store(dst + i, v);
   }
   for (; i < count; ++i) {
-    float v = (kept[i / 64].bits >> (i % 64) & 1) ? src[i] : 0.0f;
+    float v = (!kept || kept[i / 64].bits >> (i % 64) & 1) ? src[i] : 0.0f;
     if (residual) v += residual[i];
     dst[i] = (relu && v < 0.0f) ? 0.0f : v;
   }
@@ -467,14 +442,14 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       float* dst = y + offset;
       if (s.position == 1) {
         for (int64_t c = 0; c < cout; ++c)
-          kept_floats_out(dst + c * s.c, src + c * wo, kept.data() + c * words,
-                          residual ? residual + offset + c * s.c : nullptr, wo, relu && residual);
+          floats_out(dst + c * s.c, src + c * wo, kept.data() + c * words,
+                     residual ? residual + offset + c * s.c : nullptr, wo, relu && residual, true);
       } else {
         for (int64_t c0 = 0; c0 < cout; c0 += 8)
           for (int64_t w0 = 0; w0 < wo; w0 += 8)
             transpose_block(src + c0 * wo + w0, wo, dst + w0 * s.position + c0 * s.c, s.position, min64(8, cout - c0),
                             min64(8, wo - w0));
-        if (residual) add_floats(dst, dst, residual + offset, wo * cout, relu, false);
+        if (residual) floats_out(dst, dst, nullptr, residual + offset, wo * cout, relu, false);
       }
     }
   }
@@ -700,7 +675,7 @@ inline void image_channels_last(const float* src, Strides s, int64_t channels, i
 // The inverse: a channels-last image [H * W][stride] out to one image of an NCHW or NHWC
 // tensor, plus `residual` (laid out as dst) and then the ReLU if given. NCHW goes through
 // [8 channels][16 positions] blocks, so that each plane gets whole cache lines, written with
-// streaming stores (see stream_floats); the caller fences.
+// streaming stores (see floats_out); the caller fences.
 inline void image_out(const float* image, int64_t stride, int64_t channels, int64_t hw, float* dst, Strides s,
                       const float* residual, bool relu) {
   if (s.c != 1) {
@@ -713,16 +688,16 @@ inline void image_out(const float* image, int64_t stride, int64_t channels, int6
           transpose_block(image + (q0 + q) * stride + c0, stride, block + q, 16, min64(8, here - q), count);
         for (int64_t k = 0; k < count; ++k) {
           float* out = dst + (c0 + k) * s.c + q0;
-          if (residual) add_floats(out, block + k * 16, residual + (c0 + k) * s.c + q0, here, relu, true);
-          else stream_floats(out, block + k * 16, here);
+          floats_out(out, block + k * 16, nullptr, residual ? residual + (c0 + k) * s.c + q0 : nullptr, here,
+                     relu && residual, true);
         }
       }
     }
   } else {
     for (int64_t q = 0; q < hw; ++q) {
       float* out = dst + q * s.position;
-      if (residual) add_floats(out, image + q * stride, residual + q * s.position, channels, relu, false);
-      else copy_floats(out, image + q * stride, channels);
+      floats_out(out, image + q * stride, nullptr, residual ? residual + q * s.position : nullptr, channels,
+                 relu && residual, false);
     }
   }
 }
@@ -749,7 +724,7 @@ inline std::vector<KeptBlock> kept_blocks(const int64_t* positions, int64_t npos
 // that image of an NCHW or NHWC tensor with every masked element 0, plus `residual` (laid out as
 // dst) and then the ReLU if given. NCHW: the rows are transposed to planes [channels][P] in
 // `planes`, then each plane is written a vector at a time, each vector expanded from its kept
-// values (Simd::expand), with streaming stores (see stream_floats; the caller fences): the
+// values (Simd::expand), with streaming stores (see floats_out; the caller fences): the
 // masked outputs cost only their share of the write.
 inline void compact_out(const float* rows, int64_t stride, const int64_t* positions, int64_t npositions,
                         const KeptBlock* blocks, int64_t channels, int64_t hw, float* dst, Strides s,
@@ -791,8 +766,7 @@ inline void compact_out(const float* rows, int64_t stride, const int64_t* positi
       const float* res = residual ? residual + q * s.position : nullptr;
       if (k < npositions && positions[k] == q) {
         const float* row = rows + (k++) * stride;
-        if (res) add_floats(out, row, res, channels, relu, false);
-        else copy_floats(out, row, channels);
+        floats_out(out, row, nullptr, res, channels, relu && res, false);
       } else if (res) {
         for (int64_t c = 0; c < channels; ++c) out[c] = (relu && res[c] < 0.0f) ? 0.0f : res[c];
       } else {
@@ -851,7 +825,7 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
   float* y_rows = scratch + (x_nchw ? hw * cin : 0);            // [P][cout_pad]
   float* y_planes = y_rows + npositions * cout_pad;             // [Cout][P], for NCHW y
   const auto blocks = kept_blocks(positions, npositions, hw_out);
-  const auto needed = needed_blocks(g, positions, npositions);
+  const auto needed = x_nchw ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();  // NCHW layout only
   float* out_rows[kPositionRows];
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* x_n = x + n * xs.n;
@@ -899,7 +873,8 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   float* panel = image + hw * cin_pad;       // [P][cin_pad]: one tap's input rows
   float* spare = panel + np * cin_pad;       // [cin_pad]: what padding taps add to
   float* out_rows[kPositionRows];
-  const auto needed = needed_blocks(g, positions, npositions);
+  const bool lay_out_x = grad_w_part && xs.c != 1;  // the NCHW layout for grad-weight uses `needed`
+  const auto needed = lay_out_x ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();
   for (int64_t k = 0; k < np; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* gy_n = gy + n * gys.n;
@@ -919,7 +894,7 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
     if (grad_w_part) {
       image_channels_last(x + n * xs.n, xs, cin, hw, cin_pad, image, needed.data());
       const float* zeros = spare;
-      for (int64_t c = 0; c < cin_pad; ++c) spare[c] = 0.0f;
+      zero_floats(spare, cin_pad);
       for (int64_t t = 0; t < ntaps; ++t) {
         for (int64_t k = 0; k < np; ++k) {
           const int64_t q = tap_input(g, positions[k], t);
