@@ -5,7 +5,7 @@ layer inside a model costs more than the same call timed alone (benchmarks/NOTES
     .venv/bin/python benchmarks/input_state.py --mode spatial --keep 0.1
 
 Inside a model, a masked layer's input is the previous layer's output. The kernels write
-their outputs with streaming stores (csrc/cpu/batch_vector_impl.h, stream_floats), which
+their outputs with streaming stores (csrc/cpu/batch_vector_impl.h, floats_out), which
 leave them in memory rather than in the caches, so the next layer reads its input from DRAM.
 """
 
