@@ -31,19 +31,21 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Found once at import (the extension, its CUDA kernels, triton): each call reads this tuple.
+AVAILABLE = tuple(
+    name
+    for name, present in (("reference", True), ("cpu", ops.extension_loaded()), ("cuda", CUDA_KERNELS),
+                          ("triton", TRITON_INSTALLED))
+    if present
+)
+
+
 def available_backends() -> list:
     """Backends usable in this process: "reference" always; "cpu" when the extension is built
     (``cpu_kernels()`` tells which CPU kernels it runs); "cuda" when it was built with its CUDA
     kernels; "triton" when it is built and triton is installed (CUDA tensors, and CPU tensors
     under ``TRITON_INTERPRET=1``)."""
-    names = ["reference"]
-    if ops.extension_loaded():
-        names.append("cpu")
-    if CUDA_KERNELS:
-        names.append("cuda")
-    if TRITON_INSTALLED:
-        names.append("triton")
-    return names
+    return list(AVAILABLE)
 
 
 def check_backend(backend: str) -> str:
@@ -56,18 +58,19 @@ def _serves(backend: str, tensor: torch.Tensor) -> str | None:
     """None if ``backend`` can run on ``tensor``, else why not."""
     if backend == "reference":
         return None
-    if backend not in available_backends():
-        reason = f"not available in this build (available: {available_backends()})"
+    if backend not in AVAILABLE:
+        reason = f"not available in this build (available: {list(AVAILABLE)})"
         if backend == "cpu" and ops.EXTENSION_ERROR is not None:
             reason += f"; the extension failed to load: {ops.EXTENSION_ERROR}"
         return reason
-    if backend == "cpu" and tensor.device.type != "cpu":
+    device = tensor.device.type
+    if backend == "cpu" and device != "cpu":
         return f"runs on CPU tensors, got a tensor on {tensor.device}"
-    if backend == "cuda" and tensor.device.type != "cuda":
+    if backend == "cuda" and device != "cuda":
         return f"runs on CUDA tensors, got a tensor on {tensor.device}"
     if backend == "triton":
         # The device first: on CUDA tensors nothing else is read (torch.compile traces this).
-        if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and triton_interpreter()):
+        if device != "cuda" and not (device == "cpu" and triton_interpreter()):
             return f"runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got a tensor on {tensor.device}"
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"runs float32, float16 and bfloat16, got {tensor.dtype}"

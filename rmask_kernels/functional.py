@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Optional, Tuple, Union
 
@@ -139,30 +140,32 @@ def masked_conv2d(
     the tensor falls back to the reference with a warning.
     """
     check_backend(backend)
+    # Each tensor attribute is read once: with cold caches (a layer between other layers) every
+    # read costs microseconds (benchmarks/NOTES.md, step 8).
     if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
         shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
         raise ValueError(f"input must be a 4-D (N, C, H, W) or unbatched 3-D (C, H, W) tensor, got {shape}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 4-D (C_out, C_in/groups, kh, kw) tensor, got {shape}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be a floating point tensor, got dtype {input.dtype}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"weight dtype must match input dtype {input.dtype}, got {weight.dtype}")
-    if bias is not None and (bias.dtype != input.dtype or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(
-            f"bias must be a {input.dtype} tensor of shape ({weight.shape[0]},), got {bias.dtype} {tuple(bias.shape)}"
-        )
+    dtype, device, weight_shape = input.dtype, input.device, weight.shape
+    out_channels = weight_shape[0]
+    if not dtype.is_floating_point:
+        raise TypeError(f"input must be a floating point tensor, got dtype {dtype}")
+    if weight.dtype != dtype:
+        raise TypeError(f"weight dtype must match input dtype {dtype}, got {weight.dtype}")
+    if bias is not None and (bias.dtype != dtype or tuple(bias.shape) != (out_channels,)):
+        raise ValueError(f"bias must be a {dtype} tensor of shape ({out_channels},), got {bias.dtype} {tuple(bias.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias), ("mask", mask)):
-        if isinstance(tensor, torch.Tensor) and tensor.device != input.device:
-            raise ValueError(f"{name} must be on the input's device {input.device}, got {tensor.device}")
+        if isinstance(tensor, torch.Tensor) and tensor.device != device:
+            raise ValueError(f"{name} must be on the input's device {device}, got {tensor.device}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     in_channels = input.shape[-3]
-    if in_channels != weight.shape[1] * groups or weight.shape[0] % groups:
+    if in_channels != weight_shape[1] * groups or out_channels % groups:
         raise ValueError(
-            f"input has {in_channels} channels but weight {tuple(weight.shape)} with groups={groups} expects "
-            f"{weight.shape[1] * groups} (and C_out divisible by groups)"
+            f"input has {in_channels} channels but weight {tuple(weight_shape)} with groups={groups} expects "
+            f"{weight_shape[1] * groups} (and C_out divisible by groups)"
         )
     if mask is None:
         raise TypeError("mask is required: a bool tensor (C_out or 1, H_out, W_out), e.g. rk.random_mask(...)")
@@ -177,21 +180,20 @@ def masked_conv2d(
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     if min(stride) <= 0 or min(dilation) <= 0:
         raise ValueError(f"stride and dilation must be positive, got stride={stride}, dilation={dilation}")
-    kernel_size = tuple(weight.shape[2:])
+    kernel_size = tuple(weight_shape[2:])
     top, bottom, left, right = resolve_padding(padding, kernel_size, stride, dilation)
-    out_size = conv_output_size(input.shape[2:], kernel_size, stride, (top, bottom, left, right), dilation)
+    batch, _, *size = input.shape
+    out_size = conv_output_size(size, kernel_size, stride, (top, bottom, left, right), dilation)
     if min(out_size) <= 0:
-        raise ValueError(f"input of spatial size {tuple(input.shape[2:])} is too small for kernel {kernel_size}")
-    check_mask_for_output(mask, weight.shape[0], out_size)
+        raise ValueError(f"input of spatial size {tuple(size)} is too small for kernel {kernel_size}")
+    check_mask_for_output(mask, out_channels, out_size)
     if residual is not None:
-        expected = (weight.shape[0], *out_size) if unbatched else (input.shape[0], weight.shape[0], *out_size)
+        expected = (out_channels, *out_size) if unbatched else (batch, out_channels, *out_size)
         if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != expected:
             shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
             raise ValueError(f"residual must have the output's shape {expected}, got {shape}")
-        if residual.dtype != input.dtype or residual.device != input.device:
-            raise ValueError(
-                f"residual must be a {input.dtype} tensor on {input.device}, got {residual.dtype} on {residual.device}"
-            )
+        if residual.dtype != dtype or residual.device != device:
+            raise ValueError(f"residual must be a {dtype} tensor on {device}, got {residual.dtype} on {residual.device}")
         residual = residual.unsqueeze(0) if unbatched else residual
     if top != bottom or left != right:
         # Asymmetric "same" padding: pad the extra row/column explicitly, as F.conv2d does.
@@ -201,7 +203,7 @@ def masked_conv2d(
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, residual)
     )
-    chosen = select_backend(backend, input, mask, kept_index, weight.shape[0], groups, with_grad)
+    chosen = select_backend(backend, input, mask, kept_index, out_channels, groups, with_grad)
     conv_args = (stride, padding2, dilation, groups)
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, *conv_args)
@@ -210,15 +212,21 @@ def masked_conv2d(
         if channel_stats:
             stats = reference.channel_stats(output)
     else:
-        index = kept_index if kept_index is not None else cached_kept_index(mask, weight.shape[0])
+        index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels)
         # The Triton kernels are a second op family with the same schemas (csrc/masked_conv2d.cpp).
         if chosen == "triton":
             conv_op, stats_op = torch.ops.rmask.triton_masked_conv2d, torch.ops.rmask.triton_masked_conv2d_stats
         else:
             conv_op, stats_op = torch.ops.rmask.masked_conv2d, torch.ops.rmask.masked_conv2d_stats
-        if channel_stats:
-            output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args)
-        else:
-            output = conv_op(input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu))
+        # Nothing to differentiate: straight to the backend's kernel, past the op's autograd
+        # kernel (torch.library's, in Python, rmask_kernels/ops.py), which would only do the
+        # same after a round trip of every argument through Python: ~5 us a call, ~27 us with
+        # cold caches (benchmarks/NOTES.md, step 8). torch.compile traces the op as it is.
+        below_autograd = not with_grad and not torch.compiler.is_compiling()
+        with torch._C._AutoDispatchBelowAutograd() if below_autograd else contextlib.nullcontext():
+            if channel_stats:
+                output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args)
+            else:
+                output = conv_op(input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu))
     output = output.squeeze(0) if unbatched else output
     return (output, *stats) if channel_stats else output
