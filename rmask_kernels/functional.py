@@ -155,7 +155,9 @@ def masked_conv2d(
     if weight.dtype != dtype:
         raise TypeError(f"weight dtype must match input dtype {dtype}, got {weight.dtype}")
     if bias is not None and (bias.dtype != dtype or tuple(bias.shape) != (out_channels,)):
-        raise ValueError(f"bias must be a {dtype} tensor of shape ({out_channels},), got {bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must be a {dtype} tensor of shape ({out_channels},), got {bias.dtype} {tuple(bias.shape)}"
+        )
     for name, tensor in (("weight", weight), ("bias", bias), ("mask", mask)):
         if isinstance(tensor, torch.Tensor) and tensor.device != device:
             raise ValueError(f"{name} must be on the input's device {device}, got {tensor.device}")
@@ -193,7 +195,9 @@ def masked_conv2d(
             shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
             raise ValueError(f"residual must have the output's shape {expected}, got {shape}")
         if residual.dtype != dtype or residual.device != device:
-            raise ValueError(f"residual must be a {dtype} tensor on {device}, got {residual.dtype} on {residual.device}")
+            raise ValueError(
+                f"residual must be a {dtype} tensor on {device}, got {residual.dtype} on {residual.device}"
+            )
         residual = residual.unsqueeze(0) if unbatched else residual
     if top != bottom or left != right:
         # Asymmetric "same" padding: pad the extra row/column explicitly, as F.conv2d does.

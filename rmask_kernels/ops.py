@@ -121,11 +121,11 @@ def _register_family(prefix: str) -> None:
 
 def _save_for_conv_backward(ctx, inputs, extra_output):
     input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs[:12]
-    needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    # Weight gradient needs the input, input gradient needs the weight: save only those.
-    ctx.save_for_backward(
-        input if needs_weight else None, weight if needs_input or needs_weight else None, extra_output, mask, *index
-    )
+    needs_weight = ctx.needs_input_grad[1]
+    # Weight gradient needs the input: save it only then. The weight is always saved: the
+    # input gradient reads it, and every backward takes the geometry from its shape (a weight
+    # is a parameter: holding it costs no memory).
+    ctx.save_for_backward(input if needs_weight else None, weight, extra_output, mask, *index)
     ctx.input_meta = (input.shape, input.dtype, input.device, _memory_format(input))
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation, groups)

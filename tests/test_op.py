@@ -679,6 +679,27 @@ def test_fused_residual_epilogue(backend, mode, group_size, dtype, layout, relu)
         torch.testing.assert_close(got.double(), want, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("only", ["input", "weight", "bias", "residual"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_differentiable_argument_is_enough_for_a_graph(backend, only):
+    # rk.masked_conv2d calls the op below its autograd kernel when nothing needs a gradient:
+    # any single argument that requires grad must still get one, and under no_grad none.
+    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "neuron", None, 0.5)
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=x.dtype)
+    tensors = dict(input=x, weight=weight, bias=bias, residual=residual)
+    tensors[only] = tensors[only].clone().requires_grad_()
+    with torch.no_grad():
+        assert rk.masked_conv2d(**tensors, mask=mask, backend=backend, relu=True, **conv_args).grad_fn is None
+    y = rk.masked_conv2d(**tensors, mask=mask, backend=backend, relu=True, **conv_args)
+    oracle = {name: t.detach().requires_grad_(name == only) for name, t in tensors.items()}
+    expected = F.relu(reference.masked_conv2d(oracle["input"], oracle["weight"], oracle["bias"], mask, **conv_args)
+                      + oracle["residual"])
+    grad_y = torch.randn_like(expected)
+    (got,) = torch.autograd.grad(y, tensors[only], grad_y)
+    (want,) = torch.autograd.grad(expected, oracle[only], grad_y)
+    torch.testing.assert_close(got, want, **TOLERANCE[x.dtype])
+
+
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_fused_residual(dtype):
