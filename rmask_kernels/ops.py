@@ -123,8 +123,8 @@ def _save_for_conv_backward(ctx, inputs, extra_output):
     input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs[:12]
     needs_weight = ctx.needs_input_grad[1]
     # Weight gradient needs the input: save it only then. The weight is always saved: the
-    # input gradient reads it, and every backward takes the geometry from its shape (a weight
-    # is a parameter: holding it costs no memory).
+    # input gradient reads it, and every backward takes the geometry from its shape (it is
+    # weight-sized, and usually a parameter held anyway).
     ctx.save_for_backward(input if needs_weight else None, weight, extra_output, mask, *index)
     ctx.input_meta = (input.shape, input.dtype, input.device, _memory_format(input))
     ctx.has_bias = bias is not None
