@@ -140,9 +140,10 @@ def masked_conv2d(
     the tensor falls back to the reference with a warning.
     """
     check_backend(backend)
-    # Each tensor attribute is read once: with cold caches (a layer between other layers) every
-    # read costs microseconds (benchmarks/NOTES.md, step 8).
-    if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
+    # This function reads each tensor attribute once (input.shape again after the unsqueeze): with cold
+    # caches (a layer between other layers) every read costs microseconds (benchmarks/NOTES.md, step 8).
+    dims = input.dim() if isinstance(input, torch.Tensor) else None
+    if dims not in (3, 4):
         shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
         raise ValueError(f"input must be a 4-D (N, C, H, W) or unbatched 3-D (C, H, W) tensor, got {shape}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
@@ -176,7 +177,7 @@ def masked_conv2d(
             "channel_stats cannot be combined with relu or residual: the statistics are of the convolution's output"
         )
 
-    unbatched = input.dim() == 3
+    unbatched = dims == 3
     if unbatched:
         input = input.unsqueeze(0)
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
