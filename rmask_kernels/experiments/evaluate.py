@@ -30,6 +30,7 @@ import torch.nn as nn
 from .attacks import AttackSpec, boundary_attack, craft, hop_skip_jump, load_adversarial, parse_attack
 from .checkpoint import atomic_write
 from .data import ImageData, from_uint8
+from .inference import check_batch_size, model_device, predict
 
 __all__ = [
     "DECISION_ATTACKS",
@@ -60,35 +61,7 @@ Crafted = Mapping[str, Any]  # craft()'s or load_adversarial()'s dict
 
 
 # ---------------------------------------------------------------------------------------------
-# Predictions
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, images: torch.Tensor, batch_size: int,
-             device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """Predicted classes (int64, CPU) of ``model`` in eval mode; its training flags restored."""
-    _check_batch_size(batch_size)
-    device = torch.device(device) if device is not None else _device_of(model)
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        predictions = [model(batch.to(device)).argmax(1).cpu() for batch in images.split(batch_size)]
-    finally:
-        for module, flag in flags:
-            module.training = flag
-    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+# Clean accuracy
 
 
 def clean_accuracy(model: nn.Module, data: ImageData, batch_size: int = 256,
@@ -96,7 +69,7 @@ def clean_accuracy(model: nn.Module, data: ImageData, batch_size: int = 256,
     """Accuracy (a fraction) of ``model`` on ``data`` as it is."""
     if len(data) == 0:
         raise ValueError(f"clean_accuracy: {data!r} holds no images")
-    return float((_predict(model, data.images, batch_size, device) == data.labels).double().mean())
+    return float((predict(model, data.images, batch_size, device) == data.labels).double().mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,8 +170,8 @@ def transfer_predictions(target: nn.Module, crafted: Crafted, test_data: ImageDa
     """The target's predictions on the crafted (8-bit, reloaded) examples and on the test
     images they were made from (aligned by ``index``; checked against ``test_data``)."""
     index = _check_alignment(crafted, test_data)
-    clean = _predict(target, test_data.images[index], batch_size, device)
-    adversarial = _predict(target, from_uint8(crafted["adversarial"]), batch_size, device)
+    clean = predict(target, test_data.images[index], batch_size, device)
+    adversarial = predict(target, from_uint8(crafted["adversarial"]), batch_size, device)
     return TransferPredictions(clean, adversarial)
 
 
@@ -289,12 +262,12 @@ def noise_robustness(model: nn.Module, data: ImageData, eps: float, batch_size: 
 def _accuracy_under(model: nn.Module, data: ImageData, transform, batch_size: int, seed: int, device) -> float:
     """Accuracy on ``transform(images, generator)`` batch by batch, one seeded generator
     drawn in order (reproducible for a given seed and batch size)."""
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     generator = torch.Generator().manual_seed(seed)
     correct = 0
     for start in range(0, len(data), batch_size):
         images = transform(data.images[start:start + batch_size], generator)
-        correct += int((_predict(model, images, batch_size, device) == data.labels[start:start + batch_size]).sum())
+        correct += int((predict(model, images, batch_size, device) == data.labels[start:start + batch_size]).sum())
     return correct / len(data) if len(data) else math.nan
 
 
@@ -364,9 +337,9 @@ def decision_based_eval(model: nn.Module, data: ImageData, attack: str = "bounda
         raise ValueError(f"unknown decision-based attack {attack!r}; known: {', '.join(DECISION_ATTACKS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    _check_batch_size(batch_size)
-    device = torch.device(device) if device is not None else _device_of(model)
-    correct = torch.nonzero(_predict(model, data.images, batch_size, device) == data.labels).flatten()[:n]
+    check_batch_size(batch_size)
+    device = torch.device(device) if device is not None else model_device(model)
+    correct = torch.nonzero(predict(model, data.images, batch_size, device) == data.labels).flatten()[:n]
     if steps is not None:
         options["steps"] = steps
     successes, distortions = [], []

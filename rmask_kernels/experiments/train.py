@@ -22,7 +22,6 @@ default, no SyncBatchNorm) and averaged across ranks after each epoch. Only rank
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -34,7 +33,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,6 +46,7 @@ from ..backends import BACKENDS
 from ..nn import BN_STATS
 from .checkpoint import atomic_write, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import DATASETS, ImageData, batches, default_augmentation, load_dataset
+from .inference import evaluating, model_device
 from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, mask_checksum, parse_mask_ratio
 
 __all__ = [
@@ -166,30 +166,13 @@ def model_spec(config: TrainConfig, data: ImageData) -> ModelSpec:
 # Evaluation
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode inside, every module's own training flag restored after."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def _evaluation_sums(model: nn.Module, data: ImageData, batch_size: int, device: torch.device,
                      rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """[summed loss, correct, count] over this rank's shard of ``data`` (every image once
     across the ranks), float64 on ``device``."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    with _eval_mode(model):
+    with evaluating(model):
         for images, labels in batches(data, batch_size, rank=rank, world_size=world_size, equal_shards=False):
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
@@ -204,7 +187,7 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500, *,
     """(mean cross-entropy, accuracy as a fraction) of ``model`` (taking [0, 1] pixels) on
     ``data``, in eval mode (the model's training flags are restored after), without gradients.
     ``device``: where to run, by default the model's."""
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else model_device(model)
     loss, correct, count = _evaluation_sums(model, data, batch_size, device).tolist()
     if count == 0:
         raise ValueError(f"evaluate: {data!r} holds no images")
