@@ -49,9 +49,10 @@ import torch.nn as nn
 from .backends import cpu_kernels, resolve_backend
 from .experiments.attacks import AttackSpec, craft
 from .experiments.checkpoint import atomic_write
-from .experiments.data import ImageData, load_digits, to_uint8
+from .experiments.data import ImageData, load_digits
 from .experiments.evaluate import clean_accuracy, to_markdown, transfer_eval, transfer_predictions, write_csv
 from .experiments.model_zoo import load_model
+from .experiments.plots import GridExamples, example_grid, plot_accuracy_vs_eps
 from .experiments.train import LAST_CHECKPOINT, LOG_FILE, TrainConfig, resolve_device, train
 
 DEFAULT_OUT = "demo_output"
@@ -172,40 +173,18 @@ def _verdict(ok: bool) -> str:
     return "yes" if ok else "no"
 
 
-class _Examples:
-    """Up to ``limit`` adversarial examples, one per test image, with their originals."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.shown: set = set()  # test-image indices
-        self.parts: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def add(self, test: ImageData, crafted: Dict[str, Any], predictions: torch.Tensor, chosen: torch.Tensor) -> None:
-        take = [p for p in torch.nonzero(chosen).flatten().tolist() if int(crafted["index"][p]) not in self.shown]
-        take = take[: self.limit - len(self.shown)]
-        if take:
-            self.shown.update(int(crafted["index"][p]) for p in take)
-            self.parts.append((to_uint8(test.images[crafted["index"][take]]), crafted["adversarial"][take],
-                               crafted["label"][take], predictions[take]))
-
-    def tensors(self) -> List[torch.Tensor]:
-        return [torch.cat(column) for column in zip(*self.parts)]
-
-
 def _example_grid_inputs(model: nn.Module, crafted_by_column: Dict[str, Dict[str, Any]], test: ImageData,
-                         first: str) -> Tuple[_Examples, str]:
+                         first: str) -> Tuple[GridExamples, str]:
     """Examples for the grid: transferred examples that fool ``model`` (whose clean image it
     gets right), from attack ``first`` and then the others. If none fools it, the first
     examples of ``first`` with its predictions; the title says which."""
     order = [first] + [column for column in crafted_by_column if column != first]
-    examples = _Examples(EXAMPLES)
+    examples = GridExamples(EXAMPLES)
     for column in order:
         crafted = crafted_by_column[column]
         predictions = transfer_predictions(model, crafted, test)
-        fooled = ((crafted["source_prediction"] != crafted["label"]) & (predictions.clean == crafted["label"])
-                  & (predictions.adversarial != crafted["label"]))
-        examples.add(test, crafted, predictions.adversarial, fooled)
-    if examples.shown:
+        examples.add(test, crafted, predictions.adversarial, predictions.transferred(crafted))
+    if examples.count:
         return examples, f"Transferred adversarial examples that fool random mask 0.9 ({first} first)"
     crafted = crafted_by_column[first]
     predictions = transfer_predictions(model, crafted, test)
@@ -213,11 +192,9 @@ def _example_grid_inputs(model: nn.Module, crafted_by_column: Dict[str, Dict[str
     return examples, f"{first} examples: none fools random mask 0.9 (its predictions shown)"
 
 
-def _plots(out: Path, rows: List[Dict[str, Any]], examples: _Examples, grid_title: str,
+def _plots(out: Path, rows: List[Dict[str, Any]], examples: GridExamples, grid_title: str,
            test: ImageData) -> List[Path]:
     """The accuracy-vs-eps plot and the example grid; a note instead where one cannot be drawn."""
-    from .experiments.plots import example_grid, plot_accuracy_vs_eps  # imports matplotlib only when drawing
-
     written = []
     try:
         if any(not math.isnan(row["defense_success_rate"]) for row in rows):
@@ -227,8 +204,8 @@ def _plots(out: Path, rows: List[Dict[str, Any]], examples: _Examples, grid_titl
             ))
         else:
             print("no accuracy_vs_eps.png: no adversarial example was counted for any target")
-        if examples.shown:
-            written.append(example_grid(*examples.tensors(), out / "examples.png", n=len(examples.shown),
+        if examples.count:
+            written.append(example_grid(*examples.tensors(), out / "examples.png", n=examples.count,
                                         classes=test.classes, title=grid_title))
     except ImportError as error:  # matplotlib is an optional extra
         print(f"no plots: {error}")

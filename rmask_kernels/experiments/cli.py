@@ -34,12 +34,13 @@ from .attacks import (
     AttackSpec, AttackSpecError, Ensemble, attacks_by_name, craft, load_adversarial, parse_attack, save_adversarial,
 )
 from .checkpoint import atomic_write, load_checkpoint
-from .data import DATASETS, ImageData, load_dataset, to_uint8
+from .data import DATASETS, ImageData, load_dataset
 from .evaluate import (
     DECISION_ATTACKS, TransferResult, clean_accuracy, decision_based_eval, defense_success_rate, noise_robustness,
     patch_shuffle_accuracy, to_markdown, transfer_predictions, transfer_setting, white_box_result, write_csv,
 )
 from .model_zoo import MODELS, load_model, mask_checksum, masks_of
+from .plots import GridExamples, example_grid, plot_accuracy_vs_eps
 from .train import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, PRESETS, TrainConfig, resolve_device, train
 
 
@@ -274,11 +275,12 @@ def _run_attack(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     test = _test_data(args)
     sources = _load_models(args.source, "--source", args, device)
-    source = sources[0].model if len(sources) == 1 else Ensemble(s.model for s in sources).eval()
+    source = sources[0].model if len(sources) == 1 else Ensemble(loaded.model for loaded in sources).eval()
     # What eval needs to name the setting (white-, gray- or black-box) of each target.
     source_meta = [
-        {"name": s.name, "path": str(s.path), "masked": s.masked, "mask_checksum": mask_checksum(s.model)}
-        for s in sources
+        {"name": loaded.name, "path": str(loaded.path), "masked": loaded.masked,
+         "mask_checksum": mask_checksum(loaded.model)}
+        for loaded in sources
     ]
     generator = torch.Generator().manual_seed(args.seed)  # PGD's random start, if asked for
     for spec in specs:
@@ -349,35 +351,6 @@ def _adversarial_files(paths: Sequence[Path]) -> List[Path]:
     return list(dict.fromkeys(files))
 
 
-class _Examples:
-    """Adversarial examples that fool one model, with their originals, for the example grid;
-    one per test image (several attacks often fool it on the same ones)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.shown: set = set()  # test-image indices
-        self.originals: List[torch.Tensor] = []
-        self.adversarials: List[torch.Tensor] = []
-        self.labels: List[torch.Tensor] = []
-        self.predictions: List[torch.Tensor] = []
-
-    @property
-    def count(self) -> int:
-        return len(self.shown)
-
-    def add(self, test: ImageData, crafted: Dict[str, Any], predictions: torch.Tensor, fooled: torch.Tensor) -> None:
-        take = [position for position in torch.nonzero(fooled).flatten().tolist()
-                if int(crafted["index"][position]) not in self.shown][: self.limit - self.count]
-        self.shown.update(int(crafted["index"][position]) for position in take)
-        self.originals.append(to_uint8(test.images[crafted["index"][take]]))
-        self.adversarials.append(crafted["adversarial"][take])
-        self.labels.append(crafted["label"][take])
-        self.predictions.append(predictions[take])
-
-    def tensors(self) -> List[torch.Tensor]:
-        return [torch.cat(values) for values in (self.originals, self.adversarials, self.labels, self.predictions)]
-
-
 def _transfer_row(target: _Model, attack: str, family: str, eps: Optional[float], source: str, setting: str,
                   clean: float, result: TransferResult) -> Dict[str, Any]:
     return {"target": target.name, "attack": attack, "source": source, "setting": setting,
@@ -417,7 +390,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     clean = {target.name: clean_accuracy(target.model, test, args.batch_size) for target in targets}
     # The example grid shows what fools the first Random-Mask target.
     shown = next((target for target in targets if target.masked), None)
-    examples = _Examples(max(args.examples, 0))
+    examples = GridExamples(max(args.examples, 0))
 
     transfer: List[Dict[str, Any]] = []
     for file in files:
@@ -441,8 +414,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             transfer.append(_transfer_row(target, attack, _family(meta.get("attack"), attack), meta.get("eps"),
                                           source_names, setting, clean[target.name], result))
             if target is shown:
-                fooled = source_fooled & (predictions.clean == crafted["label"]) & (predictions.adversarial != crafted["label"])
-                examples.add(test, crafted, predictions.adversarial, fooled)
+                examples.add(test, crafted, predictions.adversarial, predictions.transferred(crafted))
 
     generator = torch.Generator().manual_seed(args.seed)
     for spec in white_box:
@@ -495,11 +467,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(args: argparse.Namespace, transfer: List[Dict[str, Any]], examples: _Examples,
+def _plot(args: argparse.Namespace, transfer: List[Dict[str, Any]], examples: GridExamples,
           shown: Optional[_Model], test: ImageData) -> None:
-    try:
-        from .plots import example_grid, plot_accuracy_vs_eps
-
+    try:  # matplotlib is an optional extra, imported when a figure is drawn
         # Rows without an eps (CW) or with nothing counted have no point on the plot.
         if any(row["eps"] is not None and not math.isnan(row["defense_success_rate"]) for row in transfer):
             plot_accuracy_vs_eps(transfer, args.out / ACCURACY_PLOT)

@@ -145,6 +145,12 @@ class TransferPredictions(NamedTuple):
     clean: torch.Tensor
     adversarial: torch.Tensor
 
+    def transferred(self, crafted: Crafted) -> torch.Tensor:
+        """Per example of ``crafted`` (bool): it fooled the source and fools the target, whose
+        clean image the target classifies correctly (the transfers the paper's metric counts)."""
+        labels = crafted["label"]
+        return (crafted["source_prediction"] != labels) & (self.clean == labels) & (self.adversarial != labels)
+
 
 def _describe_crafted(crafted: Crafted) -> str:
     meta = crafted.get("meta") or {}

@@ -12,13 +12,14 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .checkpoint import atomic_write
+from .data import ImageData, to_uint8
 
-__all__ = ["example_grid", "plot_accuracy_vs_eps"]
+__all__ = ["GridExamples", "example_grid", "plot_accuracy_vs_eps"]
 
 
 def _figure(**kwargs):
@@ -112,3 +113,33 @@ def example_grid(originals_uint8: torch.Tensor, adversarials_uint8: torch.Tensor
             axes[1][0].set_ylabel("adversarial")
     figure.suptitle(title or "Adversarial examples that fool the model")
     return _save(figure, path)
+
+
+class GridExamples:
+    """What `example_grid` shows, gathered from several sets of crafted examples: up to
+    ``limit`` adversarial examples, one per test image (several attacks often fool a model on
+    the same ones), with their originals, true labels and the model's predictions."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.shown: set = set()  # test-image indices
+        self._parts: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.shown)
+
+    def add(self, test: ImageData, crafted: Mapping[str, Any], predictions: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Take, in order, the examples of ``crafted`` (`craft`'s or `load_adversarial`'s dict)
+        where ``chosen`` (bool, one per example) holds and whose test image is not shown yet,
+        until ``limit``; ``predictions`` are the model's on each example."""
+        take = [position for position in torch.nonzero(chosen).flatten().tolist()
+                if int(crafted["index"][position]) not in self.shown][: self.limit - self.count]
+        if take:
+            self.shown.update(int(crafted["index"][position]) for position in take)
+            self._parts.append((to_uint8(test.images[crafted["index"][take]]), crafted["adversarial"][take],
+                                crafted["label"][take], predictions[take]))
+
+    def tensors(self) -> List[torch.Tensor]:
+        """Originals, adversarials, labels and predictions: `example_grid`'s first arguments."""
+        return [torch.cat(column) for column in zip(*self._parts)]
