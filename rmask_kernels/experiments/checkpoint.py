@@ -17,6 +17,7 @@ A checkpoint is a dict saved with torch.save holding only tensors and plain Pyth
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import tempfile
@@ -105,6 +106,17 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device, None]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
     return state
+
+
+def dataclass_from_dict(cls, values: Mapping[str, Any], unknown_message: str):
+    """``cls(**values)`` for a dataclass a checkpoint stores as a dict (the TrainConfig, the
+    ModelSpec), refusing keys that are not its fields with a ValueError: ``unknown_message``
+    formatted with ``unknown`` and ``known`` (sorted lists of field names)."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(unknown_message.format(unknown=unknown, known=sorted(known)))
+    return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..models.resnet import resnet18
 from ..models.small import small_cnn
 from ..models.vgg import vgg19
+from .checkpoint import dataclass_from_dict, load_checkpoint
 from .data import ImageData, Normalize
 
 MODELS = ("resnet18", "vgg19", "small")
@@ -96,11 +97,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "ModelSpec":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"model spec has unknown fields {unknown}; known: {sorted(known)}")
-        return cls(**spec)
+        return dataclass_from_dict(cls, spec, "model spec has unknown fields {unknown}; known: {known}")
 
 
 def build_network(spec: ModelSpec) -> nn.Module:
@@ -147,8 +144,6 @@ def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] =
                backend: Optional[str] = None) -> nn.Sequential:
     """The trained model in ``path`` (a checkpoint, or a run directory: its best.pt), in eval
     mode on ``device``; ``backend`` overrides the one it was trained with (e.g. "reference")."""
-    from .checkpoint import load_checkpoint  # checkpoint.py imports nothing from here; keep it that way
-
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"

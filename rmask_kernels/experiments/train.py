@@ -44,7 +44,9 @@ import torch.nn.functional as F
 from .. import __version__
 from ..backends import BACKENDS
 from ..nn import BN_STATS
-from .checkpoint import atomic_write, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    atomic_write, capture_rng_state, dataclass_from_dict, load_checkpoint, restore_rng_state, save_checkpoint,
+)
 from .data import DATASETS, ImageData, batches, default_augmentation, load_dataset
 from .inference import evaluating, model_device
 from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, mask_checksum, parse_mask_ratio
@@ -146,11 +148,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "TrainConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown training config fields {unknown}; known: {sorted(known)}")
-        return cls(**config)
+        return dataclass_from_dict(cls, config, "unknown training config fields {unknown}; known: {known}")
 
 
 def model_spec(config: TrainConfig, data: ImageData) -> ModelSpec:
