@@ -50,10 +50,11 @@ from .backends import cpu_kernels, resolve_backend
 from .experiments.attacks import AttackSpec, craft
 from .experiments.checkpoint import atomic_write
 from .experiments.data import ImageData, load_digits
+from .experiments.distributed import resolve_device
 from .experiments.evaluate import clean_accuracy, to_markdown, transfer_eval, transfer_predictions, write_csv
 from .experiments.model_zoo import load_model
 from .experiments.plots import GridExamples, example_grid, plot_accuracy_vs_eps
-from .experiments.train import LAST_CHECKPOINT, LOG_FILE, TrainConfig, resolve_device, train
+from .experiments.train import LAST_CHECKPOINT, LOG_FILE, TrainConfig, train
 
 DEFAULT_OUT = "demo_output"
 EPS = (0.1, 0.2, 0.3)  # [0, 1] pixel units

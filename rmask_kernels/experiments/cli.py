@@ -35,13 +35,14 @@ from .attacks import (
 )
 from .checkpoint import atomic_write, load_checkpoint
 from .data import DATASETS, ImageData, load_dataset
+from .distributed import resolve_device
 from .evaluate import (
     DECISION_ATTACKS, TransferResult, clean_accuracy, decision_based_eval, defense_success_rate, noise_robustness,
     patch_shuffle_accuracy, to_markdown, transfer_predictions, transfer_setting, white_box_result, write_csv,
 )
 from .model_zoo import MODELS, load_model, mask_checksum, masks_of
 from .plots import GridExamples, example_grid, plot_accuracy_vs_eps
-from .train import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, PRESETS, TrainConfig, resolve_device, train
+from .train import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, PRESETS, TrainConfig, train
 
 
 @dataclass(frozen=True)

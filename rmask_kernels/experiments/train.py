@@ -18,12 +18,12 @@ environment), every rank builds the same model and masks from the config, takes 
 each epoch's order, and DDP averages the gradients (gloo on CPU, nccl on GPU). ``batch_size``
 is the global batch, split evenly. BatchNorm statistics are per rank during a step (DDP's
 default, no SyncBatchNorm) and averaged across ranks after each epoch. Only rank 0 writes files.
+The process plumbing (process group, collectives, DDP wrapping) lives in `distributed`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import random
@@ -48,8 +48,12 @@ from .checkpoint import (
     atomic_write, capture_rng_state, dataclass_from_dict, load_checkpoint, restore_rng_state, save_checkpoint,
 )
 from .data import DATASETS, ImageData, batches, default_augmentation, load_dataset
+from .distributed import (
+    DistributedContext, all_gather, all_reduce_sum, average_batchnorm_statistics, check_same_masks,
+    init_process_group, resolve_device, wrap_ddp,
+)
 from .inference import evaluating, model_device
-from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, mask_checksum, parse_mask_ratio
+from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, parse_mask_ratio
 
 __all__ = [
     "PRESETS",
@@ -193,103 +197,6 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500, *,
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes and devices
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    """This process's place among the DDP processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> "DistributedContext":
-        """From torchrun's RANK / WORLD_SIZE / LOCAL_RANK (absent: one process)."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: Optional[str], context: DistributedContext = DistributedContext()) -> torch.device:
-    """``name`` ("cpu", "cuda", "cuda:1"; None: cuda when available), a DDP rank on CUDA
-    taking its LOCAL_RANK's GPU when no index is given."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
-        if device.index is None:
-            device = torch.device("cuda", context.local_rank if context.enabled else torch.cuda.current_device())
-    return device
-
-
-def _init_process_group(context: DistributedContext, device: torch.device) -> bool:
-    """Join torchrun's process group if not already in one; True if this call created it."""
-    if not context.enabled or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # nccl and the *_object collectives use the current device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _all_reduce_sum(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
-    if context.enabled:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _all_gather(value: Any, context: DistributedContext) -> list:
-    if not context.enabled:
-        return [value]
-    gathered = [None] * context.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def _check_same_masks(model: nn.Module, context: DistributedContext) -> None:
-    # Masks are drawn from the config's seed, so they agree by construction; a rank that
-    # built different ones (another library version, a different config) must not train.
-    checksums = _all_gather(mask_checksum(model), context)
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"DDP ranks built different Random Masks (mask checksums by rank: {checksums})")
-
-
-def _average_batchnorm_statistics(model: nn.Module, context: DistributedContext) -> None:
-    # Each rank's BN running statistics saw only its shard; average them so that every rank
-    # evaluates, and rank 0 saves, the same model.
-    if not context.enabled:
-        return
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-            for statistic in (module.running_mean, module.running_var):
-                dist.all_reduce(statistic)
-                statistic.div_(context.world_size)
-
-
-def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    # No buffer broadcast before every forward: the masks agree already (checked), and
-    # re-broadcasting them would make each masked layer rebuild its index lists every step;
-    # BN statistics are averaged after each epoch instead. (torch >= 2.13 renamed the option.)
-    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_sync)
-
-
-# ---------------------------------------------------------------------------------------------
 # Helpers of the loop
 
 
@@ -398,7 +305,7 @@ def _train_epoch(model: nn.Module, bar, optimizer: torch.optim.Optimizer, device
             loss_sum, correct, count = sums.tolist()
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
     bar.close()
-    return _all_reduce_sum(sums, context), steps
+    return all_reduce_sum(sums, context), steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +322,7 @@ def train(config: TrainConfig, run_dir: Union[str, os.PathLike], *, resume: bool
     """
     context = DistributedContext.from_environment()
     device = resolve_device(config.device, context)
-    created_group = _init_process_group(context, device)
+    created_group = init_process_group(context, device)
     try:
         return _run(config, Path(run_dir), context, device, resume, quiet)
     finally:
@@ -446,8 +353,8 @@ def _run(config: TrainConfig, run_dir: Path, context: DistributedContext, device
             raise ValueError(f"{last_path} holds a {saved_spec}, but this data and config give a {spec}")
         model.load_state_dict(checkpoint["model"])  # weights, BN statistics and masks
     model.to(device)
-    _check_same_masks(model, context)
-    train_model = _wrap_ddp(model, device) if context.enabled else model
+    check_same_masks(model, context)
+    train_model = wrap_ddp(model, device) if context.enabled else model
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -495,8 +402,8 @@ def _run(config: TrainConfig, run_dir: Path, context: DistributedContext, device
         train_sums, steps = _train_epoch(train_model, bar, optimizer, device, context, config.label_smoothing)
         global_step += steps
         scheduler.step()
-        _average_batchnorm_statistics(model, context)
-        test_sums = _all_reduce_sum(
+        average_batchnorm_statistics(model, context)
+        test_sums = all_reduce_sum(
             _evaluation_sums(model, test_data, config.eval_batch_size, device, context.rank, context.world_size), context
         )
         train_loss, train_correct, train_count = train_sums.tolist()
@@ -513,7 +420,7 @@ def _run(config: TrainConfig, run_dir: Path, context: DistributedContext, device
         }
         improved = record["test_accuracy"] > best_accuracy
         best_accuracy = max(best_accuracy, record["test_accuracy"])
-        augment_states = _all_gather(augment_generator.get_state(), context)  # every rank's, for exact resume
+        augment_states = all_gather(augment_generator.get_state(), context)  # every rank's, for exact resume
         if context.is_main:
             state = {
                 "version": __version__,
