@@ -82,6 +82,20 @@ def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple
         )
 
 
+# The ops (conv, stats) each compiled backend is reached through; the Triton kernels are a
+# second op family with the same schemas. Filled on first use (the schemas must exist by then).
+KERNEL_OPS: dict = {}
+
+
+def kernel_ops(backend: str):
+    ops = KERNEL_OPS.get(backend)
+    if ops is None:
+        prefix = "triton_" if backend == "triton" else ""
+        family = torch.ops.rmask
+        ops = KERNEL_OPS[backend] = (getattr(family, prefix + "masked_conv2d"), getattr(family, prefix + "masked_conv2d_stats"))
+    return ops
+
+
 def select_backend(
     backend: str,
     input: torch.Tensor,
@@ -218,11 +232,7 @@ def masked_conv2d(
             stats = reference.channel_stats(output)
     else:
         index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels)
-        # The Triton kernels are a second op family with the same schemas (csrc/masked_conv2d.cpp).
-        if chosen == "triton":
-            conv_op, stats_op = torch.ops.rmask.triton_masked_conv2d, torch.ops.rmask.triton_masked_conv2d_stats
-        else:
-            conv_op, stats_op = torch.ops.rmask.masked_conv2d, torch.ops.rmask.masked_conv2d_stats
+        conv_op, stats_op = kernel_ops(chosen)
         # Nothing to differentiate: straight to the backend's kernel, past the op's autograd
         # kernel (torch.library's, in Python, rmask_kernels/ops.py), which would only do the
         # same after a round trip of every argument through Python: ~5 us a call, ~27 us with

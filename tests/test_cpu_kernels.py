@@ -1,0 +1,229 @@
+"""The C++ CPU kernels' internals (csrc/cpu): which kernels serve float32 on this CPU, the
+output cache, the SIMD tile and block shapes, the write-out and layout paths, and the op's
+checks of a kept index. Each test builds a shape that reaches one such path and compares with
+the reference. On an AVX-512 CPU these run again on the AVX2 kernels
+(test_parity.py::test_cpu_backend_again_on_the_avx2_kernels). The op's contract on every
+backend is tests/test_parity.py's."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rmask_kernels as rk
+from rmask_kernels import reference
+from rmask_kernels.functional import conv_output_size
+
+from cases import TOLERANCE, make_case
+from helpers import python_subprocess
+
+pytestmark = pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
+
+
+def check(x, weight, bias, mask, conv_args, grad=True):
+    """The cpu backend against the float64 oracle: values, masked zeros and gradients."""
+    tol = TOLERANCE[x.dtype]
+    inputs = [t.detach().clone().requires_grad_(grad) if t is not None else None for t in (x, weight, bias)]
+    oracle = [t.detach().double().requires_grad_(grad) if t is not None else None for t in (x, weight, bias)]
+    y = rk.masked_conv2d(*inputs, mask=mask, backend="cpu", **conv_args)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    torch.testing.assert_close(y.double(), expected.detach(), **tol)
+    assert (y.detach()[(~mask).expand_as(y)] == 0).all(), "masked outputs must be exactly zero"
+    if grad:
+        grad_y = torch.randn_like(expected)
+        got = torch.autograd.grad(y, [t for t in inputs if t is not None], grad_y.to(y.dtype))
+        want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g.double(), r, **tol)
+    return y
+
+
+def test_cpu_kernels_follow_the_cpu_capability():
+    # ATen's capability (which ATEN_CPU_CAPABILITY can lower) picks the batch-vector kernels.
+    expected = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "portable")
+    assert rk.backends.cpu_kernels() == expected
+
+
+def test_op_rejects_inconsistent_index():
+    x, weight, mask = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), rk.random_mask((6, 8, 8), 0.5)
+    offsets, positions, by_position, channels = rk.kept_index(mask)
+
+    def call(*index, stride=(1, 1)):
+        return torch.ops.rmask.masked_conv2d(x, weight, None, mask, *index, list(stride), [1, 1], [1, 1], 1)
+
+    with pytest.raises(RuntimeError, match=r"kept_positions must lie in \[0, 64\)"):
+        call(offsets, positions + 64, by_position, channels)
+    with pytest.raises(RuntimeError, match="kept_offsets must start at 0 and end at kept_positions.numel()"):
+        call(offsets, positions[:-1], by_position, channels)
+    with pytest.raises(RuntimeError, match="kept_offsets describes 4 mask patterns, which must divide the 6"):
+        call(offsets[:5], positions, by_position, channels)
+    with pytest.raises(RuntimeError, match="position_offsets must be a 1-D int64 tensor of Hout \\* Wout \\+ 1 = 65"):
+        call(offsets, positions, by_position[:-1], channels)
+    with pytest.raises(RuntimeError, match="position_offsets/position_channels must list the .* kept"):
+        call(offsets, positions, by_position, channels[:-1])
+    with pytest.raises(RuntimeError, match=r"position_channels must lie in \[0, 6\)"):
+        call(offsets, positions, by_position, channels + 6)
+    with pytest.raises(RuntimeError, match=r"mask must have shape \(6 or 1, 4, 4\) for this convolution.s output, got \[6, 8, 8\]"):
+        call(offsets, positions, by_position, channels, stride=(2, 2))
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends() or rk.backends.cpu_kernels() == "portable",
+                    reason="the output cache serves the batch-vector kernels")
+@pytest.mark.parametrize("mode", ["neuron", "spatial"])
+def test_large_outputs_reuse_freed_memory(mode):
+    # A freed output of >= 1 MiB goes to the cache, and the next output of its size takes it
+    # (already mapped: no page faults); the tensors are ordinary (resizable, correct).
+    x, weight = torch.randn(8, 16, 32, 32), torch.randn(64, 16, 3, 3)
+    mask = rk.random_mask((64, 32, 32), 0.5, mode)
+    y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
+    address, before = y.data_ptr(), rk.backends.cpu_output_cache()
+    assert before["limit_bytes"] == int(os.environ.get("RMASK_CPU_CACHE_MB", "256")) << 20
+    if before["limit_bytes"] < 8 << 20:
+        pytest.skip("RMASK_CPU_CACHE_MB set below this test's output")
+    del y
+    assert rk.backends.cpu_output_cache()["cached_bytes"] == before["cached_bytes"] + 8 * 64 * 32 * 32 * 4
+    y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
+    assert y.data_ptr() == address and rk.backends.cpu_output_cache() == before
+    torch.testing.assert_close(y, reference.masked_conv2d(x, weight, None, mask, padding=1), rtol=1e-4, atol=1e-4)
+    y.resize_(16, 64, 32, 32)  # storage grows like any tensor's
+    assert y.shape == (16, 64, 32, 32)
+
+
+@pytest.mark.parametrize("value,works", [("0", True), ("12", True), ("lots", False)])
+def test_output_cache_limit_from_the_environment(value, works):
+    code = (
+        "import torch, rmask_kernels as rk\n"
+        "m = rk.random_mask((64, 32, 32), 0.5, 'neuron')\n"
+        "y = rk.masked_conv2d(torch.randn(8, 16, 32, 32), torch.randn(64, 16, 3, 3), None, m, padding=1, backend='cpu')\n"
+        "del y\n"
+        "print(rk.backends.cpu_output_cache())\n"
+    )
+    result = python_subprocess(["-c", code], env={"RMASK_CPU_CACHE_MB": value})
+    if works:
+        assert result.returncode == 0, result.stderr[-2000:]
+        limit = int(value) << 20
+        cached = 8 * 64 * 32 * 32 * 4 if limit >= 8 * 64 * 32 * 32 * 4 else 0
+        assert f"'cached_bytes': {cached}, 'limit_bytes': {limit}" in result.stdout
+    else:
+        assert result.returncode != 0 and "RMASK_CPU_CACHE_MB must be a number of megabytes >= 0, got 'lots'" in result.stderr
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends() or rk.backends.cpu_kernels() == "portable",
+                    reason="the output cache serves the batch-vector kernels")
+def test_output_cache_releases_the_oldest_blocks_over_its_limit():
+    # 3 MB: a 2 MB output freed, then a 1.5 MB one: the 2 MB block (freed first) is released.
+    code = (
+        "import torch, rmask_kernels as rk\n"
+        "def out(n):\n"
+        "    m = rk.random_mask((64, 32, 32), 0.5, 'neuron')\n"
+        "    return rk.masked_conv2d(torch.randn(n, 16, 32, 32), torch.randn(64, 16, 3, 3), None, m, padding=1, backend='cpu')\n"
+        "a, b = out(8), out(6)\n"
+        "del a\n"
+        "print(rk.backends.cpu_output_cache()['cached_bytes'])\n"
+        "del b\n"
+        "print(rk.backends.cpu_output_cache()['cached_bytes'])\n"
+    )
+    result = python_subprocess(["-c", code], env={"RMASK_CPU_CACHE_MB": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(2 << 20), str(3 << 19)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ratio", [0.0, 0.3])
+@pytest.mark.parametrize("mode,out_channels", [("neuron", 23), ("spatial", 70)])
+def test_every_tile_shape(layout, ratio, mode, out_channels):
+    # 40 images: a full tile of 32 and a tail of 16 (AVX-512) or 16 + 16 + 8 (AVX2); 70 input
+    # channels: whole vectors of input channels plus remainders in grad-weight; 23 output
+    # channels: up to 23 kept at one position, more than any one tile holds. Spatial masks
+    # take the per-image kernel: 70 output channels are a full tile of 64 (AVX-512) plus a
+    # partial vector, and 30 or 21 kept positions full tiles of 6 plus a tail.
+    config = (40, 70, 6, 5, out_channels, 3, 1, 1, 1, 1)
+    x, weight, bias, mask, conv_args = make_case(config, mode, None, ratio, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check(x, weight, bias, mask, conv_args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_batch_last_rows_in_whole_and_partial_blocks(ratio, layout):
+    # NCHW rows go batch-last in 16 x 16 blocks (AVX-512) where 16 images and 16 columns
+    # remain, 8 x 8 blocks elsewhere (NHWC rows: 8 x 8 blocks of images x channels): 40 images
+    # are two whole blocks and 8 more, a row of 37 two whole blocks and 5 more columns, 37
+    # input and 40 output channels whole blocks and a remainder; forward (input rows),
+    # grad-input (back out of the panels) and the kept output gradients all go through them.
+    config = (40, 37, 3, 37, 40, 3, 1, 1, 1, 1)
+    x, weight, bias, mask, conv_args = make_case(config, "neuron", None, ratio, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    check(x, weight, bias, mask, conv_args)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "residual+relu", "stats"])
+def test_neuron_rows_wider_than_64_outputs(epilogue):
+    # The neuron forward copies each output row out of its staging row loading only the kept
+    # values, from a bit per (channel, column) in 64-bit words (the staging row is never
+    # zeroed): rows of 150 outputs are three words and a tail past the last whole vector.
+    x, weight, bias, mask, conv_args = make_case((3, 4, 4, 150, 6, 3, 1, 1, 1, 1), "neuron", None, 0.5, torch.float32)
+    residual = torch.randn(3, 6, 4, 150) if epilogue == "residual+relu" else None
+    expected = reference.masked_conv2d(x.double(), weight.double(), bias.double(), mask, **conv_args)
+    for _ in range(2):  # the second call finds the first call's values in the staging rows
+        result = rk.masked_conv2d(x, weight, bias, mask, backend="cpu", relu=residual is not None,
+                                  residual=residual, channel_stats=epilogue == "stats", **conv_args)
+    y = result[0] if epilogue == "stats" else result
+    if residual is not None:
+        expected = F.relu(expected + residual.double())
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[torch.float32])
+    at_masked = torch.zeros_like(y) if residual is None else F.relu(residual)
+    assert torch.equal(y[(~mask).expand_as(y)], at_masked[(~mask).expand_as(y)])
+    if epilogue == "stats":
+        torch.testing.assert_close(result[1], expected.sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(result[2], expected.square().sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ratio", [0.3, 0.95])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "residual+relu"])
+def test_spatial_write_out(layout, ratio, epilogue):
+    # The spatial kernel keeps only the kept outputs and writes each output vector expanded
+    # from them: 19x23 = 437 positions per plane are 27 whole vectors of 16 (or 54 of 8) plus
+    # a tail of 5, planes of 437 floats leave most vectors unaligned, and at ratio 0.95 most
+    # vectors have nothing kept while at 0.3 some have everything. 70 channels: 4 whole
+    # 16-channel blocks of the input transpose and the weight packing plus a remainder.
+    config = (5, 70, 19, 23, 70, 3, 1, 1, 1, 1)
+    x, weight, bias, mask, conv_args = make_case(config, "spatial", None, ratio, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(5, 70, 19, 23) if epilogue != "none" else None
+    relu = epilogue == "residual+relu"
+    y = rk.masked_conv2d(x, weight, bias, mask, backend="cpu", relu=relu, residual=residual, **conv_args)
+    expected = reference.masked_conv2d(x.double(), weight.double(), bias.double(), mask, **conv_args)
+    if residual is not None:
+        expected = expected + residual.double()
+    if relu:
+        expected = F.relu(expected)
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[torch.float32])
+    if residual is None:
+        assert (y[(~mask).expand_as(y)] == 0).all(), "masked outputs must be exactly zero"
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("stride,dilation", [(2, 1), (1, 2)])
+def test_spatial_lays_out_every_input_it_reads(stride, dilation):
+    # The spatial kernels lay out only the blocks of input positions that some kept output
+    # reads (per-thread scratch keeps the rest from the call before). One kept position at a
+    # time, every position of the plane, each call on fresh input after a dense call has
+    # filled the scratch with other values: a block read but not laid out gives wrong sums.
+    x_shape, weight = (6, 20, 18, 19), torch.randn(24, 20, 3, 3)
+    conv_args = dict(stride=stride, padding=1, dilation=dilation)
+    out_h, out_w = conv_output_size(x_shape[2:], (3, 3), (stride, stride), (1, 1, 1, 1), (dilation, dilation))
+    for p in range(out_h * out_w):
+        rk.masked_conv2d(torch.randn(x_shape), weight, None, torch.ones(1, out_h, out_w, dtype=torch.bool),
+                         backend="cpu", **conv_args)
+        mask = torch.zeros(1, out_h * out_w, dtype=torch.bool)
+        mask[0, p] = True
+        mask = mask.view(1, out_h, out_w)
+        x = torch.randn(x_shape)
+        for grad in (False, True):
+            check(x, weight, None, mask, conv_args, grad=grad)

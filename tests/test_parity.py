@@ -1,0 +1,402 @@
+"""The masked-conv op's contract on every backend: F.conv2d(...) * mask in values (masked outputs
+exactly zero) and gradients, epilogues, statistics, layouts, odd shapes, batch 0, every mask mode.
+
+The backend is a parameter (tests/backends_under_test.py); the cases, the case builder and the
+tolerances are tests/cases.py's. The oracle is the reference path in float64. Tests of one
+backend's internals (tile shapes, caches, kernel variants, launch policies) live in their own
+files: test_cpu_kernels.py, test_triton.py, cuda/."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rmask_kernels as rk
+from rmask_kernels import reference
+
+from backends_under_test import backends, backends_and_dtypes
+from cases import (GEOMETRIES, LOW_PRECISION_FLOOR, LOW_PRECISION_GRAD, TOLERANCE, conv_geometries, leaves_and_oracle,
+                   make_case, mask_cases, masked_outputs, parity_cases, random_case)
+from cases import tolerance as conv_tolerance
+from helpers import python_subprocess
+
+ALL = backends_and_dtypes()
+OPS = backends(lambda b: b.name != "reference")  # backends with ops of their own
+ODD = GEOMETRIES["odd-stride2"]
+WIDE_ODD = GEOMETRIES["wide-odd-stride2"]
+
+
+@pytest.fixture(autouse=True)
+def strict_fp32():
+    """Both sides in strict fp32: the CUDA/Triton kernels follow cudnn.allow_tf32 as F.conv2d does,
+    and TF32's ~1e-3 error would exceed the float32 tolerance (matters on a GPU only)."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
+def case(backend, geometry, mode, group_size, ratio=0.5, dtype=torch.float32, bias=True):
+    return make_case(geometry, mode, group_size, ratio, dtype, bias, device=backend.device)
+
+
+def check(backend, x, weight, bias, mask, conv_args, grad=True, tolerance=None, **kwargs):
+    """Forward and (with grad) the gradients of every tensor argument against the float64 oracle."""
+    tolerance = tolerance or conv_tolerance(x.dtype, weight)
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
+    if not grad:
+        inputs = [t.detach() if t is not None else None for t in inputs]
+    y = backend(*inputs, mask=mask, **conv_args, **kwargs)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    assert y.dtype == x.dtype and y.shape == expected.shape and y.device == x.device
+    torch.testing.assert_close(y.double(), expected.detach(), **tolerance)
+    assert (masked_outputs(y, mask) == 0).all(), "masked outputs must be exactly zero"
+    if grad:
+        grad_y = torch.randn_like(expected)
+        leaves = [t for t in inputs if t is not None]
+        got = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
+        want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
+        for name, g, r in zip(("input", "weight", "bias"), got, want):
+            torch.testing.assert_close(g.double(), r, **tolerance, msg=lambda m: f"grad {name}: {m}")
+    return y
+
+
+@pytest.mark.parametrize("geometry,mode,group_size,ratio", parity_cases())
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_parity_with_reference(backend, dtype, geometry, mode, group_size, ratio):
+    check(backend, *case(backend, geometry, mode, group_size, ratio, dtype))
+
+
+@pytest.mark.parametrize("mode", ["neuron", "spatial"])
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_no_bias(backend, dtype, mode):
+    x, weight, _, mask, conv_args = case(backend, ODD, mode, None, 0.5, dtype, bias=False)
+    check(backend, x, weight, None, mask, conv_args)
+
+
+@pytest.mark.parametrize("mode,group_size", mask_cases(WIDE_ODD), ids=str)
+@pytest.mark.parametrize("backend,dtype", backends_and_dtypes(low_precision=True))
+def test_low_precision_near_pytorchs_own(backend, dtype, mode, group_size):
+    # The kernels accumulate in fp32: the error vs the fp64 oracle is at most ~2x that of
+    # PyTorch's own conv in the same dtype; the statistics are of the output as stored.
+    x, weight, bias, mask, conv_args = case(backend, WIDE_ODD, mode, group_size, 0.5, torch.float32)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
+    ours = backend(*inputs, mask=mask, **conv_args)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    theirs = reference.masked_conv2d(x.float(), weight.float(), bias.float(), mask, **conv_args).to(dtype)
+    assert ours.dtype == dtype
+    limit = 2 * (theirs.double() - expected).abs().max() + LOW_PRECISION_FLOOR[dtype]
+    assert (ours.double() - expected).abs().max() <= limit
+    assert (masked_outputs(ours, mask) == 0).all()
+    grad_y = torch.randn_like(expected).to(dtype)
+    for g, r in zip(torch.autograd.grad(ours, inputs, grad_y), torch.autograd.grad(expected, oracle, grad_y.double())):
+        assert g.dtype == dtype
+        assert (g.double() - r).abs().max() <= LOW_PRECISION_GRAD[dtype] * (r.abs().max() + 1)
+    y, total, squares = backend(x, weight, bias, mask=mask, channel_stats=True, **conv_args)
+    want_total, want_squares = reference.channel_stats(y)
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(squares, want_squares, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced", "weight-and-mask-strided"])
+@pytest.mark.parametrize("mode", ["neuron", "spatial"])
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_memory_formats_and_strides(backend, dtype, mode, layout):
+    x, weight, bias, mask, conv_args = case(backend, ODD, mode, None, 0.5, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "sliced":
+        x = torch.randn(2, 8, 9, 14, dtype=dtype, device=backend.device)[:, ::2, :, ::2]
+    else:
+        weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
+        mask = mask.transpose(1, 2).contiguous().transpose(1, 2)
+    y = check(backend, x, weight, bias, mask, conv_args)
+    channels_last = layout == "channels_last"
+    expected_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected_format), "output in the input's memory format, as F.conv2d"
+    if channels_last:
+        leaf = x.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(backend(leaf, weight, bias, mask, **conv_args).sum(), [leaf])
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.99, 0.999])
+@pytest.mark.parametrize("mode", ["neuron", "spatial"])
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_ratios_near_the_ends(backend, dtype, mode, ratio):
+    check(backend, *case(backend, (2, 4, 16, 16, 8, 3, 1, 1, 1, 1), mode, None, ratio, dtype))
+
+
+@pytest.mark.parametrize("kept", ["all", "none", "one-channel-none"])
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_all_kept_and_fully_masked(backend, dtype, kept):
+    x, weight, bias, mask, conv_args = case(backend, GEOMETRIES["basic"], "neuron", None, 0.5, dtype)
+    if kept == "one-channel-none":
+        mask[2] = False  # a pattern with nothing kept: its range of the index is empty
+    else:
+        mask = torch.full_like(mask, kept == "all")
+    y = check(backend, x, weight, bias, mask, conv_args)
+    assert kept != "none" or (y == 0).all()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_unbatched_input(backend):
+    x, weight, bias, mask, conv_args = case(backend, ODD, "spatial", None, 0.5, torch.float32)
+    y = backend(x[0], weight, bias, mask, **conv_args)
+    torch.testing.assert_close(y, reference.masked_conv2d(x[:1], weight, bias, mask, **conv_args)[0],
+                               **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_batch_zero(backend):
+    x, weight, bias, mask, conv_args = case(backend, GEOMETRIES["batch0"], "neuron", None, 0.5)
+    inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    y = backend(*inputs, mask=mask, **conv_args)
+    assert y.shape == (0, *mask.shape)
+    grads = torch.autograd.grad(y.sum(), inputs)
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in inputs]
+    assert all((g == 0).all() for g in grads[1:])
+    y, total, squares = backend(x, weight, bias, mask, channel_stats=True, **conv_args)
+    assert y.shape == (0, *mask.shape) and (total == 0).all() and (squares == 0).all()
+
+
+@pytest.mark.parametrize("epilogue", ["relu", "add", "add+relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "residual_channels_last"])
+@pytest.mark.parametrize("mode,group_size", mask_cases(WIDE_ODD), ids=str)
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_relu_and_residual_epilogues(backend, dtype, mode, group_size, layout, epilogue):
+    # relu?(conv * mask + residual): the residual lands on every position, masked ones too.
+    x, weight, bias, mask, conv_args = case(backend, WIDE_ODD, mode, group_size, 0.5, dtype)
+    relu, add = "relu" in epilogue, "add" in epilogue
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=dtype, device=backend.device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "residual_channels_last":  # a layout other than the output's
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    inputs, oracle = leaves_and_oracle(x, weight, bias, residual if add else None)
+    y = backend(*inputs[:3], mask=mask, relu=relu, residual=inputs[3], **conv_args)
+    expected = reference.masked_conv2d(*oracle[:3], mask, **conv_args) + (oracle[3] if add else 0)
+    expected = F.relu(expected) if relu else expected
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    at_masked = residual if add else torch.zeros_like(residual)
+    at_masked = F.relu(at_masked) if relu else at_masked
+    assert torch.equal(masked_outputs(y, mask), masked_outputs(at_masked, mask))
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    grad_y = torch.randn_like(expected)
+    leaves = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(y, leaves, grad_y.to(dtype))
+    want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("geometry", [ODD, GEOMETRIES["wide-groups"]], ids=["odd-stride2", "wide-groups"])
+@pytest.mark.parametrize("mode,group_size", [("neuron", None), ("spatial", None), ("group", 2)], ids=str)
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_channel_stats_in_the_same_pass(backend, dtype, geometry, mode, group_size):
+    # Sum and sum of squares per channel over the kept outputs, and gradients through all three.
+    x, weight, bias, mask, conv_args = case(backend, geometry, mode, group_size, 0.5, dtype)
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
+    y, total, squares = backend(*inputs, mask=mask, channel_stats=True, **conv_args)
+    assert total.dtype == squares.dtype == torch.float64 and total.shape == (weight.shape[0],)
+    assert total.data_ptr() != squares.data_ptr()
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    want_total, want_squares = reference.channel_stats(expected)
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(total, want_total, **TOLERANCE[dtype])
+    # sums of squares: values up to ~1e3, so the float32 outputs' rounding shows in absolute terms
+    torch.testing.assert_close(squares, want_squares, rtol=TOLERANCE[dtype]["rtol"], atol=TOLERANCE[dtype]["atol"] * 10)
+    g_y, g_total, g_squares = torch.randn_like(expected), torch.randn_like(want_total), torch.randn_like(want_squares)
+    loss = (y.double() * g_y).sum() + (total * g_total).sum() + (squares * g_squares).sum()
+    want_loss = (expected * g_y).sum() + (want_total * g_total).sum() + (want_squares * g_squares).sum()
+    loose = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want_loss, oracle)):
+        torch.testing.assert_close(got.double(), want, **loose)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode,group_size", [("neuron", None), ("spatial", None), ("group", 13)], ids=str)
+@pytest.mark.parametrize("backend", backends(lambda b: torch.float32 in b.dtypes))
+def test_large_odd_shapes(backend, mode, group_size, layout):
+    # Batch, channels and sizes that fill no SIMD block or tile evenly (17 images: 16 lanes + 1).
+    geometry = (17, 11, 23, 19, 13, (3, 5), (2, 1), (1, 2), 1, 1)
+    x, weight, bias, mask, conv_args = case(backend, geometry, mode, group_size, 0.6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = check(backend, x, weight, bias, mask, conv_args)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_deterministic_bit_identical_runs(backend):
+    # No atomics: the same call twice gives the same bits, forward, statistics and gradients.
+    x, weight, bias, mask, conv_args = case(backend, (3, 8, 9, 9, 32, 3, 1, 1, 1, 1), "group", 16, 0.5)
+    runs = []
+    for _ in range(2):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
+        y, total, squares = backend(xs, ws, bs, mask, channel_stats=True, **conv_args)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y.device))
+        runs.append((y.detach(), total, squares, xs.grad, ws.grad, bs.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backends(lambda b: torch.float64 in b.dtypes))
+def test_gradcheck_float64(backend):
+    x, weight, bias, mask, conv_args = case(backend, (2, 3, 6, 5, 4, 3, 2, 1, 1, 1), "neuron", None, 0.5,
+                                            torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda a, w, b: backend(a, w, b, mask, **conv_args), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("only", ["input", "weight", "bias", "residual"])
+@pytest.mark.parametrize("backend", backends())
+def test_one_differentiable_argument_is_enough_for_a_graph(backend, only):
+    # rk.masked_conv2d calls the op below its autograd kernel when nothing needs a gradient:
+    # any single argument that requires grad must still get one, and under no_grad none.
+    dtype = backend.dtypes[0]
+    x, weight, bias, mask, conv_args = case(backend, ODD, "neuron", None, 0.5, dtype)
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=dtype, device=backend.device)
+    tensors = dict(input=x, weight=weight, bias=bias, residual=residual)
+    tensors[only] = tensors[only].clone().requires_grad_()
+    with torch.no_grad():
+        assert backend(**tensors, mask=mask, relu=True, **conv_args).grad_fn is None
+    y = backend(**tensors, mask=mask, relu=True, **conv_args)
+    oracle = {name: t.detach().double().requires_grad_(name == only) for name, t in tensors.items()}
+    expected = F.relu(reference.masked_conv2d(oracle["input"], oracle["weight"], oracle["bias"], mask, **conv_args)
+                      + oracle["residual"])
+    grad_y = torch.randn_like(expected)
+    (got,) = torch.autograd.grad(y, tensors[only], grad_y.to(dtype))
+    (want,) = torch.autograd.grad(expected, oracle[only], grad_y)
+    torch.testing.assert_close(got.double(), want, **TOLERANCE[dtype])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geometry=conv_geometries(cout_per_group=st.sampled_from([1, 2, 3, 16])),
+       mode=st.sampled_from(["neuron", "spatial", "group"]), ratio=st.floats(0.0, 0.95), bias=st.booleans())
+@pytest.mark.parametrize("backend", backends())
+def test_property_random_configurations(backend, geometry, mode, ratio, bias):
+    dtype = backend.dtypes[0]
+    group_size = 8 if mode == "group" and geometry["cout"] % 16 == 0 else None
+    check(backend, *random_case(geometry, mode, ratio, bias, dtype, backend.device, group_size))
+
+
+# -- each backend's own ops ---------------------------------------------------------------------
+
+def op_args(backend, geometry, mode, group_size, dtype=torch.float32):
+    """A case as the op's positional arguments (index built, padding resolved: no "same")."""
+    x, weight, bias, mask, conv_args = case(backend, geometry, mode, group_size, 0.5, dtype)
+    pair = torch.nn.modules.utils._pair
+    index = [t.to(backend.device) for t in rk.kept_index(mask, weight.shape[0])]
+    geometry_args = [list(pair(conv_args["stride"])), list(pair(conv_args["padding"])),
+                     list(pair(conv_args["dilation"])), conv_args["groups"]]
+    return x, weight, bias, mask, index, geometry_args
+
+
+@pytest.mark.parametrize("mode,group_size", [("neuron", None), ("spatial", None), ("group", 2)], ids=str)
+@pytest.mark.parametrize("backend", OPS)
+def test_opcheck(backend, mode, group_size):
+    # A spatial mask costs one program per kernel under the Triton interpreter; opcheck calls each op many times.
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, mode, group_size)
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=x.device, requires_grad=True)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *index, *geometry_args)
+    torch.library.opcheck(backend.op("masked_conv2d").default, args)
+    torch.library.opcheck(backend.op("masked_conv2d").default, args + (residual,), {"relu": True})
+    torch.library.opcheck(backend.op("masked_conv2d_stats").default, args)
+    y = backend.op("masked_conv2d")(*args)
+    backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
+    torch.library.opcheck(backend.op("masked_conv2d_backward").default, backward_args)
+
+
+@pytest.mark.parametrize("output_mask", list(itertools.product([False, True], repeat=3)), ids=str)
+@pytest.mark.parametrize("backend", OPS)
+def test_backward_op_computes_what_it_is_asked(backend, output_mask):
+    dtype = backend.dtypes[0]
+    x, weight, bias, mask, index, geometry_args = op_args(backend, GEOMETRIES["groups"], "group", 2, dtype)
+    grad_output = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=dtype, device=x.device)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    want = torch.autograd.grad(reference.masked_conv2d(*leaves, mask, *geometry_args), leaves, grad_output)
+    got = backend.op("masked_conv2d_backward")(grad_output, x, weight, mask, *index, *geometry_args, list(output_mask))
+    for asked, g, r in zip(output_mask, got, want):
+        if asked:
+            torch.testing.assert_close(g, r, **TOLERANCE[dtype])
+        else:
+            assert g.numel() == 0, "an output not asked for is an empty tensor"
+
+
+@pytest.mark.parametrize("mode", ["neuron", "spatial"])
+@pytest.mark.parametrize("backend", OPS)
+def test_backward_op_reads_grad_output_only_where_kept(backend, mode):
+    # BN's backward leaves meaningless values at masked positions: NaN there changes nothing.
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, mode, None, backend.dtypes[0])
+    grad = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=x.dtype, device=x.device)
+    noisy = torch.where(mask, grad, torch.full_like(grad, float("nan")))
+    backward = backend.op("masked_conv2d_backward")
+    clean = backward(grad * mask, x, weight, mask, *index, *geometry_args, [True, True, True])
+    for got, want in zip(backward(noisy, x, weight, mask, *index, *geometry_args, [True, True, True]), clean):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", OPS)
+def test_ops_read_expanded_and_sliced_views(backend):
+    # Tensors are read through their strides: an expanded grad_output (stride 0, as from y.sum()),
+    # an expanded residual and a sliced input give the values of their contiguous copies.
+    dtype = backend.dtypes[0]
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, "spatial", None, dtype)
+    conv = backend.op("masked_conv2d")
+    shape = (x.shape[0], weight.shape[0], *mask.shape[1:])
+    residual = torch.randn(1, shape[1], 1, shape[3], dtype=dtype, device=x.device).expand(shape)
+    y = conv(x, weight, bias, mask, *index, *geometry_args, residual)
+    torch.testing.assert_close(y, conv(x, weight, bias, mask, *index, *geometry_args, residual.contiguous()),
+                               **TOLERANCE[dtype])
+    grad_output = torch.ones((), dtype=dtype, device=x.device).expand(shape)
+    backward = backend.op("masked_conv2d_backward")
+    got = backward(grad_output, x, weight, mask, *index, *geometry_args, [True, True, True])
+    want = backward(grad_output.contiguous(), x, weight, mask, *index, *geometry_args, [True, True, True])
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOLERANCE[dtype])
+    wide = torch.randn(x.shape[0], x.shape[1] + 3, x.shape[2] + 2, x.shape[3], dtype=dtype, device=x.device)
+    sliced = wide[:, 1:1 + x.shape[1], 2:]
+    torch.testing.assert_close(conv(sliced, weight, bias, mask, *index, *geometry_args),
+                               reference.masked_conv2d(sliced, weight, bias, mask, *geometry_args), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("backend", backends(lambda b: b.name in ("reference", "cpu", "cuda")
+                                             or (b.name == "triton" and b.device == "cuda")))
+def test_torch_compile_sees_one_op(backend):
+    # fullgraph: no graph break around the op; aot_eager also traces the registered backward.
+    layer = rk.MaskedConv2d(4, 32, 3, padding=1, mask_ratio=0.9, output_size=(8, 8), backend=backend.route)
+    layer = layer.to(backend.device)
+    x = torch.randn(2, 4, 8, 8, device=backend.device, requires_grad=True)
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    (grad,) = torch.autograd.grad(y.sum(), [x])
+    expected = reference.masked_conv2d(x, layer.weight, layer.bias, layer.mask, padding=1)
+    (want,) = torch.autograd.grad(expected.sum(), [x])
+    torch.testing.assert_close(y, expected, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(grad, want, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.skipif("cpu" not in rk.available_backends() or rk.backends.cpu_kernels() != "avx512",
+                    reason="needs an AVX-512 CPU (elsewhere the suite runs the AVX2 or portable kernels directly)")
+def test_cpu_backend_again_on_the_avx2_kernels():
+    # The cpu backend above ran the AVX-512 kernels; run its parity cases and the CPU kernels'
+    # internals tests again on the AVX2 ones (ATen's capability picks them at startup).
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = python_subprocess(
+        ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(tests, "test_parity.py"),
+         os.path.join(tests, "test_cpu_kernels.py"), "-k", "not avx2"],
+        env={"ATEN_CPU_CAPABILITY": "avx2", "RMASK_PARITY_BACKENDS": "cpu"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
