@@ -54,9 +54,9 @@ bench: install
 	  -p no:cacheprovider --benchmark-json=$(BENCH_JSON) --benchmark-columns=median,iqr --benchmark-sort=name $(BENCH_ARGS)
 	$(PY) benchmarks/report.py $(BENCH_JSON) | tee $(BENCH_JSON:.json=.md)
 
-# GPU speed of the triton and cuda backends vs cuDNN F.conv2d * mask (PERF.md's shapes and keep
-# ratios, fp32 with TF32 off and bf16, fwd and fwd+bwd): JSON and the markdown ratio table in
-# benchmarks/results/. Needs a CUDA device (says so and fails without one).
+# GPU speed of the triton and cuda backends vs cuDNN F.conv2d * mask (the target shapes and
+# keep fractions of docs/design.md, fp32 with TF32 off and bf16, fwd and fwd+bwd): JSON and the
+# markdown ratio table in benchmarks/results/. Needs a CUDA device (says so and fails without one).
 GPU_BENCH_JSON ?= benchmarks/results/gpu_latest.json
 bench-gpu: install
 	$(PY) benchmarks/gpu_times.py --json $(GPU_BENCH_JSON) $(BENCH_ARGS)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import rmask_kernels as rk
 from side_by_side import side_by_side
 
-# (N, Cin, Cout, H, stride): PERF.md's shapes (3x3, padding 1).
+# (N, Cin, Cout, H, stride): the target shapes of docs/design.md (3x3, padding 1).
 SHAPES = {
     "32x64->64@32x32 s1": (32, 64, 64, 32, 1),
     "32x128->128@16x16 s1": (32, 128, 128, 16, 1),

@@ -1,13 +1,14 @@
 """GPU timings of the masked conv: the triton and cuda backends vs cuDNN ``F.conv2d(...) * mask``.
 
-    .venv/bin/python benchmarks/gpu_times.py                 # PERF.md's shapes, ratios, fp32 + bf16
+    .venv/bin/python benchmarks/gpu_times.py                 # the target shapes, keeps, fp32 + bf16
     .venv/bin/python benchmarks/gpu_times.py --batches 32 --keeps 0.1 1.0 --dtypes float32
     make bench-gpu                                           # the full sweep, JSON + markdown table
 
-PERF.md's GPU method: both sides in the same precision (fp32 with TF32 off on both, or bf16 on
-both), CUDA events around each call, the median of several rounds, providers interleaved
-within each round. Columns: milliseconds; "speedup" = baseline / ours (> 1: ours faster);
-"/ k·dense" = ours / (keep × the dense F.conv2d time), PERF.md's spatial-mask target (<= 1.3).
+The GPU method of docs/design.md: both sides in the same precision (fp32 with TF32 off on
+both, or bf16 on both), CUDA events around each call, the median of several rounds, providers
+interleaved within each round. Columns: milliseconds; "speedup" = baseline / ours (> 1: ours
+faster); "/ k·dense" = ours / (keep × the dense F.conv2d time), the spatial-mask target's
+measure (<= 1.3).
 Writes a JSON (device, torch / triton / CUDA versions, date, every timing) and, next to it, the
 markdown table (same name, .md), and prints the table.
 """

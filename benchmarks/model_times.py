@@ -1,6 +1,6 @@
 """Whole Random-Mask ResNet-18 inference, fused kernels vs the reference path, side by side
-in a fresh process (not pytest): the A/B command behind the model numbers in
-benchmarks/NOTES.md' step 3 (output cache on/off, streaming stores).
+in a fresh process (not pytest): the A/B command for changes that move the whole model
+(output cache on/off, how the kernels store their outputs).
 
     .venv/bin/python benchmarks/model_times.py               # 3 x 15 alternating rounds
     RMASK_CPU_CACHE_MB=0 .venv/bin/python benchmarks/model_times.py   # output cache off

@@ -6,9 +6,9 @@
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/op_times.py --speedup
 
 The first form gives the "fixed part" (keep 0.001: laying the input out, writing the output)
-and the arithmetic's cost as the keep grows; benchmarks/NOTES.md's version table comes from it,
-run at each commit. The second measures the crossover that rmask_kernels/backends.py encodes;
-the environment variables hold both sides to AVX2 on an AVX-512 CPU.
+and the arithmetic's cost as the keep grows: the numbers to compare two builds by. The second
+measures the crossover that rmask_kernels/backends.py encodes (docs/design.md, section 4); the
+environment variables hold both sides to AVX2 on an AVX-512 CPU.
 """
 
 import argparse

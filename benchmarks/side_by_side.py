@@ -3,7 +3,7 @@
 pytest-benchmark times each provider in its own test, one after the other; on a shared VM
 the machine's speed drifts between those tests (the same dense conv measured 6.4 and 10.3
 ms minutes apart), so ratios of sequential medians carry that drift. Alternating the two
-calls round by round exposes both to the same conditions (PERF.md: interleave, medians).
+calls round by round exposes both to the same conditions (docs/design.md, "How to measure").
 """
 
 import statistics

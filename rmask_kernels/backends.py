@@ -136,34 +136,21 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
     return dtype == torch.float32 and groups == 1 and CPU_KERNELS in ("avx2", "avx512")
 
 
-# When "auto" takes the CPU kernel instead of dense conv × mask, from a measured crossover
-# (2 threads, fp32, batch 32, the paper's 3x3 shapes; `benchmarks/op_times.py --speedup
-# --mode neuron|spatial --keeps ...`, side by side, benchmarks/NOTES.md). The kernels cost what
-# their kept outputs cost plus a fixed part (laying the input out, writing the whole output),
-# so they win below a kept fraction, and their backward wins further than their forward
-# (oneDNN's dense backward is slower than its forward, the strided one most): a call that
-# will be differentiated (grad enabled and an input requiring it) takes the fwd+bwd crossover.
-# Measured 2026-11-25 (step 5 of benchmarks/NOTES.md), speedups over the three shapes:
-#   neuron, avx512 (after the scratch alignment, b832b33): keep 0.75 forward 0.98-1.68x, keep
-#     0.8 0.96-1.60x; fwd+bwd keep 0.85 0.97-1.35x, keep 0.9 0.96-1.30x. -> 0.75, with grad 0.85
-#   neuron, avx2 (both sides held to AVX2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):
-#     keep 0.85 forward 1.02-1.28x, keep 0.95 0.95-1.20x; fwd+bwd keep 0.9 1.02-1.14x,
-#     keep 0.95 0.90-1.21x.                                    -> 0.85, with grad 0.9
-#   spatial (the per-image kernels: no batch-wide layout, channels in the lanes, no batch
-#     padding), avx512: keep 0.9 forward 1.01-1.08x, keep 1.0 1.00-1.45x; fwd+bwd keep 1.0
-#     1.09-1.42x.                                              -> 0.9, with grad 0.95
-#   spatial, avx2: keep 0.8 forward 1.09-1.29x, keep 0.9 0.98-1.07x; fwd+bwd keep 0.9
-#     1.03-1.31x, keep 1.0 0.87-1.22x.                         -> 0.85, with grad 0.9
-# Nothing masked (keep 1.0) always takes dense conv. The batch-vector kernels' cost scales
-# with the batch rounded up to 16 images (the SIMD padding), fixed part included, while dense
-# conv's scales with the batch itself: with the fixed part F (relative to the arithmetic at
-# keep 1.0) they win where lanes * (F + keep) <= batch * (F + limit). F = 0.05 fits the
-# crossovers measured at small batches (`op_times.py --batch B --speedup`, avx512, forward):
-# batch 2 between keep 0.02 and 0.05, batch 3 0.05-0.1, batch 4 0.1-0.2, batch 8 0.3-0.5
-# (the rule: 0.05, 0.1, 0.15, 0.35); avx2 (both sides held to it): batch 2 keep 0.05
-# 0.98-1.44x, batch 8 keep 0.4 1.15-1.57x (the rule: 0.06, 0.4). At batch 1 nothing masked
-# pays for the 15 empty lanes.
-# The portable kernels gather columns once per mask pattern: only few patterns
+# When "auto" takes the CPU kernels instead of dense conv × mask. The kernels cost what their
+# kept outputs cost plus a fixed part (laying the input out, writing the whole output), so
+# they win below a kept fraction; their backward wins further than their forward (oneDNN's
+# dense backward is slower than its forward), so a call that will be differentiated (grad
+# enabled and an input requiring it) takes the forward + backward limit. Nothing masked
+# (keep 1.0) always takes dense conv. Each limit, per kernel set, is the highest keep at which
+# the kernels beat dense conv × mask on the three target shapes (2 threads, fp32, batch 32;
+# crossover measured side by side with `benchmarks/op_times.py --speedup`; see docs/design.md).
+# Spatial masks (one pattern) take the per-image kernels, which pad no batch: a higher limit
+# at any batch. The batch-vector kernels' cost, fixed part included, scales with the batch
+# rounded up to 16 SIMD lanes, dense conv's with the batch itself: with the fixed part F
+# (relative to the arithmetic at keep 1.0) they win where
+# lanes * (F + keep) <= batch * (F + limit). F = 0.05 fits the crossovers measured at batches
+# 2 to 8 (`op_times.py --batch B --speedup`); at batch 1 nothing masked pays for the 15 empty
+# lanes. The portable kernels gather columns once per mask pattern: only few patterns
 # (spatial, coarse groups) at keep <= 0.2 pay off.
 BATCH_VECTOR_MAX_KEEP = {"avx512": 0.75, "avx2": 0.85}
 BATCH_VECTOR_MAX_KEEP_WITH_GRAD = {"avx512": 0.85, "avx2": 0.9}
@@ -176,8 +163,8 @@ PORTABLE_MAX_PATTERNS = 4
 
 # GPU backends (triton, cuda) under "auto": the masked kernel whenever anything is masked,
 # dense conv × mask (the reference, cuDNN) when nothing is (keep 1.0), where a masked kernel
-# can only match cuDNN. The crossover keep fraction on a GPU is unmeasured (no GPU was lent
-# yet; benchmarks/gpu_times.py measures it): refine this rule from its table.
+# can only match cuDNN. The GPU crossover keep fraction is not measured yet
+# (benchmarks/gpu_times.py measures it): refine this rule from its table.
 def gpu_sparse_pays_off(index, positions_per_pattern: int) -> bool:
     patterns = index.offsets.numel() - 1
     return index.positions.numel() < patterns * positions_per_pattern

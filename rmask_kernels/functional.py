@@ -155,7 +155,7 @@ def masked_conv2d(
     """
     check_backend(backend)
     # This function reads each tensor attribute once (input.shape again after the unsqueeze): with cold
-    # caches (a layer between other layers) every read costs microseconds (benchmarks/NOTES.md, step 8).
+    # caches (a layer between other layers) every read costs microseconds.
     dims = input.dim() if isinstance(input, torch.Tensor) else None
     if dims not in (3, 4):
         shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
@@ -236,7 +236,7 @@ def masked_conv2d(
         # Nothing to differentiate: straight to the backend's kernel, past the op's autograd
         # kernel (torch.library's, in Python, rmask_kernels/ops.py), which would only do the
         # same after a round trip of every argument through Python: ~5 us a call, ~27 us with
-        # cold caches (benchmarks/NOTES.md, step 8). torch.compile traces the op as it is.
+        # cold caches. torch.compile traces the op as it is.
         below_autograd = not with_grad and not torch.compiler.is_compiling()
         with torch._C._AutoDispatchBelowAutograd() if below_autograd else contextlib.nullcontext():
             if channel_stats:

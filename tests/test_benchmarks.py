@@ -25,7 +25,7 @@ def test_report_renders_a_ratio_table(tmp_path):
     # cpu has a side-by-side speedup (quoted), auto none (the sequential ratio stands in).
     runs = [("baseline", 0.020, None), ("cpu", 0.008, 3.0), ("auto", 0.010, None)]
     data = {
-        "datetime": "2026-11-25T00:00:00",
+        "datetime": "2000-01-01T00:00:00",
         "machine_info": {"cpu": {"brand_raw": "test cpu"}},
         "benchmarks": [
             {

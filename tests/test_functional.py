@@ -140,8 +140,8 @@ def test_auto_takes_the_kernel_where_it_pays_off():
     assert select_backend("auto", x.double(), sparse, out_channels=6) == "cpu"
     if rk.backends.batch_vector_kernels(torch.float32, 1):
         assert select_backend("auto", x, neuron) == "cpu"
-        # One image fills 1 of 16 lanes: a 0.9 mask no longer pays for that. The fixed part is
-        # padded too: 2 images need keep <= 0.05 (not 0.75 * 2 / 16), 8 images keep <= 0.35 (AVX-512).
+        # One image fills 1 of 16 lanes: a 0.9 mask does not pay for that. The fixed part is padded
+        # too: 2 images need keep <= 0.05 (below 0.75 * 2 / 16), 8 images keep <= 0.35 (AVX-512).
         assert select_backend("auto", x[:1], neuron) == "reference"
         assert select_backend("auto", x[:2], kept_fraction_mask(6, 0.04)) == "cpu"
         assert select_backend("auto", x[:2], kept_fraction_mask(6, 0.08)) == "reference"

@@ -1,12 +1,12 @@
 """The per-call path of a masked conv, hot and with cold caches (not pytest).
 
-    .venv/bin/python benchmarks/call_overhead.py
+    .venv/bin/python benchmarks/investigations/call_overhead.py
 
 A 1-image op (64->128, 3x3 s2 on a 4x4 input) does almost no arithmetic, so its time is the
 path a call takes: the Python wrapper (rk.masked_conv2d), the op's dispatch (torch.library's
 autograd kernel, in Python, unless the call goes below it), the C++ setup. "Cold" runs each
-call after a 64 MB copy has swept the caches, as a layer between other layers finds them;
-benchmarks/NOTES.md step 8 has the numbers and what they led to.
+call after a 64 MB copy has swept the caches, as a layer between other layers finds them.
+The numbers and the fixed costs they make up: docs/design.md, section 5.
 """
 
 import pathlib
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import rmask_kernels as rk
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # benchmarks/: side_by_side
 from side_by_side import median_ms  # noqa: E402
 
 

@@ -1,8 +1,8 @@
 """The forced CPU op's time by where its input was last written (not pytest): why a masked
-layer inside a model costs more than the same call timed alone (benchmarks/NOTES.md, step 6).
+layer inside a model costs more than the same call timed alone (docs/design.md, the output cache).
 
-    .venv/bin/python benchmarks/input_state.py                  # neuron, keep 0.1, 64->64@32
-    .venv/bin/python benchmarks/input_state.py --mode spatial --keep 0.1
+    .venv/bin/python benchmarks/investigations/input_state.py                  # neuron, keep 0.1, 64->64@32
+    .venv/bin/python benchmarks/investigations/input_state.py --mode spatial --keep 0.1
 
 Inside a model, a masked layer's input is the previous layer's output. The kernels write
 their outputs with streaming stores (csrc/cpu/batch_vector_impl.h, floats_out), which
@@ -17,7 +17,7 @@ import torch
 
 import rmask_kernels as rk
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # benchmarks/: side_by_side
 from side_by_side import median_ms  # noqa: E402
 
 
