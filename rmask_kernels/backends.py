@@ -21,9 +21,10 @@ def _cuda_kernels_registered() -> bool:
 
 
 # Read once at import: plain values are also what torch.compile can trace through. Finding
-# triton does not import it (rmask_kernels/triton imports it on the first call).
+# triton does not import it (rmask_kernels/triton imports it on the first call). The Triton
+# ops are defined with or without the extension (rmask_kernels/ops.py).
 CUDA_KERNELS = _cuda_kernels_registered()
-TRITON_INSTALLED = ops.extension_loaded() and importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreter() -> bool:
@@ -43,8 +44,8 @@ AVAILABLE = tuple(
 def available_backends() -> list:
     """Backends usable in this process: "reference" always; "cpu" when the extension is built
     (``cpu_kernels()`` tells which CPU kernels it runs); "cuda" when it was built with its CUDA
-    kernels; "triton" when it is built and triton is installed (CUDA tensors, and CPU tensors
-    under ``TRITON_INTERPRET=1``)."""
+    kernels; "triton" when triton is installed (CUDA tensors, and CPU tensors under
+    ``TRITON_INTERPRET=1``), with or without the extension."""
     return list(AVAILABLE)
 
 

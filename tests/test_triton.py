@@ -376,6 +376,34 @@ def test_registration_imports_no_triton_and_cpu_needs_the_interpreter():
     assert "backend='triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)" in result.stdout
 
 
+def test_triton_backend_without_the_extension(tmp_path):
+    # A GPU user without a C++ toolchain: no rmask_kernels._C, yet the triton_ ops are defined
+    # (from rmask_kernels/schemas.py) and serve, with their fake kernels and autograd. The
+    # subprocess imports the package under test (PYTHONPATH, run outside any source tree).
+    code = (
+        "import sys, warnings; sys.modules['rmask_kernels._C'] = None\n"
+        "import torch, rmask_kernels as rk\n"
+        "print(rk.__file__)\n"
+        "assert rk.available_backends() == ['reference', 'triton'], rk.available_backends()\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(2, 3, 6, 6, requires_grad=True); w = torch.randn(4, 3, 3, 3, requires_grad=True)\n"
+        "m = rk.random_mask((4, 6, 6), 0.5, 'neuron')\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.filterwarnings('error', message='rmask_kernels: backend=')\n"
+        "    y = rk.masked_conv2d(x, w, None, m, padding=1, backend='triton')\n"
+        "expected = torch.nn.functional.conv2d(x, w, None, 1, 1) * m\n"
+        "torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)\n"
+        "grad_y = torch.randn_like(expected)\n"
+        "for got, want in zip(torch.autograd.grad(y, [x, w], grad_y), torch.autograd.grad(expected, [x, w], grad_y)):\n"
+        "    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(rk.__file__))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.splitlines() == [rk.__file__, "ok"], result.stdout
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

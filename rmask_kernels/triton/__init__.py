@@ -1,5 +1,6 @@
 """The Triton backend: implementations of the ``rmask::triton_*`` ops (schemas in
-csrc/masked_conv2d.cpp, fake kernels and autograd in rmask_kernels/ops.py).
+csrc/masked_conv2d.cpp, or rmask_kernels/schemas.py without the compiled extension; fake
+kernels and autograd in rmask_kernels/ops.py).
 
 Registering imports no triton: the kernels (masked_conv2d.py) are imported on the first call.
 They serve CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter,
