@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 
 import torch
 
 from . import ops
+from .triton import interpreting
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -21,14 +21,10 @@ def _cuda_kernels_registered() -> bool:
 
 
 # Read once at import: plain values are also what torch.compile can trace through. Finding
-# triton does not import it (rmask_kernels/triton imports it on the first call).
+# triton does not import it (rmask_kernels/triton imports it on the first call). The Triton
+# ops are defined with or without the extension (rmask_kernels/ops.py).
 CUDA_KERNELS = _cuda_kernels_registered()
-TRITON_INSTALLED = ops.extension_loaded() and importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreter() -> bool:
-    """Whether ``TRITON_INTERPRET=1``: the Triton backend then also serves CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 # Found once at import (the extension, its CUDA kernels, triton): each call reads this tuple.
@@ -43,8 +39,8 @@ AVAILABLE = tuple(
 def available_backends() -> list:
     """Backends usable in this process: "reference" always; "cpu" when the extension is built
     (``cpu_kernels()`` tells which CPU kernels it runs); "cuda" when it was built with its CUDA
-    kernels; "triton" when it is built and triton is installed (CUDA tensors, and CPU tensors
-    under ``TRITON_INTERPRET=1``)."""
+    kernels; "triton" when triton is installed (CUDA tensors, and CPU tensors under
+    ``TRITON_INTERPRET=1``), with or without the extension."""
     return list(AVAILABLE)
 
 
@@ -70,7 +66,7 @@ def _serves(backend: str, tensor: torch.Tensor) -> str | None:
         return f"runs on CUDA tensors, got a tensor on {tensor.device}"
     if backend == "triton":
         # The device first: on CUDA tensors nothing else is read (torch.compile traces this).
-        if device != "cuda" and not (device == "cpu" and triton_interpreter()):
+        if device != "cuda" and not (device == "cpu" and interpreting()):
             return f"runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got a tensor on {tensor.device}"
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"runs float32, float16 and bfloat16, got {tensor.dtype}"

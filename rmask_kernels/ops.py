@@ -3,7 +3,8 @@
 The schemas live in csrc/masked_conv2d.cpp (two families: ``masked_conv2d*`` for the C++
 kernels in csrc/cpu/ and csrc/cuda/, ``triton_masked_conv2d*`` for rmask_kernels/triton/);
 the fake kernels and autograd of both are registered here. When the extension is not built
-the package still works through the reference path (warned once).
+the package still works (warned once): the ``triton_`` family is then defined here from the
+same schemas (rmask_kernels/schemas.py), and the C++ backends fall back to the reference path.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from . import schemas
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.rmask.*)
@@ -20,7 +23,7 @@ except (ImportError, OSError) as error:  # not built, or built against another t
     EXTENSION_ERROR = error
     warnings.warn(
         f"rmask_kernels: compiled extension not available ({error}); "
-        "using the reference path (F.conv2d * mask). Build it with `make install`.",
+        "backends 'cpu' and 'cuda' use the reference path (F.conv2d * mask). Build it with `make install`.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -144,8 +147,10 @@ def _stats_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-if extension_loaded():
-    for _prefix in FAMILIES:
-        _register_family(_prefix)
-    # The Triton family's implementations (registering them imports no triton).
-    from . import triton as _triton  # noqa: E402,F401
+if not extension_loaded():
+    # The Triton kernels need no compiled code: their op family is defined from Python.
+    schemas.define_family("triton_")
+for _prefix in FAMILIES if extension_loaded() else ("triton_",):
+    _register_family(_prefix)
+# The Triton family's implementations (registering them imports no triton).
+from . import triton as _triton  # noqa: E402,F401

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton", reason="triton is not installed (the Makefile's DEPS pin it): no Triton backend to test")
 
 import rmask_kernels as rk  # noqa: E402
-import rmask_kernels.triton.masked_conv2d as kernels  # noqa: E402
+from rmask_kernels.triton import backward, common  # noqa: E402
 from rmask_kernels import reference  # noqa: E402
 from rmask_kernels.functional import select_backend  # noqa: E402
 
@@ -112,8 +112,9 @@ def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
     # Blocks of 16 and weight chunks of 32 rows: many row tiles per pattern (the tile search
     # across patterns), several channel blocks per position, input-channel blocks (20 > 16)
     # and a multi-chunk grad-weight reduction.
-    for name, value in dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, WEIGHT_CHUNK=32).items():
-        monkeypatch.setattr(kernels, name, value)
+    for module, name, value in ((common, "BLOCK_M", 16), (common, "BLOCK_N", 16), (common, "BLOCK_K", 16),
+                                (backward, "WEIGHT_CHUNK", 32)):
+        monkeypatch.setattr(module, name, value)
     check_forward_and_backward(*case((2, 20, 5, 6, 48, 3, 1, 1, 1, 1), mode, group_size and group_size * 3 // 2))
 
 
@@ -122,7 +123,7 @@ def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
 def test_grad_input_by_tap(monkeypatch, config, layout):
     # Spatial masks up to SPARSE_BACKWARD_MAX_KEEP take the per-tap grad input (forced here
     # at keep 0.5; the parity tests above take it only at ratio 0.9): every geometry.
-    monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
+    monkeypatch.setattr(backward, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
     x, weight, bias, mask, conv_args = case(config, "spatial", None)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -134,7 +135,7 @@ def test_sparse_backward_by_position(monkeypatch, config, mode, group_size):
     # Neuron-like masks (groups == 1) up to SPARSE_BACKWARD_MAX_KEEP take the by-position grad
     # input and the (position, channel)-pair grad weight (forced here at keep 0.5; ratio 0.9
     # takes them unforced).
-    monkeypatch.setattr(kernels, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
+    monkeypatch.setattr(backward, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
     check_forward_and_backward(*case(config, mode, group_size))
 
 
@@ -159,9 +160,9 @@ def test_grad_weight_chunks_follow_the_partials_budget(monkeypatch):
     # A budget of 4 chunks of partials for 3 patterns (the grid bound adds one per pattern):
     # each pattern's rows in one chunk, however many rows.
     x, weight, bias, mask, conv_args = case((3, 4, 8, 8, 48, 3, 1, 1, 1, 1), "group", 16)
-    monkeypatch.setattr(kernels, "BLOCK_M", 16)
-    monkeypatch.setattr(kernels, "WEIGHT_CHUNK", 16)
-    monkeypatch.setattr(kernels, "PARTIAL_BUDGET_BYTES", 4 * 4 * 48 * 36)
+    monkeypatch.setattr(common, "BLOCK_M", 16)
+    monkeypatch.setattr(backward, "WEIGHT_CHUNK", 16)
+    monkeypatch.setattr(backward, "PARTIAL_BUDGET_BYTES", 4 * 4 * 48 * 36)
     check_forward_and_backward(x, weight, bias, mask, conv_args)
 
 
@@ -313,7 +314,7 @@ def test_low_precision_near_pytorchs_own(mode, group_size, dtype):
 
 
 def test_deterministic_bit_identical_runs(monkeypatch):
-    monkeypatch.setattr(kernels, "WEIGHT_CHUNK", kernels.BLOCK_M)  # several grad-weight partials
+    monkeypatch.setattr(backward, "WEIGHT_CHUNK", common.BLOCK_M)  # several grad-weight partials
     x, weight, bias, mask, conv_args = case((3, 4, 9, 9, 32, 3, 1, 1, 1, 1), "group", 16)
     runs = []
     for _ in range(2):
@@ -374,6 +375,34 @@ def test_registration_imports_no_triton_and_cpu_needs_the_interpreter():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run on CPU tensors only in Triton's interpreter; set TRITON_INTERPRET=1" in result.stdout
     assert "backend='triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)" in result.stdout
+
+
+def test_triton_backend_without_the_extension(tmp_path):
+    # A GPU user without a C++ toolchain: no rmask_kernels._C, yet the triton_ ops are defined
+    # (from rmask_kernels/schemas.py) and serve, with their fake kernels and autograd. The
+    # subprocess imports the package under test (PYTHONPATH, run outside any source tree).
+    code = (
+        "import sys, warnings; sys.modules['rmask_kernels._C'] = None\n"
+        "import torch, rmask_kernels as rk\n"
+        "print(rk.__file__)\n"
+        "assert rk.available_backends() == ['reference', 'triton'], rk.available_backends()\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(2, 3, 6, 6, requires_grad=True); w = torch.randn(4, 3, 3, 3, requires_grad=True)\n"
+        "m = rk.random_mask((4, 6, 6), 0.5, 'neuron')\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.filterwarnings('error', message='rmask_kernels: backend=')\n"
+        "    y = rk.masked_conv2d(x, w, None, m, padding=1, backend='triton')\n"
+        "expected = torch.nn.functional.conv2d(x, w, None, 1, 1) * m\n"
+        "torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)\n"
+        "grad_y = torch.randn_like(expected)\n"
+        "for got, want in zip(torch.autograd.grad(y, [x, w], grad_y), torch.autograd.grad(expected, [x, w], grad_y)):\n"
+        "    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(rk.__file__))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.splitlines() == [rk.__file__, "ok"], result.stdout
 
 
 @pytest.mark.parametrize(
@@ -464,7 +493,8 @@ def test_kernels_compile_for_a_gpu():
     # process where they are defined for the GPU. Triton's cache (keyed by the kernels' source)
     # makes a rerun of unchanged kernels quick; a changed kernel compiles again.
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1")
+    # The package under test, not one the script's folder or an install would find first.
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.path.dirname(os.path.dirname(rk.__file__)))
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile.py")], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -7,18 +7,19 @@ logic on CPU tensors but never lowers them, so this catches what only the GPU co
 Run with TRITON_INTERPRET unset (tests/test_triton.py does, in a subprocess)."""
 
 import argparse
-import os
 import sys
 import time
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+from rmask_kernels.triton import interpreting  # imports no triton
+
+if interpreting():
     sys.exit("tests/triton_compile.py: unset TRITON_INTERPRET (the kernels must be defined for the GPU)")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import rmask_kernels.triton.masked_conv2d as kernels  # noqa: E402
+from rmask_kernels.triton import common, forward_kernels, grad_input_kernels, grad_weight_kernels  # noqa: E402
 
 INDEX = {"kept_offsets_ptr", "kept_positions_ptr", "tile_ends_ptr", "segments_ptr", "position_offsets_ptr",
          "position_channels_ptr"}
@@ -43,20 +44,20 @@ def jobs(everything):
     variants = [(1, False), (4, False), (1, True)] if everything else [(4, False), (1, True)]
     for pattern_block, all_positions in variants:
         for stats in ([True, False] if everything else [pattern_block == 4]):
-            yield kernels._forward_by_pattern_kernel, dict(
+            yield forward_kernels.forward_by_pattern_kernel, dict(
                 PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, HAS_BIAS=True, HAS_RESIDUAL=not stats,
                 RELU=not stats, STATS=stats, **blocks)
-        yield kernels._grad_weight_partial_kernel, dict(
+        yield grad_weight_kernels.grad_weight_partial_kernel, dict(
             PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, **blocks)
     for stats in [True, False] if everything else [False]:
-        yield kernels._forward_by_position_kernel, dict(
+        yield forward_kernels.forward_by_position_kernel, dict(
             HAS_BIAS=True, HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32)
-    yield kernels._grad_input_by_tap_kernel, dict(**blocks)
-    yield kernels._grad_weight_pairs_kernel, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-    yield kernels._grad_weight_sum_pairs_kernel, dict(CHANNEL_BLOCK=64, BLOCK_K=32)
-    yield kernels._grad_input_by_position_kernel, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16)
+    yield grad_input_kernels.grad_input_by_tap_kernel, dict(**blocks)
+    yield grad_weight_kernels.grad_weight_pairs_kernel, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    yield grad_weight_kernels.grad_weight_sum_pairs_kernel, dict(CHANNEL_BLOCK=64, BLOCK_K=32)
+    yield grad_input_kernels.grad_input_by_position_kernel, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16)
     for per_channel in [True, False] if everything else [True]:
-        yield kernels._grad_input_kernel, dict(MASK_PER_CHANNEL=per_channel, **blocks)
+        yield grad_input_kernels.grad_input_gather_kernel, dict(MASK_PER_CHANNEL=per_channel, **blocks)
 
 
 def main(argv=None):
@@ -72,7 +73,7 @@ def main(argv=None):
             constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs), target=target,
-                                      options=dict(num_warps=kernels.NUM_WARPS))
+                                      options=dict(num_warps=common.NUM_WARPS))
             assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
             print(f"compiled {fn.__name__} {dtype} sm_{args.arch} in {time.perf_counter() - start:.1f}s", flush=True)
     print("ok")

@@ -1,9 +1,10 @@
 """The Triton backend: implementations of the ``rmask::triton_*`` ops (schemas in
-csrc/masked_conv2d.cpp, fake kernels and autograd in rmask_kernels/ops.py).
+csrc/masked_conv2d.cpp, or rmask_kernels/schemas.py without the compiled extension; fake
+kernels and autograd in rmask_kernels/ops.py).
 
-Registering imports no triton: the kernels (masked_conv2d.py) are imported on the first call.
-They serve CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter,
-which the tests use on machines without a GPU).
+Registering imports no triton: the kernels (masked_conv2d.py and the modules it names) are
+imported on the first call. They serve CUDA tensors; CPU tensors only under
+``TRITON_INTERPRET=1`` (Triton's interpreter, which the tests use on machines without a GPU).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ DEVICE_TYPES = ("cuda", "cpu")
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (read by triton when a kernel is defined)."""
+    """Whether ``TRITON_INTERPRET=1``: Triton then runs the kernels in its interpreter, on CPU
+    tensors too. The one place the package reads the variable; triton itself reads it when a
+    kernel is defined (common.INTERPRET keeps the value of that moment)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -31,13 +34,13 @@ def _kernels(device: torch.device):
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("rmask triton ops: triton is not installed (pip install triton); "
                            "use backend='cuda', 'cpu' or 'reference'")
-    module = importlib.import_module(".masked_conv2d", __name__)
-    if device.type == "cpu" and not module.INTERPRET:
+    entry_points = importlib.import_module(".masked_conv2d", __name__)
+    if device.type == "cpu" and not importlib.import_module(".common", __name__).INTERPRET:
         raise RuntimeError(
             "rmask triton ops: TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU; "
             "set it before the first call to run them on CPU tensors"
         )
-    return module
+    return entry_points
 
 
 @torch.library.register_kernel("rmask::triton_masked_conv2d", DEVICE_TYPES)

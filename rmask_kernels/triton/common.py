@@ -1,0 +1,56 @@
+"""What every Triton kernel and host launcher of the masked convolution shares: whether the
+kernels run in Triton's interpreter, the block sizes, the dtypes and dot options, and the
+rounding of an fp32 result to the output's dtype.
+
+The launchers read the block sizes from this module at each call (``common.BLOCK_M``), so a
+test that sets them here reaches every launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, and the kernels are defined when this
+# module's importers are: the value then is the one that holds for this process.
+INTERPRET = interpreting()
+
+# The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks.
+# On a GPU one fixed configuration, untuned (benchmarks/gpu_times.py measures the kernels).
+if INTERPRET:
+    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 128, 64, 32, 4
+else:
+    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 64, 32, 4
+
+# Channels per mask pattern from which the by-pattern kernels fill a tile's N dimension well
+# enough; below it (neuron masks, small groups) the by-position kernels take the kept channels
+# of each position instead. Untuned on a GPU: tl.dot's smallest N is 16.
+MIN_PATTERN_CHANNELS = 16
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dot_options(dtype):
+    """The constexprs INTERPRETER and PRECISION every kernel takes. Interpreter: tl.dot on bf16
+    gives garbage there, so every operand goes up to fp32, and its fp32 -> bf16 conversion
+    truncates, so the kernels round to nearest even themselves (cast). GPU, fp32: strict fp32
+    unless PyTorch's conv may use TF32 (cudnn.allow_tf32), as F.conv2d."""
+    if INTERPRET:
+        return dict(INTERPRETER=True, PRECISION="ieee")
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return dict(INTERPRETER=False, PRECISION="tf32" if tf32 else "ieee")
+
+
+@triton.jit
+def cast(value, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 `value` in `dtype`, rounded to nearest even (the interpreter truncates to bf16)."""
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        result = value.to(dtype)
+    return result

@@ -1,0 +1,100 @@
+"""The argument checks of the Triton ops and the geometry they return (the sizes every host
+launcher reads)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..functional import conv_output_size
+from .common import SUPPORTED_DTYPES
+
+INDEX_NAMES = ("kept_offsets", "kept_positions", "position_offsets", "position_channels")
+
+
+class Geometry(NamedTuple):
+    """The sizes of one call: input (batch, in_channels, height, width), weight (out_channels,
+    kernel_h, kernel_w), output (out_height, out_width), conv groups and mask patterns."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    out_height: int
+    out_width: int
+    groups: int
+    patterns: int
+
+    @property
+    def channels_per_pattern(self):
+        return self.out_channels // self.patterns
+
+    @property
+    def cin_per_group(self):
+        return self.in_channels // self.groups
+
+    @property
+    def cout_per_group(self):
+        return self.out_channels // self.groups
+
+
+def check_args(op, input, weight, bias, mask, index, stride, padding, dilation, groups, extra=()):
+    """The checks the C++ ops make (csrc/masked_conv2d_common.h) that these kernels rely on;
+    `op` names the op in the messages, `index` is the kept index (INDEX_NAMES), `extra` more
+    (name, tensor) pairs that must match the input's dtype and device."""
+    if input.dim() != 4 or weight.dim() != 4:
+        raise RuntimeError(f"{op}: input and weight must be 4-D, got shapes {tuple(input.shape)} and "
+                           f"{tuple(weight.shape)}")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 input, got {input.dtype}")
+    for what, tensor in (("weight", weight), ("bias", bias)) + tuple(extra):
+        if tensor is not None and tensor.dtype != input.dtype:
+            raise RuntimeError(f"{op}: {what} dtype must match input dtype {input.dtype}, got {tensor.dtype}")
+    tensors = (("weight", weight), ("bias", bias), ("mask", mask)) + tuple(extra) + tuple(
+        (f"the kept index ({what})", tensor) for what, tensor in zip(INDEX_NAMES, index))
+    for what, tensor in tensors:
+        if tensor is not None and tensor.device != input.device:
+            raise RuntimeError(f"{op}: {what} must be on the input's device {input.device}, got {tensor.device}")
+    for what, tensor in zip(INDEX_NAMES, index):
+        if tensor.dtype != torch.int64 or tensor.dim() != 1:
+            raise RuntimeError(f"{op}: {what} must be a 1-D int64 tensor, got {tensor.dtype} of shape "
+                               f"{tuple(tensor.shape)}")
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2 or min(stride) <= 0 or min(dilation) <= 0 \
+            or min(padding) < 0 or groups <= 0:
+        raise RuntimeError(f"{op}: bad stride {stride}, padding {padding}, dilation {dilation} or groups {groups}")
+    batch, in_channels, height, width = input.shape
+    out_channels, cin_per_group, kernel_h, kernel_w = weight.shape
+    if in_channels != cin_per_group * groups or out_channels % groups:
+        raise RuntimeError(f"{op}: input channels must be weight.size(1) * groups = {cin_per_group * groups} and "
+                           f"out channels {out_channels} divisible by groups {groups}, got {in_channels} input "
+                           "channels")
+    out_h, out_w = conv_output_size((height, width), (kernel_h, kernel_w), stride,
+                                    (padding[0], padding[0], padding[1], padding[1]), dilation)
+    if out_h <= 0 or out_w <= 0:
+        raise RuntimeError(f"{op}: output size would be {out_h}x{out_w} for input {height}x{width}: input too small")
+    if mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[0] not in (1, out_channels) \
+            or tuple(mask.shape[1:]) != (out_h, out_w):
+        raise RuntimeError(f"{op}: mask must be bool of shape ({out_channels} or 1, {out_h}, {out_w}), got "
+                           f"{mask.dtype} of shape {tuple(mask.shape)}")
+    kept_offsets, kept_positions, position_offsets, position_channels = index
+    patterns = kept_offsets.numel() - 1
+    if patterns < 1 or out_channels % patterns or (mask.shape[0] == 1 and patterns != 1):
+        raise RuntimeError(f"{op}: kept_offsets describes {patterns} mask patterns, which must divide the "
+                           f"{out_channels} output channels (1 for a (1, H, W) mask)")
+    if position_offsets.numel() != out_h * out_w + 1:
+        raise RuntimeError(f"{op}: position_offsets must have Hout * Wout + 1 = {out_h * out_w + 1} entries, "
+                           f"got {position_offsets.numel()}")
+    # Sizes only: checking the index's values (offsets ascending, positions in range) would
+    # synchronize with the GPU on every call; the index is built once by rk.kept_index.
+    channels_per_pattern = out_channels // patterns
+    if kept_positions.numel() > patterns * out_h * out_w \
+            or position_channels.numel() != kept_positions.numel() * channels_per_pattern:
+        raise RuntimeError(f"{op}: kept_positions ({kept_positions.numel()}) and position_channels "
+                           f"({position_channels.numel()}) must list the same kept outputs: {channels_per_pattern} "
+                           "channels per kept position of each pattern")
+    return Geometry(batch, in_channels, height, width, out_channels, kernel_h, kernel_w, out_h, out_w, groups,
+                    patterns)

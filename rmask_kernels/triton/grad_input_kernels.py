@@ -1,0 +1,179 @@
+"""The grad-input kernels of the masked convolution (host launcher: backward.py), each an
+implicit GEMM accumulating in fp32:
+
+gather       M = input pixels, N = input channels, K = (tap, output channel); grad_output is
+             loaded only where the mask keeps it. Dense FLOPs, one pass.
+by tap       spatial masks (one pattern): M = kept rows, one launch per tap adding into an
+             fp32 buffer.
+by position  neuron-like masks, groups == 1: per input pixel, K = the channels kept where each
+             tap lands.
+
+Strides are passed per tensor and dimension: gs_* of grad_output, ws_* of the weight, is_* of
+the grad input.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import cast
+
+
+@triton.jit
+def grad_input_gather_kernel(
+    grad_output_ptr, w_ptr, mask_ptr, grad_input_ptr,
+    batch, height, width, out_height, out_width, cin_per_group, cout_per_group,
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    KH: tl.constexpr, KW: tl.constexpr, MASK_PER_CHANNEL: tl.constexpr,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row_block = tl.program_id(0).to(tl.int64)
+    channel_block = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < batch * height * width
+    image = rows // (height * width)
+    pixel = rows % (height * width)
+    ih = pixel // width
+    iw = pixel % width
+    ci = channel_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < cin_per_group
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        oh_scaled = ih + pad_h - kh * dilation_h
+        ow_scaled = iw + pad_w - kw * dilation_w
+        oh = oh_scaled // stride_h
+        ow = ow_scaled // stride_w
+        ok = (row_ok & (oh_scaled >= 0) & (ow_scaled >= 0) & (oh * stride_h == oh_scaled)
+              & (ow * stride_w == ow_scaled) & (oh < out_height) & (ow < out_width))
+        position = oh * out_width + ow
+        if not MASK_PER_CHANNEL:  # one pattern: a masked output position drops the whole row
+            kept = tl.load(mask_ptr + position, mask=ok, other=0)
+            ok = ok & (kept != 0)
+        if tl.max(ok.to(tl.int32), axis=0) > 0:  # no row of the tile reaches a kept output
+            grad_output_rows = grad_output_ptr + image * gs_n + oh * gs_h + ow * gs_w
+            for c0 in range(0, cout_per_group, BLOCK_K):
+                co_ok = (c0 + ks) < cout_per_group
+                co = group * cout_per_group + c0 + ks
+                load_ok = ok[:, None] & co_ok[None, :]
+                if MASK_PER_CHANNEL:
+                    kept = tl.load(mask_ptr + co[None, :] * (out_height * out_width) + position[:, None],
+                                   mask=load_ok, other=0)
+                    load_ok = load_ok & (kept != 0)
+                a = tl.load(grad_output_rows[:, None] + co[None, :] * gs_c, mask=load_ok, other=0.0)
+                b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
+                            mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+                if INTERPRETER:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    channel = group * cin_per_group + ci
+    tl.store(grad_input_ptr + image[:, None] * is_n + channel[None, :] * is_c + ih[:, None] * is_h + iw[:, None] * is_w,
+             cast(acc, grad_input_ptr.dtype.element_ty, INTERPRETER), mask=row_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def grad_input_by_tap_kernel(
+    grad_output_ptr, w_ptr, kept_positions_ptr, grad_buffer_ptr,
+    batch, count, kh, kw, height, width, out_width, cin_per_group, cout_per_group,
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One pattern (spatial masks), one tap (kh, kw) per launch: grad_input[n, :, ih, iw] +=
+    # grad_output[n, :, q] @ w[:, :, kh, kw] over the kept rows (n, q), (ih, iw) = q's tap.
+    # For a fixed tap q -> (ih, iw) is injective, so no two programs of a launch touch one
+    # pixel, and the launches, in stream order, add up deterministically without atomics.
+    row_block = tl.program_id(0).to(tl.int64)
+    channel_block = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < batch * count
+    image = rows // count
+    position = tl.load(kept_positions_ptr + rows % count, mask=row_ok, other=0)
+    oh = position // out_width
+    ow = position % out_width
+    ih = oh * stride_h - pad_h + kh * dilation_h
+    iw = ow * stride_w - pad_w + kw * dilation_w
+    ok = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+    if tl.max(ok.to(tl.int32), axis=0) > 0:  # the tap lands in the padding for every row
+        ci = channel_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        ci_ok = ci < cin_per_group
+        ks = tl.arange(0, BLOCK_K)
+        grad_output_rows = grad_output_ptr + image * gs_n + oh * gs_h + ow * gs_w
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, cout_per_group, BLOCK_K):
+            co_ok = (c0 + ks) < cout_per_group
+            co = group * cout_per_group + c0 + ks
+            a = tl.load(grad_output_rows[:, None] + co[None, :] * gs_c, mask=ok[:, None] & co_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
+                        mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+            if INTERPRETER:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        channel = group * cin_per_group + ci
+        pointers = (grad_buffer_ptr + image[:, None] * is_n + channel[None, :] * is_c + ih[:, None] * is_h
+                    + iw[:, None] * is_w)
+        store_ok = ok[:, None] & ci_ok[None, :]
+        tl.store(pointers, tl.load(pointers, mask=store_ok, other=0.0) + acc, mask=store_ok)
+
+
+@triton.jit
+def grad_input_by_position_kernel(
+    grad_output_ptr, w_ptr, position_offsets_ptr, position_channels_ptr, grad_input_ptr,
+    batch, in_channels, height, width, out_height, out_width,
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    KH: tl.constexpr, KW: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Gather form, groups == 1: per input pixel, M = images, N = input channels, K = for each
+    # tap the output channels kept at the output position it reaches (their grad_output and
+    # weight rows gathered), so masked outputs cost nothing.
+    pixel = tl.program_id(0).to(tl.int64)
+    image_block = tl.program_id(1).to(tl.int64)
+    channel_block = tl.program_id(2).to(tl.int64)
+    ih = pixel // width
+    iw = pixel % width
+    image = image_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = image < batch
+    ci = channel_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < in_channels
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        oh_scaled = ih + pad_h - kh * dilation_h
+        ow_scaled = iw + pad_w - kw * dilation_w
+        oh = oh_scaled // stride_h
+        ow = ow_scaled // stride_w
+        if ((oh_scaled >= 0) & (ow_scaled >= 0) & (oh * stride_h == oh_scaled) & (ow * stride_w == ow_scaled)
+                & (oh < out_height) & (ow < out_width)):
+            position = oh * out_width + ow
+            start = tl.load(position_offsets_ptr + position)
+            count = tl.load(position_offsets_ptr + position + 1) - start
+            for c0 in range(0, count, BLOCK_K):
+                cols = c0 + ks
+                cols_ok = cols < count
+                co = tl.load(position_channels_ptr + start + cols, mask=cols_ok, other=0)
+                a = tl.load(grad_output_ptr + image[:, None] * gs_n + co[None, :] * gs_c + oh * gs_h + ow * gs_w,
+                            mask=row_ok[:, None] & cols_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
+                            mask=cols_ok[:, None] & ci_ok[None, :], other=0.0)
+                if INTERPRETER:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(grad_input_ptr + image[:, None] * is_n + ci[None, :] * is_c + ih * is_h + iw * is_w,
+             cast(acc, grad_input_ptr.dtype.element_ty, INTERPRETER), mask=row_ok[:, None] & ci_ok[None, :])
