@@ -218,9 +218,9 @@ class MaskedConvBN2d(nn.Module):
 
     ``bn_stats="all"`` (the paper): training-mode BN statistics over all positions, so the
     convolution runs dense. ``bn_stats="kept"``: statistics over the kept positions only,
-    so training also computes only kept outputs. In eval mode BN is folded into the conv and
-    the unit is one masked convolution. Children ``conv`` (a MaskedConv2d holding the mask)
-    and ``bn`` (a BatchNorm2d).
+    so training also computes only kept outputs. In eval mode BN is folded into the conv (once,
+    while the parameters and statistics stay unchanged) and the unit is one masked convolution.
+    Children ``conv`` (a MaskedConv2d holding the mask) and ``bn`` (a BatchNorm2d).
     """
 
     def __init__(
@@ -293,6 +293,11 @@ class MaskedConvBN2d(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_folded", None)
+
+    def train(self, mode: bool = True):
+        if mode:  # training changes what the fold reads: free the cached one until eval again
+            self._folded = None
+        return super().train(mode)
 
     @property
     def mask(self) -> Optional[torch.Tensor]:

@@ -496,6 +496,12 @@ def _train_then_eval(unit):
     unit.eval()
 
 
+def _train_bn_alone(unit):
+    # The unit stays in eval mode; BN's running statistics change (without a version bump).
+    unit.bn.train()(torch.randn(4, 4, 6, 6, dtype=torch.float64) * 3 + 1)
+    unit.bn.eval()
+
+
 def _replace_weight(unit):
     unit.conv.weight = nn.Parameter(torch.randn_like(unit.conv.weight))
 
@@ -528,6 +534,7 @@ SOURCE_CHANGES = {
     "optimizer step": _step,
     "load_state_dict": _load_other,
     "train then eval": _train_then_eval,
+    "bn trained alone": _train_bn_alone,
     "parameter replaced": _replace_weight,
     "to half and back": _round_trip_through_half,
 }
