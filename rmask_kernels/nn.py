@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import weakref
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,11 +11,27 @@ import torch.nn.functional as F
 
 from . import reference
 from .backends import check_backend
-from .functional import check_mask_for_output, conv_output_size, masked_conv2d, pair
+from .functional import check_mask_for_output, masked_conv2d
+from .geometry import conv_output_size, pair
 from .masks import KeptIndex, check_mode, check_ratio, draw_seed, kept_index, random_mask
 
 ACTIVATIONS = (None, "relu")
 BN_STATS = ("all", "kept")
+
+
+class _FoldedCache(NamedTuple):
+    """MaskedConvBN2d's folded weight and bias, with what they were folded from: weak
+    references to the source tensors and their state (see MaskedConvBN2d._folded_sources)."""
+
+    sources: tuple
+    state: tuple
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _no_tensor():
+    """Stands for an absent source tensor (None) where a weak reference would be."""
+    return None
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -201,9 +218,9 @@ class MaskedConvBN2d(nn.Module):
 
     ``bn_stats="all"`` (the paper): training-mode BN statistics over all positions, so the
     convolution runs dense. ``bn_stats="kept"``: statistics over the kept positions only,
-    so training also computes only kept outputs. In eval mode BN is folded into the conv and
-    the unit is one masked convolution. Children ``conv`` (a MaskedConv2d holding the mask)
-    and ``bn`` (a BatchNorm2d).
+    so training also computes only kept outputs. In eval mode BN is folded into the conv (once,
+    while the parameters and statistics stay unchanged) and the unit is one masked convolution.
+    Children ``conv`` (a MaskedConv2d holding the mask) and ``bn`` (a BatchNorm2d).
     """
 
     def __init__(
@@ -244,6 +261,7 @@ class MaskedConvBN2d(nn.Module):
             backend=backend,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
+        self._folded = None
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, activation=None, bn_stats="all", **mask_kwargs):
@@ -261,8 +279,25 @@ class MaskedConvBN2d(nn.Module):
             device=conv.weight.device, dtype=conv.weight.dtype,
         )
         unit.bn.load_state_dict(bn.state_dict())
+        unit._folded = None
         unit.train(bn.training)
         return unit
+
+    def __getstate__(self):
+        # The folded weight is derived and refers to this instance's tensors: copies and
+        # pickles leave it behind and fold again on first use.
+        state = super().__getstate__()
+        state["_folded"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_folded", None)
+
+    def train(self, mode: bool = True):
+        if mode:  # training changes what the fold reads: free the cached one until eval again
+            self._folded = None
+        return super().train(mode)
 
     @property
     def mask(self) -> Optional[torch.Tensor]:
@@ -280,7 +315,7 @@ class MaskedConvBN2d(nn.Module):
             residual = residual.unsqueeze(0) if residual is not None else None
         relu = self.activation == "relu"
         if not self._uses_batch_stats():  # one masked conv: BN folded in, residual and ReLU in the epilogue
-            weight, bias = self.folded_weight_and_bias()
+            weight, bias = self._inference_weight_and_bias()
             y = self.conv.masked_forward(input, weight, bias, relu=relu, residual=residual)
             return y.squeeze(0) if unbatched else y
         if self.bn_stats == "kept" and self.conv.mask_ratio > 0:
@@ -306,6 +341,49 @@ class MaskedConvBN2d(nn.Module):
         bias = (conv_bias - bn.running_mean) * scale
         if bn.bias is not None:
             bias = bias + bn.bias
+        return weight, bias
+
+    def _folded_sources(self) -> tuple:
+        """The tensors the fold reads, then BN's batch counter: a training-mode BatchNorm2d
+        updates its running statistics without bumping their version, but counts the batch
+        in place (which bumps the counter's)."""
+        conv, bn = self.conv, self.bn
+        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+
+    def _inference_weight_and_bias(self):
+        """``folded_weight_and_bias()``, folded once and reused while nothing it is folded from
+        changes: the same source tensors (by identity), each at the same version (an in-place
+        update: an optimizer step, load_state_dict, a training-mode forward) and storage
+        (``.to()`` keeps a parameter's identity and version but moves its data), the same eps,
+        dtype, device and inference mode. In-place edits through ``tensor.data`` bypass the
+        version counter and are not seen (as autograd does not see them either).
+
+        The cache is detached, so it serves only calls whose gradient cannot reach the
+        parameters: grad mode off, or no source requiring grad (a frozen model; gradients
+        w.r.t. the input still flow). Otherwise the fold runs in the autograd graph, as does
+        every call under torch.compile (which traces the fold).
+        """
+        sources = self._folded_sources()
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
+        ):
+            return self.folded_weight_and_bias()
+        try:
+            weight = sources[0]
+            state = (self.bn.eps, weight.dtype, weight.device, torch.is_inference_mode_enabled()) + tuple(
+                None if t is None else (t._version, t.data_ptr()) for t in sources
+            )
+        except RuntimeError:  # a tensor without a version or storage (inference or wrapper tensors)
+            return self.folded_weight_and_bias()
+        cached = self._folded
+        if cached is not None and cached.state == state and all(
+            reference() is t for reference, t in zip(cached.sources, sources)
+        ):
+            return cached.weight, cached.bias
+        with torch.no_grad():
+            weight, bias = self.folded_weight_and_bias()
+        references = tuple(_no_tensor if t is None else weakref.ref(t) for t in sources)
+        self._folded = _FoldedCache(references, state, weight, bias)
         return weight, bias
 
     def _kept_stats_forward(self, input: torch.Tensor, relu: bool) -> torch.Tensor:

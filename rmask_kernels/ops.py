@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from . import schemas
+from .geometry import conv_output_size
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.rmask.*)
@@ -33,16 +34,24 @@ def extension_loaded() -> bool:
     return EXTENSION_ERROR is None
 
 
-def _output_shape(input, weight, stride, padding, dilation):
-    n, _, h, w = input.shape
-    kh, kw = weight.shape[2:]
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return (n, weight.shape[0], out_h, out_w)
-
-
 def _memory_format(tensor):
     return torch._prims_common.suggest_memory_format(tensor)
+
+
+def argument_names(op) -> tuple:
+    """``op``'s positional arguments by name, in schema order (csrc/masked_conv2d_schemas.h):
+    what its setup_context receives as ``inputs`` and what its backward returns gradients for."""
+    return tuple(argument.name for argument in op.default._schema.arguments if not argument.kwarg_only)
+
+
+# The schema arguments the backward reads back by name (the same in every rmask op).
+KEPT_INDEX_ARGUMENTS = ("kept_offsets", "kept_positions", "position_offsets", "position_channels")
+CONV_ARGUMENTS = ("stride", "padding", "dilation", "groups")
+
+
+def _in_schema_order(names: tuple, gradients: dict) -> tuple:
+    """A backward's return value: each argument's gradient from ``gradients`` (None where absent)."""
+    return tuple(gradients.get(name) for name in names)
 
 
 # The two op families with identical schemas (csrc/masked_conv2d.cpp): the plain ops, served
@@ -51,106 +60,131 @@ def _memory_format(tensor):
 FAMILIES = ("", "triton_")
 
 
-def _register_family(prefix: str) -> None:
-    backward_op = getattr(torch.ops.rmask, f"{prefix}masked_conv2d_backward")
+def register_op_family(namespace: str, prefix: str) -> None:
+    """Fake kernels and autograd for the three ops ``namespace::{prefix}masked_conv2d*`` (the
+    rmask schemas): the rmask families below, and the CUDA kernels' host emulation in the tests."""
+    family = getattr(torch.ops, namespace)
+    conv_op = getattr(family, f"{prefix}masked_conv2d")
+    stats_op = getattr(family, f"{prefix}masked_conv2d_stats")
+    backward_op = getattr(family, f"{prefix}masked_conv2d_backward")
+    conv_arguments, stats_arguments = argument_names(conv_op), argument_names(stats_op)
 
-    @torch.library.register_fake(f"rmask::{prefix}masked_conv2d")
-    def _masked_conv2d_fake(input, weight, bias, mask, *index_conv_args_and_residual, relu=False):
-        stride, padding, dilation, groups = index_conv_args_and_residual[4:8]
-        shape = _output_shape(input, weight, stride, padding, dilation)
+    @torch.library.register_fake(f"{namespace}::{prefix}masked_conv2d")
+    def _masked_conv2d_fake(
+        input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+        stride, padding, dilation, groups, residual=None, *, relu=False,
+    ):
+        top_bottom, left_right = padding
+        out_size = conv_output_size(
+            input.shape[2:], weight.shape[2:], stride, (top_bottom, top_bottom, left_right, left_right), dilation
+        )
+        shape = (input.shape[0], weight.shape[0], *out_size)
         return input.new_empty(shape).contiguous(memory_format=_memory_format(input))
 
-    @torch.library.register_fake(f"rmask::{prefix}masked_conv2d_backward")
-    def _masked_conv2d_backward_fake(grad_output, input, weight, mask, *index_conv_args_and_output_mask):
-        output_mask = index_conv_args_and_output_mask[-1]
+    @torch.library.register_fake(f"{namespace}::{prefix}masked_conv2d_backward")
+    def _masked_conv2d_backward_fake(
+        grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+        stride, padding, dilation, groups, output_mask,
+    ):
+        wants_input, wants_weight, wants_bias = output_mask
         grad_input = (
-            torch.empty_like(input, memory_format=_memory_format(input)) if output_mask[0] else input.new_empty(0)
+            torch.empty_like(input, memory_format=_memory_format(input)) if wants_input else input.new_empty(0)
         )
-        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else weight.new_empty(0)
-        grad_bias = input.new_empty(weight.shape[0]) if output_mask[2] else input.new_empty(0)
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if wants_weight else weight.new_empty(0)
+        grad_bias = input.new_empty(weight.shape[0]) if wants_bias else input.new_empty(0)
         return grad_input, grad_weight, grad_bias
 
-    @torch.library.register_fake(f"rmask::{prefix}masked_conv2d_stats")
-    def _masked_conv2d_stats_fake(input, weight, bias, mask, *index_and_conv_args):
-        output = _masked_conv2d_fake(input, weight, bias, mask, *index_and_conv_args)
+    @torch.library.register_fake(f"{namespace}::{prefix}masked_conv2d_stats")
+    def _masked_conv2d_stats_fake(
+        input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+        stride, padding, dilation, groups,
+    ):
+        output = _masked_conv2d_fake(
+            input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
+            stride, padding, dilation, groups,
+        )
         channels = weight.shape[0]
         return output, input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=torch.float64)
 
-    def _conv_backward(ctx, grad_output, input, weight, mask, index):
-        needs = ctx.needs_input_grad
-        output_mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
+    def _conv_gradients(ctx, grad_output, input, weight, mask, kept_index) -> dict:
+        """The gradients of input, weight and bias that are needed, by name."""
+        needs = ctx.needs_grad
+        output_mask = [needs["input"], needs["weight"], needs["bias"]]
         if not any(output_mask) or grad_output is None:
-            return (None,) * 12
+            return {}
         if input is None:  # only the input gradient is wanted: its values are never read
             shape, dtype, device, memory_format = ctx.input_meta
             # In the input's memory format: the kernels give the input gradient in its format.
             input = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
         grad_input, grad_weight, grad_bias = backward_op(
-            grad_output, input, weight, mask, *index, *ctx.conv_args, output_mask
+            grad_output=grad_output, input=input, weight=weight, mask=mask,
+            **dict(zip(KEPT_INDEX_ARGUMENTS, kept_index)), **ctx.conv_args, output_mask=output_mask,
         )
-        return (
-            grad_input if output_mask[0] else None,
-            grad_weight if output_mask[1] else None,
-            grad_bias if output_mask[2] else None,
-        ) + (None,) * 9
+        # A gradient not asked for comes back as an empty tensor: leave it out.
+        wanted = zip(("input", "weight", "bias"), output_mask, (grad_input, grad_weight, grad_bias))
+        return {name: grad for name, asked, grad in wanted if asked}
+
+    def _setup_context(ctx, inputs, keyword_only_inputs, output):
+        # A fused ReLU's gradient gate is the output itself (> 0).
+        relu_output = output if keyword_only_inputs.get("relu", False) else None
+        _save_for_conv_backward(ctx, dict(zip(conv_arguments, inputs)), relu_output)
 
     def _backward(ctx, grad_output):
-        input, weight, relu_output, mask, *index = ctx.saved_tensors
+        input, weight, relu_output, mask, *kept_index = ctx.saved_tensors
         if relu_output is not None:
             grad_output = grad_output * (relu_output > 0)
+        gradients = _conv_gradients(ctx, grad_output, input, weight, mask, kept_index)
         # The residual is added at every position: its gradient is the (ReLU-gated) output's.
-        grad_residual = grad_output if ctx.has_residual and ctx.needs_input_grad[12] else None
-        return _conv_backward(ctx, grad_output, input, weight, mask, index) + (grad_residual,)
+        if ctx.needs_grad.get("residual", False):
+            gradients["residual"] = grad_output
+        return _in_schema_order(conv_arguments, gradients)
 
-    torch.library.register_autograd(f"rmask::{prefix}masked_conv2d", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{namespace}::{prefix}masked_conv2d", _backward, setup_context=_setup_context)
+
+    def _stats_setup_context(ctx, inputs, output):
+        _save_for_conv_backward(ctx, dict(zip(stats_arguments, inputs)), output[0])
+        # Sums nobody differentiates arrive as None rather than zero tensors: their terms
+        # below cost full passes over the output.
+        ctx.set_materialize_grads(False)
 
     def _stats_backward(ctx, grad_output, grad_sum, grad_sum_of_squares):
         # sum_c = sum of y[n, c, p] over kept (n, p); sum_of_squares_c likewise of y^2, and y is 0
         # where masked: d sum / d y = mask, d sum_of_squares / d y = 2 y.
-        input, weight, output, mask, *index = ctx.saved_tensors
+        input, weight, output, mask, *kept_index = ctx.saved_tensors
         if grad_output is None and grad_sum is None and grad_sum_of_squares is None:
-            return (None,) * 12
+            return _in_schema_order(stats_arguments, {})
         grad = grad_output if grad_output is not None else torch.zeros_like(output)
         if grad_sum is not None:
             grad = grad + grad_sum.to(output.dtype).view(-1, 1, 1) * mask
         if grad_sum_of_squares is not None:
             grad = grad + 2 * output * grad_sum_of_squares.to(output.dtype).view(-1, 1, 1)
-        return _conv_backward(ctx, grad, input, weight, mask, index)
+        return _in_schema_order(stats_arguments, _conv_gradients(ctx, grad, input, weight, mask, kept_index))
 
     torch.library.register_autograd(
-        f"rmask::{prefix}masked_conv2d_stats", _stats_backward, setup_context=_stats_setup_context
+        f"{namespace}::{prefix}masked_conv2d_stats", _stats_backward, setup_context=_stats_setup_context
     )
 
 
-def _save_for_conv_backward(ctx, inputs, extra_output):
-    input, weight, bias, mask, *index, stride, padding, dilation, groups = inputs[:12]
-    needs_weight = ctx.needs_input_grad[1]
+def _save_for_conv_backward(ctx, arguments: dict, extra_output):
+    """Saves what the conv backward reads, from the op's ``arguments`` by name."""
+    # Which arguments need a gradient, by name (an argument left at its default by the caller
+    # may be missing from the end of needs_input_grad: it needs none).
+    ctx.needs_grad = {name: bool(needs) for name, needs in zip(arguments, ctx.needs_input_grad)}
+    input, weight = arguments["input"], arguments["weight"]
     # Weight gradient needs the input: save it only then. The weight is always saved: the
     # input gradient reads it, and every backward takes the geometry from its shape (it is
     # weight-sized, and usually a parameter held anyway).
-    ctx.save_for_backward(input if needs_weight else None, weight, extra_output, mask, *index)
+    saved_input = input if ctx.needs_grad["weight"] else None
+    kept_index = [arguments[name] for name in KEPT_INDEX_ARGUMENTS]
+    ctx.save_for_backward(saved_input, weight, extra_output, arguments["mask"], *kept_index)
     ctx.input_meta = (input.shape, input.dtype, input.device, _memory_format(input))
-    ctx.has_bias = bias is not None
-    ctx.conv_args = (stride, padding, dilation, groups)
-
-
-def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    # A fused ReLU's gradient gate is the output itself (> 0).
-    _save_for_conv_backward(ctx, inputs, output if keyword_only_inputs.get("relu", False) else None)
-    ctx.has_residual = len(inputs) > 12 and inputs[12] is not None
-
-
-def _stats_setup_context(ctx, inputs, output):
-    _save_for_conv_backward(ctx, inputs, output[0])
-    # Sums nobody differentiates arrive as None rather than zero tensors: their terms
-    # below cost full passes over the output.
-    ctx.set_materialize_grads(False)
+    ctx.conv_args = {name: arguments[name] for name in CONV_ARGUMENTS}
 
 
 if not extension_loaded():
     # The Triton kernels need no compiled code: their op family is defined from Python.
     schemas.define_family("triton_")
 for _prefix in FAMILIES if extension_loaded() else ("triton_",):
-    _register_family(_prefix)
+    register_op_family("rmask", _prefix)
 # The Triton family's implementations (registering them imports no triton).
 from . import triton as _triton  # noqa: E402,F401

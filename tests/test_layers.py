@@ -443,6 +443,185 @@ def test_conv_bn_eval_folds_bn_into_the_conv(backend, activation, conv_kwargs, r
     torch.testing.assert_close(unit(x[0]), expected[0], **TOL_FOLDED)
 
 
+# The eval-mode fold is cached (MaskedConvBN2d._inference_weight_and_bias) and rebuilt exactly
+# when something it is folded from changes.
+
+def eval_unit_with_bias():
+    unit, _, _ = build_unit(dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, bias=True),
+                            mask_ratio=0.5, backend=COMPILED, activation="relu", seed=0, output_size=(6, 6))
+    with torch.no_grad():
+        unit.conv.bias.copy_(torch.randn_like(unit.conv.bias))
+    return unit.eval()
+
+
+def unit_oracle(unit, x):
+    """relu(mask * BN(conv(x))) with nn copies of the unit's current parameters and buffers."""
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=unit.conv.bias is not None, dtype=unit.conv.weight.dtype)
+    conv.load_state_dict(unit.conv.state_dict(), strict=False)
+    bn = nn.BatchNorm2d(4, eps=unit.bn.eps, dtype=unit.conv.weight.dtype)
+    bn.load_state_dict(unit.bn.state_dict())
+    return F.relu(unit.mask * bn.eval()(conv(x)))
+
+
+def test_conv_bn_eval_fold_is_cached_and_equals_the_fold():
+    unit = eval_unit_with_bias()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        first = unit(x)
+        cached = unit._folded
+        second = unit(x)
+        weight, bias = unit.folded_weight_and_bias()
+    assert cached is not None and unit._folded is cached, "the second call must reuse the fold"
+    assert torch.equal(cached.weight, weight) and torch.equal(cached.bias, bias)
+    assert not cached.weight.requires_grad and not cached.bias.requires_grad
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, unit_oracle(unit, x), **TOL_FOLDED)
+
+
+def _step(unit):
+    optimizer = torch.optim.SGD(unit.parameters(), lr=0.1)
+    for parameter in unit.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+
+
+def _load_other(unit):
+    other, _, _ = build_unit(dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, bias=True))
+    state = {k: v for k, v in other.state_dict().items() if k != "conv.mask"}
+    unit.load_state_dict(state, strict=False)
+
+
+def _train_then_eval(unit):
+    unit.train()(torch.randn(4, 3, 6, 6, dtype=torch.float64) * 3 + 1)  # updates BN's running statistics
+    unit.eval()
+
+
+def _train_bn_alone(unit):
+    # The unit stays in eval mode; BN's running statistics change (without a version bump).
+    unit.bn.train()(torch.randn(4, 4, 6, 6, dtype=torch.float64) * 3 + 1)
+    unit.bn.eval()
+
+
+def _replace_weight(unit):
+    unit.conv.weight = nn.Parameter(torch.randn_like(unit.conv.weight))
+
+
+def _round_trip_through_half(unit):
+    # The conv's parameters keep their identity and version, their data is new and rounded
+    # (the BN's buffers would be replaced: the conv alone tests the parameters).
+    unit.conv.half().double()
+
+
+def _set_eps(unit):
+    unit.bn.eps = 0.5
+
+
+def _in_place(get, edit):
+    def change(unit):
+        with torch.no_grad():
+            edit(get(unit))
+    return change
+
+
+SOURCE_CHANGES = {
+    "conv.weight": _in_place(lambda u: u.conv.weight, lambda t: t.mul_(1.5)),
+    "conv.bias": _in_place(lambda u: u.conv.bias, lambda t: t.add_(1)),
+    "bn.weight": _in_place(lambda u: u.bn.weight, lambda t: t.mul_(2)),
+    "bn.bias": _in_place(lambda u: u.bn.bias, lambda t: t.sub_(1)),
+    "bn.running_mean": _in_place(lambda u: u.bn.running_mean, lambda t: t.add_(1)),
+    "bn.running_var": _in_place(lambda u: u.bn.running_var, lambda t: t.mul_(3)),
+    "bn.eps": _set_eps,
+    "optimizer step": _step,
+    "load_state_dict": _load_other,
+    "train then eval": _train_then_eval,
+    "bn trained alone": _train_bn_alone,
+    "parameter replaced": _replace_weight,
+    "to half and back": _round_trip_through_half,
+}
+
+
+@pytest.mark.parametrize("change", SOURCE_CHANGES.values(), ids=SOURCE_CHANGES.keys())
+def test_conv_bn_eval_fold_cache_follows_every_source(change):
+    unit = eval_unit_with_bias()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        before = unit(x)
+    change(unit)
+    with torch.no_grad():
+        after = unit(x)
+        expected = unit_oracle(unit, x)
+    assert not torch.allclose(before, expected), "the change must change the output (else the test proves nothing)"
+    torch.testing.assert_close(after, expected, **TOL_FOLDED)
+
+
+def test_conv_bn_eval_gradients_reach_the_parameters():
+    # Eval mode with parameters requiring grad (e.g. a gradient w.r.t. the weights): the fold
+    # runs in the graph even when a cached one exists.
+    unit = eval_unit_with_bias()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        unit(x)
+    assert unit._folded is not None
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = unit(x_ours)
+    conv = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+    conv.load_state_dict(unit.conv.state_dict(), strict=False)
+    bn = copy.deepcopy(unit.bn)
+    expected = F.relu(unit.mask * bn(conv(x_ref)))
+    torch.testing.assert_close(y, expected, **TOL_FOLDED)
+    grad_y = torch.randn_like(y)
+    ours = [x_ours, unit.conv.weight, unit.conv.bias, unit.bn.weight, unit.bn.bias]
+    got = torch.autograd.grad(y, ours, grad_y)
+    want = torch.autograd.grad(expected, [x_ref, conv.weight, conv.bias, bn.weight, bn.bias], grad_y)
+    for name, g, r in zip(["input", "conv weight", "conv bias", "bn weight", "bn bias"], got, want):
+        torch.testing.assert_close(g, r, **TOL_FOLDED, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("build_in_inference_mode", [False, True], ids=["no_grad", "inference_mode"])
+def test_conv_bn_eval_frozen_unit_serves_the_cache_with_input_gradients(build_in_inference_mode):
+    # A frozen model (no parameter requires grad), differentiated w.r.t. its input (as an attack
+    # does): the cached fold serves, and the input gradient is the oracle's. A fold cached in
+    # inference mode is not served outside it (inference tensors cannot be saved for backward).
+    unit = eval_unit_with_bias().requires_grad_(False)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.inference_mode() if build_in_inference_mode else torch.no_grad():
+        unit(x)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = unit(x_ours)
+    cached = unit._folded
+    unit(x_ours)
+    assert unit._folded is cached
+    expected = unit_oracle(unit, x_ref)
+    torch.testing.assert_close(y, expected, **TOL_FOLDED)
+    grad_y = torch.randn_like(y)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x_ours, grad_y)[0], torch.autograd.grad(expected, x_ref, grad_y)[0], **TOL_FOLDED
+    )
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_conv_bn_eval_fold_cache_is_not_saved_or_copied(copy_with):
+    unit = eval_unit_with_bias()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    keys = set(unit.state_dict())
+    with torch.no_grad():
+        expected = unit(x)
+    assert unit._folded is not None and set(unit.state_dict()) == keys
+    if copy_with == "deepcopy":
+        clone = copy.deepcopy(unit)
+    else:
+        buffer = io.BytesIO()
+        torch.save(unit, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    assert clone._folded is None
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), expected, **TOL64)
+        clone.bn.running_mean.add_(1)  # the copy's tensors are its own: the original's fold stands
+        assert torch.equal(unit(x), expected)
+        torch.testing.assert_close(clone(x), unit_oracle(clone, x), **TOL_FOLDED)
+
+
 def kept_stats_reference(y, mask, gamma, beta, eps):
     """BN with per-channel mean and biased variance over the kept positions of ``y`` only;
     masked outputs are zero. Returns (output, mean, biased var, kept count per channel)."""
