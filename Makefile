@@ -110,17 +110,19 @@ wheel-cuda: $(CUDA_VENV)/.stamp-deps
 	$(CUDA_ENV) RMASK_BUILD_BASE=build/cuda $(CUDA_PIP) wheel --no-build-isolation --no-deps -w dist .
 
 # Build, link and import the CUDA extension; check its kernels are registered, its SASS/PTX
-# and metadata (tests/cuda/check_cuda_build.py); run the CUDA kernels' element functions on
-# the host against the reference (tests/cuda/test_host_emulation.py: their arithmetic, not
-# launches); the op tests on CPU with this torch (not their rerun under AVX2, 75 s: make test
-# has it); and the CMake build with CUDA. Run from build/ or with the venv's
-# pytest, never `python -m`, so the installed wheel is imported, not the source tree.
+# and metadata (tests/cuda/check_cuda_build.py); run the parity suite on the CUDA kernels'
+# element functions on the host (backend cuda-emulation: their arithmetic, not launches), on
+# the CPU kernels and the reference with this torch (not the CPU kernels' rerun under AVX2 nor
+# the Triton interpreter: make test runs both), and on CUDA tensors where a GPU is present;
+# and the CMake build with CUDA. Run from build/ or with the venv's pytest, never `python -m`,
+# so the installed wheel is imported, not the source tree.
 cuda-check: wheel-cuda
 	$(CUDA_PIP) install --no-deps --force-reinstall "$$(ls -t dist/rmask_kernels-*+cu*-abi3-*.whl | head -1)"
 	cd build && $(CUDA_ENV) ../$(CUDA_PY) ../tests/cuda/check_cuda_build.py
 	$(CUDA_ENV) $(CUDA_PY) tests/cuda/build_host_emulation.py
-	$(CUDA_VENV)/bin/pytest -q -p no:cacheprovider tests/cuda tests/test_op.py tests/test_wheel_version.py \
-	  -k "not avx2_kernels_on_an_avx512_cpu" $(PYTEST_ARGS)
+	RMASK_PARITY_BACKENDS=reference,cpu,cuda,cuda-emulation $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
+	  tests/cuda tests/test_parity.py tests/test_functional.py tests/test_cpu_kernels.py tests/test_schemas.py \
+	  tests/test_wheel_version.py -k "not avx2" $(PYTEST_ARGS)
 	$(MAKE) cmake-check-cuda
 
 # The LibTorch (CMake) build with the CUDA kernels (-DRMASK_WITH_CUDA=ON) against .venv-cuda's

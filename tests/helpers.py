@@ -20,8 +20,9 @@ def python_subprocess(args, env=None, **kwargs):
     """Run ``python ARGS`` (e.g. ["-c", code] or ["-m", "pytest", ...]) so that it imports the
     rmask_kernels package under test, the one this process imported: from a temporary working
     directory (never a source tree there by accident) with that package's folder first on
-    PYTHONPATH. ``env`` adds to this process's environment."""
+    PYTHONPATH. ``env`` adds to this process's environment (a value None removes the variable)."""
     environment = {**os.environ, **(env or {})}
+    environment = {key: value for key, value in environment.items() if value is not None}
     paths = [PACKAGE_PARENT] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
     environment["PYTHONPATH"] = os.pathsep.join(paths)
     with tempfile.TemporaryDirectory() as directory:

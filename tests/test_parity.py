@@ -73,19 +73,21 @@ def test_parity_with_reference(backend, dtype, geometry, mode, group_size, ratio
     check(backend, *case(backend, geometry, mode, group_size, ratio, dtype))
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9, 0.99])
 @pytest.mark.parametrize("mode", ["neuron", "spatial"])
 @pytest.mark.parametrize("backend,dtype", ALL)
-def test_no_bias(backend, dtype, mode):
-    x, weight, _, mask, conv_args = case(backend, ODD, mode, None, 0.5, dtype, bias=False)
+def test_no_bias(backend, dtype, mode, ratio):
+    x, weight, _, mask, conv_args = case(backend, ODD, mode, None, ratio, dtype, bias=False)
     check(backend, x, weight, None, mask, conv_args)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
 @pytest.mark.parametrize("mode,group_size", mask_cases(WIDE_ODD), ids=str)
 @pytest.mark.parametrize("backend,dtype", backends_and_dtypes(low_precision=True))
-def test_low_precision_near_pytorchs_own(backend, dtype, mode, group_size):
+def test_low_precision_near_pytorchs_own(backend, dtype, mode, group_size, ratio):
     # The kernels accumulate in fp32: the error vs the fp64 oracle is at most ~2x that of
     # PyTorch's own conv in the same dtype; the statistics are of the output as stored.
-    x, weight, bias, mask, conv_args = case(backend, WIDE_ODD, mode, group_size, 0.5, torch.float32)
+    x, weight, bias, mask, conv_args = case(backend, WIDE_ODD, mode, group_size, ratio, torch.float32)
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     inputs, oracle = leaves_and_oracle(x, weight, bias)
     ours = backend(*inputs, mask=mask, **conv_args)

@@ -1,22 +1,21 @@
-"""The Triton backend (rmask_kernels/triton) against the reference (F.conv2d * mask).
+"""The Triton backend's internals (rmask_kernels/triton): each kernel variant and launch policy
+forced on the shapes that reach it (small blocks, many tiles, sparse backward forms, the
+grad-weight partials budget), its registration, argument checks, backend resolution, the
+kernels compiled for a GPU, and the GPU benchmark script. The op's contract on the Triton
+backend (every geometry, mask, epilogue, layout, dtype) is tests/test_parity.py's.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before anything imports them; ~0.5 ms per program, hence the tiny shapes);
-with one, on CUDA tensors. The oracle runs in float64; fp32 kernels are compared at 1e-4 (as in
-test_op: only the summation order and fp32 rounding differ)."""
+with one, on CUDA tensors. The oracle runs in float64; fp32 kernels are compared at 1e-4 (only the
+summation order and fp32 rounding differ)."""
 
 import importlib.util
-import os
 import pathlib
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="triton is not installed (the Makefile's DEPS pin it): no Triton backend to test")
 
@@ -25,7 +24,8 @@ from rmask_kernels.triton import backward, common  # noqa: E402
 from rmask_kernels import reference  # noqa: E402
 from rmask_kernels.functional import select_backend  # noqa: E402
 
-from helpers import conv_geometries, leaves_and_oracle, make_case  # noqa: E402
+from cases import leaves_and_oracle, make_case  # noqa: E402
+from helpers import python_subprocess  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -94,19 +94,6 @@ def check_forward_and_backward(x, weight, bias, mask, conv_args, tolerance=TOLER
     return y
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("mode,group_size", MODES, ids=str)
-def test_parity_with_reference(config, mode, group_size):
-    check_forward_and_backward(*case(config, mode, group_size))
-
-
-@pytest.mark.parametrize("ratio", [0.0, 0.9, 0.99])
-@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("neuron", None)], ids=str)
-def test_ratios_and_no_bias(mode, group_size, ratio):
-    x, weight, _, mask, conv_args = case(CONFIGS[1], mode, group_size, ratio)
-    check_forward_and_backward(x, weight, None, mask, conv_args)
-
-
 @pytest.mark.parametrize("mode,group_size", MODES + [("group", 2)], ids=str)
 def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
     # Blocks of 16 and weight chunks of 32 rows: many row tiles per pattern (the tile search
@@ -139,6 +126,11 @@ def test_sparse_backward_by_position(monkeypatch, config, mode, group_size):
     check_forward_and_backward(*case(config, mode, group_size))
 
 
+# Gradients in low precision: relative to their largest entry, within a few roundings of the
+# dtype (eps: 2^-8 bf16, 2^-11 fp16).
+GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["spatial", "neuron"])
 def test_sparse_backward_low_precision(mode, dtype):
@@ -164,74 +156,6 @@ def test_grad_weight_chunks_follow_the_partials_budget(monkeypatch):
     monkeypatch.setattr(backward, "WEIGHT_CHUNK", 16)
     monkeypatch.setattr(backward, "PARTIAL_BUDGET_BYTES", 4 * 4 * 48 * 36)
     check_forward_and_backward(x, weight, bias, mask, conv_args)
-
-
-@pytest.mark.parametrize("kept", [True, False])
-def test_all_kept_and_fully_masked(kept):
-    x, weight, bias, mask, conv_args = case(CONFIGS[0], "neuron", None)
-    mask = torch.full_like(mask, kept)
-    y = check_forward_and_backward(x, weight, bias, mask, conv_args)
-    assert kept or (y == 0).all()
-
-
-@pytest.mark.parametrize("relu,with_residual", [(True, False), (False, True), (True, True)], ids=str)
-@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("group", 16), ("neuron", None)], ids=str)
-def test_relu_and_residual_epilogues(mode, group_size, relu, with_residual):
-    # relu?(conv * mask + residual): the residual lands on every position, masked ones too.
-    x, weight, bias, mask, conv_args = case(CONFIGS[1], mode, group_size)
-    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=DEVICE)
-    residual = residual.contiguous(memory_format=torch.channels_last)  # a layout other than the output's
-    inputs, oracle = leaves_and_oracle(x, weight, bias, residual)
-    y = triton(*inputs[:3], mask=mask, relu=relu, residual=inputs[3] if with_residual else None, **conv_args)
-    expected = reference.masked_conv2d(*oracle[:3], mask, **conv_args) + (oracle[3] if with_residual else 0)
-    expected = F.relu(expected) if relu else expected
-    torch.testing.assert_close(y.double(), expected, **TOLERANCE)
-    at_masked = (F.relu(residual) if relu else residual) if with_residual else torch.zeros_like(residual)
-    assert torch.equal(y.detach()[(~mask).expand_as(y)], at_masked[(~mask).expand_as(y)])
-    grad_y = torch.randn_like(expected)
-    leaves = inputs if with_residual else inputs[:3]
-    got = torch.autograd.grad(y, leaves, grad_y.float())
-    want = torch.autograd.grad(expected, oracle if with_residual else oracle[:3], grad_y)
-    for g, r in zip(got, want):
-        torch.testing.assert_close(g.double(), r, **TOLERANCE)
-
-
-@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[5]], ids=str)
-@pytest.mark.parametrize("mode,group_size", MODES, ids=str)
-def test_channel_stats_in_the_same_pass(config, mode, group_size):
-    x, weight, bias, mask, conv_args = case(config, mode, group_size)
-    inputs, oracle = leaves_and_oracle(x, weight, bias)
-    y, total, squares = triton(*inputs, mask=mask, channel_stats=True, **conv_args)
-    assert total.dtype == squares.dtype == torch.float64 and total.shape == (weight.shape[0],)
-    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
-    want_total, want_squares = reference.channel_stats(expected)
-    torch.testing.assert_close(y.double(), expected, **TOLERANCE)
-    torch.testing.assert_close(total, want_total, **TOLERANCE)
-    torch.testing.assert_close(squares, want_squares, rtol=1e-4, atol=1e-3)
-    g_y, g_total, g_squares = torch.randn_like(expected), torch.randn_like(want_total), torch.randn_like(want_squares)
-    loss = (y.double() * g_y).sum() + (total * g_total).sum() + (squares * g_squares).sum()
-    want_loss = (expected * g_y).sum() + (want_total * g_total).sum() + (want_squares * g_squares).sum()
-    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want_loss, oracle)):
-        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
-
-
-@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("neuron", None)], ids=str)
-def test_channels_last_and_non_contiguous(mode, group_size, layout):
-    x, weight, bias, mask, conv_args = case(CONFIGS[1], mode, group_size)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    else:
-        x = torch.randn(2, 8, 9, 14, device=DEVICE)[:, ::2, :, ::2]
-        weight = weight.transpose(2, 3).contiguous().transpose(2, 3)
-    assert not x.is_contiguous()
-    y = check_forward_and_backward(x, weight, bias, mask, conv_args)
-    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    assert y.is_contiguous(memory_format=expected_format), "output in the input's memory format, as F.conv2d"
-    if layout == "channels_last":
-        x = x.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(triton(x, weight, bias, mask, **conv_args).sum(), [x])
-        assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -262,57 +186,6 @@ def test_conv_bn_unit_matches_the_reference_backend(mode, training):
         torch.testing.assert_close(units[0].bn.running_var, units[1].bn.running_var, **TOLERANCE)
 
 
-@settings(max_examples=15, deadline=None)
-@given(geometry=conv_geometries(max_batch=2, max_size=6, max_kernel=3, cout_per_group=st.just(16)),
-       mode=st.sampled_from(["neuron", "spatial", "group"]), ratio=st.floats(0.0, 0.95), bias=st.booleans())
-def test_property_random_configurations(geometry, mode, ratio, bias):
-    g = geometry  # 16 channels per group: the by-pattern kernels for spatial and group masks
-    mask = rk.random_mask((g["cout"], *g["out"]), ratio, mode, 8 if mode == "group" else None).to(DEVICE)
-    x = torch.randn(g["n"], g["cin"], *g["size"], device=DEVICE)
-    weight = torch.randn(g["cout"], g["cin"] // g["groups"], *g["kernel"], device=DEVICE)
-    b = torch.randn(g["cout"], device=DEVICE) if bias else None
-    conv_args = dict(stride=g["stride"], padding=g["padding"], dilation=g["dilation"], groups=g["groups"])
-    check_forward_and_backward(x, weight, b, mask, conv_args)
-
-
-def test_batch_zero():
-    x, weight, bias, mask, conv_args = case((0,) + CONFIGS[0][1:], "neuron", None)
-    inputs = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
-    y = triton(*inputs, mask=mask, **conv_args)
-    assert y.shape == (0, 32, 8, 8)
-    grads = torch.autograd.grad(y.sum(), inputs)
-    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in inputs]
-    assert all((g == 0).all() for g in grads[1:])
-    y, total, squares = triton(x, weight, bias, mask, channel_stats=True, **conv_args)
-    assert y.shape == (0, 32, 8, 8) and (total == 0).all() and (squares == 0).all()
-
-
-# Low precision: the error vs the float64 oracle may be at most ~2x PyTorch's own conv in that
-# dtype (STYLE.md), whose error is that of rounding the fp32-accumulated result once. Gradients:
-# relative to their largest entry, within a few roundings of the dtype (eps: 2^-8 bf16, 2^-11 fp16).
-GRAD_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("mode,group_size", [("spatial", None), ("group", 16), ("neuron", None)], ids=str)
-def test_low_precision_near_pytorchs_own(mode, group_size, dtype):
-    x, weight, b, mask, conv_args = case(CONFIGS[0], mode, group_size)
-    x, weight, b = x.to(dtype), weight.to(dtype), b.to(dtype)
-    inputs, oracle = leaves_and_oracle(x, weight, b)
-    ours = triton(*inputs, mask=mask, **conv_args)
-    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
-    theirs = reference.masked_conv2d(x.float(), weight.float(), b.float(), mask, **conv_args).to(dtype)
-    assert ours.dtype == dtype
-    assert (ours.double() - expected).abs().max() <= 2 * (theirs.double() - expected).abs().max() + 1e-6
-    assert (ours.detach()[(~mask).expand_as(ours)] == 0).all()
-    grad_y = torch.randn_like(expected).to(dtype)
-    got = torch.autograd.grad(ours, inputs, grad_y)
-    want = torch.autograd.grad(expected, oracle, grad_y.double())
-    for g, r in zip(got, want):
-        assert g.dtype == dtype
-        assert (g.double() - r).abs().max() <= GRAD_TOLERANCE[dtype] * r.abs().max()
-
-
 def test_deterministic_bit_identical_runs(monkeypatch):
     monkeypatch.setattr(backward, "WEIGHT_CHUNK", common.BLOCK_M)  # several grad-weight partials
     x, weight, bias, mask, conv_args = case((3, 4, 9, 9, 32, 3, 1, 1, 1, 1), "group", 16)
@@ -324,19 +197,6 @@ def test_deterministic_bit_identical_runs(monkeypatch):
         runs.append((y.detach(), total, squares, xs.grad, ws.grad, bs.grad))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-
-
-def test_masked_grad_output_is_ignored():
-    # The backward reads grad_output only where the mask keeps it (BN's backward leaves
-    # meaningless values at masked positions).
-    x, weight, _, mask, conv_args = case(CONFIGS[1], "neuron", None)
-    index = rk.kept_index(mask, weight.shape[0])
-    args = (mask, *index, [2, 2], [1, 1], [1, 1], 1, [True, True, True])
-    grad = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=DEVICE)
-    noisy = torch.where(mask, grad, torch.full_like(grad, float("nan")))
-    clean = torch.ops.rmask.triton_masked_conv2d_backward(grad * mask, x, weight, *args)
-    for got, want in zip(torch.ops.rmask.triton_masked_conv2d_backward(noisy, x, weight, *args), clean):
-        assert torch.equal(got, want)
 
 
 def test_backend_resolution():
@@ -370,14 +230,13 @@ def test_registration_imports_no_triton_and_cpu_needs_the_interpreter():
         "print(caught[0].message)\n"
         "assert torch.allclose(y, torch.nn.functional.conv2d(x, w, None, 1, 1) * m)\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    result = python_subprocess(["-c", code], env={"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run on CPU tensors only in Triton's interpreter; set TRITON_INTERPRET=1" in result.stdout
     assert "backend='triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)" in result.stdout
 
 
-def test_triton_backend_without_the_extension(tmp_path):
+def test_triton_backend_without_the_extension():
     # A GPU user without a C++ toolchain: no rmask_kernels._C, yet the triton_ ops are defined
     # (from rmask_kernels/schemas.py) and serve, with their fake kernels and autograd. The
     # subprocess imports the package under test (PYTHONPATH, run outside any source tree).
@@ -399,8 +258,7 @@ def test_triton_backend_without_the_extension(tmp_path):
         "    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(rk.__file__))}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = python_subprocess(["-c", code], env={"TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.splitlines() == [rk.__file__, "ok"], result.stdout
 
@@ -441,30 +299,6 @@ def test_op_rejects_an_inconsistent_index():
         call(offsets, positions.int(), by_position, channels)
 
 
-def opcheck_all(device):
-    # A spatial mask: one program per kernel, opcheck calls each op many times.
-    x, weight, bias, mask, conv_args = make_case(CONFIGS[1], "spatial", None, 0.5, torch.float32)
-    x, weight, bias, mask = (t.to(device) for t in (x, weight, bias, mask))
-    residual = torch.randn(2, 32, *mask.shape[1:], device=device, requires_grad=True)
-    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask,
-            *rk.kept_index(mask, 32), [2, 2], [1, 1], [1, 1], 1)
-    torch.library.opcheck(torch.ops.rmask.triton_masked_conv2d.default, args + (residual,), {"relu": True})
-    torch.library.opcheck(torch.ops.rmask.triton_masked_conv2d_stats.default, args)
-    y = torch.ops.rmask.triton_masked_conv2d(*args)
-    backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
-    torch.library.opcheck(torch.ops.rmask.triton_masked_conv2d_backward.default, backward_args)
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="the CUDA variant below runs on a GPU")
-def test_opcheck_under_the_interpreter():
-    opcheck_all("cpu")
-
-
-@pytest.mark.cuda
-def test_opcheck_cuda():
-    opcheck_all("cuda")
-
-
 @pytest.mark.cuda
 def test_torch_compile_cuda():
     # fullgraph: no graph break around the op nor in auto's choice of triton.
@@ -482,7 +316,7 @@ def test_torch_compile_cuda():
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode,group_size", MODES, ids=str)
 def test_benchmark_shapes_cuda(mode, group_size):
-    # One of PERF.md's shapes at full size, fp32 in strict precision (TF32 off on both sides:
+    # One of the benchmark shapes (docs/design.md) at full size, fp32 in strict precision (TF32 off on both sides:
     # the strict_fp32 fixture); sums of 576 products, hence the looser tolerance.
     x, weight, bias, mask, conv_args = case((8, 64, 32, 32, 64, 3, 1, 1, 1, 1), mode, group_size, 0.7)
     check_forward_and_backward(x, weight, bias, mask, conv_args, tolerance=dict(rtol=1e-3, atol=1e-3))
@@ -492,17 +326,14 @@ def test_kernels_compile_for_a_gpu():
     # The interpreter never lowers the kernels: compile each for sm_90 (no GPU needed), in a
     # process where they are defined for the GPU. Triton's cache (keyed by the kernels' source)
     # makes a rerun of unchanged kernels quick; a changed kernel compiles again.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    # The package under test, not one the script's folder or an install would find first.
-    env.update(TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=os.path.dirname(os.path.dirname(rk.__file__)))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile.py")], capture_output=True,
-                            text=True, env=env)
+    result = python_subprocess([str(ROOT / "tests" / "triton_compile.py")],
+                               env={"TRITON_INTERPRET": None, "TRITON_DEFAULT_FP_FUSION": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.count("compiled ") >= 4 and result.stdout.rstrip().endswith("ok")
 
 
 def test_gpu_benchmark_table():
-    # The script's table and defaults, without a GPU: ratios as PERF.md defines them.
+    # The script's table and defaults, without a GPU: ratios as docs/design.md defines them.
     spec = importlib.util.spec_from_file_location("gpu_times", ROOT / "benchmarks" / "gpu_times.py")
     gpu_times = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_times)
@@ -518,6 +349,6 @@ def test_gpu_benchmark_table():
 def test_gpu_benchmark_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the script would run the benchmark")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_times.py")], capture_output=True, text=True)
+    result = python_subprocess([str(ROOT / "benchmarks" / "gpu_times.py")])
     assert result.returncode != 0
     assert "needs a CUDA device" in result.stderr
