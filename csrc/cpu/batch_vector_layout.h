@@ -37,8 +37,8 @@ inline void transpose_block(const float* src, int64_t src_stride, float* dst, in
     for (int64_t k = 0; k < cols; ++k) dst[k * dst_stride + i] = src[i * src_stride + k];
 }
 
-// The padding lanes of panel rows, a few floats each, once per row: a memset call each
-// (what GCC made of the plain loop) was a quarter of a batch-2 neuron forward.
+// The padding lanes of panel rows, a few floats each, once per row, in vector stores: GCC
+// makes a memset call of the plain loop, a quarter of a batch-2 neuron forward's time.
 inline void zero_floats(float* dst, int64_t count) {
   int64_t i = 0;
   for (; i + Simd::kLanes <= count; i += Simd::kLanes) Simd::store(dst + i, Simd::zero());
@@ -51,7 +51,7 @@ inline void copy_floats(float* dst, const float* src, int64_t count) {
   for (; i < count; ++i) dst[i] = src[i];
 }
 
-// 64 output columns' kept bits. A type of this file's own (see InputBlock).
+// 64 output columns' kept bits. A type of these headers' own (see batch_vector_impl.h).
 struct KeptWord {
   uint64_t bits;
 };
@@ -61,12 +61,9 @@ struct KeptWord {
 // where src is not read. residual may be null (then 0). The ReLU keeps NaN, as torch.relu does.
 // With `stream`, streaming stores where dst is aligned: outputs come from the output cache
 // (output_cache.h), blocks this code last wrote the same way, so no cached copy of them needs
-// evicting, and the stores skip reading each line before overwriting it. Measured side by side
-// with F.conv2d * mask (make bench's setting, 64->64@32, keep 0.1): spatial 4.8 -> 2.5 ms,
-// neuron 3.7-4.1 -> 2.8-3.1 ms; ResNet-18 inference 1.52x -> 1.62x with
-// benchmarks/model_times.py. (Before the output cache, outputs were fresh glibc memory the
-// previous op had just dirtied, and plain stores measured faster.) The caller fences
-// (_mm_sfence) before anyone reads dst.
+// evicting, and the stores skip reading each line before overwriting it (at 64->64@32, keep
+// 0.1, a spatial forward takes about half the time it takes with plain stores; docs/design.md).
+// The caller fences (_mm_sfence) before anyone reads dst.
 inline void floats_out(float* dst, const float* src, const KeptWord* kept, const float* residual, int64_t count,
                        bool relu, bool stream) {
   using V = typename Simd::V;
@@ -95,7 +92,6 @@ constexpr int64_t kPrefetchChannels = 2;
 
 inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t channels, int64_t width,
                            float* tensor, Strides s, int64_t row, float* panel) {
-  const int64_t np = padded;
   if (s.position == 1) {  // NCHW: consecutive positions of one channel per tile row
     // Images outermost within a channel: each tensor page (one image's plane) is visited once per row.
     // Whole 16 x 16 blocks (AVX-512) where the batch and the row allow, 8 x 8 elsewhere.
@@ -111,44 +107,44 @@ inline void row_batch_last(bool to_panel, int64_t batch, int64_t padded, int64_t
     for (int64_t c = 0; c < channels; ++c) {
       for (int64_t n0 = 0; n0 < n_whole; n0 += L)
         for (int64_t w0 = 0; w0 < w_whole; w0 += L) {
-          float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
-          float* b = panel + (w0 * channels + c) * np + n0;
+          float* in_tensor = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
+          float* in_panel = panel + (w0 * channels + c) * padded + n0;
           if (to_panel) {
-            prefetch_ahead(t, c, L);
-            Simd::transpose(t, s.n, b, channels * np);
+            prefetch_ahead(in_tensor, c, L);
+            Simd::transpose(in_tensor, s.n, in_panel, channels * padded);
           } else {
-            Simd::transpose(b, channels * np, t, s.n);
+            Simd::transpose(in_panel, channels * padded, in_tensor, s.n);
           }
         }
       for (int64_t n0 = 0; n0 < batch; n0 += 8) {
         for (int64_t w0 = n0 < n_whole ? w_whole : 0; w0 < width; w0 += 8) {
-          float* t = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
-          float* b = panel + (w0 * channels + c) * np + n0;
+          float* in_tensor = tensor + c * s.c + (row * width + w0) * s.position + n0 * s.n;
+          float* in_panel = panel + (w0 * channels + c) * padded + n0;
           const int64_t images = min64(8, batch - n0), cols = min64(8, width - w0);
           if (to_panel) {
-            if (w0 % 16 == 0) prefetch_ahead(t, c, images);  // a 64-byte line covers 16 columns
-            transpose_block(t, s.n, b, channels * np, images, cols);
+            if (w0 % 16 == 0) prefetch_ahead(in_tensor, c, images);  // a 64-byte line covers 16 columns
+            transpose_block(in_tensor, s.n, in_panel, channels * padded, images, cols);
           } else {
-            transpose_block(b, channels * np, t, s.n, cols, images);
+            transpose_block(in_panel, channels * padded, in_tensor, s.n, cols, images);
           }
         }
       }
-      if (to_panel && np > batch)
-        for (int64_t w = 0; w < width; ++w) zero_floats(panel + (w * channels + c) * np + batch, np - batch);
+      if (to_panel && padded > batch)
+        for (int64_t w = 0; w < width; ++w) zero_floats(panel + (w * channels + c) * padded + batch, padded - batch);
     }
   } else {  // NHWC: 8 consecutive channels of one position per tile row
     for (int64_t w = 0; w < width; ++w) {
       for (int64_t c0 = 0; c0 < channels; c0 += 8) {
         const int64_t cols = min64(8, channels - c0);
-        float* t = tensor + c0 * s.c + (row * width + w) * s.position;
-        float* b = panel + (w * channels + c0) * np;
+        float* in_tensor = tensor + c0 * s.c + (row * width + w) * s.position;
+        float* in_panel = panel + (w * channels + c0) * padded;
         for (int64_t n0 = 0; n0 < batch; n0 += 8) {
           const int64_t images = min64(8, batch - n0);
-          if (to_panel) transpose_block(t + n0 * s.n, s.n, b + n0, np, images, cols);
-          else transpose_block(b + n0, np, t + n0 * s.n, s.n, cols, images);
+          if (to_panel) transpose_block(in_tensor + n0 * s.n, s.n, in_panel + n0, padded, images, cols);
+          else transpose_block(in_panel + n0, padded, in_tensor + n0 * s.n, s.n, cols, images);
         }
-        if (to_panel && np > batch)
-          for (int64_t k = 0; k < cols; ++k) zero_floats(b + k * np + batch, np - batch);
+        if (to_panel && padded > batch)
+          for (int64_t k = 0; k < cols; ++k) zero_floats(in_panel + k * padded + batch, padded - batch);
       }
     }
   }
@@ -159,8 +155,8 @@ inline void row_to_batch_last(const BatchVectorGeometry& g, const float* src, St
 }
 
 // Whether a kept output position reads a block of Simd::kLanes input positions through some
-// tap. A type of this file's own, as KeptBlock below: a std::vector<uint8_t> instantiated
-// here would be shared with code compiled for another CPU.
+// tap. A type of these headers' own (see batch_vector_impl.h): a std::vector<uint8_t>
+// instantiated here would be shared with code compiled for another CPU.
 struct InputBlock {
   bool read;
 };
@@ -168,8 +164,8 @@ struct InputBlock {
 // One image of an NCHW or NHWC tensor as a channels-last image [H * W][stride] (channels
 // [channels, stride) zero), into `image`. NCHW in blocks of kLanes channels x kLanes positions,
 // a block of channels at a time over the whole plane: each block row is a whole cache line of
-// its plane, and only kLanes planes stream at once (all of them at once, in blocks of 16
-// positions: 12% slower on 64->64@32, 1024-position planes). `needed` (or null: all), per
+// its plane, and only kLanes planes stream at once (streaming all of them at once, in blocks
+// of 16 positions, is 12% slower on 64->64@32, 1024-position planes). `needed` (or null: all), per
 // block of kLanes positions: whether any kept output reads it; the others are left as they
 // were (a strided conv at keep 0.1 reads ~70% of them, see needed_blocks).
 inline void image_channels_last(const float* src, Strides s, int64_t channels, int64_t hw, int64_t stride,
@@ -222,7 +218,7 @@ inline void image_out(const float* image, int64_t stride, int64_t channels, int6
   }
 }
 
-// Where a plane's block of Simd::kLanes output positions (from b * kLanes) finds its kept
+// Where a plane's block b of Simd::kLanes output positions (from b * kLanes) finds its kept
 // outputs: `kept` has a bit per kept position, `first` is the compact index of the first one.
 struct KeptBlock {
   uint32_t kept;
@@ -233,9 +229,9 @@ struct KeptBlock {
 inline std::vector<KeptBlock> kept_blocks(const int64_t* positions, int64_t npositions, int64_t hw) {
   std::vector<KeptBlock> blocks((hw + Simd::kLanes - 1) / Simd::kLanes, KeptBlock{0, 0});
   for (int64_t k = npositions - 1; k >= 0; --k) {  // backwards: `first` ends at the lowest index
-    KeptBlock& b = blocks[positions[k] / Simd::kLanes];
-    b.kept |= 1u << (positions[k] % Simd::kLanes);
-    b.first = k;
+    KeptBlock& block = blocks[positions[k] / Simd::kLanes];
+    block.kept |= 1u << (positions[k] % Simd::kLanes);
+    block.first = k;
   }
   return blocks;
 }
@@ -260,35 +256,35 @@ inline void compact_out(const float* rows, int64_t stride, const int64_t* positi
     for (int64_t c = 0; c < channels; ++c) {
       const float* plane = planes + c * npositions;
       float* out = dst + c * s.c;
-      const float* res = residual ? residual + c * s.c : nullptr;
+      const float* residual_here = residual ? residual + c * s.c : nullptr;
       for (int64_t q = 0; q < whole; q += Simd::kLanes) {
-        const KeptBlock& b = blocks[q / Simd::kLanes];
-        V v = b.kept ? Simd::expand(b.kept, plane + b.first) : zero;
-        if (res) {
-          v = Simd::add(v, Simd::load(res + q));
+        const KeptBlock& block = blocks[q / Simd::kLanes];
+        V v = block.kept ? Simd::expand(block.kept, plane + block.first) : zero;
+        if (residual_here) {
+          v = Simd::add(v, Simd::load(residual_here + q));
           if (relu) v = Simd::max(zero, v);
         }
         if (reinterpret_cast<uintptr_t>(out + q) % sizeof(V) == 0) Simd::stream(out + q, v);
         else Simd::store(out + q, v);
       }
       if (whole < hw) {
-        const KeptBlock& b = blocks[whole / Simd::kLanes];
-        for (int64_t q = whole, k = b.first; q < hw; ++q) {
-          float v = (b.kept >> (q - whole) & 1) ? plane[k++] : 0.0f;
-          if (res) v = v + res[q];
-          out[q] = (res && relu && v < 0.0f) ? 0.0f : v;
+        const KeptBlock& block = blocks[whole / Simd::kLanes];
+        for (int64_t q = whole, k = block.first; q < hw; ++q) {
+          float v = (block.kept >> (q - whole) & 1) ? plane[k++] : 0.0f;
+          if (residual_here) v = v + residual_here[q];
+          out[q] = (residual_here && relu && v < 0.0f) ? 0.0f : v;
         }
       }
     }
   } else {
     for (int64_t q = 0, k = 0; q < hw; ++q) {
       float* out = dst + q * s.position;
-      const float* res = residual ? residual + q * s.position : nullptr;
+      const float* residual_here = residual ? residual + q * s.position : nullptr;
       if (k < npositions && positions[k] == q) {
         const float* row = rows + (k++) * stride;
-        floats_out(out, row, nullptr, res, channels, relu && res, false);
-      } else if (res) {
-        for (int64_t c = 0; c < channels; ++c) out[c] = (relu && res[c] < 0.0f) ? 0.0f : res[c];
+        floats_out(out, row, nullptr, residual_here, channels, relu && residual_here, false);
+      } else if (residual_here) {
+        for (int64_t c = 0; c < channels; ++c) out[c] = (relu && residual_here[c] < 0.0f) ? 0.0f : residual_here[c];
       } else {
         __builtin_memset(out, 0, sizeof(float) * channels);
       }

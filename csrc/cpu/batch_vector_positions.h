@@ -13,7 +13,8 @@
 // backward_positions runs grad-input through it too (one tap, output channels as the sum).
 template <int R, int NV>
 __attribute__((noinline)) void position_block(const float* const* x_taps, int64_t ntaps, int64_t cin,
-                                              const float* w_p, int64_t cout_pad, int64_t co0, const float* bias,
+                                              const float* packed_weight, int64_t cout_pad, int64_t co0,
+                                              const float* bias,
                                               bool relu, bool accumulate, float* const* out_rows) {
   using V = typename Simd::V;
   V acc[R][NV];
@@ -22,30 +23,30 @@ __attribute__((noinline)) void position_block(const float* const* x_taps, int64_
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = Simd::zero();
   for (int64_t t = 0; t < ntaps; ++t) {
-    const float* xp[R];
+    const float* x_tap[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) xp[r] = x_taps[r * ntaps + t];
-    const float* wp = w_p + t * cin * cout_pad + co0;
+    for (int r = 0; r < R; ++r) x_tap[r] = x_taps[r * ntaps + t];
+    const float* w_tap = packed_weight + t * cin * cout_pad + co0;
     for (int64_t ci = 0; ci < cin; ++ci) {
       V w[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) w[v] = Simd::load(wp + ci * cout_pad + v * Simd::kLanes);
+      for (int v = 0; v < NV; ++v) w[v] = Simd::load(w_tap + ci * cout_pad + v * Simd::kLanes);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const V xb = Simd::broadcast(xp[r] + ci);
+        const V x = Simd::broadcast(x_tap[r] + ci);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = Simd::fma(xb, w[v], acc[r][v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = Simd::fma(x, w[v], acc[r][v]);
       }
     }
   }
   const V zero = Simd::zero();
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
-    const V b = bias ? Simd::load(bias + co0 + v * Simd::kLanes) : zero;
+    const V shift = bias ? Simd::load(bias + co0 + v * Simd::kLanes) : zero;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       float* out = out_rows[r] + co0 + v * Simd::kLanes;
-      V value = Simd::add(acc[r][v], b);
+      V value = Simd::add(acc[r][v], shift);
       if (relu) value = Simd::max(zero, value);
       if (accumulate) value = Simd::add(Simd::load(out), value);
       Simd::store(out, value);
@@ -55,14 +56,15 @@ __attribute__((noinline)) void position_block(const float* const* x_taps, int64_
 
 // position_block over every tile of R positions x NV vectors: rows of out_pad floats (padded
 // output channels), reduction over `cin` per tap.
-inline void position_tiles(const float* const* x_taps, int64_t ntaps, int64_t cin, const float* w_p, int64_t out_pad,
-                           const float* bias, bool relu, bool accumulate, float* const* out_rows, int rows) {
+inline void position_tiles(const float* const* x_taps, int64_t ntaps, int64_t cin, const float* packed_weight,
+                           int64_t out_pad, const float* bias, bool relu, bool accumulate, float* const* out_rows,
+                           int rows) {
   for (int64_t co0 = 0; co0 < out_pad; co0 += kPositionVectors * Simd::kLanes) {
     const int nv = static_cast<int>(min64(kPositionVectors, (out_pad - co0) / Simd::kLanes));
     with_count<kPositionRows>(rows, [&](auto r) {
       with_count<kPositionVectors>(nv, [&](auto v) {
-        position_block<decltype(r)::value, decltype(v)::value>(x_taps, ntaps, cin, w_p, out_pad, co0, bias, relu,
-                                                               accumulate, out_rows);
+        position_block<decltype(r)::value, decltype(v)::value>(x_taps, ntaps, cin, packed_weight, out_pad, co0, bias,
+                                                               relu, accumulate, out_rows);
       });
     });
   }
@@ -100,10 +102,11 @@ inline void point_taps(const BatchVectorGeometry& g, const int64_t* positions, i
     }
 }
 
-void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs, const float* w_p, int64_t cout_pad,
-                       const float* bias_p, bool relu, const int64_t* positions, int64_t npositions,
-                       int64_t image_begin, int64_t image_end, const float* residual, float* y, Strides ys,
-                       const float** x_taps, const float* zeros, float* scratch, double* channel_sums) {
+void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* packed_weight,
+                       int64_t cout_pad, const float* padded_bias, bool relu, const int64_t* positions,
+                       int64_t npositions, int64_t image_begin, int64_t image_end, const float* residual, float* y,
+                       Strides y_strides, const float** x_taps, const float* zeros, float* scratch,
+                       double* channel_sums) {
   // One image at a time, channels-last: an NCHW image is transposed into `scratch` first, so
   // that each tap's channels are contiguous (in NCHW they lie a plane apart, all in one L1
   // set); the kept positions are computed in tiles into compact rows, one per kept position,
@@ -112,7 +115,7 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
   const int64_t cin = g.in_channels, cout = g.out_channels, ntaps = g.kernel_h * g.kernel_w;
   const int64_t hw = g.height * g.width, hw_out = g.out_height * g.out_width;
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
-  const bool x_nchw = xs.c != 1;
+  const bool x_nchw = x_strides.c != 1;
   float* x_image = scratch;                                     // [H * W][Cin], for NCHW x
   float* y_rows = scratch + (x_nchw ? hw * cin : 0);            // [P][cout_pad]
   float* y_planes = y_rows + npositions * cout_pad;             // [Cout][P], for NCHW y
@@ -120,17 +123,17 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
   const auto needed = x_nchw ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();  // NCHW layout only
   float* out_rows[kPositionRows];
   for (int64_t n = image_begin; n < image_end; ++n) {
-    const float* x_n = x + n * xs.n;
-    int64_t row_stride = xs.position;
+    const float* x_n = x + n * x_strides.n;
+    int64_t row_stride = x_strides.position;
     if (x_nchw) {
-      image_channels_last(x_n, xs, cin, hw, cin, x_image, needed.data());
+      image_channels_last(x_n, x_strides, cin, hw, cin, x_image, needed.data());
       x_n = x_image, row_stride = cin;
     }
     for (int64_t k0 = 0; k0 < npositions; k0 += kPositionRows) {
       const int rows = static_cast<int>(min64(kPositionRows, npositions - k0));
       point_taps(g, positions + k0, rows, x_n, row_stride, zeros, x_taps);
       for (int r = 0; r < rows; ++r) out_rows[r] = y_rows + (k0 + r) * cout_pad;
-      position_tiles(x_taps, ntaps, cin, w_p, cout_pad, bias_p, block_relu, false, out_rows, rows);
+      position_tiles(x_taps, ntaps, cin, packed_weight, cout_pad, padded_bias, block_relu, false, out_rows, rows);
     }
     if (channel_sums) {  // over the kept outputs (the masked ones are 0 and add nothing)
       for (int64_t k = 0; k < npositions; ++k) {
@@ -141,16 +144,16 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides xs,
         }
       }
     }
-    compact_out(y_rows, cout_pad, positions, npositions, blocks.data(), cout, hw_out, y + n * ys.n, ys,
-                residual ? residual + n * ys.n : nullptr, relu, y_planes);
+    compact_out(y_rows, cout_pad, positions, npositions, blocks.data(), cout, hw_out, y + n * y_strides.n, y_strides,
+                residual ? residual + n * y_strides.n : nullptr, relu, y_planes);
   }
   _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
 
-void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gys, const float* x, Strides xs,
-                        const float* w_b, const int64_t* positions, int64_t npositions, int64_t image_begin,
-                        int64_t image_end, float* grad_x, Strides gxs, float* grad_w_part, float* grad_b_part,
-                        float* scratch) {
+void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* x,
+                        Strides x_strides, const float* backward_weight, const int64_t* positions, int64_t npositions,
+                        int64_t image_begin, int64_t image_end, float* grad_x, Strides grad_x_strides,
+                        float* grad_w_part, float* grad_b_part, float* scratch) {
   // Per image, as forward_positions: the kept output gradients gathered twice (rows [P][Cout]
   // for grad-input, columns [Cout][P] for grad-weight and grad-bias); grad-input scattered
   // tap by tap into a channels-last image (distinct positions of one tap never share an input
@@ -158,37 +161,38 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   // rows packed at a time. One thread per image and a fixed order: deterministic.
   const int64_t cin = g.in_channels, cout = g.out_channels, ntaps = g.kernel_h * g.kernel_w;
   const int64_t cin_pad = padded_channels(cin), cout_pad = padded_channels(cout), hw = g.height * g.width;
-  const int64_t np = npositions;
-  float* rows = scratch;                     // [P][cout_pad]
-  float* columns = rows + np * cout_pad;     // [Cout][P]
-  float* image = columns + cout * np;        // [H * W][cin_pad]: x for grad-weight, grad-x for grad-input
-  float* panel = image + hw * cin_pad;       // [P][cin_pad]: one tap's input rows
-  float* spare = panel + np * cin_pad;       // [cin_pad]: what padding taps add to
+  const int64_t kept_count = npositions;  // P: the kept positions
+  float* rows = scratch;                          // [P][cout_pad]
+  float* columns = rows + kept_count * cout_pad;  // [Cout][P]
+  float* image = columns + cout * kept_count;     // [H * W][cin_pad]: x for grad-weight, grad-x for grad-input
+  float* panel = image + hw * cin_pad;            // [P][cin_pad]: one tap's input rows
+  float* spare = panel + kept_count * cin_pad;    // [cin_pad]: what padding taps add to
   float* out_rows[kPositionRows];
-  const bool lay_out_x = grad_w_part && xs.c != 1;  // the NCHW layout for grad-weight uses `needed`
-  const auto needed = lay_out_x ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();
-  for (int64_t k = 0; k < np; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
+  const bool lay_out_x = grad_w_part && x_strides.c != 1;  // the NCHW layout for grad-weight uses `needed`
+  const auto needed = lay_out_x ? needed_blocks(g, positions, kept_count) : std::vector<InputBlock>();
+  for (int64_t k = 0; k < kept_count; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
   for (int64_t n = image_begin; n < image_end; ++n) {
-    const float* gy_n = gy + n * gys.n;
+    const float* gy_n = gy + n * gy_strides.n;
     for (int64_t c = 0; c < cout; ++c)
-      for (int64_t k = 0; k < np; ++k) columns[c * np + k] = gy_n[c * gys.c + positions[k] * gys.position];
+      for (int64_t k = 0; k < kept_count; ++k)
+        columns[c * kept_count + k] = gy_n[c * gy_strides.c + positions[k] * gy_strides.position];
     if (grad_x)
       for (int64_t c0 = 0; c0 < cout; c0 += 8)
-        for (int64_t k0 = 0; k0 < np; k0 += 8)
-          transpose_block(columns + c0 * np + k0, np, rows + k0 * cout_pad + c0, cout_pad, min64(8, cout - c0),
-                          min64(8, np - k0));
+        for (int64_t k0 = 0; k0 < kept_count; k0 += 8)
+          transpose_block(columns + c0 * kept_count + k0, kept_count, rows + k0 * cout_pad + c0, cout_pad,
+                          min64(8, cout - c0), min64(8, kept_count - k0));
     if (grad_b_part)
       for (int64_t c = 0; c < cout; ++c) {
         float sum = 0.0f;
-        for (int64_t k = 0; k < np; ++k) sum += columns[c * np + k];
+        for (int64_t k = 0; k < kept_count; ++k) sum += columns[c * kept_count + k];
         grad_b_part[c] += sum;
       }
     if (grad_w_part) {
-      image_channels_last(x + n * xs.n, xs, cin, hw, cin_pad, image, needed.data());
+      image_channels_last(x + n * x_strides.n, x_strides, cin, hw, cin_pad, image, needed.data());
       const float* zeros = spare;
       zero_floats(spare, cin_pad);
       for (int64_t t = 0; t < ntaps; ++t) {
-        for (int64_t k = 0; k < np; ++k) {
+        for (int64_t k = 0; k < kept_count; ++k) {
           const int64_t q = tap_input(g, positions[k], t);
           copy_floats(panel + k * cin_pad, q >= 0 ? image + q * cin_pad : zeros, cin_pad);
         }
@@ -197,11 +201,11 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
           const float* gy_rows[kWeightTile];
           float* out[kWeightTile];
           for (int k = 0; k < count; ++k) {
-            gy_rows[k] = columns + (c0 + k) * np;
+            gy_rows[k] = columns + (c0 + k) * kept_count;
             out[k] = grad_w_part + ((c0 + k) * ntaps + t) * cin_pad;
           }
           with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
-            grad_weight_channels_tile<decltype(ch)::value>(gy_rows, panel, np, cin_pad, out);
+            grad_weight_channels_tile<decltype(ch)::value>(gy_rows, panel, kept_count, cin_pad, out);
           });
         }
       }
@@ -209,18 +213,19 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
     if (grad_x) {
       __builtin_memset(image, 0, sizeof(float) * hw * cin_pad);
       const float* row_of[kPositionRows];
-      for (int64_t k0 = 0; k0 < np; k0 += kPositionRows) {
-        const int count = static_cast<int>(min64(kPositionRows, np - k0));
+      for (int64_t k0 = 0; k0 < kept_count; k0 += kPositionRows) {
+        const int count = static_cast<int>(min64(kPositionRows, kept_count - k0));
         for (int r = 0; r < count; ++r) row_of[r] = rows + (k0 + r) * cout_pad;
         for (int64_t t = 0; t < ntaps; ++t) {
           for (int r = 0; r < count; ++r) {
             const int64_t q = tap_input(g, positions[k0 + r], t);
             out_rows[r] = q >= 0 ? image + q * cin_pad : spare;
           }
-          position_tiles(row_of, 1, cout, w_b + t * cout * cin_pad, cin_pad, nullptr, false, true, out_rows, count);
+          position_tiles(row_of, 1, cout, backward_weight + t * cout * cin_pad, cin_pad, nullptr, false, true,
+                         out_rows, count);
         }
       }
-      image_out(image, cin_pad, cin, hw, grad_x + n * gxs.n, gxs, nullptr, false);
+      image_out(image, cin_pad, cin, hw, grad_x + n * grad_x_strides.n, grad_x_strides, nullptr, false);
     }
   }
   _mm_sfence();  // the streaming stores are visible before the caller reads grad_x
@@ -230,28 +235,28 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
 // w contiguous, for k = ci * taps + t in [k_begin, k_end). As a [Cout][Cin * taps] matrix w is
 // transposed a kLanes x kLanes block at a time, a block of k over every Cout before the next,
 // so that each (tap, input channel) row is written whole: ATen's copy of the permuted weights
-// took 40-90 us (PERF.md's shapes, 2 threads), a tenth of the fixed part.
+// takes 40-90 us (2 threads), a tenth of a spatial forward's fixed part.
 void pack_position_weights(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst, int64_t cout_pad,
                            int64_t k_begin, int64_t k_end) {
   constexpr int64_t L = Simd::kLanes;
   const int64_t k_total = cin * taps;
   alignas(64) float block[L * L];
   for (int64_t k0 = k_begin; k0 < k_end; k0 += L) {
-    const int64_t nk = min64(L, k_end - k0);
+    const int64_t block_rows = min64(L, k_end - k0);
     float* rows[L];
-    // (ci, t) of each k, stepped rather than divided: a division per row was most of the
+    // (ci, t) of each k, stepped rather than divided: a division per row is most of the
     // packing's ~40 us (128x64x3x3)
-    for (int64_t kk = 0, ci = k0 / taps, t = k0 % taps; kk < nk; ++kk) {
-      rows[kk] = dst + (t * cin + ci) * cout_pad;
+    for (int64_t r = 0, ci = k0 / taps, t = k0 % taps; r < block_rows; ++r) {
+      rows[r] = dst + (t * cin + ci) * cout_pad;
       if (++t == taps) t = 0, ++ci;
     }
     int64_t co0 = 0;
-    if (nk == L)
+    if (block_rows == L)
       for (; co0 + L <= cout; co0 += L) {
         Simd::transpose(w + co0 * k_total + k0, k_total, block, L);
-        for (int64_t kk = 0; kk < L; ++kk) Simd::store(rows[kk] + co0, Simd::load(block + kk * L));
+        for (int64_t r = 0; r < L; ++r) Simd::store(rows[r] + co0, Simd::load(block + r * L));
       }
-    for (int64_t kk = 0; kk < nk; ++kk)
-      for (int64_t co = co0; co < cout_pad; ++co) rows[kk][co] = co < cout ? w[co * k_total + k0 + kk] : 0.0f;
+    for (int64_t r = 0; r < block_rows; ++r)
+      for (int64_t co = co0; co < cout_pad; ++co) rows[r][co] = co < cout ? w[co * k_total + k0 + r] : 0.0f;
   }
 }

@@ -15,28 +15,29 @@ inline int tile_vectors(const BatchVectorGeometry& g, int64_t nb) {
 // accumulators are locals of this one function so that they live in registers. Not inlined:
 // inside the row loop the compiler runs out of general registers and spills accumulators.
 template <int CH, int NV>
-__attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const float* x_t, const float* w_f, const float* bias,
-                          bool relu, const int64_t* channels, const int64_t* taps, int64_t ntaps, int64_t p,
-                          int64_t nb, float* y, Strides s) {
+__attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const float* panels,
+                                             const float* forward_weight, const float* bias, bool relu,
+                                             const int64_t* channels, const int64_t* taps, int64_t ntaps, int64_t p,
+                                             int64_t nb, float* y, Strides s) {
   using V = typename Simd::V;
-  const int64_t cin = g.in_channels, np = g.padded_batch, row = g.kernel_h * g.kernel_w * cin;
+  const int64_t cin = g.in_channels, padded_batch = g.padded_batch, per_channel = g.kernel_h * g.kernel_w * cin;
   V acc[CH][NV];
 #pragma GCC unroll 16
   for (int k = 0; k < CH; ++k)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[k][v] = Simd::zero();
   for (int64_t t = 0; t < ntaps; ++t) {
-    const float* xp = x_t + taps[2 * t + 1] + nb;
-    const float* wp[CH];
+    const float* x_tap = panels + taps[2 * t + 1] + nb;
+    const float* w_tap[CH];
 #pragma GCC unroll 16
-    for (int k = 0; k < CH; ++k) wp[k] = w_f + channels[k] * row + taps[2 * t];
+    for (int k = 0; k < CH; ++k) w_tap[k] = forward_weight + channels[k] * per_channel + taps[2 * t];
     for (int64_t ci = 0; ci < cin; ++ci) {
       V x[NV];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) x[v] = Simd::load(xp + ci * np + v * Simd::kLanes);
+      for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_tap + ci * padded_batch + v * Simd::kLanes);
 #pragma GCC unroll 16
       for (int k = 0; k < CH; ++k) {
-        const V w = Simd::broadcast(wp[k] + ci);
+        const V w = Simd::broadcast(w_tap[k] + ci);
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, x[v], acc[k][v]);
       }
@@ -60,11 +61,12 @@ __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const
 
 // grad-input: CH input channels (ci0 ...) at one input position, NV vectors of images from nb.
 template <int CH, int NV>
-__attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
-                             const int64_t* position_channels, const int64_t* contributions, int64_t ncontrib,
-                             int64_t ci0, int64_t q, int64_t nb, float* grad_x_t) {
+__attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, const float* gy_pos,
+                                                const float* backward_weight, const int64_t* position_channels,
+                                                const int64_t* contributions, int64_t ncontrib, int64_t ci0, int64_t q,
+                                                int64_t nb, float* panel) {
   using V = typename Simd::V;
-  const int64_t np = g.padded_batch, cin = g.in_channels, cout = g.out_channels;
+  const int64_t padded_batch = g.padded_batch, cin = g.in_channels, cout = g.out_channels;
   V acc[CH][NV];
 #pragma GCC unroll 16
   for (int k = 0; k < CH; ++k)
@@ -72,33 +74,34 @@ __attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, co
     for (int v = 0; v < NV; ++v) acc[k][v] = Simd::zero();
   for (int64_t t = 0; t < ncontrib; ++t) {
     const int64_t tap = contributions[3 * t], e0 = contributions[3 * t + 1], e1 = contributions[3 * t + 2];
-    const float* w_tap = w_b + tap * cout * cin + ci0;
+    const float* w_tap = backward_weight + tap * cout * cin + ci0;
     for (int64_t e = e0; e < e1; ++e) {
-      const float* gp = gy_pos + e * np + nb;
+      const float* gy_entry = gy_pos + e * padded_batch + nb;
       V gy[NV];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) gy[v] = Simd::load(gp + v * Simd::kLanes);
-      const float* wp = w_tap + position_channels[e] * cin;
+      for (int v = 0; v < NV; ++v) gy[v] = Simd::load(gy_entry + v * Simd::kLanes);
+      const float* w_channel = w_tap + position_channels[e] * cin;
 #pragma GCC unroll 16
       for (int k = 0; k < CH; ++k) {
-        const V w = Simd::broadcast(wp + k);
+        const V w = Simd::broadcast(w_channel + k);
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, gy[v], acc[k][v]);
       }
     }
   }
-  float* out = grad_x_t + (q * cin + ci0) * np + nb;
+  float* out = panel + (q * cin + ci0) * padded_batch + nb;
 #pragma GCC unroll 16
   for (int k = 0; k < CH; ++k)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) Simd::store(out + k * np + v * Simd::kLanes, acc[k][v]);
+    for (int v = 0; v < NV; ++v) Simd::store(out + k * padded_batch + v * Simd::kLanes, acc[k][v]);
 }
 
-// grad-weight: CH output channels kept at one position, one tap, V vectors of input
+// grad-weight: CH output channels kept at one position, one tap, NV vectors of input
 // channels: sum over the images of gy[channel, n] * x[n, ci], added into the partial gradient.
+// x_nc: the tap's input, [image][cin_pad]. Used by the position kernels' grad-weight too.
 template <int CH, int NV>
-__attribute__((noinline)) void grad_weight_block(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cpad,
-                              float* const* out) {
+__attribute__((noinline)) void grad_weight_block(const float* const* gy_rows, const float* x_nc, int64_t batch,
+                                                 int64_t cin_pad, float* const* out) {
   using V = typename Simd::V;
   V acc[CH][NV];
 #pragma GCC unroll 8
@@ -108,38 +111,39 @@ __attribute__((noinline)) void grad_weight_block(const float* const* gy_rows, co
   for (int64_t n = 0; n < batch; ++n) {
     V x[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_nc + n * cpad + v * Simd::kLanes);
+    for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_nc + n * cin_pad + v * Simd::kLanes);
 #pragma GCC unroll 8
     for (int k = 0; k < CH; ++k) {
-      const V gk = Simd::broadcast(gy_rows[k] + n);
+      const V gy = Simd::broadcast(gy_rows[k] + n);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(gk, x[v], acc[k][v]);
+      for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(gy, x[v], acc[k][v]);
     }
   }
 #pragma GCC unroll 8
   for (int k = 0; k < CH; ++k)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      float* o = out[k] + v * Simd::kLanes;
-      Simd::store(o, Simd::add(Simd::load(o), acc[k][v]));
+      float* sums = out[k] + v * Simd::kLanes;
+      Simd::store(sums, Simd::add(Simd::load(sums), acc[k][v]));
     }
 }
 
+// grad_weight_block over all cin_pad input channels, kWeightVectors vectors at a time.
 template <int CH>
-inline void grad_weight_channels_tile(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cpad,
+inline void grad_weight_channels_tile(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cin_pad,
                                       float* const* out) {
   constexpr int64_t step = kWeightVectors * Simd::kLanes;
   float* shifted[CH];
   int64_t ci = 0;
-  for (; ci + step <= cpad; ci += step) {
+  for (; ci + step <= cin_pad; ci += step) {
     for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
-    grad_weight_block<CH, kWeightVectors>(gy_rows, x_nc + ci, batch, cpad, shifted);
+    grad_weight_block<CH, kWeightVectors>(gy_rows, x_nc + ci, batch, cin_pad, shifted);
   }
-  const int rest = static_cast<int>((cpad - ci) / Simd::kLanes);
+  const int rest = static_cast<int>((cin_pad - ci) / Simd::kLanes);
   if (rest == 0) return;
   for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
   with_count<kWeightVectors>(rest, [&](auto nv) {
-    grad_weight_block<CH, decltype(nv)::value>(gy_rows, x_nc + ci, batch, cpad, shifted);
+    grad_weight_block<CH, decltype(nv)::value>(gy_rows, x_nc + ci, batch, cin_pad, shifted);
   });
 }
 
@@ -165,13 +169,13 @@ inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels,
 
 // Floats between images in the forward's staging row [n][c][ow]: Cout * Wout, padded off
 // multiples of 1 KiB (the scratch holds N * (Cout * Wout + 16)). Each micro-tile stores its
-// images' values at this stride; at 64 * 32 floats (8 KiB) they all fell into one L1 set.
+// images' values at this stride; at 64 * 32 floats (8 KiB) they would all fall into one L1 set.
 inline int64_t staged_image_stride(const BatchVectorGeometry& g) {
   const int64_t floats = g.out_channels * g.out_width;
   return floats % 256 == 0 ? floats + 16 : floats;  // one cache line more than a multiple of 1 KiB
 }
 
-void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
+void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* forward_weight,
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
                   int64_t row_begin, int64_t row_end, const float* residual, float* y, Strides y_strides,
                   int64_t* taps, float* panels, int64_t* panel_rows, float* staging, double* channel_sums) {
@@ -221,11 +225,12 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
           const int tile = even_tile(e1 - e, kTile);
           with_count<kTile>(tile, [&](auto ch) {
             if (nv == kVectors)
-              forward_block<decltype(ch)::value, kVectors>(g, panels, w_f, bias, block_relu, position_channels + e,
-                                                           taps, ntaps, ow, nb, staging, staged);
+              forward_block<decltype(ch)::value, kVectors>(g, panels, forward_weight, bias, block_relu,
+                                                           position_channels + e, taps, ntaps, ow, nb, staging,
+                                                           staged);
             else
-              forward_block<decltype(ch)::value, 1>(g, panels, w_f, bias, block_relu, position_channels + e, taps,
-                                                    ntaps, ow, nb, staging, staged);
+              forward_block<decltype(ch)::value, 1>(g, panels, forward_weight, bias, block_relu,
+                                                    position_channels + e, taps, ntaps, ow, nb, staging, staged);
           });
           e += tile;
         }
@@ -271,7 +276,7 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
 
-void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
+void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* backward_weight,
                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                      int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel) {
   // Each input row is computed batch-last into a cache-resident panel, then transposed out.
@@ -302,11 +307,11 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
           count = even_tile(g.in_channels - ci0, kTile);
           with_count<kTile>(static_cast<int>(count), [&](auto ch) {
             if (nv == kVectors)
-              grad_input_block<decltype(ch)::value, kVectors>(g, gy_pos, w_b, position_channels, contributions,
-                                                              ncontrib, ci0, iw, nb, panel);
+              grad_input_block<decltype(ch)::value, kVectors>(g, gy_pos, backward_weight, position_channels,
+                                                              contributions, ncontrib, ci0, iw, nb, panel);
             else
-              grad_input_block<decltype(ch)::value, 1>(g, gy_pos, w_b, position_channels, contributions, ncontrib,
-                                                       ci0, iw, nb, panel);
+              grad_input_block<decltype(ch)::value, 1>(g, gy_pos, backward_weight, position_channels,
+                                                       contributions, ncontrib, ci0, iw, nb, panel);
           });
         }
       }
@@ -320,35 +325,36 @@ void kept_gradient_rows(const BatchVectorGeometry& g, const float* gy, Strides s
                         float* panel) {
   // Each output row of gy is laid out batch-last in a panel (runs of Wout floats read per
   // plane, as the forward reads its input), then its kept pairs are copied out whole.
-  const int64_t np = g.padded_batch, cout = g.out_channels, wo = g.out_width;
+  const int64_t padded_batch = g.padded_batch, cout = g.out_channels, wo = g.out_width;
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     if (position_offsets[oh * wo] == position_offsets[(oh + 1) * wo]) continue;  // nothing kept in this row
-    row_batch_last(true, g.batch, np, cout, wo, const_cast<float*>(gy), s, oh, panel);
+    row_batch_last(true, g.batch, padded_batch, cout, wo, const_cast<float*>(gy), s, oh, panel);
     for (int64_t ow = 0; ow < wo; ++ow) {
       const int64_t p = oh * wo + ow;
       for (int64_t e = position_offsets[p]; e < position_offsets[p + 1]; ++e)
-        copy_floats(rows + e * np, panel + (ow * cout + position_channels[e]) * np, np);
+        copy_floats(rows + e * padded_batch, panel + (ow * cout + position_channels[e]) * padded_batch, padded_batch);
     }
   }
 }
 
-// Input row `row` as an image-major panel [W][N][Cpad] (channels innermost, zero-padded).
+// Input row `row` as an image-major panel [W][N][cin_pad] (channels innermost, zero-padded).
 inline void row_to_image_major(const BatchVectorGeometry& g, const float* src, Strides s, int64_t row, float* dst) {
-  const int64_t cin = g.in_channels, cpad = padded_channels(cin), width = g.width, batch = g.batch;
+  const int64_t cin = g.in_channels, cin_pad = padded_channels(cin), width = g.width, batch = g.batch;
   if (s.position == 1) {  // NCHW: tiles of 8 channels x 8 positions
     for (int64_t n = 0; n < batch; ++n)
       for (int64_t c0 = 0; c0 < cin; c0 += 8)
         for (int64_t w0 = 0; w0 < width; w0 += 8)
           transpose_block(src + n * s.n + c0 * s.c + (row * width + w0) * s.position, s.c,
-                          dst + (w0 * batch + n) * cpad + c0, batch * cpad, min64(8, cin - c0), min64(8, width - w0));
+                          dst + (w0 * batch + n) * cin_pad + c0, batch * cin_pad, min64(8, cin - c0),
+                          min64(8, width - w0));
   } else {  // NHWC: channels already innermost
     for (int64_t n = 0; n < batch; ++n)
       for (int64_t w = 0; w < width; ++w)
-        __builtin_memcpy(dst + (w * batch + n) * cpad, src + n * s.n + (row * width + w) * s.position,
+        __builtin_memcpy(dst + (w * batch + n) * cin_pad, src + n * s.n + (row * width + w) * s.position,
                          sizeof(float) * cin);
   }
-  if (cpad > cin)
-    for (int64_t r = 0; r < width * batch; ++r) zero_floats(dst + r * cpad + cin, cpad - cin);
+  if (cin_pad > cin)
+    for (int64_t r = 0; r < width * batch; ++r) zero_floats(dst + r * cin_pad + cin, cin_pad - cin);
 }
 
 void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
@@ -356,8 +362,8 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
                       int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows) {
   // Position-major: each input panel is loaded once per output position and serves every
   // channel kept there; the images are the reduction, the input channels the SIMD lanes.
-  const int64_t cpad = padded_channels(g.in_channels), kk = g.kernel_h * g.kernel_w;
-  const int64_t panel_size = g.width * g.batch * cpad;
+  const int64_t cin_pad = padded_channels(g.in_channels), ntaps = g.kernel_h * g.kernel_w;
+  const int64_t panel_size = g.width * g.batch * cin_pad;
   for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];
@@ -375,12 +381,12 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
           for (int64_t j = 0; j < g.kernel_w; ++j) {
             const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
             if (iw < 0 || iw >= g.width) continue;
-            const float* x_nc = row_panel[i] + iw * g.batch * cpad;
+            const float* x_nc = row_panel[i] + iw * g.batch * cin_pad;
             float* out[kWeightTile];
             for (int k = 0; k < count; ++k)
-              out[k] = grad_w_part + (position_channels[e + k] * kk + i * g.kernel_w + j) * cpad;
+              out[k] = grad_w_part + (position_channels[e + k] * ntaps + i * g.kernel_w + j) * cin_pad;
             with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
-              grad_weight_channels_tile<decltype(ch)::value>(gy_rows, x_nc, g.batch, cpad, out);
+              grad_weight_channels_tile<decltype(ch)::value>(gy_rows, x_nc, g.batch, cin_pad, out);
             });
           }
         }
