@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace rmask {
 
 // Shapes of one masked convolution, resolved and validated once per call.
@@ -113,6 +115,29 @@ inline ConvGeometry check_masked_conv2d_args(
                 input.device(), ", got ", t->device());
   }
   return g;
+}
+
+// Hidden (C10_HIDDEN): where the compiler keeps an out-of-line copy, the library does not
+// export it.
+
+// The two forms of the kept index list the same number of kept (position, channel) pairs. Reads
+// only sizes: on CUDA the index values would cost a device sync.
+C10_HIDDEN inline void check_kept_index_sizes(const ConvGeometry& g, const at::Tensor& positions,
+                                              const at::Tensor& position_channels) {
+  TORCH_CHECK(position_channels.numel() == positions.numel() * g.channels_per_pattern,
+              "masked_conv2d: position_channels must list the ", positions.numel() * g.channels_per_pattern,
+              " kept (position, channel) pairs of kept_offsets/kept_positions, got ", position_channels.numel());
+}
+
+// The fused residual: the output's shape, dtype and device.
+C10_HIDDEN inline void check_residual(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& residual) {
+  const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_height, g.out_width};
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(shape), "masked_conv2d: residual must have the output's shape ",
+              at::IntArrayRef(shape), ", got ", residual.sizes());
+  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), "masked_conv2d: residual dtype must match input dtype ",
+              input.scalar_type(), ", got ", residual.scalar_type());
+  TORCH_CHECK(residual.device() == input.device(), "masked_conv2d: residual must be on the input's device ",
+              input.device(), ", got ", residual.device());
 }
 
 }  // namespace rmask

@@ -36,45 +36,48 @@ struct Strides {
 
 // One instruction set's kernels (batch_vector_impl.h compiled for it). Their contracts:
 //
-// forward_rows: y[n, c, p] = relu?(bias[c] + sum_{taps, ci} w_f[c, tap, ci] * x[n, ci, q(p, tap)])
-// for the kept (p, c) pairs of output rows [row_begin, row_end), and 0 for the masked ones
-// (every element of y in those rows is written); with `residual` (not null, laid out exactly
-// as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual) everywhere.
-// x and y: NCHW or NHWC. w_f: [Cout][kh][kw][Cin]. Scratch: taps 2 * kh * kw int64; panels
-// panel_ring_rows(g) * W * Cin * padded N floats and panel_rows panel_ring_rows(g) int64;
-// staging N * (Cout * Wout + 16) floats.
+// forward_rows: y[n, c, p] = relu?(bias[c] + sum_{taps, ci} forward_weight[c, tap, ci] *
+// x[n, ci, q(p, tap)]) for the kept (p, c) pairs of output rows [row_begin, row_end), and 0 for
+// the masked ones (every element of y in those rows is written); with `residual` (not null,
+// laid out exactly as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual)
+// everywhere. x and y: NCHW or NHWC. forward_weight: [Cout][kh][kw][Cin]. Scratch: taps
+// 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats and panel_rows
+// panel_ring_rows(g) int64; staging N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 //
 // forward_positions: the forward of forward_rows for a mask that keeps every output channel
 // at each of its `npositions` kept positions (flat output positions, ascending), as a spatial
 // mask does: images [image_begin, image_end) of y, every element written; x and y NCHW or
-// NHWC. w_p: [kh][kw][Cin][cout_pad] and bias_p (or null): [cout_pad], cout_pad =
-// padded_channels(Cout), zero in the padding. Scratch: x_taps kPositionRows (at most 8) * kh *
+// NHWC. packed_weight: [kh][kw][Cin][cout_pad] and padded_bias (or null): [cout_pad],
+// cout_pad = padded_channels(Cout), zero in the padding. Scratch: x_taps kPositionRows (at most 8) * kh *
 // kw pointers; zeros: Cin floats, all 0 (what padding taps read); scratch: (NCHW x: H * W *
 // Cin) + npositions * (cout_pad + Cout) + kBatchBlock floats. channel_sums as for forward_rows.
 //
 // backward_positions: the gradients of forward_positions (same masks) for images
 // [image_begin, image_end): grad_x (if not null; NCHW or NHWC, every element of those images
-// written) = sum over taps and kept (p, c) of w_b[tap, c, ci] * gy[n, c, p]; grad_w_part (if
-// not null, [Cout][kh * kw][padded_channels(Cin)]) += sum over the images and kept positions
-// of gy[n, c, p] * x[n, ci, q(p, tap)]; grad_b_part (if not null, [Cout]) += sum of gy over
-// the images and kept positions. gy, x: NCHW or NHWC. w_b: [kh][kw][Cout][padded_channels(Cin)],
-// zero in the padding. Scratch: P * (padded_channels(Cout) + Cout + padded_channels(Cin)) +
-// H * W * padded_channels(Cin) + padded_channels(Cin) floats, P = npositions.
+// written) = sum over taps and kept (p, c) of backward_weight[tap, c, ci] * gy[n, c, p];
+// grad_w_part (if not null, [Cout][kh * kw][padded_channels(Cin)]) += sum over the images and
+// kept positions of gy[n, c, p] * x[n, ci, q(p, tap)]; grad_b_part (if not null, [Cout]) +=
+// sum of gy over the images and kept positions. gy, x: NCHW or NHWC. backward_weight:
+// [kh][kw][Cout][padded_channels(Cin)], zero in the padding. Scratch: P * (padded_channels(Cout)
+// + Cout + padded_channels(Cin)) + H * W * padded_channels(Cin) + padded_channels(Cin) floats,
+// P = npositions.
 //
-// pack_position_weights: forward_positions' w_p from contiguous weights w [Cout][Cin][taps]:
-// dst [taps][Cin][cout_pad], zero past Cout; the rows of k = ci * taps + t in [k_begin, k_end)
-// (k_begin a multiple of padded_channels(1)), so that threads can share the work.
+// pack_position_weights: forward_positions' packed_weight from contiguous weights
+// w [Cout][Cin][taps]: dst [taps][Cin][cout_pad], zero past Cout; the rows of
+// k = ci * taps + t in [k_begin, k_end) (k_begin a multiple of padded_channels(1)), so that
+// threads can share the work.
 //
 // kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
 // of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p]; gy NCHW or NHWC.
 // Scratch: panel Wout * Cout * padded_batch floats.
 //
 // grad_input_rows: grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c):
-// w_b[tap, c, ci] * gy_pos[e(p, c), n] for the input positions q of rows [row_begin, row_end);
-// grad_x NCHW or NHWC, every element of those rows written. w_b: [kh][kw][Cout][Cin]. gy_pos:
-// kept output gradients in position-CSR order, rows of padded_batch. Scratch: contributions
+// backward_weight[tap, c, ci] * gy_pos[e(p, c), n] for the input positions q of rows [row_begin, row_end);
+// grad_x NCHW or NHWC, every element of those rows written. backward_weight:
+// [kh][kw][Cout][Cin]. gy_pos: kept output gradients in position-CSR order, rows of
+// padded_batch. Scratch: contributions
 // 3 * kh * kw int64, panel W * Cin * padded_batch floats.
 //
 // grad_weight_rows: grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows
@@ -84,24 +87,24 @@ struct Strides {
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"
   int64_t (*padded_channels)(int64_t channels);
-  void (*forward_rows)(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_f,
-                       const float* bias, bool relu, const int64_t* position_offsets,
+  void (*forward_rows)(const BatchVectorGeometry& g, const float* x, Strides x_strides,
+                       const float* forward_weight, const float* bias, bool relu, const int64_t* position_offsets,
                        const int64_t* position_channels, int64_t row_begin, int64_t row_end, const float* residual,
                        float* y, Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
                        double* channel_sums);
-  void (*forward_positions)(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* w_p,
-                            int64_t cout_pad, const float* bias_p, bool relu, const int64_t* positions,
-                            int64_t npositions, int64_t image_begin, int64_t image_end, const float* residual,
-                            float* y, Strides y_strides, const float** x_taps, const float* zeros, float* scratch,
-                            double* channel_sums);
+  void (*forward_positions)(const BatchVectorGeometry& g, const float* x, Strides x_strides,
+                            const float* packed_weight, int64_t cout_pad, const float* padded_bias, bool relu,
+                            const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
+                            const float* residual, float* y, Strides y_strides, const float** x_taps,
+                            const float* zeros, float* scratch, double* channel_sums);
   void (*backward_positions)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* x,
-                             Strides x_strides, const float* w_b, const int64_t* positions, int64_t npositions,
-                             int64_t image_begin, int64_t image_end, float* grad_x, Strides grad_x_strides,
-                             float* grad_w_part, float* grad_b_part, float* scratch);
+                             Strides x_strides, const float* backward_weight, const int64_t* positions,
+                             int64_t npositions, int64_t image_begin, int64_t image_end, float* grad_x,
+                             Strides grad_x_strides, float* grad_w_part, float* grad_b_part, float* scratch);
   void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides,
                              const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                              int64_t row_end, float* rows, float* panel);
-  void (*grad_input_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* w_b,
+  void (*grad_input_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* backward_weight,
                           const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                           int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel);
   void (*grad_weight_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,

@@ -65,8 +65,8 @@ struct Simd {
 
 // 32 images per tile: 8 channels x 2 vectors = 16 accumulators + 2 loads + 1 broadcast. The
 // tile's 8 weight-row pointers, the input pointer, its stride, the index and the bound fit the
-// 16 general registers; at 10 or 12 channels GCC spilled pointers and an accumulator (whose
-// store/reload chain then paced the loop): 8 measured 5% faster at keep 1.0.
+// 16 general registers; at 10 or 12 channels GCC spills pointers and an accumulator (whose
+// store/reload chain then paces the loop): 8 is 5% faster at keep 1.0.
 constexpr int kVectors = 2, kTile = 8;
 // grad-weight: 6 channels x 4 vectors (64 input channels) = 24 accumulators + 4 loads + 1 broadcast.
 constexpr int kWeightTile = 6, kWeightVectors = 4;

@@ -2,9 +2,9 @@
 //
 // A fresh multi-MB tensor from glibc malloc is a fresh mmap (or a heap top that malloc
 // trimmed back to the system on the last free), so each of its pages faults in on first
-// write: on the VM of benchmarks/NOTES.md, 1-4 ms per 8 MB output, as long as the kernel
-// itself. Layers call the op on the same shapes step after step, so outputs freed by one
-// step are handed to the next, already mapped, as the CUDA caching allocator does on GPUs.
+// write: 1-4 ms per 8 MB output on a VM (docs/design.md), as long as the kernel itself.
+// Layers call the op on the same shapes step after step, so outputs freed by one step are
+// handed to the next, already mapped, as the CUDA caching allocator does on GPUs.
 #pragma once
 
 #include <ATen/ATen.h>

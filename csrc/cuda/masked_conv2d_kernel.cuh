@@ -308,25 +308,6 @@ inline KeptIndex kept_index_of(const at::Tensor& offsets, const at::Tensor& posi
           position_offsets.data_ptr<int64_t>(), position_channels.data_ptr<int64_t>(), position_channels.numel()};
 }
 
-// The checks that need no index values (those would need a device sync): the two forms list
-// the same number of kept (position, channel) pairs.
-inline void check_kept_index_sizes(const ConvGeometry& g, const at::Tensor& positions,
-                                   const at::Tensor& position_channels) {
-  TORCH_CHECK(position_channels.numel() == positions.numel() * g.channels_per_pattern,
-              "masked_conv2d: position_channels must list the ", positions.numel() * g.channels_per_pattern,
-              " kept (position, channel) pairs of kept_offsets/kept_positions, got ", position_channels.numel());
-}
-
-inline void check_residual(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& residual) {
-  const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_height, g.out_width};
-  TORCH_CHECK(residual.sizes() == at::IntArrayRef(shape), "masked_conv2d: residual must have the output's shape ",
-              at::IntArrayRef(shape), ", got ", residual.sizes());
-  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), "masked_conv2d: residual dtype must match input dtype ",
-              input.scalar_type(), ", got ", residual.scalar_type());
-  TORCH_CHECK(residual.device() == input.device(), "masked_conv2d: residual must be on the input's device ",
-              input.device(), ", got ", residual.device());
-}
-
 struct IndexTensors {
   at::Tensor offsets, positions, position_offsets, position_channels;
   KeptIndex view() const { return kept_index_of(offsets, positions, position_offsets, position_channels); }

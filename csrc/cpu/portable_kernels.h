@@ -1,0 +1,34 @@
+// The portable CPU kernels of rmask::masked_conv2d: any floating dtype, any groups, any CPU.
+// Exact and deterministic; float32 with groups == 1 on an AVX2 or AVX-512 CPU takes the faster
+// batch-vector kernels instead (batch_vector_driver.h). masked_conv2d_kernel.cpp checks the
+// arguments and chooses.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "../masked_conv2d_common.h"
+
+namespace rmask {
+namespace cpu {
+
+// Called only from masked_conv2d_kernel.cpp: hidden (C10_HIDDEN), so that the library exports
+// its ops and not these.
+
+// relu?(mask * (conv + bias) + residual) (residual undefined: none), in the input's memory
+// format and dtype. kept_offsets and kept_positions: contiguous, checked (check_kept_index).
+C10_HIDDEN at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& kept_offsets,
+                                       const at::Tensor& kept_positions, const at::Tensor& residual, bool relu);
+
+// (grad_input, grad_weight, grad_bias) of mask * conv, each an empty tensor where output_mask
+// does not ask for it; grad_output read at kept outputs only.
+C10_HIDDEN std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(
+    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, std::array<bool, 3> output_mask);
+
+}  // namespace cpu
+}  // namespace rmask
