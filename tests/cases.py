@@ -8,6 +8,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import rmask_kernels as rk
+from rmask_kernels import reference
 from rmask_kernels.functional import conv_output_size, resolve_padding
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups), small: the configurations
@@ -52,7 +53,7 @@ RATIOS = [0.0, 0.5, 0.9]
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
-def tolerance(dtype, weight):
+def conv_tolerance(dtype, weight):
     """TOLERANCE for a conv with this weight: float32's absolute error grows with the number of
     products summed per output (C_in/groups * kh * kw) beyond the ~16 of the small cases."""
     fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
@@ -118,6 +119,29 @@ def leaves_and_oracle(*tensors):
 def masked_outputs(y, mask):
     """The values of ``y`` at the positions ``mask`` drops."""
     return y.detach()[(~mask).expand_as(y)]
+
+
+def check_against_reference(run, x, weight, bias, mask, conv_args, grad=True, tolerance=None, **kwargs):
+    """``run(x, weight, bias, mask=mask, **conv_args, **kwargs)`` (a backend's masked conv) against
+    the float64 oracle: values, masked outputs exactly zero and (with grad) the gradient of every
+    tensor argument. Returns the output."""
+    tolerance = tolerance or conv_tolerance(x.dtype, weight)
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
+    if not grad:
+        inputs = [t.detach() if t is not None else None for t in inputs]
+    y = run(*inputs, mask=mask, **conv_args, **kwargs)
+    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    assert y.dtype == x.dtype and y.shape == expected.shape and y.device == x.device
+    torch.testing.assert_close(y.double(), expected.detach(), **tolerance)
+    assert (masked_outputs(y, mask) == 0).all(), "masked outputs must be exactly zero"
+    if grad:
+        grad_y = torch.randn_like(expected)
+        leaves = [t for t in inputs if t is not None]
+        got = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
+        want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
+        for name, g, r in zip(("input", "weight", "bias"), got, want):
+            torch.testing.assert_close(g.double(), r, **tolerance, msg=lambda m: f"grad {name}: {m}")
+    return y
 
 
 @st.composite

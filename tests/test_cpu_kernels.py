@@ -15,28 +15,19 @@ import rmask_kernels as rk
 from rmask_kernels import reference
 from rmask_kernels.functional import conv_output_size
 
-from cases import TOLERANCE, make_case
+from cases import TOLERANCE, check_against_reference, make_case
 from helpers import python_subprocess
 
 pytestmark = pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
 
 
+def cpu(*args, **kwargs):
+    return rk.masked_conv2d(*args, backend="cpu", **kwargs)
+
+
 def check(x, weight, bias, mask, conv_args, grad=True):
     """The cpu backend against the float64 oracle: values, masked zeros and gradients."""
-    tol = TOLERANCE[x.dtype]
-    inputs = [t.detach().clone().requires_grad_(grad) if t is not None else None for t in (x, weight, bias)]
-    oracle = [t.detach().double().requires_grad_(grad) if t is not None else None for t in (x, weight, bias)]
-    y = rk.masked_conv2d(*inputs, mask=mask, backend="cpu", **conv_args)
-    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
-    torch.testing.assert_close(y.double(), expected.detach(), **tol)
-    assert (y.detach()[(~mask).expand_as(y)] == 0).all(), "masked outputs must be exactly zero"
-    if grad:
-        grad_y = torch.randn_like(expected)
-        got = torch.autograd.grad(y, [t for t in inputs if t is not None], grad_y.to(y.dtype))
-        want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
-        for g, r in zip(got, want):
-            torch.testing.assert_close(g.double(), r, **tol)
-    return y
+    return check_against_reference(cpu, x, weight, bias, mask, conv_args, grad, TOLERANCE[x.dtype])
 
 
 def test_cpu_kernels_follow_the_cpu_capability():

@@ -4,13 +4,12 @@ contract on each backend is tests/test_parity.py's."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rmask_kernels as rk
 from rmask_kernels import reference
 from rmask_kernels.functional import select_backend
 
-from cases import GEOMETRIES, make_case
+from cases import make_case
 from helpers import python_subprocess
 
 

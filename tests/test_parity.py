@@ -8,8 +8,6 @@ files: test_cpu_kernels.py, test_triton.py, cuda/."""
 
 import itertools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,9 +19,9 @@ import rmask_kernels as rk
 from rmask_kernels import reference
 
 from backends_under_test import backends, backends_and_dtypes
-from cases import (GEOMETRIES, LOW_PRECISION_FLOOR, LOW_PRECISION_GRAD, TOLERANCE, conv_geometries, leaves_and_oracle,
-                   make_case, mask_cases, masked_outputs, parity_cases, random_case)
-from cases import tolerance as conv_tolerance
+from cases import (GEOMETRIES, LOW_PRECISION_FLOOR, LOW_PRECISION_GRAD, TOLERANCE, check_against_reference,
+                   conv_geometries, leaves_and_oracle, make_case, mask_cases, masked_outputs, parity_cases,
+                   random_case)
 from helpers import python_subprocess
 
 ALL = backends_and_dtypes()
@@ -47,24 +45,7 @@ def case(backend, geometry, mode, group_size, ratio=0.5, dtype=torch.float32, bi
 
 
 def check(backend, x, weight, bias, mask, conv_args, grad=True, tolerance=None, **kwargs):
-    """Forward and (with grad) the gradients of every tensor argument against the float64 oracle."""
-    tolerance = tolerance or conv_tolerance(x.dtype, weight)
-    inputs, oracle = leaves_and_oracle(x, weight, bias)
-    if not grad:
-        inputs = [t.detach() if t is not None else None for t in inputs]
-    y = backend(*inputs, mask=mask, **conv_args, **kwargs)
-    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
-    assert y.dtype == x.dtype and y.shape == expected.shape and y.device == x.device
-    torch.testing.assert_close(y.double(), expected.detach(), **tolerance)
-    assert (masked_outputs(y, mask) == 0).all(), "masked outputs must be exactly zero"
-    if grad:
-        grad_y = torch.randn_like(expected)
-        leaves = [t for t in inputs if t is not None]
-        got = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
-        want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
-        for name, g, r in zip(("input", "weight", "bias"), got, want):
-            torch.testing.assert_close(g.double(), r, **tolerance, msg=lambda m: f"grad {name}: {m}")
-    return y
+    return check_against_reference(backend, x, weight, bias, mask, conv_args, grad, tolerance, **kwargs)
 
 
 @pytest.mark.parametrize("geometry,mode,group_size,ratio", parity_cases())

@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed (the Makefile's DEPS pin it): no Triton backend to test")
 
@@ -24,7 +23,7 @@ from rmask_kernels.triton import backward, common  # noqa: E402
 from rmask_kernels import reference  # noqa: E402
 from rmask_kernels.functional import select_backend  # noqa: E402
 
-from cases import leaves_and_oracle, make_case  # noqa: E402
+from cases import check_against_reference, make_case  # noqa: E402
 from helpers import python_subprocess  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,22 +75,7 @@ def triton(*args, **kwargs):
 
 
 def check_forward_and_backward(x, weight, bias, mask, conv_args, tolerance=TOLERANCE, **kwargs):
-    inputs, oracle = leaves_and_oracle(*(t for t in (x, weight, bias) if t is not None))
-    if bias is None:
-        inputs.insert(2, None)
-        oracle.insert(2, None)
-    y = triton(*inputs, mask=mask, **conv_args, **kwargs)
-    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
-    assert y.dtype == x.dtype and y.shape == expected.shape and y.device == x.device
-    torch.testing.assert_close(y.double(), expected, **tolerance)
-    assert (y.detach()[(~mask).expand_as(y)] == 0).all(), "masked outputs must be exactly zero"
-    grad_y = torch.randn_like(expected)
-    leaves = [t for t in inputs if t is not None]
-    got = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
-    want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
-    for name, g, r in zip(("input", "weight", "bias"), got, want):
-        torch.testing.assert_close(g.double(), r, **tolerance, msg=lambda m: f"grad {name}: {m}")
-    return y
+    return check_against_reference(triton, x, weight, bias, mask, conv_args, tolerance=tolerance, **kwargs)
 
 
 @pytest.mark.parametrize("mode,group_size", MODES + [("group", 2)], ids=str)
