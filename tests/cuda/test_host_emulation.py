@@ -12,7 +12,7 @@ nvcc, against the CUDA build of torch in .venv-cuda); elsewhere this file is ski
 import pytest
 import torch
 
-from backends_under_test import load_cuda_emulation  # tests/ (pytest puts it on sys.path)
+from backends_under_test import BACKENDS, load_cuda_emulation  # tests/ (pytest puts it on sys.path)
 from cases import GEOMETRIES, make_case
 from rmask_kernels.masks import kept_index
 
@@ -33,3 +33,16 @@ def test_argument_errors():
         ops.masked_conv2d_backward(x, x, weight, mask, *index, *geometry, [True, True, True])
     with pytest.raises(RuntimeError, match="mask must have shape"):
         ops.masked_conv2d(x, weight, bias, mask[:, :-1], *index, *geometry)
+
+
+def test_the_parity_suite_reaches_the_emulation():
+    # The parity suite's cuda-emulation backend goes through rk.masked_conv2d: the emulation's
+    # ops must be what runs, forward and backward, not the CPU kernels of the same route.
+    backend = next(b for b in BACKENDS if b.name == "cuda-emulation")
+    x, weight, bias, mask, conv_args = make_case(GEOMETRIES["basic"], "neuron", None, 0.5)
+    x.requires_grad_()
+    with torch.profiler.profile() as profile:
+        backend(x, weight, bias, mask, **conv_args).sum().backward()
+    names = {event.name for event in profile.events()}
+    assert {"rmask_cuda_emulation::masked_conv2d", "rmask_cuda_emulation::masked_conv2d_backward"} <= names
+    assert not any(name.startswith("rmask::") for name in names), names
