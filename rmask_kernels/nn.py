@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .backends import check_backend
-from .functional import check_mask_for_output, masked_conv2d
+from .functional import masked_conv2d
 from .geometry import conv_output_size, pair
 from .masks import KeptIndex, check_mode, check_ratio, draw_seed, kept_index, random_mask
 
