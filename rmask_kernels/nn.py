@@ -279,7 +279,6 @@ class MaskedConvBN2d(nn.Module):
             device=conv.weight.device, dtype=conv.weight.dtype,
         )
         unit.bn.load_state_dict(bn.state_dict())
-        unit._folded = None
         unit.train(bn.training)
         return unit
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import assume
 from hypothesis import strategies as st
+from torch.nn.modules.utils import _pair as pair
 
 import rmask_kernels as rk
 from rmask_kernels import reference
@@ -66,10 +67,6 @@ def conv_tolerance(dtype, weight):
 # within a few roundings of the dtype (eps: 2^-8 bf16, 2^-11 fp16).
 LOW_PRECISION_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-1}
 LOW_PRECISION_GRAD = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def mask_cases(geometry):

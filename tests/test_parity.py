@@ -21,7 +21,7 @@ from rmask_kernels import reference
 from backends_under_test import backends, backends_and_dtypes
 from cases import (GEOMETRIES, LOW_PRECISION_FLOOR, LOW_PRECISION_GRAD, TOLERANCE, check_against_reference,
                    conv_geometries, leaves_and_oracle, make_case, mask_cases, masked_outputs, parity_cases,
-                   random_case)
+                   pair, random_case)
 from helpers import python_subprocess
 
 ALL = backends_and_dtypes()
@@ -44,8 +44,7 @@ def case(backend, geometry, mode, group_size, ratio=0.5, dtype=torch.float32, bi
     return make_case(geometry, mode, group_size, ratio, dtype, bias, device=backend.device)
 
 
-def check(backend, x, weight, bias, mask, conv_args, grad=True, tolerance=None, **kwargs):
-    return check_against_reference(backend, x, weight, bias, mask, conv_args, grad, tolerance, **kwargs)
+check = check_against_reference  # check(backend, x, weight, bias, mask, conv_args, ...)
 
 
 @pytest.mark.parametrize("geometry,mode,group_size,ratio", parity_cases())
@@ -280,7 +279,6 @@ def test_property_random_configurations(backend, geometry, mode, ratio, bias):
 def op_args(backend, geometry, mode, group_size, dtype=torch.float32):
     """A case as the op's positional arguments (index built, padding resolved: no "same")."""
     x, weight, bias, mask, conv_args = case(backend, geometry, mode, group_size, 0.5, dtype)
-    pair = torch.nn.modules.utils._pair
     index = [t.to(backend.device) for t in rk.kept_index(mask, weight.shape[0])]
     geometry_args = [list(pair(conv_args["stride"])), list(pair(conv_args["padding"])),
                      list(pair(conv_args["dilation"])), conv_args["groups"]]
