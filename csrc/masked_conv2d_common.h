@@ -121,9 +121,13 @@ inline ConvGeometry check_masked_conv2d_args(
 // export it.
 
 // The two forms of the kept index list the same number of kept (position, channel) pairs. Reads
-// only sizes: on CUDA the index values would cost a device sync.
+// only sizes: on CUDA the index values would cost a device sync (their values are checked once,
+// in Python: rk.check_kept_index). rmask_kernels/triton/geometry.py makes the same checks.
 C10_HIDDEN inline void check_kept_index_sizes(const ConvGeometry& g, const at::Tensor& positions,
                                               const at::Tensor& position_channels) {
+  TORCH_CHECK(positions.numel() <= g.patterns * g.out_positions(), "masked_conv2d: kept_positions lists ",
+              positions.numel(), " positions, more than the ", g.patterns, " patterns of Hout * Wout = ",
+              g.out_positions(), " outputs hold");
   TORCH_CHECK(position_channels.numel() == positions.numel() * g.channels_per_pattern,
               "masked_conv2d: position_channels must list the ", positions.numel() * g.channels_per_pattern,
               " kept (position, channel) pairs of kept_offsets/kept_positions, got ", position_channels.numel());

@@ -4,12 +4,13 @@ from . import ops  # noqa: F401  (loads the compiled op library first)
 from .backends import available_backends
 from .convert import convert_model
 from .functional import masked_conv2d
-from .masks import kept_index, random_mask
+from .masks import check_kept_index, kept_index, random_mask
 from .nn import MaskedConv2d, MaskedConvBN2d, RandomMask
 from . import models
 
 __all__ = [
     "available_backends",
+    "check_kept_index",
     "convert_model",
     "kept_index",
     "masked_conv2d",

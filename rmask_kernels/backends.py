@@ -126,10 +126,26 @@ def cpu_output_cache() -> dict:
     return {"cached_bytes": cached, "limit_bytes": limit}
 
 
-def batch_vector_kernels(dtype: torch.dtype, groups: int) -> bool:
-    """Whether the CPU op runs the batch-vector kernels (csrc/cpu/batch_vector.h) for
-    these arguments; otherwise it runs the portable gather-GEMM-scatter kernels."""
-    return dtype == torch.float32 and groups == 1 and CPU_KERNELS in ("avx2", "avx512")
+# The extension's answers to cpu_uses_batch_vector, by (dtype, groups, batch > 0, kernel height):
+# the rule is stated once, in C++ (csrc/cpu/batch_vector_driver.cpp); each distinct key asks once.
+_BATCH_VECTOR_ANSWERS: dict = {}
+
+
+def batch_vector_kernels(dtype: torch.dtype, groups: int, batch: int, kernel_height: int) -> bool:
+    """Whether the CPU op runs the batch-vector kernels (csrc/cpu/batch_vector.h) for these
+    arguments; otherwise it runs the portable gather-GEMM-scatter kernels."""
+    if CPU_KERNELS not in ("avx2", "avx512"):
+        return False
+    key = (dtype, groups, batch > 0, kernel_height)
+    answer = _BATCH_VECTOR_ANSWERS.get(key)
+    if answer is None:
+        answer = _BATCH_VECTOR_ANSWERS[key] = _ask_batch_vector(dtype, groups, int(batch > 0), kernel_height)
+    return answer
+
+
+@torch.compiler.disable
+def _ask_batch_vector(dtype, groups, batch, kernel_height) -> bool:
+    return bool(torch.ops.rmask.cpu_uses_batch_vector(dtype, groups, batch, kernel_height))
 
 
 # When "auto" takes the CPU kernels instead of dense conv × mask. The kernels cost what their
@@ -167,13 +183,19 @@ def gpu_sparse_pays_off(index, positions_per_pattern: int) -> bool:
 
 
 def sparse_pays_off(
-    index, positions_per_pattern: int, batch: int, dtype: torch.dtype, groups: int, with_grad: bool = False
+    index,
+    positions_per_pattern: int,
+    batch: int,
+    dtype: torch.dtype,
+    groups: int,
+    kernel_height: int,
+    with_grad: bool = False,
 ) -> bool:
     """Whether the CPU kernels beat dense conv × mask here (the measured rule above);
     ``with_grad``: the call will be differentiated, so forward + backward is what counts."""
     patterns = index.offsets.numel() - 1
     keep = index.positions.numel() / max(1, patterns * positions_per_pattern)
-    if batch_vector_kernels(dtype, groups):
+    if batch_vector_kernels(dtype, groups, batch, kernel_height):
         if keep >= 1.0:
             return False
         if patterns == 1:  # every channel kept at the same positions: the per-image kernels

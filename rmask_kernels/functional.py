@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from . import reference
 from .backends import check_backend, gpu_sparse_pays_off, resolve_backend, sparse_pays_off
 from .geometry import conv_output_size, pair, resolve_padding  # also importable from here
+from .masks import check_kept_index
 from .masks import kept_index as build_kept_index
 
 IntPair = Union[int, Tuple[int, int]]
@@ -31,6 +32,34 @@ def cached_kept_index(mask: torch.Tensor, out_channels: int):
     index = build_kept_index(mask, out_channels)
     alive = weakref.ref(mask, lambda _, key=key: _index_cache.pop(key, None))
     _index_cache[key] = (alive, (mask._version, out_channels), index)
+    return index
+
+
+# (index, mask) pairs given to the functional API whose values check_kept_index has accepted,
+# keyed by id() like _index_cache and dropped when either tensor dies: each pair is checked
+# once, and again only if one of its tensors is modified in place.
+_checked_index_cache: dict = {}
+
+
+def checked_kept_index(index, mask: torch.Tensor, out_channels: int):
+    """``index``, checked against ``mask`` the first time this pair is seen (rk.check_kept_index)."""
+    if torch.compiler.is_compiling():
+        return index  # checked when the model ran eagerly; a check would break the graph
+    try:
+        positions = index[1]
+        key = (id(positions), id(mask))
+        state = (out_channels, mask._version, *(tensor._version for tensor in index))
+        hit = _checked_index_cache.get(key)
+        if hit is not None and hit[0]() is positions and hit[1]() is mask and hit[2] == state:
+            return index
+    except (TypeError, IndexError, AttributeError):
+        pass  # not four tensors: check_kept_index says what is wrong
+    index = check_kept_index(index, mask, out_channels)
+    positions = index.positions
+    key = (id(positions), id(mask))
+    state = (out_channels, mask._version, *(tensor._version for tensor in index))
+    forget = lambda _, key=key: _checked_index_cache.pop(key, None)  # noqa: E731
+    _checked_index_cache[key] = (weakref.ref(positions, forget), weakref.ref(mask, forget), state)
     return index
 
 
@@ -69,9 +98,11 @@ def select_backend(
     out_channels=None,
     groups: int = 1,
     with_grad: bool = False,
+    kernel_height: int = 1,
 ) -> str:
-    """The backend that runs a masked conv of ``input`` (batched, 4-D) with ``mask``;
-    ``with_grad``: the call will be differentiated (its backward counts too)."""
+    """The backend that runs a masked conv of ``input`` (batched, 4-D) with ``mask``, by a kernel
+    ``kernel_height`` rows high; ``with_grad``: the call will be differentiated (its backward
+    counts too)."""
     chosen = resolve_backend(backend, input)
     if backend == "auto" and chosen != "reference":
         index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels or mask.shape[0])
@@ -79,7 +110,7 @@ def select_backend(
         if chosen in ("triton", "cuda"):
             pays_off = gpu_sparse_pays_off(index, positions)
         else:
-            pays_off = sparse_pays_off(index, positions, input.shape[0], input.dtype, groups, with_grad)
+            pays_off = sparse_pays_off(index, positions, input.shape[0], input.dtype, groups, kernel_height, with_grad)
         if not pays_off:
             chosen = "reference"
     return chosen
@@ -104,7 +135,8 @@ def masked_conv2d(
     computing only the kept outputs where a compiled backend serves the tensor.
 
     ``mask``: bool (C_out, H_out, W_out) or (1, H_out, W_out), True = kept (see random_mask).
-    ``kept_index``: optional precomputed ``rk.kept_index(mask, C_out)``; layers pass theirs.
+    ``kept_index``: optional precomputed ``rk.kept_index(mask, C_out)``; layers pass theirs. Its
+    values are checked against the mask the first time a pair is seen (``rk.check_kept_index``).
     ``relu``: apply ReLU in the kernel's epilogue (the paper's unit at inference).
     ``residual``: a tensor of the output's shape added at every position (masked ones
     included) before the ReLU, in the kernel's epilogue: ``relu?(conv * mask + residual)``,
@@ -169,6 +201,8 @@ def masked_conv2d(
     if min(out_size) <= 0:
         raise ValueError(f"input of spatial size {tuple(size)} is too small for kernel {kernel_size}")
     check_mask_for_output(mask, out_channels, out_size)
+    if kept_index is not None:
+        kept_index = checked_kept_index(kept_index, mask, out_channels)
     if residual is not None:
         expected = (out_channels, *out_size) if unbatched else (batch, out_channels, *out_size)
         if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != expected:
@@ -187,7 +221,7 @@ def masked_conv2d(
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, residual)
     )
-    chosen = select_backend(backend, input, mask, kept_index, out_channels, groups, with_grad)
+    chosen = select_backend(backend, input, mask, kept_index, out_channels, groups, with_grad, kernel_size[0])
     conv_args = (stride, padding2, dilation, groups)
     if chosen == "reference":
         output = reference.masked_conv2d(input, weight, bias, mask, *conv_args)

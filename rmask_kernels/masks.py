@@ -128,3 +128,63 @@ def _pattern_block(flat: torch.Tensor) -> int:
         if bool((blocks == blocks[:, :1]).all()):
             return block
     return 1
+
+
+def check_kept_index(index, mask: torch.Tensor, out_channels: Optional[int] = None) -> KeptIndex:
+    """``index`` as a KeptIndex, if it lists exactly the kept outputs of ``mask`` (Cm, H, W) for a
+    conv with ``out_channels`` outputs (default Cm) in the form the kernels read (KeptIndex:
+    pattern offsets dividing the channels, positions ascending per pattern, channels ascending
+    per position); else ValueError saying what differs.
+
+    The one check of an index's values, for every backend: an index from ``kept_index`` is
+    right by construction; ``masked_conv2d`` runs this once on any other index it is given.
+    The ops themselves check only the index's sizes (reading values on a GPU costs a sync)."""
+    out_channels = mask.shape[0] if out_channels is None else int(out_channels)
+
+    def fail(what: str):
+        raise ValueError(
+            f"kept_index does not match the mask {tuple(mask.shape)} of a conv with {out_channels} output channels: "
+            f"{what} (build it with rk.kept_index(mask, {out_channels}))"
+        )
+
+    if not isinstance(index, (tuple, list)) or len(index) != len(KeptIndex._fields):
+        fail(f"expected the 4 tensors of a KeptIndex {KeptIndex._fields}, got {type(index).__name__}")
+    for name, tensor in zip(KeptIndex._fields, index):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tensor.dim() != 1:
+            got = f"{tensor.dtype} of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            fail(f"{name} must be a 1-D int64 tensor, got {got}")
+        if tensor.device != mask.device:
+            fail(f"{name} must be on the mask's device {mask.device}, got {tensor.device}")
+    index = KeptIndex(*index)
+    channels, positions = out_channels, mask.shape[1] * mask.shape[2]
+    patterns = index.offsets.numel() - 1
+    if patterns < 1 or channels % patterns or (mask.shape[0] == 1 and patterns != 1):
+        fail(f"offsets describes {patterns} patterns, which must divide the {channels} channels (1 for a (1, H, W) mask)")
+    if index.position_offsets.numel() != positions + 1:
+        fail(f"position_offsets must have H * W + 1 = {positions + 1} entries, got {index.position_offsets.numel()}")
+    expected = mask.reshape(mask.shape[0], positions).expand(channels, positions)
+    by_pattern = _decode_csr(index.offsets, index.positions, positions, "offsets", "positions", fail)
+    if not torch.equal(by_pattern.repeat_interleave(channels // patterns, dim=0), expected):
+        fail("offsets/positions list other kept positions than the mask's")
+    by_position = _decode_csr(index.position_offsets, index.position_channels, channels, "position_offsets",
+                              "position_channels", fail)
+    if not torch.equal(by_position, expected.t()):
+        fail("position_offsets/position_channels list other kept channels than the mask's")
+    return index
+
+
+def _decode_csr(offsets: torch.Tensor, values: torch.Tensor, width: int, offsets_name: str, values_name: str, fail):
+    """The dense bool (rows, width) that a CSR (offsets, ascending values per row) lists."""
+    rows = offsets.numel() - 1
+    counts = offsets.diff()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != values.numel() or bool((counts < 0).any()):
+        fail(f"{offsets_name} must rise from 0 to {values_name}.numel() = {values.numel()}, "
+             f"got {int(offsets[0])} ... {int(offsets[-1])}")
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= width):
+        fail(f"{values_name} must lie in [0, {width}), got values in [{int(values.min())}, {int(values.max())}]")
+    row = torch.repeat_interleave(torch.arange(rows, device=values.device), counts)
+    if bool(((values[1:] <= values[:-1]) & (row[1:] == row[:-1])).any()):
+        fail(f"{values_name} must be strictly ascending within each entry of {offsets_name}")
+    dense = torch.zeros(rows, width, dtype=torch.bool, device=values.device)
+    dense[row, values] = True
+    return dense

@@ -36,6 +36,23 @@ def test_cpu_kernels_follow_the_cpu_capability():
     assert rk.backends.cpu_kernels() == expected
 
 
+def test_auto_asks_the_extension_which_cpu_kernels_serve():
+    # The rule lives in C++ (use_batch_vector); Python's "auto" asks it, so the two cannot drift.
+    batch_vector = rk.backends.cpu_kernels() in ("avx2", "avx512")
+    ask = rk.backends.batch_vector_kernels
+    assert ask(torch.float32, 1, 8, 3) == batch_vector
+    assert ask(torch.float32, 1, 8, 64) == batch_vector
+    for dtype, groups, batch, kernel_height in [(torch.float64, 1, 8, 3), (torch.bfloat16, 1, 8, 3),
+                                                (torch.float32, 2, 8, 3), (torch.float32, 1, 0, 3),
+                                                (torch.float32, 1, 8, 65)]:
+        assert not ask(dtype, groups, batch, kernel_height), (dtype, groups, batch, kernel_height)
+    # A kernel 65 rows high runs the portable kernels: "auto" takes them only where those pay off.
+    x, neuron = torch.randn(32, 2, 70, 6), rk.random_mask((6, 6, 6), 0.9, "neuron")
+    assert rk.functional.select_backend("auto", x, neuron, kernel_height=65) == "reference"
+    if batch_vector:
+        assert rk.functional.select_backend("auto", x, neuron, kernel_height=64) == "cpu"
+
+
 def test_op_rejects_inconsistent_index():
     x, weight, mask = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), rk.random_mask((6, 8, 8), 0.5)
     offsets, positions, by_position, channels = rk.kept_index(mask)
@@ -46,13 +63,9 @@ def test_op_rejects_inconsistent_index():
     with pytest.raises(RuntimeError, match=r"kept_positions must lie in \[0, 64\)"):
         call(offsets, positions + 64, by_position, channels)
     with pytest.raises(RuntimeError, match="kept_offsets must start at 0 and end at kept_positions.numel()"):
-        call(offsets, positions[:-1], by_position, channels)
-    with pytest.raises(RuntimeError, match="kept_offsets describes 4 mask patterns, which must divide the 6"):
-        call(offsets[:5], positions, by_position, channels)
-    with pytest.raises(RuntimeError, match="position_offsets must be a 1-D int64 tensor of Hout \\* Wout \\+ 1 = 65"):
-        call(offsets, positions, by_position[:-1], channels)
+        call(torch.cat([offsets[:-1], offsets[-1:] - 1]), positions, by_position, channels)
     with pytest.raises(RuntimeError, match="position_offsets/position_channels must list the .* kept"):
-        call(offsets, positions, by_position, channels[:-1])
+        call(offsets, positions, torch.cat([by_position[:-1], by_position[-1:] - 1]), channels)
     with pytest.raises(RuntimeError, match=r"position_channels must lie in \[0, 6\)"):
         call(offsets, positions, by_position, channels + 6)
     with pytest.raises(RuntimeError, match=r"mask must have shape \(6 or 1, 4, 4\) for this convolution.s output, got \[6, 8, 8\]"):

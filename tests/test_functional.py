@@ -139,7 +139,7 @@ def test_auto_takes_the_kernel_where_it_pays_off():
     neuron = rk.random_mask((6, 16, 16), 0.9, "neuron")
     assert select_backend("auto", x.double(), neuron) == "reference"
     assert select_backend("auto", x.double(), sparse, out_channels=6) == "cpu"
-    if rk.backends.batch_vector_kernels(torch.float32, 1):
+    if rk.backends.batch_vector_kernels(torch.float32, 1, 32, 3):
         assert select_backend("auto", x, neuron) == "cpu"
         # One image fills 1 of 16 lanes: a 0.9 mask does not pay for that. The fixed part is padded
         # too: 2 images need keep <= 0.05 (below 0.75 * 2 / 16), 8 images keep <= 0.35 (AVX-512).
@@ -172,7 +172,7 @@ def test_auto_counts_the_backward_when_there_will_be_one(mode):
     # Between the forward-only crossover and the fwd+bwd one, "auto" takes dense conv for
     # inference and the kernel for a call that will be differentiated; keep 1.0 stays dense.
     kernels = rk.backends.cpu_kernels()
-    if not rk.backends.batch_vector_kernels(torch.float32, 1):
+    if not rk.backends.batch_vector_kernels(torch.float32, 1, 32, 3):
         pytest.skip(f"the {kernels} kernels have one crossover")
     table = ("SPATIAL" if mode == "spatial" else "BATCH_VECTOR") + "_MAX_KEEP"
     forward_only, with_grad = (getattr(rk.backends, table + suffix)[kernels] for suffix in ("", "_WITH_GRAD"))

@@ -247,3 +247,51 @@ def test_kept_index_of_a_spatial_mask_needs_the_channel_count():
     assert index.position_channels.numel() == SHAPE[0] * int(mask.sum())
     with pytest.raises(ValueError, match=r"mask has 1 channels; expected 1 or out_channels=5|mask has 8 channels"):
         rk.kept_index(rk.random_mask(SHAPE, 0.5, seed=16), out_channels=5)
+
+
+@pytest.mark.parametrize("mode,group_size,channels", [("neuron", None, 6), ("spatial", None, 6), ("group", 3, 6)])
+def test_check_kept_index_accepts_the_index_of_its_mask(mode, group_size, channels):
+    mask = rk.random_mask((channels, 5, 7), 0.6, mode, group_size, seed=1)
+    index = rk.kept_index(mask, channels)
+    checked = rk.check_kept_index(tuple(index), mask, channels)
+    assert isinstance(checked, rk.masks.KeptIndex) and all(a is b for a, b in zip(checked, index))
+    if mode == "group":  # one pattern per channel lists the same kept outputs: also valid
+        neuron_form = rk.kept_index(mask.clone().contiguous(), channels)
+        per_channel = mask.reshape(channels, -1)
+        offsets = torch.zeros(channels + 1, dtype=torch.int64)
+        offsets[1:] = per_channel.sum(1).cumsum(0)
+        rk.check_kept_index((offsets, per_channel.nonzero()[:, 1], *neuron_form[2:]), mask, channels)
+
+
+def corrupt(index, mask):
+    """(name, index, message) for index lists that are wrong in one way each."""
+    offsets, positions, by_position, channels = index
+    other = rk.kept_index(rk.random_mask(tuple(mask.shape), 0.6, seed=2))
+    swapped = positions.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    return [
+        ("another mask's", other, "list other kept positions than the mask's"),
+        ("positions out of range", (offsets, positions + 35, by_position, channels), r"must lie in \[0, 35\)"),
+        ("unsorted positions", (offsets, swapped, by_position, channels), "strictly ascending"),
+        ("offsets not ending at the count", (offsets, positions[:-1], by_position, channels), "must rise from 0"),
+        ("patterns not dividing", (offsets[:5], positions, by_position, channels), "4 patterns, which must divide"),
+        ("short position_offsets", (offsets, positions, by_position[:-1], channels), "H \\* W \\+ 1 = 36"),
+        ("channels out of range", (offsets, positions, by_position, channels + 1), r"must lie in \[0, 6\)"),
+        ("int32", (offsets, positions.int(), by_position, channels), "positions must be a 1-D int64 tensor"),
+        ("three tensors", (offsets, positions, by_position), "expected the 4 tensors of a KeptIndex"),
+        ("not a tuple", positions, "expected the 4 tensors"),
+    ]
+
+
+def test_check_kept_index_says_what_is_wrong():
+    mask = rk.random_mask((6, 5, 7), 0.6, seed=1)
+    for name, index, message in corrupt(rk.kept_index(mask), mask):
+        with pytest.raises(ValueError, match="kept_index does not match the mask") as error:
+            rk.check_kept_index(index, mask)
+        assert error.match(message), name
+        assert "rk.kept_index(mask, 6)" in str(error.value)
+    # Only the by-position form wrong: two masks keeping 3 of 6 channels at every position.
+    alternate = (torch.arange(6).view(6, 1, 1) + torch.arange(35).view(1, 5, 7)) % 2 == 0
+    mine, theirs = rk.kept_index(alternate), rk.kept_index(~alternate)
+    with pytest.raises(ValueError, match="list other kept channels than the mask's"):
+        rk.check_kept_index((*mine[:3], theirs[3]), alternate)

@@ -285,6 +285,31 @@ def op_args(backend, geometry, mode, group_size, dtype=torch.float32):
     return x, weight, bias, mask, index, geometry_args
 
 
+@pytest.mark.parametrize("backend", OPS)
+def test_ops_check_the_kept_index_sizes(backend):
+    # Every op checks the index's sizes and dtypes, with the same messages (its values are
+    # rk.check_kept_index's, once, in Python: test_a_bad_kept_index_is_one_error_on_every_backend).
+    x, weight, bias, mask, (offsets, positions, by_position, channels), geometry_args = op_args(
+        backend, ODD, "neuron", None)
+    out_channels, positions_per_pattern = weight.shape[0], mask.shape[1] * mask.shape[2]
+    conv = backend.op("masked_conv2d")
+    cases = [
+        ((offsets, positions, by_position, channels[:-1]),
+         f"position_channels must list the {channels.numel()} kept \\(position, channel\\) pairs of "
+         f"kept_offsets/kept_positions, got {channels.numel() - 1}"),
+        ((offsets[:5], positions, by_position, channels),
+         f"kept_offsets describes 4 mask patterns, which must divide the {out_channels} output channels"),
+        ((offsets, positions, by_position[:-1], channels),
+         f"position_offsets must be a 1-D int64 tensor of Hout \\* Wout \\+ 1 = {positions_per_pattern + 1} entries"),
+        ((offsets, positions.int(), by_position, channels), "kept_positions must be a 1-D int64 tensor, got"),
+        ((offsets, positions.repeat(3), by_position, channels.repeat(3)),
+         f"kept_positions lists {3 * positions.numel()} positions, more than the {out_channels} patterns"),
+    ]
+    for index, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            conv(x, weight, bias, mask, *index, *geometry_args)
+
+
 @pytest.mark.parametrize("mode,group_size", [("neuron", None), ("spatial", None), ("group", 2)], ids=str)
 @pytest.mark.parametrize("backend", OPS)
 def test_opcheck(backend, mode, group_size):
@@ -351,6 +376,26 @@ def test_ops_read_expanded_and_sliced_views(backend):
     sliced = wide[:, 1:1 + x.shape[1], 2:]
     torch.testing.assert_close(conv(sliced, weight, bias, mask, *index, *geometry_args),
                                reference.masked_conv2d(sliced, weight, bias, mask, *geometry_args), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_bad_kept_index_is_one_error_on_every_backend(backend, monkeypatch):
+    # The index's values are checked once per (index, mask) pair, in Python, whatever runs
+    # after (rk.check_kept_index): again only when one of them is modified in place.
+    x, weight, bias, mask, conv_args = case(backend, ODD, "neuron", None)
+    other = rk.kept_index(rk.random_mask(tuple(mask.shape), 0.5, seed=7, device=mask.device))
+    with pytest.raises(ValueError, match=r"kept_index does not match the mask .*list other kept positions"):
+        backend(x, weight, bias, mask=mask, kept_index=other, **conv_args)
+    checks = []
+    monkeypatch.setattr(rk.functional, "check_kept_index",
+                        lambda *args: checks.append(args) or rk.check_kept_index(*args))
+    index = rk.kept_index(mask)
+    for _ in range(2):
+        backend(x, weight, bias, mask=mask, kept_index=index, **conv_args)
+    assert len(checks) == 1
+    mask[0, 0, 0] = ~mask[0, 0, 0]
+    with pytest.raises(ValueError, match="kept_index does not match the mask"):
+        backend(x, weight, bias, mask=mask, kept_index=index, **conv_args)
 
 
 @pytest.mark.parametrize("backend", backends(lambda b: b.name in ("reference", "cpu", "cuda")

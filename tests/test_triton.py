@@ -265,24 +265,6 @@ def test_op_rejects_bad_arguments(change, match):
                                              [1, 1], [1, 1], [1, 1], 1)
 
 
-def test_op_rejects_an_inconsistent_index():
-    x, weight, mask = torch.randn(1, 3, 6, 6), torch.randn(6, 3, 3, 3), rk.random_mask((6, 6, 6), 0.5)
-    offsets, positions, by_position, channels = (t.to(DEVICE) for t in rk.kept_index(mask))
-    x, weight, mask = x.to(DEVICE), weight.to(DEVICE), mask.to(DEVICE)
-
-    def call(*index):
-        return torch.ops.rmask.triton_masked_conv2d(x, weight, None, mask, *index, [1, 1], [1, 1], [1, 1], 1)
-
-    with pytest.raises(RuntimeError, match="must list the same kept outputs"):
-        call(offsets, positions, by_position, channels[:-1])
-    with pytest.raises(RuntimeError, match="kept_offsets describes 4 mask patterns, which must divide the 6"):
-        call(offsets[:5], positions, by_position, channels)
-    with pytest.raises(RuntimeError, match=r"position_offsets must have Hout \* Wout \+ 1 = 37 entries"):
-        call(offsets, positions, by_position[:-1], channels)
-    with pytest.raises(RuntimeError, match="kept_positions must be a 1-D int64 tensor, got torch.int32"):
-        call(offsets, positions.int(), by_position, channels)
-
-
 @pytest.mark.cuda
 def test_torch_compile_cuda():
     # fullgraph: no graph break around the op nor in auto's choice of triton.

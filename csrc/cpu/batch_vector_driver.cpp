@@ -192,10 +192,9 @@ const BatchVectorKernels* batch_vector_kernels() {
   return kernels;
 }
 
-bool use_batch_vector(const ConvGeometry& g, const at::Tensor& input) {
+bool use_batch_vector(at::ScalarType dtype, int64_t groups, int64_t batch, int64_t kernel_h) {
   // Kernel heights above 64 (the kernels' fixed per-row tables) take the portable path.
-  return batch_vector_kernels() && input.scalar_type() == at::kFloat && g.groups == 1 && g.batch > 0 &&
-         g.kernel_h <= 64;
+  return batch_vector_kernels() && dtype == at::kFloat && groups == 1 && batch > 0 && kernel_h <= 64;
 }
 
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk

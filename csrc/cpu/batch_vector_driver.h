@@ -25,8 +25,9 @@ namespace cpu {
 // AVX2 kernels on an AVX-512 CPU), else AVX2; null on other CPUs.
 C10_HIDDEN const BatchVectorKernels* batch_vector_kernels();
 
-// Whether the batch-vector kernels serve this call.
-C10_HIDDEN bool use_batch_vector(const ConvGeometry& g, const at::Tensor& input);
+// Whether the batch-vector kernels serve a call with this input dtype, groups, batch and kernel
+// height: the one statement of the rule (Python's "auto" asks it through rmask::cpu_uses_batch_vector).
+C10_HIDDEN bool use_batch_vector(at::ScalarType dtype, int64_t groups, int64_t batch, int64_t kernel_h);
 
 // relu?(mask * (conv + bias) + residual) (residual undefined: none), in the input's memory
 // format; with `channel_sums` (set to a (2, Cout) float64 tensor) also the per-channel sums and

@@ -43,10 +43,13 @@ void check_range(const at::Tensor& index, int64_t end, const char* name) {
               lowest, ", ", highest, "]");
 }
 
-// The kept index's values (contiguous tensors): both forms consistent and in range, so the
-// kernels may index with them unchecked.
+// The kept index's sizes (as every backend checks them), then its values (contiguous tensors):
+// both forms consistent and in range, so the kernels may index with them unchecked. The values
+// were checked against the mask once, in Python (rk.check_kept_index); this pass keeps an index
+// that bypassed that from reaching outside the tensors.
 void check_kept_index(const ConvGeometry& g, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
                       const at::Tensor& position_offsets, const at::Tensor& position_channels) {
+  check_kept_index_sizes(g, kept_positions, position_channels);
   const int64_t* offsets = kept_offsets.data_ptr<int64_t>();
   TORCH_CHECK(offsets[0] == 0 && offsets[g.patterns] == kept_positions.numel(),
               "masked_conv2d: kept_offsets must start at 0 and end at kept_positions.numel() = ",
@@ -61,7 +64,6 @@ void check_kept_index(const ConvGeometry& g, const at::Tensor& kept_offsets, con
               "masked_conv2d: position_offsets/position_channels must list the ", pairs,
               " kept (position, channel) pairs of kept_offsets/kept_positions, got ", position_channels.numel(),
               " channels and offsets from ", by_position[0], " to ", by_position[g.out_positions()]);
-  check_kept_index_sizes(g, kept_positions, position_channels);
   for (int64_t position = 0; position < g.out_positions(); ++position) {
     TORCH_CHECK(by_position[position + 1] >= by_position[position],
                 "masked_conv2d: position_offsets must be non-decreasing");
@@ -94,7 +96,7 @@ at::Tensor masked_conv2d_forward_kernel(const at::Tensor& input, const at::Tenso
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) check_residual(g, input, *residual);
   const at::Tensor fused_residual = has_residual ? *residual : at::Tensor();
-  if (cpu::use_batch_vector(g, input)) {
+  if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
     return cpu::batch_vector_forward(g, input, weight, bias, index.positions, index.position_offsets,
                                      index.position_channels, relu, nullptr, fused_residual);
   }
@@ -114,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_kernel(
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "masked_conv2d_backward: grad_output dtype must be ",
               input.scalar_type(), ", got ", grad_output.scalar_type());
   const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
-  if (cpu::use_batch_vector(g, input)) {
+  if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
     return cpu::batch_vector_backward(g, grad_output, input, weight, index.positions, index.position_offsets,
                                       index.position_channels, output_mask);
   }
@@ -128,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats_kernel(
     int64_t groups) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
-  if (cpu::use_batch_vector(g, input)) {
+  if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
     const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
     at::Tensor sums;
     auto y = cpu::batch_vector_forward(g, input, weight, bias, index.positions, index.position_offsets,
@@ -152,9 +154,13 @@ std::string cpu_kernels() {
 
 // Not ops on tensors: tell Python (the "auto" crossover, benchmarks, bug reports) which
 // kernels this process runs and what the output cache holds.
+// cpu_uses_batch_vector: whether the CPU op runs the batch-vector kernels for these arguments
+// (else the portable ones).
 // cpu_output_cache: the bytes the output cache (output_cache.h) holds free now, and its limit.
 TORCH_LIBRARY_FRAGMENT(rmask, m) {
   m.def("cpu_kernels() -> str", &cpu_kernels);
+  m.def("cpu_uses_batch_vector(ScalarType dtype, int groups, int batch, int kernel_height) -> bool",
+        &cpu::use_batch_vector);
   m.def("cpu_output_cache() -> int[]",
         []() -> std::vector<int64_t> { return {cpu::output_cache_bytes(), cpu::output_cache_limit()}; });
 }

@@ -86,15 +86,18 @@ def check_args(op, input, weight, bias, mask, index, stride, padding, dilation, 
         raise RuntimeError(f"{op}: kept_offsets describes {patterns} mask patterns, which must divide the "
                            f"{out_channels} output channels (1 for a (1, H, W) mask)")
     if position_offsets.numel() != out_h * out_w + 1:
-        raise RuntimeError(f"{op}: position_offsets must have Hout * Wout + 1 = {out_h * out_w + 1} entries, "
-                           f"got {position_offsets.numel()}")
-    # Sizes only: checking the index's values (offsets ascending, positions in range) would
-    # synchronize with the GPU on every call; the index is built once by rk.kept_index.
+        raise RuntimeError(f"{op}: position_offsets must be a 1-D int64 tensor of Hout * Wout + 1 = "
+                           f"{out_h * out_w + 1} entries, got {position_offsets.dtype} of shape "
+                           f"{tuple(position_offsets.shape)}")
+    # Sizes only, as check_kept_index_sizes in csrc/masked_conv2d_common.h (same messages): the
+    # values are checked once, in Python (rk.check_kept_index), not per call.
     channels_per_pattern = out_channels // patterns
-    if kept_positions.numel() > patterns * out_h * out_w \
-            or position_channels.numel() != kept_positions.numel() * channels_per_pattern:
-        raise RuntimeError(f"{op}: kept_positions ({kept_positions.numel()}) and position_channels "
-                           f"({position_channels.numel()}) must list the same kept outputs: {channels_per_pattern} "
-                           "channels per kept position of each pattern")
+    if kept_positions.numel() > patterns * out_h * out_w:
+        raise RuntimeError(f"{op}: kept_positions lists {kept_positions.numel()} positions, more than the "
+                           f"{patterns} patterns of Hout * Wout = {out_h * out_w} outputs hold")
+    pairs = kept_positions.numel() * channels_per_pattern
+    if position_channels.numel() != pairs:
+        raise RuntimeError(f"{op}: position_channels must list the {pairs} kept (position, channel) pairs of "
+                           f"kept_offsets/kept_positions, got {position_channels.numel()}")
     return Geometry(batch, in_channels, height, width, out_channels, kernel_h, kernel_w, out_h, out_w, groups,
                     patterns)
