@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .backends import check_backend, gpu_sparse_pays_off, resolve_backend, sparse_pays_off
+from .autocast import autocast_dtype, cast, cast_for_autocast
+from .backends import (AVAILABLE, batch_vector_kernels, check_backend, gpu_sparse_pays_off, resolve_backend,
+                       sparse_pays_off)
 from .geometry import conv_output_size, pair, resolve_padding  # also importable from here
 from .masks import check_kept_index
 from .masks import kept_index as build_kept_index
@@ -116,6 +118,35 @@ def select_backend(
     return chosen
 
 
+def float32_kernels_under_autocast(backend, input, weight, bias, mask, kept_index, groups, residual) -> bool:
+    """Inside CPU autocast: whether to run the float32 batch-vector kernels and return the autocast
+    dtype, rather than the CPU op in that dtype (the portable kernels, many times slower:
+    benchmarks/investigations/autocast_cpu.py) or, for "auto", dense conv × mask in that dtype.
+    Backend "cpu": wherever the float32 kernels serve; "auto": where they also pay off by the
+    float32 rule. Anything malformed answers False: the checks below then say what is wrong."""
+    if backend not in ("auto", "cpu") or "cpu" not in AVAILABLE or input.device.type != "cpu":
+        return False
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16) or input.dim() not in (3, 4):
+        return False
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or not isinstance(groups, int):
+        return False
+    batch = input.shape[0] if input.dim() == 4 else 1
+    if not batch_vector_kernels(torch.float32, groups, batch, weight.shape[2]):
+        return False
+    if backend == "cpu":
+        return True
+    out_channels = weight.shape[0]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 3 \
+            or mask.shape[0] not in (1, out_channels):
+        return False
+    index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels)
+    with_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (input, weight, bias, residual)
+    )
+    positions = mask.shape[1] * mask.shape[2]
+    return sparse_pays_off(index, positions, batch, torch.float32, groups, weight.shape[2], with_grad)
+
+
 def masked_conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -144,6 +175,10 @@ def masked_conv2d(
     ``channel_stats``: also return, per output channel, the float64 sum and sum of squares of
     the output over the batch and the kept positions, computed in the same pass (BN
     statistics over kept positions, ``bn_stats="kept"``): ``(output, sum, sum_of_squares)``.
+    Inside ``torch.autocast`` the floating-point arguments (not float64) are cast to the autocast
+    dtype first, as ``F.conv2d``'s are, and the output is in that dtype; on the CPU, where the
+    float32 kernels serve (and for "auto", pay off), they compute from the float32 arguments
+    and the output is cast to the autocast dtype (``float32_kernels_under_autocast``).
     ``backend``: "auto", "reference" (the oracle), "cpu" (the C++ CPU kernels), "cuda" (the
     CUDA C++ kernels, when built) or "triton" (the Triton kernels: CUDA tensors, and CPU
     tensors under ``TRITON_INTERPRET=1``); "auto" takes the device's compiled kernels where
@@ -160,6 +195,21 @@ def masked_conv2d(
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a 4-D (C_out, C_in/groups, kh, kw) tensor, got {shape}")
+    # Inside torch.autocast: the arguments cast as F.conv2d's are (rmask_kernels/autocast.py), or
+    # on the CPU, where the float32 kernels serve, computed by them and returned in the autocast dtype.
+    device_type = input.device.type
+    autocast_to = autocast_dtype(device_type)
+    if autocast_to is not None and float32_kernels_under_autocast(
+        backend, input, weight, bias, mask, kept_index, groups, residual
+    ):
+        with torch.autocast(device_type, enabled=False):
+            result = masked_conv2d(
+                *(cast(t, torch.float32) for t in (input, weight, bias)), mask, stride, padding, dilation, groups,
+                backend="cpu", kept_index=kept_index, relu=relu, channel_stats=channel_stats,
+                residual=cast(residual, torch.float32),
+            )
+        return (result[0].to(autocast_to), *result[1:]) if channel_stats else result.to(autocast_to)
+    input, weight, bias, residual = cast_for_autocast(device_type, input, weight, bias, residual)
     dtype, device, weight_shape = input.dtype, input.device, weight.shape
     out_channels = weight_shape[0]
     if not dtype.is_floating_point:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
+from .autocast import cast_for_autocast
 from .backends import check_backend
 from .functional import masked_conv2d
 from .geometry import conv_output_size, pair
@@ -147,6 +148,8 @@ class MaskedConv2d(nn.Conv2d):
         with the per-channel output statistics (see rk.masked_conv2d)."""
         mask = self.mask_for(input)
         if self.mask_ratio == 0.0:
+            # Under autocast the residual is cast as the fused op casts it (rk.masked_conv2d).
+            (residual,) = cast_for_autocast(input.device.type, residual)
             output = self._conv_forward(input, weight, bias)
             output = output + residual if residual is not None else output
             output = F.relu(output) if relu else output
@@ -313,6 +316,8 @@ class MaskedConvBN2d(nn.Module):
             input = input.unsqueeze(0)
             residual = residual.unsqueeze(0) if residual is not None else None
         relu = self.activation == "relu"
+        # Under autocast the residual is cast as the fused op casts it, in training as in eval.
+        (residual,) = cast_for_autocast(input.device.type, residual)
         if not self._uses_batch_stats():  # one masked conv: BN folded in, residual and ReLU in the epilogue
             weight, bias = self._inference_weight_and_bias()
             y = self.conv.masked_forward(input, weight, bias, relu=relu, residual=residual)
@@ -397,10 +402,12 @@ class MaskedConvBN2d(nn.Module):
         kept_per_channel = mask.sum(dim=(1, 2)).expand(y.shape[1]).to(torch.float64)
         count = (kept_per_channel * y.shape[0]).clamp(min=1)
         # The statistics' dependence on y is in _KeptBatchNorm's backward, not in autograd.
+        # Normalized in float32 where y is float16/bfloat16 (autocast), as BatchNorm2d does.
+        stats_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
         mean64 = total.detach() / count
-        var = ((total_of_squares.detach() / count) - mean64.square()).clamp(min=0).to(y.dtype)
-        mean = mean64.to(y.dtype)
-        count = count.to(y.dtype)
+        var = ((total_of_squares.detach() / count) - mean64.square()).clamp(min=0).to(stats_dtype)
+        mean = mean64.to(stats_dtype)
+        count = count.to(stats_dtype)
         if self.training and bn.track_running_stats:
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
@@ -427,7 +434,8 @@ class _KeptBatchNorm(torch.autograd.Function):
     half of what autograd through the same formula takes.
 
     The input gradient is only meaningful at kept positions: masked outputs are constant
-    zeros, and every masked-conv backward ignores its gradient there.
+    zeros, and every masked-conv backward ignores its gradient there. Arithmetic in the
+    statistics' dtype (float32 for a float16/bfloat16 ``y``); the output in ``y``'s dtype.
     """
 
     @staticmethod
@@ -435,7 +443,7 @@ class _KeptBatchNorm(torch.autograd.Function):
         scale = rstd if weight is None else rstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
         # y is 0 where masked, so y * scale + shift * mask is BN on kept positions and 0 elsewhere.
-        out = torch.addcmul(shift.view(-1, 1, 1) * mask, y, scale.view(-1, 1, 1))
+        out = torch.addcmul(shift.view(-1, 1, 1) * mask, y, scale.view(-1, 1, 1)).to(y.dtype)
         if relu:
             out.clamp_min_(0)
         ctx.save_for_backward(y, mask, out if relu else None, count, mean, rstd, weight)
@@ -446,6 +454,7 @@ class _KeptBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         y, mask, out, count, mean, rstd, weight = ctx.saved_tensors
         g = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
+        g, y = g.to(rstd.dtype), y.to(rstd.dtype)
         # Per channel, over the kept positions: sum of g, and sum of g * xhat with
         # xhat = (y - mean) * rstd (y is 0 where masked, so g * y needs no mask).
         sum_g = (g.sum(0) * mask).sum((1, 2))

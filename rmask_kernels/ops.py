@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import schemas
+from . import autocast, schemas
 from .geometry import conv_output_size
 
 try:
@@ -61,8 +61,8 @@ FAMILIES = ("", "triton_")
 
 
 def register_op_family(namespace: str, prefix: str) -> None:
-    """Fake kernels and autograd for the three ops ``namespace::{prefix}masked_conv2d*`` (the
-    rmask schemas): the rmask families below, and the CUDA kernels' host emulation in the tests."""
+    """Fake kernels, autograd and autocast rules (rmask_kernels/autocast.py) for the three ops
+    ``namespace::{prefix}masked_conv2d*`` (the rmask schemas): the rmask families below, and the CUDA kernels' host emulation in the tests."""
     family = getattr(torch.ops, namespace)
     conv_op = getattr(family, f"{prefix}masked_conv2d")
     stats_op = getattr(family, f"{prefix}masked_conv2d_stats")
@@ -163,6 +163,7 @@ def register_op_family(namespace: str, prefix: str) -> None:
     torch.library.register_autograd(
         f"{namespace}::{prefix}masked_conv2d_stats", _stats_backward, setup_context=_stats_setup_context
     )
+    autocast.register_autocast(namespace, prefix)
 
 
 def _save_for_conv_backward(ctx, arguments: dict, extra_output):

@@ -87,6 +87,78 @@ def test_low_precision_near_pytorchs_own(backend, dtype, mode, group_size, ratio
     torch.testing.assert_close(squares, want_squares, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("epilogue", ["none", "add+relu"])
+@pytest.mark.parametrize("mode,group_size", mask_cases(WIDE_ODD), ids=str)
+@pytest.mark.parametrize("backend,dtype", backends_and_dtypes(low_precision=True))
+def test_autocast_casts_as_conv2d_does(backend, dtype, mode, group_size, epilogue):
+    # Under torch.autocast the op casts its float32 arguments (residual included: one fused
+    # op) to the autocast dtype, as F.conv2d does, and returns that dtype; the gradients reach
+    # the float32 leaves in float32. Error vs the float64 oracle on the cast inputs: at most
+    # ~2x that of F.conv2d * mask under the same autocast.
+    x, weight, bias, mask, conv_args = case(backend, WIDE_ODD, mode, group_size, 0.5, torch.float32)
+    add_relu = epilogue == "add+relu"
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=x.device) if add_relu else None
+    inputs, _ = leaves_and_oracle(x, weight, bias, residual)
+    _, oracle = leaves_and_oracle(*(t.to(dtype) if t is not None else None for t in (x, weight, bias, residual)))
+
+    def epilogue_of(y, residual):
+        return F.relu(y + residual) if add_relu else y
+
+    with torch.autocast(backend.device, dtype=dtype):
+        ours = backend(*inputs[:3], mask=mask, residual=inputs[3], relu=add_relu, **conv_args)
+        theirs = epilogue_of(F.conv2d(x, weight, bias, **conv_args) * mask,
+                             residual.to(dtype) if add_relu else None)
+    expected = epilogue_of(reference.masked_conv2d(*oracle[:3], mask, **conv_args), oracle[3])
+    assert ours.dtype == theirs.dtype == dtype
+    limit = 2 * (theirs.double() - expected).abs().max() + LOW_PRECISION_FLOOR[dtype]
+    assert (ours.double() - expected).abs().max() <= limit
+    if not add_relu:
+        assert (masked_outputs(ours, mask) == 0).all()
+    grad_y = torch.randn_like(expected).to(dtype)
+    # The oracle's ReLU gate is ours: where an output near 0 rounds to the other side, the two
+    # gates differ and so would whole gradient terms.
+    pre_relu = reference.masked_conv2d(*oracle[:3], mask, **conv_args) + (oracle[3] if add_relu else 0)
+    gated = grad_y.double() * (ours.detach() > 0) if add_relu else grad_y.double()
+    wanted = [t for t in inputs if t is not None]
+    for g, t, r in zip(torch.autograd.grad(ours, wanted, grad_y), wanted,
+                       torch.autograd.grad(pre_relu, [t for t in oracle if t is not None], gated)):
+        assert g.dtype == t.dtype == torch.float32
+        assert (g.double() - r).abs().max() <= LOW_PRECISION_GRAD[dtype] * (r.abs().max() + 1)
+    with torch.autocast(backend.device, dtype=dtype):
+        y, total, squares = backend(x, weight, bias, mask=mask, channel_stats=True, **conv_args)
+    assert y.dtype == dtype and total.dtype == squares.dtype == torch.float64
+    # The statistics of the output as stored, or (the CPU's float32 kernels under autocast) of
+    # the float32 output before it was rounded to the autocast dtype: within that rounding.
+    want_total, want_squares = reference.channel_stats(y)
+    y64, eps = y.double(), torch.finfo(dtype).eps
+    assert ((total - want_total).abs() <= eps * y64.abs().sum((0, 2, 3)) + 1e-6).all()
+    assert ((squares - want_squares).abs() <= 2 * eps * y64.square().sum((0, 2, 3)) + 1e-6).all()
+
+
+@pytest.mark.parametrize("backend,dtype", backends_and_dtypes(low_precision=True))
+def test_autocast_rules_of_the_ops_themselves(backend, dtype):
+    # The ops called directly (torch.ops.rmask.*) follow autocast too: float32 arguments are
+    # cast, float64 ones are not (as autocast leaves float64 alone).
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, "neuron", None)
+    conv, stats = backend.op("masked_conv2d"), backend.op("masked_conv2d_stats")
+    with torch.autocast(backend.device, dtype=dtype):
+        y = conv(x, weight, bias, mask, *index, *geometry_args, relu=True)
+        y_stats, total, _ = stats(x, weight, bias, mask, *index, *geometry_args)
+    assert y.dtype == y_stats.dtype == dtype and total.dtype == torch.float64
+    want = conv(x.to(dtype), weight.to(dtype), bias.to(dtype), mask, *index, *geometry_args, relu=True)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    if torch.float64 in backend.dtypes:
+        with torch.autocast(backend.device, dtype=dtype):
+            y64 = conv(x.double(), weight.double(), bias.double(), mask, *index, *geometry_args)
+        assert y64.dtype == torch.float64
+
+
+def test_mixed_dtypes_outside_autocast_stay_an_error():
+    x, weight, bias, mask, conv_args = make_case(ODD, "neuron", None, 0.5, torch.float32)
+    with pytest.raises(TypeError, match="weight dtype must match input dtype torch.bfloat16, got torch.float32"):
+        rk.masked_conv2d(x.bfloat16(), weight, bias, mask=mask, **conv_args)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced", "weight-and-mask-strided"])
 @pytest.mark.parametrize("mode", ["neuron", "spatial"])
 @pytest.mark.parametrize("backend,dtype", ALL)
