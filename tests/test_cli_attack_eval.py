@@ -81,6 +81,35 @@ def test_attack_writes_examples_index_and_metadata(runs, tmp_path, capsys):
     assert len(read_csv(out / "fgsm-8.csv")) == len(crafted["index"])
 
 
+def test_attack_and_eval_under_mixed_precision(runs, tmp_path, monkeypatch):
+    # --amp: every masked conv of the source and the target runs in bf16; the results are
+    # written as in float32, and the source's accuracy on its examples is the float32 run's.
+    import rmask_kernels as rk
+
+    dtypes = set()
+    masked_conv2d = rk.functional.masked_conv2d
+
+    def spy(input, *args, **kwargs):
+        output = masked_conv2d(input, *args, **kwargs)
+        dtypes.add(output.dtype)
+        return output
+
+    monkeypatch.setattr(rk.nn, "masked_conv2d", spy)
+    for amp in ([], ["--amp", "bf16"]):
+        dtypes.clear()
+        out = tmp_path / ("amp" if amp else "float32")
+        assert cli.main(["attack", "--source", str(runs / "rm-a"), "--data", "digits", "--attack", "fgsm-16",
+                         "--out", str(out / "attack"), *LIMIT, *amp]) == 0
+        assert cli.main(["eval", "--target", str(runs / "rm-b"), "--adversarial", str(out / "attack"),
+                         "--data", "digits", "--out", str(out / "eval"), *LIMIT, *amp]) == 0
+        assert dtypes == {torch.bfloat16 if amp else torch.float32}
+    ours = load_adversarial(tmp_path / "amp" / "attack" / "fgsm-16.pt")
+    theirs = load_adversarial(tmp_path / "float32" / "attack" / "fgsm-16.pt")
+    assert abs(len(ours["index"]) - len(theirs["index"])) <= 2  # the same clean accuracy, but for a rounding
+    assert read_csv(tmp_path / "amp" / "eval" / "results.csv")[0].keys() == \
+        read_csv(tmp_path / "float32" / "eval" / "results.csv")[0].keys()
+
+
 def test_eval_end_to_end(runs, attacked, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "results"

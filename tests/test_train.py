@@ -128,6 +128,38 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     assert [r["lr"] for r in read_log(tmp_path / "resumed")] == pytest.approx([0.1, 0.1, 0.01])
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_records_and_resumes_exactly(tmp_path, amp, monkeypatch):
+    # --amp: the forward and the loss under autocast (every masked conv sees the autocast dtype),
+    # fp16's loss scaled; the checkpoint records it (config and scaler) and resume continues the
+    # run bit for bit, as it does in float32.
+    dtypes = set()
+    masked_conv2d = rk.functional.masked_conv2d
+
+    def spy(input, *args, **kwargs):
+        output = masked_conv2d(input, *args, **kwargs)
+        dtypes.add(output[0].dtype if kwargs.get("channel_stats") else output.dtype)
+        return output
+
+    monkeypatch.setattr(rk.nn, "masked_conv2d", spy)
+    assert run_train(tmp_path / "straight", "--epochs", "2", "--amp", amp) == 0
+    assert dtypes == {rk.experiments.inference.AMP_DTYPES[amp]}
+    assert run_train(tmp_path / "resumed", "--epochs", "1", "--amp", amp) == 0
+    assert cli.main(["train", "--run-dir", str(tmp_path / "resumed"), "--resume", "--epochs", "2", "--quiet"]) == 0
+    straight, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("straight", "resumed"))
+    assert straight["config"]["amp"] == amp == json.loads((tmp_path / "straight" / "config.json").read_text())["amp"]
+    assert bool(straight["scaler"]) == (amp == "fp16")
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    # The same run in float32: the losses follow it within the low precision's rounding.
+    assert run_train(tmp_path / "float32", "--epochs", "2") == 0
+    for ours, theirs in zip(read_log(tmp_path / "straight"), read_log(tmp_path / "float32")):
+        assert abs(ours["train_loss"] - theirs["train_loss"]) < 0.01
+        assert abs(ours["test_loss"] - theirs["test_loss"]) < 0.01
+    assert cli.main(["train", "--run-dir", str(tmp_path / "resumed"), "--resume", "--amp", "bf16" if amp == "fp16"
+                     else "fp16", "--epochs", "3", "--quiet"]) == 1
+
+
 def test_resume_refuses_a_changed_config(tmp_path, capsys):
     assert run_train(tmp_path, "--epochs", "1") == 0
     before = (tmp_path / "last.pt").read_bytes()

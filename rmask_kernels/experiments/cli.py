@@ -40,6 +40,7 @@ from .evaluate import (
     DECISION_ATTACKS, TransferResult, clean_accuracy, decision_based_eval, defense_success_rate, noise_robustness,
     patch_shuffle_accuracy, to_markdown, transfer_predictions, transfer_setting, white_box_result, write_csv,
 )
+from .inference import AMP_DTYPES, MixedPrecision
 from .model_zoo import MODELS, load_model, mask_checksum, masks_of
 from .plots import GridExamples, example_grid, plot_accuracy_vs_eps
 from .train import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, PRESETS, TrainConfig, train
@@ -112,6 +113,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="epochs at which lr is multiplied by --gamma (default 150 250 on cifar10, 20 40 on mnist)")
     optim.add_argument("--gamma", type=float, default=unset, help=f"default {cifar.gamma}")
     optim.add_argument("--label-smoothing", type=float, default=unset, help="default 0 (the paper's control: 0.1)")
+    optim.add_argument("--amp", choices=tuple(AMP_DTYPES), default=unset,
+                       help="mixed precision (torch.autocast): bf16, or fp16 with a GradScaler (default: float32)")
     optim.add_argument("--seed", type=int, default=unset, help="initial weights, data order, augmentation (default 0)")
     optim.add_argument("--eval-batch-size", type=int, default=unset, help=f"default {cifar.eval_batch_size}")
 
@@ -133,7 +136,8 @@ def default_run_dir(config: TrainConfig) -> Path:
         mask = "normal"
     if config.mask_ratio and config.mask_mode != "neuron":
         mask += f"-{config.mask_mode}" + (f"{config.group_size}" if config.group_size else "")
-    return Path("runs") / f"{config.data}-{config.model}-{mask}-seed{config.seed}"
+    amp = f"-{config.amp}" if config.amp else ""
+    return Path("runs") / f"{config.data}-{config.model}-{mask}{amp}-seed{config.seed}"
 
 
 def _saved_config(run_dir: Path) -> dict:
@@ -182,6 +186,8 @@ def _add_data_and_run_arguments(parser: argparse.ArgumentParser, batch_size: int
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="masked-conv implementation (default: the one each model was trained with)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
+                        help="run the models under torch.autocast in bf16 or fp16 (default: float32)")
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -239,6 +245,7 @@ def _load_models(paths: Sequence[Path], flag: str, args: argparse.Namespace, dev
     models = []
     for name, path in zip(names, paths):
         model = load_model(path, device, args.backend)
+        model = MixedPrecision(model, args.amp) if args.amp else model
         models.append(_Model(name, _checkpoint_file(path).resolve(), model, bool(masks_of(model))))
     return models
 

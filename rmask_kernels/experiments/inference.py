@@ -12,7 +12,41 @@ from typing import Iterator, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["check_batch_size", "evaluating", "model_device", "predict"]
+__all__ = [
+    "AMP_DTYPES", "MixedPrecision", "check_amp", "check_batch_size", "evaluating", "mixed_precision", "model_device",
+    "predict",
+]
+
+# Mixed precision by name (rmask train --amp): the autocast dtype. fp16 also takes a GradScaler
+# in training (its small gradients would flush to zero); bf16 has float32's range and needs none.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp) -> None:
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None (float32) or one of {tuple(AMP_DTYPES)}, got {amp!r}")
+
+
+def mixed_precision(amp, device: Union[str, torch.device]):
+    """``torch.autocast`` on ``device`` in ``amp``'s dtype ("bf16", "fp16"); no autocast for None."""
+    check_amp(amp)
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
+
+
+class MixedPrecision(nn.Module):
+    """``model`` run under ``amp``'s autocast (rmask attack/eval --amp), its output in float32:
+    the logits that losses, attacks and predictions read."""
+
+    def __init__(self, model: nn.Module, amp: str):
+        super().__init__()
+        check_amp(amp)
+        self.model, self.amp = model, amp
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        with mixed_precision(self.amp, input.device):
+            return self.model(input).float()
 
 
 def model_device(model: nn.Module, fallback: Union[str, torch.device] = "cpu") -> torch.device:

@@ -52,7 +52,7 @@ from .distributed import (
     DistributedContext, all_gather, all_reduce_sum, average_batchnorm_statistics, check_same_masks,
     init_process_group, resolve_device, wrap_ddp,
 )
-from .inference import evaluating, model_device
+from .inference import check_amp, evaluating, mixed_precision, model_device
 from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, parse_mask_ratio
 
 __all__ = [
@@ -108,6 +108,7 @@ class TrainConfig:
     milestones: Tuple[int, ...] = (150, 250)
     gamma: float = 0.1
     label_smoothing: float = 0.0
+    amp: Optional[str] = None  # mixed precision: None (float32), "bf16" or "fp16" (with a GradScaler)
     seed: int = 0  # initial weights, data order, augmentation
     eval_batch_size: int = 500
     device: Optional[str] = None  # None: cuda when available, else cpu
@@ -121,6 +122,7 @@ class TrainConfig:
             raise ValueError(f"bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_amp(self.amp)
         self.mask_ratio = parse_mask_ratio(self.mask_ratio)
         self.milestones = tuple(int(m) for m in self.milestones)
         if list(self.milestones) != sorted(self.milestones):
@@ -170,14 +172,15 @@ def model_spec(config: TrainConfig, data: ImageData) -> ModelSpec:
 
 @torch.no_grad()
 def _evaluation_sums(model: nn.Module, data: ImageData, batch_size: int, device: torch.device,
-                     rank: int = 0, world_size: int = 1) -> torch.Tensor:
+                     rank: int = 0, world_size: int = 1, amp: Optional[str] = None) -> torch.Tensor:
     """[summed loss, correct, count] over this rank's shard of ``data`` (every image once
-    across the ranks), float64 on ``device``."""
+    across the ranks), float64 on ``device``; under ``amp``'s autocast as the model trains."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     with evaluating(model):
         for images, labels in batches(data, batch_size, rank=rank, world_size=world_size, equal_shards=False):
             images, labels = images.to(device), labels.to(device)
-            logits = model(images)
+            with mixed_precision(amp, device):
+                logits = model(images)
             sums[0] += F.cross_entropy(logits.double(), labels, reduction="sum")
             sums[1] += (logits.argmax(1) == labels).sum()
             sums[2] += len(labels)
@@ -282,8 +285,10 @@ def _progress(iterable, total: int, description: str, enabled: bool):
 
 
 def _train_epoch(model: nn.Module, bar, optimizer: torch.optim.Optimizer, device: torch.device,
-                 context: DistributedContext, label_smoothing: float) -> Tuple[torch.Tensor, int]:
-    """One pass over ``bar`` (the epoch's batches, maybe in a progress bar); returns
+                 context: DistributedContext, label_smoothing: float, amp: Optional[str],
+                 scaler: torch.amp.GradScaler) -> Tuple[torch.Tensor, int]:
+    """One pass over ``bar`` (the epoch's batches, maybe in a progress bar), forward under
+    ``amp``'s autocast, the loss scaled by ``scaler`` (a no-op unless fp16); returns
     ([summed loss, correct, count] over ALL ranks, steps)."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -291,11 +296,13 @@ def _train_epoch(model: nn.Module, bar, optimizer: torch.optim.Optimizer, device
     refresh = 1 if device.type == "cpu" else 10  # reading the sums syncs a GPU: not every step there
     for images, labels in bar:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        with mixed_precision(amp, device):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped if fp16 overflowed; the scale then shrinks
+        scaler.update()
         steps += 1
         with torch.no_grad():
             sums[0] += loss.detach().double() * len(labels)
@@ -359,12 +366,15 @@ def _run(config: TrainConfig, run_dir: Path, context: DistributedContext, device
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), gamma=config.gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     augment = default_augmentation(config.data) if config.augment else None
     augment_generator = torch.Generator().manual_seed(_derived_seed(config.seed, "augment", context.rank))
     start_epoch, global_step, best_accuracy = 0, 0, -1.0
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
         augment_states = checkpoint["rng"].get("augment") or []
         if len(augment_states) == context.world_size:
@@ -399,12 +409,15 @@ def _run(config: TrainConfig, run_dir: Path, context: DistributedContext, device
             generator=augment_generator, rank=context.rank, world_size=context.world_size,
         )
         bar = _progress(loader, len(loader), f"epoch {epoch + 1}/{config.epochs}", show and sys.stderr.isatty())
-        train_sums, steps = _train_epoch(train_model, bar, optimizer, device, context, config.label_smoothing)
+        train_sums, steps = _train_epoch(train_model, bar, optimizer, device, context, config.label_smoothing,
+                                         config.amp, scaler)
         global_step += steps
         scheduler.step()
         average_batchnorm_statistics(model, context)
         test_sums = all_reduce_sum(
-            _evaluation_sums(model, test_data, config.eval_batch_size, device, context.rank, context.world_size), context
+            _evaluation_sums(model, test_data, config.eval_batch_size, device, context.rank, context.world_size,
+                             config.amp),
+            context,
         )
         train_loss, train_correct, train_count = train_sums.tolist()
         test_loss, test_correct, test_count = test_sums.tolist()
@@ -430,6 +443,7 @@ def _run(config: TrainConfig, run_dir: Path, context: DistributedContext, device
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),  # empty unless fp16
                 "epoch": epoch + 1,
                 "global_step": global_step,
                 "best_accuracy": best_accuracy,
