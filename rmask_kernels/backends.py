@@ -143,7 +143,9 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int, batch: int, kernel_hei
     return answer
 
 
-@torch.compiler.disable
+# A constant of the process for given arguments: torch.compile calls it while tracing and
+# keeps the answer (an op returning a bool cannot be put in a graph).
+@torch._dynamo.assume_constant_result
 def _ask_batch_vector(dtype, groups, batch, kernel_height) -> bool:
     return bool(torch.ops.rmask.cpu_uses_batch_vector(dtype, groups, batch, kernel_height))
 

@@ -145,3 +145,21 @@ def test_torch_compile_of_a_converted_model_under_autocast():
         y = torch.compile(model, backend="aot_eager")(x)
     assert y.dtype == want.dtype == torch.bfloat16
     assert close(y, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_traces_auto_and_autocast_in_one_graph(backend, autocast):
+    # fullgraph: "auto"'s choice (which asks the extension once per kind of call) and the
+    # autocast rule trace without a graph break; inductor runs the op as it is.
+    torch._dynamo.reset()
+    layer = rk.MaskedConv2d(4, 32, 3, padding=1, mask_ratio=0.9, output_size=(8, 8), backend=backend)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = torch.compile(layer, backend="inductor", fullgraph=True)(x)
+        want = layer(x)
+    assert y.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(y, want)
+    (grad,) = torch.autograd.grad(y.float().sum(), [x])
+    (want_grad,) = torch.autograd.grad(want.float().sum(), [x])
+    torch.testing.assert_close(grad, want_grad)
