@@ -48,6 +48,16 @@ def cast_for_autocast(device_type: str, *tensors):
     return tensors if dtype is None else tuple(cast(tensor, dtype) for tensor in tensors)
 
 
+def autocast_key(device_type: str):
+    """The autocast dispatch key of ``device_type`` (AutocastCPU, AutocastCUDA)."""
+    return getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+
+def autocast_excluded(device_type: str):
+    """A guard under which ops skip their autocast kernels on ``device_type`` (arguments already cast)."""
+    return torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(autocast_key(device_type)))
+
+
 def register_autocast(namespace: str, prefix: str) -> None:
     """Autocast kernels (CPU and CUDA) for the ops ``namespace::{prefix}{CAST_OPS}``."""
     library = torch.library.Library(namespace, "IMPL")
@@ -55,20 +65,19 @@ def register_autocast(namespace: str, prefix: str) -> None:
     for name in CAST_OPS:
         op = getattr(getattr(torch.ops, namespace), prefix + name).default
         for device_type in DEVICE_TYPES:
-            key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-            key = getattr(torch._C.DispatchKey, key_name)
-            kernel = _autocast_kernel(op, device_type, key)
+            key = autocast_key(device_type)
+            kernel = _autocast_kernel(op, device_type)
             # As torch.library.register_autocast does: the Python kernel for tracing modes
             # (torch.compile), the dispatcher's kernel for eager calls.
             op.py_impl(key)(kernel)
             library.impl(prefix + name, lambda _keyset, *args, _kernel=kernel, **kwargs: _kernel(*args, **kwargs),
-                         key_name, with_keyset=True)
+                         key.name, with_keyset=True)
 
 
-def _autocast_kernel(op, device_type: str, key):
+def _autocast_kernel(op, device_type: str):
     def kernel(*args, **kwargs):
         dtype = torch.get_autocast_dtype(device_type)
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+        with autocast_excluded(device_type):
             return op(*(cast(argument, dtype) for argument in args), **kwargs)
 
     return kernel

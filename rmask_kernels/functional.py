@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .autocast import autocast_dtype, cast, cast_for_autocast
+from .autocast import autocast_dtype, autocast_excluded, cast, cast_for_autocast
 from .backends import (AVAILABLE, batch_vector_kernels, check_backend, gpu_sparse_pays_off, resolve_backend,
                        sparse_pays_off)
 from .geometry import conv_output_size, pair, resolve_padding  # also importable from here
@@ -286,8 +286,12 @@ def masked_conv2d(
         # kernel (torch.library's, in Python, rmask_kernels/ops.py), which would only do the
         # same after a round trip of every argument through Python: ~5 us a call, ~27 us with
         # cold caches. torch.compile traces the op as it is.
-        below_autograd = not with_grad and not torch.compiler.is_compiling()
-        with torch._C._AutoDispatchBelowAutograd() if below_autograd else contextlib.nullcontext():
+        compiling = torch.compiler.is_compiling()
+        below_autograd = not with_grad and not compiling
+        # The arguments are cast already: past the op's autocast kernel (Python) too.
+        past_autocast = autocast_to is not None and not compiling
+        with torch._C._AutoDispatchBelowAutograd() if below_autograd else contextlib.nullcontext(), \
+                autocast_excluded(device_type) if past_autocast else contextlib.nullcontext():
             if channel_stats:
                 output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args)
             else:
