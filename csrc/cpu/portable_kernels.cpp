@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace rmask {
@@ -127,38 +128,61 @@ struct OutputLayout {
   }
 };
 
-// Per output position of a block: its column among the block's kept positions, -1 where masked.
-std::vector<int64_t> kept_slots(const ConvGeometry& g, const ChannelBlock& block) {
-  std::vector<int64_t> slots(g.out_positions(), -1);
-  for (int64_t t = 0; t < block.kept; ++t) slots[block.positions[t]] = t;
-  return slots;
+// dst[p * step] = relu?(row[p] + residual[p * step]) for p < hw, rounded once to scalar_t.
+// Branch-free and, with kUnitStep (a contiguous output), vectorized.
+template <bool kUnitStep, bool kResidual, bool kRelu, typename scalar_t, typename acc_t>
+void finish_row(const acc_t* row, const scalar_t* residual, int64_t hw, int64_t step, scalar_t* dst) {
+  if constexpr (kUnitStep) step = 1;
+  for (int64_t p = 0; p < hw; ++p) {
+    acc_t value = row[p];
+    if constexpr (kResidual) value += static_cast<acc_t>(residual[p * step]);
+    if constexpr (kRelu) value = value < acc_t(0) ? acc_t(0) : value;
+    dst[p * step] = static_cast<scalar_t>(value);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void finish_row(const acc_t* row, const scalar_t* residual, bool relu, int64_t hw, int64_t step, scalar_t* dst) {
+  const auto with = [&](auto unit_step, auto has_residual) {
+    if (relu) {
+      finish_row<decltype(unit_step)::value, decltype(has_residual)::value, true>(row, residual, hw, step, dst);
+    } else {
+      finish_row<decltype(unit_step)::value, decltype(has_residual)::value, false>(row, residual, hw, step, dst);
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (step == 1) {
+    residual ? with(yes{}, yes{}) : with(yes{}, no{});
+  } else {
+    residual ? with(no{}, yes{}) : with(no{}, no{});
+  }
 }
 
 // The block's output channels for images [first_image, first_image + images), finished:
 // y = relu?(out + bias + residual) at kept positions, relu?(residual) or 0 at masked ones, in
 // acc_t, rounded once to scalar_t. out (count, images * K), the GEMM's; null when K == 0.
-// residual (null: none) and y in `layout`.
+// residual (null: none) and y in `layout`. Each plane is laid out densely in a row of scratch
+// (L1-resident: out + bias at kept positions, 0 at masked ones), then finished into y in one
+// pass, so every output element is written once.
 template <typename scalar_t, typename acc_t>
 void write_block_outputs(const acc_t* out, const acc_t* bias, const scalar_t* residual, bool relu,
                          const ConvGeometry& g, const OutputLayout& layout, const ChannelBlock& block,
-                         const std::vector<int64_t>& slots, int64_t first_image, int64_t images, scalar_t* y) {
+                         int64_t first_image, int64_t images, scalar_t* y) {
   const int64_t hw = g.out_positions(), row_length = images * block.kept;
   // Image-major, so that threads writing channels_last planes share few cache lines.
   at::parallel_for(0, images * block.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(hw);
     for (int64_t image_channel = begin; image_channel < end; ++image_channel) {
       const int64_t n = image_channel / block.count, oc = image_channel % block.count;
-      const acc_t shift = bias ? bias[block.first + oc] : acc_t(0);
-      const acc_t* src = out ? out + oc * row_length + n * block.kept : nullptr;
-      const int64_t plane = (first_image + n) * layout.image + (block.first + oc) * layout.channel;
-      scalar_t* dst = y + plane;
-      const scalar_t* add = residual ? residual + plane : nullptr;
-      for (int64_t p = 0; p < hw; ++p) {
-        const int64_t slot = slots[p];
-        acc_t value = slot >= 0 ? src[slot] + shift : acc_t(0);
-        if (add) value += static_cast<acc_t>(add[p * layout.step]);
-        if (relu && value < acc_t(0)) value = acc_t(0);
-        dst[p * layout.step] = static_cast<scalar_t>(value);
+      std::fill(row.begin(), row.end(), acc_t(0));
+      if (out) {
+        const acc_t shift = bias ? bias[block.first + oc] : acc_t(0);
+        const acc_t* src = out + oc * row_length + n * block.kept;
+        for (int64_t t = 0; t < block.kept; ++t) row[block.positions[t]] = src[t] + shift;
       }
+      const int64_t plane = (first_image + n) * layout.image + (block.first + oc) * layout.channel;
+      finish_row(row.data(), residual ? residual + plane : nullptr, relu, hw, layout.step, y + plane);
     }
   });
 }
@@ -230,10 +254,9 @@ at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, cons
     const acc_t* bias_data = has_bias ? b.data_ptr<acc_t>() : nullptr;
     const scalar_t* residual_data = r.defined() ? r.data_ptr<scalar_t>() : nullptr;
     for (const auto& block : blocks) {
-      const auto slots = kept_slots(g, block);
       if (block.kept == 0) {  // fully masked: no conv, the outputs are relu?(residual) or 0
-        write_block_outputs<scalar_t, acc_t>(nullptr, bias_data, residual_data, relu, g, layout, block, slots, 0,
-                                             g.batch, y.data_ptr<scalar_t>());
+        write_block_outputs<scalar_t, acc_t>(nullptr, bias_data, residual_data, relu, g, layout, block, 0, g.batch,
+                                             y.data_ptr<scalar_t>());
         continue;
       }
       const KeptOrigins origins(g, block);
@@ -246,7 +269,7 @@ at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, cons
         auto out = out_buffer.narrow(0, 0, block.count * images * block.kept).view({block.count, images * block.kept});
         at::mm_out(out, w_block, columns);
         write_block_outputs<scalar_t, acc_t>(out.data_ptr<acc_t>(), bias_data, residual_data, relu, g, layout, block,
-                                             slots, first_image, images, y.data_ptr<scalar_t>());
+                                             first_image, images, y.data_ptr<scalar_t>());
       }
     }
   });
