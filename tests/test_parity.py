@@ -254,6 +254,32 @@ def test_relu_and_residual_epilogues(backend, dtype, mode, group_size, layout, e
         torch.testing.assert_close(g.double(), r, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("geometry", ["wide-odd-stride2", "wide-depthwise-x8"])
+@pytest.mark.parametrize("backend,dtype", ALL + backends_and_dtypes(low_precision=True))
+def test_residual_and_relu_in_every_dtype_with_groups(backend, dtype, geometry, layout):
+    # relu(conv * mask + residual) in every dtype, with groups > 1, channels_last too (on the
+    # CPU: the portable kernels' cases). Low precision: the error within ~2x that of PyTorch's
+    # own conv, add and ReLU in fp32 rounded to the dtype; masked outputs exactly relu(residual).
+    x, weight, bias, mask, conv_args = case(backend, GEOMETRIES[geometry], "neuron", None, 0.5, torch.float64)
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=torch.float64, device=x.device)
+    x, weight, bias, residual = (t.to(dtype) for t in (x, weight, bias, residual))
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, residual = x.contiguous(memory_format=memory_format), residual.contiguous(memory_format=memory_format)
+    y = backend(x, weight, bias, mask=mask, relu=True, residual=residual, **conv_args)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    expected = F.relu(reference.masked_conv2d(x.double(), weight.double(), bias.double(), mask, **conv_args)
+                      + residual.double())
+    if dtype in TOLERANCE:
+        torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    else:
+        theirs = F.relu(reference.masked_conv2d(x.float(), weight.float(), bias.float(), mask, **conv_args)
+                        + residual.float()).to(dtype)
+        limit = 2 * (theirs.double() - expected).abs().max() + LOW_PRECISION_FLOOR[dtype]
+        assert (y.double() - expected).abs().max() <= limit
+    assert torch.equal(masked_outputs(y, mask), masked_outputs(F.relu(residual), mask))
+
+
 @pytest.mark.parametrize("geometry", [ODD, GEOMETRIES["wide-groups"]], ids=["odd-stride2", "wide-groups"])
 @pytest.mark.parametrize("mode,group_size", [("neuron", None), ("spatial", None), ("group", 2)], ids=str)
 @pytest.mark.parametrize("backend,dtype", ALL)

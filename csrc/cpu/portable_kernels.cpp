@@ -4,18 +4,21 @@
 // (a pattern's channels intersected with a group's). For each block:
 //   gather  the im2col columns of its kept positions only   columns  (Cin/g * kh * kw, N * K)
 //   GEMM    weight rows of the block times columns          out      (channels, N * K)
-//   scatter out into the zero-filled output
-// so the work is proportional to the kept outputs. The backward pass reuses the same
-// gathered columns: grad_weight = grad_out_kept @ columns^T,
+//   write   the block's output channels, finished: kept outputs relu?(out + bias + residual),
+//           masked ones relu?(residual) or 0, straight into the output's memory format and dtype
+// so the work is proportional to the kept outputs and each output element is written once.
+// The backward pass reuses the same gathered columns: grad_weight = grad_out_kept @ columns^T,
 // grad_input = col2im(W^T @ grad_out_kept). Every output element is written by one thread in
 // a fixed order (no racy accumulation): exact and deterministic. Half and bfloat16 compute in
-// float.
+// float (at::opmath_type), rounded once when the output is written.
 
 #include "portable_kernels.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace rmask {
@@ -29,7 +32,7 @@ constexpr int64_t kMaxColumnElements = int64_t{1} << 24;
 struct ChannelBlock {
   int64_t group, first, count;
   const int64_t* positions;  // kept flat output positions of the block's pattern
-  int64_t kept;              // how many
+  int64_t kept;              // how many: 0 for a fully masked pattern (no conv work, outputs 0 or residual)
 };
 
 std::vector<ChannelBlock> channel_blocks(const ConvGeometry& g, const at::Tensor& kept_offsets,
@@ -40,7 +43,6 @@ std::vector<ChannelBlock> channel_blocks(const ConvGeometry& g, const at::Tensor
   const int64_t out_channels_per_group = g.out_channels_per_group();
   for (int64_t pattern = 0; pattern < g.patterns; ++pattern) {
     const int64_t kept = offsets[pattern + 1] - offsets[pattern];
-    if (kept == 0) continue;  // fully masked pattern: its outputs stay zero, no work
     const int64_t pattern_first = pattern * g.channels_per_pattern;
     const int64_t pattern_last = pattern_first + g.channels_per_pattern;
     for (int64_t group = pattern_first / out_channels_per_group; group * out_channels_per_group < pattern_last;
@@ -113,18 +115,74 @@ void scatter_add_kept_columns(const scalar_t* grad_columns, const ConvGeometry& 
   });
 }
 
-// out (count, images * K) -> y[n, first + oc, position_t] (+ bias).
-template <typename scalar_t>
-void scatter_kept_outputs(const scalar_t* out, const scalar_t* bias, const ConvGeometry& g, const ChannelBlock& block,
-                          int64_t first_image, int64_t images, scalar_t* y) {
+// Where output element (n, c, position) lies in a tensor of the output's shape in `format`
+// (contiguous or channels_last; position = h * W + w): n * image + c * channel + position * step.
+struct OutputLayout {
+  int64_t image, channel, step;
+  OutputLayout(const ConvGeometry& g, at::MemoryFormat format) {
+    const int64_t hw = g.out_positions();
+    const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+    image = g.out_channels * hw;
+    channel = channels_last ? 1 : hw;
+    step = channels_last ? g.out_channels : 1;
+  }
+};
+
+// dst[p * step] = relu?(row[p] + residual[p * step]) for p < hw, rounded once to scalar_t.
+// Branch-free and, with kUnitStep (a contiguous output), vectorized.
+template <bool kUnitStep, bool kResidual, bool kRelu, typename scalar_t, typename acc_t>
+void finish_row(const acc_t* row, const scalar_t* residual, int64_t hw, int64_t step, scalar_t* dst) {
+  if constexpr (kUnitStep) step = 1;
+  for (int64_t p = 0; p < hw; ++p) {
+    acc_t value = row[p];
+    if constexpr (kResidual) value += static_cast<acc_t>(residual[p * step]);
+    if constexpr (kRelu) value = value < acc_t(0) ? acc_t(0) : value;
+    dst[p * step] = static_cast<scalar_t>(value);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void finish_row(const acc_t* row, const scalar_t* residual, bool relu, int64_t hw, int64_t step, scalar_t* dst) {
+  const auto with = [&](auto unit_step, auto has_residual) {
+    if (relu) {
+      finish_row<decltype(unit_step)::value, decltype(has_residual)::value, true>(row, residual, hw, step, dst);
+    } else {
+      finish_row<decltype(unit_step)::value, decltype(has_residual)::value, false>(row, residual, hw, step, dst);
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (step == 1) {
+    residual ? with(yes{}, yes{}) : with(yes{}, no{});
+  } else {
+    residual ? with(no{}, yes{}) : with(no{}, no{});
+  }
+}
+
+// The block's output channels for images [first_image, first_image + images), finished:
+// y = relu?(out + bias + residual) at kept positions, relu?(residual) or 0 at masked ones, in
+// acc_t, rounded once to scalar_t. out (count, images * K), the GEMM's; null when K == 0.
+// residual (null: none) and y in `layout`. Each plane is laid out densely in a row of scratch
+// (L1-resident: out + bias at kept positions, 0 at masked ones), then finished into y in one
+// pass, so every output element is written once.
+template <typename scalar_t, typename acc_t>
+void write_block_outputs(const acc_t* out, const acc_t* bias, const scalar_t* residual, bool relu,
+                         const ConvGeometry& g, const OutputLayout& layout, const ChannelBlock& block,
+                         int64_t first_image, int64_t images, scalar_t* y) {
   const int64_t hw = g.out_positions(), row_length = images * block.kept;
-  at::parallel_for(0, block.count * images, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t channel_image = begin; channel_image < end; ++channel_image) {
-      const int64_t oc = channel_image / images, n = channel_image % images;
-      const scalar_t shift = bias ? bias[block.first + oc] : scalar_t(0);
-      const scalar_t* src = out + oc * row_length + n * block.kept;
-      scalar_t* dst = y + ((first_image + n) * g.out_channels + block.first + oc) * hw;
-      for (int64_t t = 0; t < block.kept; ++t) dst[block.positions[t]] = src[t] + shift;
+  // Image-major, so that threads writing channels_last planes share few cache lines.
+  at::parallel_for(0, images * block.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(hw);
+    for (int64_t image_channel = begin; image_channel < end; ++image_channel) {
+      const int64_t n = image_channel / block.count, oc = image_channel % block.count;
+      std::fill(row.begin(), row.end(), acc_t(0));
+      if (out) {
+        const acc_t shift = bias ? bias[block.first + oc] : acc_t(0);
+        const acc_t* src = out + oc * row_length + n * block.kept;
+        for (int64_t t = 0; t < block.kept; ++t) row[block.positions[t]] = src[t] + shift;
+      }
+      const int64_t plane = (first_image + n) * layout.image + (block.first + oc) * layout.channel;
+      finish_row(row.data(), residual ? residual + plane : nullptr, relu, hw, layout.step, y + plane);
     }
   });
 }
@@ -155,40 +213,67 @@ at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// `t` in `type`, contiguous (N, C, H, W): at most one copy, converting and relaying out together.
+// (Tensor::to with a memory format leaves a same-dtype tensor alone when its suggested format
+// matches, strided or not: hence the .contiguous(), then a no-op unless no copy was made.)
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType type) {
+  return t.to(type, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous).contiguous();
+}
+
 }  // namespace
 
 at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& kept_offsets,
                             const at::Tensor& kept_positions, const at::Tensor& residual, bool relu) {
-  const auto ctype = compute_type(input.scalar_type());
-  const auto x = input.to(ctype).contiguous();
-  const auto w = weight.to(ctype).contiguous().view({g.out_channels, -1});
-  const bool has_bias = bias.has_value() && bias->defined();
-  const auto b = has_bias ? bias->to(ctype).contiguous() : at::Tensor();
-  auto y = at::zeros({g.batch, g.out_channels, g.out_height, g.out_width}, x.options());
-  if (y.numel() > 0 && x.numel() > 0) {
-    const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
-    AT_DISPATCH_FLOATING_TYPES(ctype, "masked_conv2d_forward_cpu", [&] {
-      for (const auto& block : blocks) {
-        const KeptOrigins origins(g, block);
-        const int64_t chunk = batch_chunk(g, block);
-        const auto w_block = w.narrow(0, block.first, block.count);
-        for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
-          const int64_t images = std::min(chunk, g.batch - first_image);
-          auto columns = at::empty({w.size(1), images * block.kept}, x.options());
-          gather_kept_columns(x.data_ptr<scalar_t>(), g, block, origins, first_image, images,
-                              columns.data_ptr<scalar_t>());
-          const auto out = at::mm(w_block, columns);
-          scatter_kept_outputs(out.data_ptr<scalar_t>(), has_bias ? b.data_ptr<scalar_t>() : nullptr, g, block,
-                               first_image, images, y.data_ptr<scalar_t>());
-        }
-      }
-    });
-  }
-  if (residual.defined()) y.add_(residual.to(ctype));
-  if (relu) y.clamp_min_(0);
   // Output in the input's memory format and dtype, as F.conv2d returns it.
-  return y.to(input.scalar_type()).contiguous(input.suggest_memory_format());
+  const auto format = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                                        : at::MemoryFormat::Contiguous;
+  auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, input.options().memory_format(format));
+  if (y.numel() == 0) return y;
+  const auto ctype = compute_type(input.scalar_type());
+  // The gather reads (N, C, H, W) rows in the compute type: one conversion, none if the input is so already.
+  const auto x = contiguous_as(input, ctype);
+  const auto w = contiguous_as(weight, ctype).view({g.out_channels, -1});
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto b = has_bias ? contiguous_as(*bias, ctype) : at::Tensor();
+  // Read in place where it already has the output's layout (the usual shortcut), else copied once.
+  const auto r = residual.defined() ? residual.contiguous(format) : at::Tensor();
+  const OutputLayout layout(g, format);
+  const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
+  // One column buffer and one GEMM result buffer, sized for the largest block and reused.
+  int64_t column_elements = 0, out_elements = 0;
+  for (const auto& block : blocks) {
+    const int64_t images = block.kept > 0 ? batch_chunk(g, block) : 0;
+    column_elements = std::max(column_elements, w.size(1) * images * block.kept);
+    out_elements = std::max(out_elements, block.count * images * block.kept);
+  }
+  auto column_buffer = at::empty({column_elements}, x.options());
+  auto out_buffer = at::empty({out_elements}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "masked_conv2d_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* bias_data = has_bias ? b.data_ptr<acc_t>() : nullptr;
+    const scalar_t* residual_data = r.defined() ? r.data_ptr<scalar_t>() : nullptr;
+    for (const auto& block : blocks) {
+      if (block.kept == 0) {  // fully masked: no conv, the outputs are relu?(residual) or 0
+        write_block_outputs<scalar_t, acc_t>(nullptr, bias_data, residual_data, relu, g, layout, block, 0, g.batch,
+                                             y.data_ptr<scalar_t>());
+        continue;
+      }
+      const KeptOrigins origins(g, block);
+      const int64_t chunk = batch_chunk(g, block);
+      const auto w_block = w.narrow(0, block.first, block.count);
+      for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
+        const int64_t images = std::min(chunk, g.batch - first_image);
+        auto columns = column_buffer.narrow(0, 0, w.size(1) * images * block.kept).view({w.size(1), images * block.kept});
+        gather_kept_columns(x.data_ptr<acc_t>(), g, block, origins, first_image, images, columns.data_ptr<acc_t>());
+        auto out = out_buffer.narrow(0, 0, block.count * images * block.kept).view({block.count, images * block.kept});
+        at::mm_out(out, w_block, columns);
+        write_block_outputs<scalar_t, acc_t>(out.data_ptr<acc_t>(), bias_data, residual_data, relu, g, layout, block,
+                                             first_image, images, y.data_ptr<scalar_t>());
+      }
+    }
+  });
+  return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeometry& g, const at::Tensor& grad_output,
@@ -198,9 +283,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
                                                                  std::array<bool, 3> output_mask) {
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto ctype = compute_type(input.scalar_type());
-  const auto x = input.to(ctype).contiguous();
-  const auto w = weight.to(ctype).contiguous().view({g.out_channels, -1});
-  const auto gy = grad_output.to(ctype).contiguous();
+  const auto x = contiguous_as(input, ctype);
+  const auto w = contiguous_as(weight, ctype).view({g.out_channels, -1});
+  const auto gy = contiguous_as(grad_output, ctype);
 
   auto grad_input = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, input.options());
   auto grad_weight = need_weight ? at::zeros(w.sizes(), w.options()) : at::empty({0}, weight.options());
@@ -210,6 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
     const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
     AT_DISPATCH_FLOATING_TYPES(ctype, "masked_conv2d_backward_cpu", [&] {
       for (const auto& block : blocks) {
+        if (block.kept == 0) continue;  // fully masked: no gradient flows through
         const KeptOrigins origins(g, block);
         const int64_t chunk = batch_chunk(g, block);
         const auto w_block = w.narrow(0, block.first, block.count);
@@ -233,7 +319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
       }
     });
   }
-  if (need_input) grad_input = grad_input.to(input.scalar_type()).contiguous(input.suggest_memory_format());
+  if (need_input) {
+    grad_input = grad_input.to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/false, input.suggest_memory_format());
+  }
   if (need_weight) grad_weight = grad_weight.view(weight.sizes()).to(weight.scalar_type());
   if (need_bias) grad_bias = grad_bias.to(input.scalar_type());
   return {grad_input, grad_weight, grad_bias};
