@@ -150,8 +150,8 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
   _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
 
-void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* x,
-                        Strides x_strides, const float* backward_weight, const int64_t* positions, int64_t npositions,
+void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
+                        Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight, const int64_t* positions, int64_t npositions,
                         int64_t image_begin, int64_t image_end, float* grad_x, Strides grad_x_strides,
                         float* grad_w_part, float* grad_b_part, float* scratch) {
   // Per image, as forward_positions: the kept output gradients gathered twice (rows [P][Cout]
@@ -173,9 +173,18 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   for (int64_t k = 0; k < kept_count; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* gy_n = gy + n * gy_strides.n;
-    for (int64_t c = 0; c < cout; ++c)
-      for (int64_t k = 0; k < kept_count; ++k)
-        columns[c * kept_count + k] = gy_n[c * gy_strides.c + positions[k] * gy_strides.position];
+    if (gate) {  // a fused ReLU's gate, read at the kept positions only
+      const float* gate_n = gate + n * gate_strides.n;
+      for (int64_t c = 0; c < cout; ++c)
+        for (int64_t k = 0; k < kept_count; ++k)
+          columns[c * kept_count + k] = gate_n[c * gate_strides.c + positions[k] * gate_strides.position] > 0.0f
+                                            ? gy_n[c * gy_strides.c + positions[k] * gy_strides.position]
+                                            : 0.0f;
+    } else {
+      for (int64_t c = 0; c < cout; ++c)
+        for (int64_t k = 0; k < kept_count; ++k)
+          columns[c * kept_count + k] = gy_n[c * gy_strides.c + positions[k] * gy_strides.position];
+    }
     if (grad_x)
       for (int64_t c0 = 0; c0 < cout; c0 += 8)
         for (int64_t k0 = 0; k0 < kept_count; k0 += 8)

@@ -129,17 +129,25 @@ void scatter_kept_outputs(const scalar_t* out, const scalar_t* bias, const ConvG
   });
 }
 
-// grad_y[n, first + oc, position_t] -> dst (count, images * K): the kept part of the output gradient.
+// grad_y[n, first + oc, position_t] -> dst (count, images * K): the kept part of the output
+// gradient; with `gate` (laid out as grad_y, or null), 0 where the gate is not > 0.
 template <typename scalar_t>
-void gather_kept_outputs(const scalar_t* grad_y, const ConvGeometry& g, const ChannelBlock& block,
-                         int64_t first_image, int64_t images, scalar_t* dst) {
+void gather_kept_outputs(const scalar_t* grad_y, const scalar_t* gate, const ConvGeometry& g,
+                         const ChannelBlock& block, int64_t first_image, int64_t images, scalar_t* dst) {
   const int64_t hw = g.out_positions(), row_length = images * block.kept;
   at::parallel_for(0, block.count * images, 1, [&](int64_t begin, int64_t end) {
     for (int64_t channel_image = begin; channel_image < end; ++channel_image) {
       const int64_t oc = channel_image / images, n = channel_image % images;
-      const scalar_t* src = grad_y + ((first_image + n) * g.out_channels + block.first + oc) * hw;
+      const int64_t plane = ((first_image + n) * g.out_channels + block.first + oc) * hw;
+      const scalar_t* src = grad_y + plane;
       scalar_t* out = dst + oc * row_length + n * block.kept;
-      for (int64_t t = 0; t < block.kept; ++t) out[t] = src[block.positions[t]];
+      if (gate) {
+        const scalar_t* open = gate + plane;
+        for (int64_t t = 0; t < block.kept; ++t)
+          out[t] = open[block.positions[t]] > scalar_t(0) ? src[block.positions[t]] : scalar_t(0);
+      } else {
+        for (int64_t t = 0; t < block.kept; ++t) out[t] = src[block.positions[t]];
+      }
     }
   });
 }
@@ -192,7 +200,8 @@ at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeometry& g, const at::Tensor& grad_output,
-                                                                 const at::Tensor& input, const at::Tensor& weight,
+                                                                 const at::Tensor& relu_gate, const at::Tensor& input,
+                                                                 const at::Tensor& weight,
                                                                  const at::Tensor& kept_offsets,
                                                                  const at::Tensor& kept_positions,
                                                                  std::array<bool, 3> output_mask) {
@@ -201,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
   const auto x = input.to(ctype).contiguous();
   const auto w = weight.to(ctype).contiguous().view({g.out_channels, -1});
   const auto gy = grad_output.to(ctype).contiguous();
+  const auto gate = relu_gate.defined() ? relu_gate.to(ctype).contiguous() : at::Tensor();
 
   auto grad_input = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, input.options());
   auto grad_weight = need_weight ? at::zeros(w.sizes(), w.options()) : at::empty({0}, weight.options());
@@ -216,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
         for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
           const int64_t images = std::min(chunk, g.batch - first_image);
           auto gy_kept = at::empty({block.count, images * block.kept}, x.options());
-          gather_kept_outputs(gy.data_ptr<scalar_t>(), g, block, first_image, images, gy_kept.data_ptr<scalar_t>());
+          gather_kept_outputs(gy.data_ptr<scalar_t>(), gate.defined() ? gate.data_ptr<scalar_t>() : nullptr, g,
+                              block, first_image, images, gy_kept.data_ptr<scalar_t>());
           if (need_bias) grad_bias.narrow(0, block.first, block.count).add_(gy_kept.sum(1));
           if (need_weight) {
             auto columns = at::empty({w.size(1), images * block.kept}, x.options());
