@@ -100,9 +100,10 @@ struct BatchVectorKernels {
                             const float* residual, float* y, Strides y_strides, const float** x_taps,
                             const float* zeros, float* scratch, double* channel_sums);
   void (*backward_positions)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
-                             Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight, const int64_t* positions,
-                             int64_t npositions, int64_t image_begin, int64_t image_end, float* grad_x,
-                             Strides grad_x_strides, float* grad_w_part, float* grad_b_part, float* scratch);
+                             Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight,
+                             const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
+                             float* grad_x, Strides grad_x_strides, float* grad_w_part, float* grad_b_part,
+                             float* scratch);
   void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
                              Strides gate_strides, const int64_t* position_offsets,
                              const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* rows,

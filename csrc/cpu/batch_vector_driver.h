@@ -42,9 +42,8 @@ C10_HIDDEN at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tens
 // relu_gate (defined: the forward's fused-ReLU output; undefined: no gate) is not > 0.
 C10_HIDDEN std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
     const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& kept_positions, const at::Tensor& position_offsets, const at::Tensor& position_channels,
-    std::array<bool, 3> output_mask);
+    const at::Tensor& weight, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
+    const at::Tensor& position_channels, std::array<bool, 3> output_mask);
 
 }  // namespace cpu
 }  // namespace rmask

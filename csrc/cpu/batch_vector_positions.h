@@ -151,9 +151,10 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
 }
 
 void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
-                        Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight, const int64_t* positions, int64_t npositions,
-                        int64_t image_begin, int64_t image_end, float* grad_x, Strides grad_x_strides,
-                        float* grad_w_part, float* grad_b_part, float* scratch) {
+                        Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight,
+                        const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
+                        float* grad_x, Strides grad_x_strides, float* grad_w_part, float* grad_b_part,
+                        float* scratch) {
   // Per image, as forward_positions: the kept output gradients gathered twice (rows [P][Cout]
   // for grad-input, columns [Cout][P] for grad-weight and grad-bias); grad-input scattered
   // tap by tap into a channels-last image (distinct positions of one tap never share an input

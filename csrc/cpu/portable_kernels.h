@@ -29,8 +29,8 @@ C10_HIDDEN at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& 
 // relu_gate (defined: the forward's fused-ReLU output; undefined: no gate) is not > 0.
 C10_HIDDEN std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(
     const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
-    const at::Tensor& weight,
-    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, std::array<bool, 3> output_mask);
+    const at::Tensor& weight, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+    std::array<bool, 3> output_mask);
 
 }  // namespace cpu
 }  // namespace rmask
