@@ -63,7 +63,7 @@ struct Strides {
 // sum of gy over the images and kept positions. gy, x: NCHW or NHWC. backward_weight:
 // [kh][kw][Cout][padded_channels(Cin)], zero in the padding. Scratch: P * (padded_channels(Cout)
 // + Cout + padded_channels(Cin)) + H * W * padded_channels(Cin) + padded_channels(Cin) floats,
-// P = npositions.
+// and P * Cout more with a gate, P = npositions.
 //
 // pack_position_weights: forward_positions' packed_weight from contiguous weights
 // w [Cout][Cin][taps]: dst [taps][Cin][cout_pad], zero past Cout; the rows of

@@ -171,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
                                : at::empty({0}, input.options());
   auto partial_w = need_weight ? at::zeros({chunks, g.out_channels, taps, cin_pad}, weight.options()) : at::Tensor();
   auto partial_b = need_bias ? at::zeros({chunks, g.out_channels}, input.options()) : at::Tensor();
-  const int64_t scratch_size =
-      npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad + cin_pad;
+  const int64_t scratch_size = npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad +
+                               cin_pad + (gate.defined() ? npositions * g.out_channels : 0);
   const auto grad_input_strides = need_input ? strides_of(grad_input) : Strides{0, 0, 0};
   parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
     kernels->backward_positions(vector_geometry, gy.data_ptr<float>(), strides_of(gy),

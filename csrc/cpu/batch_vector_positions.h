@@ -168,23 +168,22 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   float* image = columns + cout * kept_count;     // [H * W][cin_pad]: x for grad-weight, grad-x for grad-input
   float* panel = image + hw * cin_pad;            // [P][cin_pad]: one tap's input rows
   float* spare = panel + kept_count * cin_pad;    // [cin_pad]: what padding taps add to
+  float* gate_columns = spare + cin_pad;          // [Cout][P]: the gate, as columns (with a gate)
   float* out_rows[kPositionRows];
   const bool lay_out_x = grad_w_part && x_strides.c != 1;  // the NCHW layout for grad-weight uses `needed`
   const auto needed = lay_out_x ? needed_blocks(g, positions, kept_count) : std::vector<InputBlock>();
   for (int64_t k = 0; k < kept_count; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* gy_n = gy + n * gy_strides.n;
-    if (gate) {  // a fused ReLU's gate, read at the kept positions only
+    for (int64_t c = 0; c < cout; ++c)
+      for (int64_t k = 0; k < kept_count; ++k)
+        columns[c * kept_count + k] = gy_n[c * gy_strides.c + positions[k] * gy_strides.position];
+    if (gate) {  // a fused ReLU's gate, gathered at the kept positions as gy, then applied whole
       const float* gate_n = gate + n * gate_strides.n;
       for (int64_t c = 0; c < cout; ++c)
         for (int64_t k = 0; k < kept_count; ++k)
-          columns[c * kept_count + k] = gate_n[c * gate_strides.c + positions[k] * gate_strides.position] > 0.0f
-                                            ? gy_n[c * gy_strides.c + positions[k] * gy_strides.position]
-                                            : 0.0f;
-    } else {
-      for (int64_t c = 0; c < cout; ++c)
-        for (int64_t k = 0; k < kept_count; ++k)
-          columns[c * kept_count + k] = gy_n[c * gy_strides.c + positions[k] * gy_strides.position];
+          gate_columns[c * kept_count + k] = gate_n[c * gate_strides.c + positions[k] * gate_strides.position];
+      copy_floats_where_positive(columns, columns, gate_columns, cout * kept_count);
     }
     if (grad_x)
       for (int64_t c0 = 0; c0 < cout; c0 += 8)

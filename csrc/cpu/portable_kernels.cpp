@@ -129,25 +129,17 @@ void scatter_kept_outputs(const scalar_t* out, const scalar_t* bias, const ConvG
   });
 }
 
-// grad_y[n, first + oc, position_t] -> dst (count, images * K): the kept part of the output
-// gradient; with `gate` (laid out as grad_y, or null), 0 where the gate is not > 0.
+// grad_y[n, first + oc, position_t] -> dst (count, images * K): the kept part of the output gradient.
 template <typename scalar_t>
-void gather_kept_outputs(const scalar_t* grad_y, const scalar_t* gate, const ConvGeometry& g,
-                         const ChannelBlock& block, int64_t first_image, int64_t images, scalar_t* dst) {
+void gather_kept_outputs(const scalar_t* grad_y, const ConvGeometry& g, const ChannelBlock& block,
+                         int64_t first_image, int64_t images, scalar_t* dst) {
   const int64_t hw = g.out_positions(), row_length = images * block.kept;
   at::parallel_for(0, block.count * images, 1, [&](int64_t begin, int64_t end) {
     for (int64_t channel_image = begin; channel_image < end; ++channel_image) {
       const int64_t oc = channel_image / images, n = channel_image % images;
-      const int64_t plane = ((first_image + n) * g.out_channels + block.first + oc) * hw;
-      const scalar_t* src = grad_y + plane;
+      const scalar_t* src = grad_y + ((first_image + n) * g.out_channels + block.first + oc) * hw;
       scalar_t* out = dst + oc * row_length + n * block.kept;
-      if (gate) {
-        const scalar_t* open = gate + plane;
-        for (int64_t t = 0; t < block.kept; ++t)
-          out[t] = open[block.positions[t]] > scalar_t(0) ? src[block.positions[t]] : scalar_t(0);
-      } else {
-        for (int64_t t = 0; t < block.kept; ++t) out[t] = src[block.positions[t]];
-      }
+      for (int64_t t = 0; t < block.kept; ++t) out[t] = src[block.positions[t]];
     }
   });
 }
@@ -226,8 +218,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
         for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
           const int64_t images = std::min(chunk, g.batch - first_image);
           auto gy_kept = at::empty({block.count, images * block.kept}, x.options());
-          gather_kept_outputs(gy.data_ptr<scalar_t>(), gate.defined() ? gate.data_ptr<scalar_t>() : nullptr, g,
-                              block, first_image, images, gy_kept.data_ptr<scalar_t>());
+          gather_kept_outputs(gy.data_ptr<scalar_t>(), g, block, first_image, images, gy_kept.data_ptr<scalar_t>());
+          if (gate.defined()) {  // a fused ReLU's gate, gathered at the same kept outputs, then applied
+            auto gate_kept = at::empty_like(gy_kept);
+            gather_kept_outputs(gate.data_ptr<scalar_t>(), g, block, first_image, images,
+                                gate_kept.data_ptr<scalar_t>());
+            gy_kept.masked_fill_(gate_kept.gt(0).logical_not_(), 0);
+          }
           if (need_bias) grad_bias.narrow(0, block.first, block.count).add_(gy_kept.sum(1));
           if (need_weight) {
             auto columns = at::empty({w.size(1), images * block.kept}, x.options());
