@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 namespace rmask {
@@ -142,6 +143,28 @@ C10_HIDDEN inline void check_residual(const ConvGeometry& g, const at::Tensor& i
               input.scalar_type(), ", got ", residual.scalar_type());
   TORCH_CHECK(residual.device() == input.device(), "masked_conv2d: residual must be on the input's device ",
               input.device(), ", got ", residual.device());
+}
+
+// A backward operand shaped like the output (grad_output, relu_output): the output's shape,
+// the input's dtype and device.
+C10_HIDDEN inline void check_output_shaped(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& t,
+                                           const char* name) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height, g.out_width}),
+              "masked_conv2d_backward: ", name, " must have shape (", g.batch, ", ", g.out_channels, ", ",
+              g.out_height, ", ", g.out_width, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "masked_conv2d_backward: ", name, " dtype must be ",
+              input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "masked_conv2d_backward: ", name, " must be on the input's device ",
+              input.device(), ", got ", t.device());
+}
+
+// The backward's ReLU gate: relu_output when given and defined, else an undefined tensor
+// (no gate), checked like grad_output.
+C10_HIDDEN inline at::Tensor checked_relu_gate(const ConvGeometry& g, const at::Tensor& input,
+                                               const std::optional<at::Tensor>& relu_output) {
+  if (!relu_output.has_value() || !relu_output->defined()) return at::Tensor();
+  check_output_shaped(g, input, *relu_output, "relu_output");
+  return *relu_output;
 }
 
 }  // namespace rmask

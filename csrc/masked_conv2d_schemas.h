@@ -24,13 +24,14 @@ constexpr const char* kMaskedConv2dStatsSchema =
     "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)";
 
 // Gradients for (input, weight, bias); an output not asked for in output_mask is an
-// empty tensor (the autograd glue turns it into None). For relu=True the caller passes
-// grad_output already multiplied by (output > 0).
+// empty tensor (the autograd glue turns it into None). relu_output: the forward's output
+// when it fused a ReLU (relu=True): grad_output counts only where relu_output > 0, read at
+// kept outputs only (no pass over the whole gradient).
 constexpr const char* kMaskedConv2dBackwardSchema =
     "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
     "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-    "bool[3] output_mask) "
+    "bool[3] output_mask, Tensor? relu_output=None) "
     "-> (Tensor, Tensor, Tensor)";
 
 }  // namespace rmask

@@ -84,7 +84,7 @@ def register_op_family(namespace: str, prefix: str) -> None:
     @torch.library.register_fake(f"{namespace}::{prefix}masked_conv2d_backward")
     def _masked_conv2d_backward_fake(
         grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets, position_channels,
-        stride, padding, dilation, groups, output_mask,
+        stride, padding, dilation, groups, output_mask, relu_output=None,
     ):
         wants_input, wants_weight, wants_bias = output_mask
         grad_input = (
@@ -106,8 +106,9 @@ def register_op_family(namespace: str, prefix: str) -> None:
         channels = weight.shape[0]
         return output, input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=torch.float64)
 
-    def _conv_gradients(ctx, grad_output, input, weight, mask, kept_index) -> dict:
-        """The gradients of input, weight and bias that are needed, by name."""
+    def _conv_gradients(ctx, grad_output, input, weight, mask, kept_index, relu_output=None) -> dict:
+        """The gradients of input, weight and bias that are needed, by name; with ``relu_output``
+        (a fused ReLU's output) the backward op gates grad_output by it where it reads it."""
         needs = ctx.needs_grad
         output_mask = [needs["input"], needs["weight"], needs["bias"]]
         if not any(output_mask) or grad_output is None:
@@ -119,6 +120,7 @@ def register_op_family(namespace: str, prefix: str) -> None:
         grad_input, grad_weight, grad_bias = backward_op(
             grad_output=grad_output, input=input, weight=weight, mask=mask,
             **dict(zip(KEPT_INDEX_ARGUMENTS, kept_index)), **ctx.conv_args, output_mask=output_mask,
+            relu_output=relu_output,
         )
         # A gradient not asked for comes back as an empty tensor: leave it out.
         wanted = zip(("input", "weight", "bias"), output_mask, (grad_input, grad_weight, grad_bias))
@@ -131,12 +133,11 @@ def register_op_family(namespace: str, prefix: str) -> None:
 
     def _backward(ctx, grad_output):
         input, weight, relu_output, mask, *kept_index = ctx.saved_tensors
-        if relu_output is not None:
-            grad_output = grad_output * (relu_output > 0)
-        gradients = _conv_gradients(ctx, grad_output, input, weight, mask, kept_index)
-        # The residual is added at every position: its gradient is the (ReLU-gated) output's.
+        gradients = _conv_gradients(ctx, grad_output, input, weight, mask, kept_index, relu_output)
+        # The residual is added at every position, masked ones included: its gradient is the
+        # (ReLU-gated) output's over the whole tensor, the one full pass, made only for it.
         if ctx.needs_grad.get("residual", False):
-            gradients["residual"] = grad_output
+            gradients["residual"] = grad_output if relu_output is None else grad_output * (relu_output > 0)
         return _in_schema_order(conv_arguments, gradients)
 
     torch.library.register_autograd(f"{namespace}::{prefix}masked_conv2d", _backward, setup_context=_setup_context)

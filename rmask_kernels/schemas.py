@@ -27,7 +27,7 @@ MASKED_CONV2D_BACKWARD = (
     "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
     "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-    "bool[3] output_mask) "
+    "bool[3] output_mask, Tensor? relu_output=None) "
     "-> (Tensor, Tensor, Tensor)"
 )
 

@@ -26,6 +26,7 @@ from helpers import python_subprocess
 
 ALL = backends_and_dtypes()
 OPS = backends(lambda b: b.name != "reference")  # backends with ops of their own
+OPS_AND_DTYPES = backends_and_dtypes(where=lambda b: b.name != "reference")
 ODD = GEOMETRIES["odd-stride2"]
 WIDE_ODD = GEOMETRIES["wide-odd-stride2"]
 
@@ -450,6 +451,66 @@ def test_backward_op_reads_grad_output_only_where_kept(backend, mode):
     clean = backward(grad * mask, x, weight, mask, *index, *geometry_args, [True, True, True])
     for got, want in zip(backward(noisy, x, weight, mask, *index, *geometry_args, [True, True, True]), clean):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+@pytest.mark.parametrize("geometry,mode,group_size", [(ODD, "neuron", None), (ODD, "spatial", None),
+                                                      (ODD, "group", 2), (WIDE_ODD, "spatial", None),
+                                                      (WIDE_ODD, "group", 16)],
+                         ids=["neuron", "spatial", "group2", "wide-spatial", "wide-group16"])
+@pytest.mark.parametrize("backend,dtype", OPS_AND_DTYPES)
+def test_backward_op_gates_grad_output_by_relu_output(backend, dtype, geometry, mode, group_size, ratio, layout):
+    # relu_output (the forward's output when it fused a ReLU) gates grad_output inside the op:
+    # the same gradients, bias included, as grad_output * (relu_output > 0) without it. NaN
+    # where the gate is closed: such grad_output is never read (the ReLU's own backward gives 0).
+    x, weight, bias, mask, conv_args = case(backend, geometry, mode, group_size, ratio, dtype)
+    if layout == "channels_last":  # the gate then in another layout than grad_output
+        x = x.contiguous(memory_format=torch.channels_last)
+    index = [t.to(backend.device) for t in rk.kept_index(mask, weight.shape[0])]
+    geometry_args = [list(pair(conv_args["stride"])), list(pair(conv_args["padding"])),
+                     list(pair(conv_args["dilation"])), conv_args["groups"]]
+    residual = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], dtype=dtype, device=x.device)
+    relu_output = backend.op("masked_conv2d")(x, weight, bias, mask, *index, *geometry_args, residual, relu=True)
+    assert (relu_output == 0).any() and (relu_output > 0).any()
+    grad = torch.randn_like(relu_output, memory_format=torch.contiguous_format)
+    open_ = relu_output > 0
+    backward = backend.op("masked_conv2d_backward")
+    want = backward(torch.where(open_, grad, 0.0), x, weight, mask, *index, *geometry_args, [True, True, True])
+    noisy = torch.where(open_, grad, float("nan"))
+    got = backward(noisy, x, weight, mask, *index, *geometry_args, [True, True, True], relu_output)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOLERANCE[dtype])
+    assert got[0].is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    only_bias = backward(noisy, x, weight, mask, *index, *geometry_args, [False, False, True],
+                         relu_output=relu_output)[2]
+    torch.testing.assert_close(only_bias, want[2], **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("backend", OPS)
+def test_backward_op_gate_with_a_batch_of_zero_and_bad_shapes(backend):
+    x, weight, bias, mask, index, geometry_args = op_args(backend, GEOMETRIES["batch0"], "neuron", None)
+    relu_output = backend.op("masked_conv2d")(x, weight, bias, mask, *index, *geometry_args, relu=True)
+    backward = backend.op("masked_conv2d_backward")
+    grad_input, grad_weight, grad_bias = backward(torch.randn_like(relu_output), x, weight, mask, *index,
+                                                  *geometry_args, [True, True, True], relu_output)
+    assert grad_input.shape == x.shape
+    assert grad_weight.shape == weight.shape and (grad_weight == 0).all()
+    assert grad_bias.shape == bias.shape and (grad_bias == 0).all()
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, "neuron", None)
+    grad = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=x.device)
+    with pytest.raises(RuntimeError, match="relu_output must have"):
+        backward(grad, x, weight, mask, *index, *geometry_args, [True, True, True], grad[:, :-1])
+    with pytest.raises(RuntimeError, match="relu_output"):
+        backward(grad, x, weight, mask, *index, *geometry_args, [True, True, True], grad.double())
+
+
+@pytest.mark.parametrize("backend", OPS)
+def test_opcheck_backward_with_relu_output(backend):
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, "neuron", None)
+    relu_output = backend.op("masked_conv2d")(x, weight, bias, mask, *index, *geometry_args, relu=True)
+    args = (torch.randn_like(relu_output), x, weight, mask, *index, *geometry_args, [True, True, True], relu_output)
+    torch.library.opcheck(backend.op("masked_conv2d_backward").default, args)
 
 
 @pytest.mark.parametrize("backend", OPS)

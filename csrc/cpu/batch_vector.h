@@ -55,14 +55,15 @@ struct Strides {
 // Cin) + npositions * (cout_pad + Cout) + kBatchBlock floats. channel_sums as for forward_rows.
 //
 // backward_positions: the gradients of forward_positions (same masks) for images
-// [image_begin, image_end): grad_x (if not null; NCHW or NHWC, every element of those images
+// [image_begin, image_end), gy read as 0 where `gate` (if not null: a fused ReLU's output,
+// NCHW or NHWC) is not > 0: grad_x (if not null; NCHW or NHWC, every element of those images
 // written) = sum over taps and kept (p, c) of backward_weight[tap, c, ci] * gy[n, c, p];
 // grad_w_part (if not null, [Cout][kh * kw][padded_channels(Cin)]) += sum over the images and
 // kept positions of gy[n, c, p] * x[n, ci, q(p, tap)]; grad_b_part (if not null, [Cout]) +=
 // sum of gy over the images and kept positions. gy, x: NCHW or NHWC. backward_weight:
 // [kh][kw][Cout][padded_channels(Cin)], zero in the padding. Scratch: P * (padded_channels(Cout)
 // + Cout + padded_channels(Cin)) + H * W * padded_channels(Cin) + padded_channels(Cin) floats,
-// P = npositions.
+// and P * Cout more with a gate, P = npositions.
 //
 // pack_position_weights: forward_positions' packed_weight from contiguous weights
 // w [Cout][Cin][taps]: dst [taps][Cin][cout_pad], zero past Cout; the rows of
@@ -70,8 +71,9 @@ struct Strides {
 // threads can share the work.
 //
 // kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
-// of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p]; gy NCHW or NHWC.
-// Scratch: panel Wout * Cout * padded_batch floats.
+// of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p], and with `gate` (not
+// null: a fused ReLU's output) 0 where gate[:, c, p] is not > 0; gy and gate NCHW or NHWC.
+// Scratch: panel, and with a gate gate_panel, Wout * Cout * padded_batch floats each.
 //
 // grad_input_rows: grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c):
 // backward_weight[tap, c, ci] * gy_pos[e(p, c), n] for the input positions q of rows [row_begin, row_end);
@@ -97,13 +99,15 @@ struct BatchVectorKernels {
                             const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
                             const float* residual, float* y, Strides y_strides, const float** x_taps,
                             const float* zeros, float* scratch, double* channel_sums);
-  void (*backward_positions)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* x,
-                             Strides x_strides, const float* backward_weight, const int64_t* positions,
-                             int64_t npositions, int64_t image_begin, int64_t image_end, float* grad_x,
-                             Strides grad_x_strides, float* grad_w_part, float* grad_b_part, float* scratch);
-  void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides,
-                             const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                             int64_t row_end, float* rows, float* panel);
+  void (*backward_positions)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
+                             Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight,
+                             const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
+                             float* grad_x, Strides grad_x_strides, float* grad_w_part, float* grad_b_part,
+                             float* scratch);
+  void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
+                             Strides gate_strides, const int64_t* position_offsets,
+                             const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* rows,
+                             float* panel, float* gate_panel);
   void (*grad_input_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* backward_weight,
                           const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                           int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel);

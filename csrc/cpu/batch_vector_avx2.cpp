@@ -34,6 +34,8 @@ struct Simd {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+  // v where gate > 0, else 0 (0 where gate is NaN).
+  static V where_positive(V gate, V v) { return _mm256_and_ps(v, _mm256_cmp_ps(gate, zero(), _CMP_GT_OQ)); }
   // Lane j gets the next of p[0], p[1], ... where bit j of `lanes` is set, else 0. AVX2 has
   // no expand instruction: a permutation from a table, then the unset lanes zeroed; reads
   // kLanes floats from p, so the caller leaves kLanes floats of slack after its data.

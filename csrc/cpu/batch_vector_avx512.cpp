@@ -30,6 +30,8 @@ struct Simd {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  // v where gate > 0, else 0 (0 where gate is NaN).
+  static V where_positive(V gate, V v) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(gate, zero(), _CMP_GT_OQ), v); }
   // Lane j gets the next of p[0], p[1], ... where bit j of `lanes` is set, else 0 (reads only
   // popcount(lanes) floats here; the AVX2 version reads kLanes).
   static V expand(uint32_t lanes, const float* p) { return _mm512_maskz_expandloadu_ps(__mmask16(lanes), p); }

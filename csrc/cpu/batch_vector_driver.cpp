@@ -122,18 +122,21 @@ at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input
 }
 
 // Kept output gradients, compacted to rows of padded_batch floats (zero in the padding), in
-// position-CSR order: the operand of grad-input, grad-weight and grad-bias.
-at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const BatchVectorGeometry& vector_geometry,
+// position-CSR order, gated by `gate` where defined (0 where it is not > 0): the operand of
+// grad-input, grad-weight and grad-bias.
+at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const at::Tensor& gate,
+                                          const BatchVectorGeometry& vector_geometry,
                                           const at::Tensor& position_offsets, const at::Tensor& position_channels) {
   auto rows = empty_output({position_channels.numel(), vector_geometry.padded_batch}, gy.options(),
                            at::MemoryFormat::Contiguous);
+  const int64_t panel_size = vector_geometry.out_width * vector_geometry.out_channels * vector_geometry.padded_batch;
   parallel_row_chunks(vector_geometry.out_height, [&](int64_t, int64_t first, int64_t last) {
-    float* panel = thread_scratch(
-        2, vector_geometry.out_width * vector_geometry.out_channels * vector_geometry.padded_batch);
-    batch_vector_kernels()->kept_gradient_rows(vector_geometry, gy.data_ptr<float>(), strides_of(gy),
-                                               position_offsets.data_ptr<int64_t>(),
-                                               position_channels.data_ptr<int64_t>(), first, last,
-                                               rows.data_ptr<float>(), panel);
+    float* panel = thread_scratch(2, panel_size);
+    batch_vector_kernels()->kept_gradient_rows(
+        vector_geometry, gy.data_ptr<float>(), strides_of(gy), gate.defined() ? gate.data_ptr<float>() : nullptr,
+        gate.defined() ? strides_of(gate) : Strides{0, 0, 0}, position_offsets.data_ptr<int64_t>(),
+        position_channels.data_ptr<int64_t>(), first, last, rows.data_ptr<float>(), panel,
+        gate.defined() ? thread_scratch(1, panel_size) : nullptr);
   });
   return rows;
 }
@@ -151,14 +154,15 @@ at::Tensor sum_weight_partials(const ConvGeometry& g, const at::Tensor& partial)
 // The backward for spatial masks (see spatial_mask): BatchVectorKernels::backward_positions,
 // one image per visit; partial weight and bias gradients per chunk of images.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& positions, std::array<bool, 3> output_mask) {
+    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& positions, std::array<bool, 3> output_mask) {
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
   const auto* kernels = batch_vector_kernels();
   const int64_t cin_pad = kernels->padded_channels(g.in_channels), cout_pad = kernels->padded_channels(g.out_channels);
   const int64_t taps = g.kernel_h * g.kernel_w, npositions = positions.numel(), chunks = row_chunks(g.batch);
   const auto gy = addressable(grad_output);
+  const auto gate = relu_gate.defined() ? addressable(relu_gate) : at::Tensor();
   const auto x = need_weight ? addressable(input) : at::Tensor();
   const auto backward_weight =  // [kh][kw][Cout][Cin_pad]
       need_input ? at::constant_pad_nd(weight.permute({2, 3, 0, 1}), {0, cin_pad - g.in_channels}).contiguous()
@@ -167,11 +171,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
                                : at::empty({0}, input.options());
   auto partial_w = need_weight ? at::zeros({chunks, g.out_channels, taps, cin_pad}, weight.options()) : at::Tensor();
   auto partial_b = need_bias ? at::zeros({chunks, g.out_channels}, input.options()) : at::Tensor();
-  const int64_t scratch_size =
-      npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad + cin_pad;
+  const int64_t scratch_size = npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad +
+                               cin_pad + (gate.defined() ? npositions * g.out_channels : 0);
   const auto grad_input_strides = need_input ? strides_of(grad_input) : Strides{0, 0, 0};
   parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
     kernels->backward_positions(vector_geometry, gy.data_ptr<float>(), strides_of(gy),
+                                gate.defined() ? gate.data_ptr<float>() : nullptr,
+                                gate.defined() ? strides_of(gate) : Strides{0, 0, 0},
                                 need_weight ? x.data_ptr<float>() : nullptr,
                                 need_weight ? strides_of(x) : Strides{0, 0, 0},
                                 need_input ? backward_weight.data_ptr<float>() : nullptr,
@@ -236,17 +242,18 @@ at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& kept_positions, const at::Tensor& position_offsets, const at::Tensor& position_channels,
-    std::array<bool, 3> output_mask) {
+    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
+    const at::Tensor& position_channels, std::array<bool, 3> output_mask) {
   if (spatial_mask(g, kept_positions))
-    return full_positions_backward(g, grad_output, input, weight, kept_positions, output_mask);
+    return full_positions_backward(g, grad_output, relu_gate, input, weight, kept_positions, output_mask);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
   at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
              grad_bias = at::empty({0}, input.options());
-  const auto rows =
-      kept_gradient_rows_by_position(addressable(grad_output), vector_geometry, position_offsets, position_channels);
+  const auto rows = kept_gradient_rows_by_position(addressable(grad_output),
+                                                   relu_gate.defined() ? addressable(relu_gate) : at::Tensor(),
+                                                   vector_geometry, position_offsets, position_channels);
   const int64_t* channels = position_channels.data_ptr<int64_t>();
   if (need_bias) {  // summed in a fixed order: deterministic
     grad_bias = at::zeros({g.out_channels}, input.options());

@@ -4,7 +4,7 @@
 // batch_vector_avx512.cpp), inside that file's own namespace and target pragma, after it
 // defines:
 //   struct Simd      V (the vector type), kLanes (floats per V), zero, load, store,
-//                    broadcast, fma, add
+//                    broadcast, fma, add, where_positive
 //   kVectors         vectors of images per micro-tile row (images per tile: kVectors * kLanes)
 //   kTile            most output (forward) or input (grad-input) channels per micro-tile
 //   kWeightTile      most output channels per grad-weight tile

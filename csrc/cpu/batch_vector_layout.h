@@ -51,6 +51,14 @@ inline void copy_floats(float* dst, const float* src, int64_t count) {
   for (; i < count; ++i) dst[i] = src[i];
 }
 
+// copy_floats where gate[i] > 0, 0 elsewhere (a fused ReLU's gradient gate).
+inline void copy_floats_where_positive(float* dst, const float* src, const float* gate, int64_t count) {
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= count; i += Simd::kLanes)
+    Simd::store(dst + i, Simd::where_positive(Simd::load(gate + i), Simd::load(src + i)));
+  for (; i < count; ++i) dst[i] = gate[i] > 0.0f ? src[i] : 0.0f;
+}
+
 // 64 output columns' kept bits. A type of these headers' own (see batch_vector_impl.h).
 struct KeptWord {
   uint64_t bits;

@@ -150,10 +150,11 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
   _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
 
-void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* x,
-                        Strides x_strides, const float* backward_weight, const int64_t* positions, int64_t npositions,
-                        int64_t image_begin, int64_t image_end, float* grad_x, Strides grad_x_strides,
-                        float* grad_w_part, float* grad_b_part, float* scratch) {
+void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
+                        Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight,
+                        const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
+                        float* grad_x, Strides grad_x_strides, float* grad_w_part, float* grad_b_part,
+                        float* scratch) {
   // Per image, as forward_positions: the kept output gradients gathered twice (rows [P][Cout]
   // for grad-input, columns [Cout][P] for grad-weight and grad-bias); grad-input scattered
   // tap by tap into a channels-last image (distinct positions of one tap never share an input
@@ -167,6 +168,7 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   float* image = columns + cout * kept_count;     // [H * W][cin_pad]: x for grad-weight, grad-x for grad-input
   float* panel = image + hw * cin_pad;            // [P][cin_pad]: one tap's input rows
   float* spare = panel + kept_count * cin_pad;    // [cin_pad]: what padding taps add to
+  float* gate_columns = spare + cin_pad;          // [Cout][P]: the gate, as columns (with a gate)
   float* out_rows[kPositionRows];
   const bool lay_out_x = grad_w_part && x_strides.c != 1;  // the NCHW layout for grad-weight uses `needed`
   const auto needed = lay_out_x ? needed_blocks(g, positions, kept_count) : std::vector<InputBlock>();
@@ -176,6 +178,13 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
     for (int64_t c = 0; c < cout; ++c)
       for (int64_t k = 0; k < kept_count; ++k)
         columns[c * kept_count + k] = gy_n[c * gy_strides.c + positions[k] * gy_strides.position];
+    if (gate) {  // a fused ReLU's gate, gathered at the kept positions as gy, then applied whole
+      const float* gate_n = gate + n * gate_strides.n;
+      for (int64_t c = 0; c < cout; ++c)
+        for (int64_t k = 0; k < kept_count; ++k)
+          gate_columns[c * kept_count + k] = gate_n[c * gate_strides.c + positions[k] * gate_strides.position];
+      copy_floats_where_positive(columns, columns, gate_columns, cout * kept_count);
+    }
     if (grad_x)
       for (int64_t c0 = 0; c0 < cout; c0 += 8)
         for (int64_t k0 = 0; k0 < kept_count; k0 += 8)

@@ -107,20 +107,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
     const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
     const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, std::array<bool, 3> output_mask) {
+    int64_t groups, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& relu_output) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, std::nullopt, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height, g.out_width}),
-              "masked_conv2d_backward: grad_output must have shape (", g.batch, ", ", g.out_channels, ", ",
-              g.out_height, ", ", g.out_width, "), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "masked_conv2d_backward: grad_output dtype must be ",
-              input.scalar_type(), ", got ", grad_output.scalar_type());
+  check_output_shaped(g, input, grad_output, "grad_output");
+  const at::Tensor gate = checked_relu_gate(g, input, relu_output);
   const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
   if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
-    return cpu::batch_vector_backward(g, grad_output, input, weight, index.positions, index.position_offsets,
+    return cpu::batch_vector_backward(g, grad_output, gate, input, weight, index.positions, index.position_offsets,
                                       index.position_channels, output_mask);
   }
-  return cpu::portable_backward(g, grad_output, input, weight, index.offsets, index.positions, output_mask);
+  return cpu::portable_backward(g, grad_output, gate, input, weight, index.offsets, index.positions, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats_kernel(

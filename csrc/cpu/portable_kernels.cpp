@@ -277,7 +277,8 @@ at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeometry& g, const at::Tensor& grad_output,
-                                                                 const at::Tensor& input, const at::Tensor& weight,
+                                                                 const at::Tensor& relu_gate, const at::Tensor& input,
+                                                                 const at::Tensor& weight,
                                                                  const at::Tensor& kept_offsets,
                                                                  const at::Tensor& kept_positions,
                                                                  std::array<bool, 3> output_mask) {
@@ -286,6 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
   const auto x = contiguous_as(input, ctype);
   const auto w = contiguous_as(weight, ctype).view({g.out_channels, -1});
   const auto gy = contiguous_as(grad_output, ctype);
+  const auto gate = relu_gate.defined() ? contiguous_as(relu_gate, ctype) : at::Tensor();
 
   auto grad_input = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, input.options());
   auto grad_weight = need_weight ? at::zeros(w.sizes(), w.options()) : at::empty({0}, weight.options());
@@ -303,6 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeome
           const int64_t images = std::min(chunk, g.batch - first_image);
           auto gy_kept = at::empty({block.count, images * block.kept}, x.options());
           gather_kept_outputs(gy.data_ptr<scalar_t>(), g, block, first_image, images, gy_kept.data_ptr<scalar_t>());
+          if (gate.defined()) {  // a fused ReLU's gate, gathered at the same kept outputs, then applied
+            auto gate_kept = at::empty_like(gy_kept);
+            gather_kept_outputs(gate.data_ptr<scalar_t>(), g, block, first_image, images,
+                                gate_kept.data_ptr<scalar_t>());
+            gy_kept.masked_fill_(gate_kept.gt(0).logical_not_(), 0);
+          }
           if (need_bias) grad_bias.narrow(0, block.first, block.count).add_(gy_kept.sum(1));
           if (need_weight) {
             auto columns = at::empty({w.size(1), images * block.kept}, x.options());

@@ -25,10 +25,12 @@ C10_HIDDEN at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& 
                                        const at::Tensor& kept_positions, const at::Tensor& residual, bool relu);
 
 // (grad_input, grad_weight, grad_bias) of mask * conv, each an empty tensor where output_mask
-// does not ask for it; grad_output read at kept outputs only.
+// does not ask for it; grad_output read at kept outputs only, and there zeroed where
+// relu_gate (defined: the forward's fused-ReLU output; undefined: no gate) is not > 0.
 C10_HIDDEN std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, std::array<bool, 3> output_mask);
+    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
+    std::array<bool, 3> output_mask);
 
 }  // namespace cpu
 }  // namespace rmask

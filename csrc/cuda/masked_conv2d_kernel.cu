@@ -69,11 +69,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
     const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
     const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, std::array<bool, 3> output_mask) {
+    int64_t groups, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& relu_output) {
   check_cuda(input);
   const c10::cuda::CUDAGuard guard(input.device());
   return masked_conv2d_backward(CudaLaunch{}, grad_output, input, weight, mask, kept_offsets, kept_positions,
-                                position_offsets, position_channels, stride, padding, dilation, groups, output_mask);
+                                position_offsets, position_channels, stride, padding, dilation, groups, output_mask,
+                                relu_output);
 }
 
 }  // namespace

@@ -20,6 +20,8 @@
 //   grad weight    two stages: per (row chunk, weight element) partial sums over kept
 //                  (image, position) rows, then a fixed-order sum over the chunks
 //   grad bias      like stats, over grad_output
+// The backward reads grad_output through OutputGradient: with a fused ReLU's output as its
+// gate, each read of a kept output's gradient also reads the gate there (0 where not > 0).
 // Accumulation in at::opmath_type (float for half/bfloat16/float, double for double).
 // Tensors are addressed through their strides (NCHW, channels_last or any view), so the
 // input is never copied; outputs are allocated in the input's memory format.
@@ -101,6 +103,22 @@ C10_HOST_DEVICE inline int64_t pattern_of(const KeptIndex& index, int64_t patter
   return lo;
 }
 
+// grad_output as the backward elements read it: at (n, c, h, w), 0 where `gate` (if not null:
+// the forward's output when it fused a ReLU) is not > 0 there.
+template <typename scalar_t>
+struct OutputGradient {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* values;
+  Strides4 strides;
+  const scalar_t* gate;  // or null
+  Strides4 gate_strides;
+
+  C10_HOST_DEVICE acc_t at(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    if (gate && !(static_cast<acc_t>(gate[gate_strides.at(n, c, h, w)]) > acc_t(0))) return acc_t(0);
+    return static_cast<acc_t>(values[strides.at(n, c, h, w)]);
+  }
+};
+
 // ---------------------------------------------------------------------------------
 // Forward: one element per kept (image n, kept entry e, channel c of e's pattern), c fastest
 // (neighbouring threads read the same input taps).
@@ -152,16 +170,16 @@ struct ForwardElement {
 };
 
 // ---------------------------------------------------------------------------------
-// Per-channel sums over the kept outputs of a (N, Cout, Hout, Wout) tensor, stage 1: one element
-// per (channel oc, image n), summing over oc's kept positions into partial[oc * N + n] (and the
+// Per-channel sums over the kept outputs of a (N, Cout, Hout, Wout) tensor (read as an
+// OutputGradient: gated, for grad bias, where it has a gate), stage 1: one element per
+// (channel oc, image n), summing over oc's kept positions into partial[oc * N + n] (and the
 // squares into partial_squares, if given). Stage 2 is OrderedSum over n.
 
 template <typename scalar_t, typename acc_t>
 struct KeptRowSumsElement {
   Shape s;
   KeptIndex index;
-  const scalar_t* t;
-  Strides4 ts;
+  OutputGradient<scalar_t> t;
   acc_t* partial;
   acc_t* partial_squares;  // or null
 
@@ -173,7 +191,7 @@ struct KeptRowSumsElement {
     for (int64_t e = begin; e < end; ++e) {
       const int64_t q = index.positions[e];
       if (q < 0 || q >= s.out_height * s.out_width) continue;
-      const acc_t v = static_cast<acc_t>(t[ts.at(n, oc, q / s.out_width, q % s.out_width)]);
+      const acc_t v = static_cast<acc_t>(t.at(n, oc, q / s.out_width, q % s.out_width));
       sum += v;
       squares += v * v;
     }
@@ -207,8 +225,7 @@ struct GradInputElement {
   using acc_t = at::opmath_type<scalar_t>;
   Shape s;
   KeptIndex index;
-  const scalar_t* grad_output;
-  Strides4 gys;
+  OutputGradient<scalar_t> grad_output;
   const scalar_t* w;  // contiguous (Cout, Cin/groups, kh, kw)
   scalar_t* grad_input;
   Strides4 gxs;
@@ -245,7 +262,7 @@ struct GradInputElement {
           const int64_t oc = index.position_channels[k];
           if (oc >= oc_last) break;
           if (oc < oc_first) continue;  // only for an index that is not ascending
-          acc += static_cast<acc_t>(grad_output[gys.at(n, oc, oh, ow)]) *
+          acc += grad_output.at(n, oc, oh, ow) *
                  static_cast<acc_t>(w[((oc * s.in_channels_per_group + c_local) * s.kernel_h + ki) * s.kernel_w + kj]);
         }
       }
@@ -265,8 +282,7 @@ struct GradWeightPartialElement {
   using acc_t = at::opmath_type<scalar_t>;
   Shape s;
   KeptIndex index;
-  const scalar_t* grad_output;
-  Strides4 gys;
+  OutputGradient<scalar_t> grad_output;
   const scalar_t* x;
   Strides4 xs;
   int64_t chunks;
@@ -293,7 +309,7 @@ struct GradWeightPartialElement {
       const int64_t ih = oh * s.stride_h - s.pad_h + ki * s.dilation_h;
       const int64_t iw = ow * s.stride_w - s.pad_w + kj * s.dilation_w;
       if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) continue;
-      acc += static_cast<acc_t>(grad_output[gys.at(n, oc, oh, ow)]) * static_cast<acc_t>(x[xs.at(n, ci, ih, iw)]);
+      acc += grad_output.at(n, oc, oh, ow) * static_cast<acc_t>(x[xs.at(n, ci, ih, iw)]);
     }
     partial[i] = acc;
   }
@@ -381,8 +397,9 @@ std::tuple<at::Tensor, at::Tensor> kept_channel_sums(const Launch& launch, const
   auto partial = at::empty({2, g.out_channels, g.batch}, options);
   auto sums = at::empty({2, g.out_channels}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "masked_conv2d_stats_cuda", [&] {
-    KeptRowSumsElement<scalar_t, double> rows{shape_of(g), index.view(), t.data_ptr<scalar_t>(), strides_of(t),
-                                              partial[0].data_ptr<double>(), partial[1].data_ptr<double>()};
+    const OutputGradient<scalar_t> values{t.data_ptr<scalar_t>(), strides_of(t), nullptr, Strides4{0, 0, 0, 0}};
+    KeptRowSumsElement<scalar_t, double> rows{shape_of(g), index.view(), values, partial[0].data_ptr<double>(),
+                                              partial[1].data_ptr<double>()};
     launch(g.out_channels * g.batch, rows);
   });
   OrderedSumElement<double, double> total{partial.data_ptr<double>(), g.batch, g.batch, 1, sums.data_ptr<double>()};
@@ -418,23 +435,20 @@ inline int64_t grad_weight_chunks(const ConvGeometry& g, int64_t kept, int64_t w
   return std::max<int64_t>(1, std::min(by_rows, by_memory));
 }
 
-// Gradients for (input, weight, bias) of mask * conv: grad_output is read at kept outputs only.
+// Gradients for (input, weight, bias) of mask * conv: grad_output is read at kept outputs only,
+// gated there by relu_output (if given: the forward's output when it fused a ReLU).
 // Outputs not asked for in output_mask are empty tensors.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
     const Launch& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
     const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& relu_output) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, std::nullopt, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height, g.out_width}),
-              "masked_conv2d_backward: grad_output must have shape (", g.batch, ", ", g.out_channels, ", ",
-              g.out_height, ", ", g.out_width, "), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "masked_conv2d_backward: grad_output dtype must be ",
-              input.scalar_type(), ", got ", grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(), "masked_conv2d_backward: grad_output must be on the input's device ",
-              input.device(), ", got ", grad_output.device());
+  check_output_shaped(g, input, grad_output, "grad_output");
+  const at::Tensor gate = checked_relu_gate(g, input, relu_output);
   check_kept_index_sizes(g, kept_positions, position_channels);
   const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2];
   const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
@@ -454,17 +468,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "masked_conv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const OutputGradient<scalar_t> gradient{grad_output.data_ptr<scalar_t>(), strides_of(grad_output),
+                                            gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
+                                            gate.defined() ? strides_of(gate) : Strides4{0, 0, 0, 0}};
     if (need_input && grad_input.numel() > 0) {
-      GradInputElement<scalar_t> element{shape_of(g), index.view(), grad_output.data_ptr<scalar_t>(),
-                                         strides_of(grad_output), w.data_ptr<scalar_t>(),
+      GradInputElement<scalar_t> element{shape_of(g), index.view(), gradient, w.data_ptr<scalar_t>(),
                                          grad_input.data_ptr<scalar_t>(), strides_of(grad_input)};
       launch(grad_input.numel(), element);
     }
     if (need_weight && weight_numel > 0) {
       const int64_t chunks = grad_weight_chunks(g, kept_positions.numel(), weight_numel);
       auto partial = at::empty({chunks, weight_numel}, acc_options);
-      GradWeightPartialElement<scalar_t> element{shape_of(g), index.view(), grad_output.data_ptr<scalar_t>(),
-                                                 strides_of(grad_output), input.data_ptr<scalar_t>(),
+      GradWeightPartialElement<scalar_t> element{shape_of(g), index.view(), gradient, input.data_ptr<scalar_t>(),
                                                  strides_of(input), chunks, partial.data_ptr<acc_t>()};
       launch(chunks * weight_numel, element);
       OrderedSumElement<acc_t, scalar_t> total{partial.data_ptr<acc_t>(), chunks, 1, weight_numel,
@@ -473,8 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
     }
     if (need_bias) {
       auto partial = at::empty({g.out_channels, g.batch}, acc_options);
-      KeptRowSumsElement<scalar_t, acc_t> rows{shape_of(g), index.view(), grad_output.data_ptr<scalar_t>(),
-                                               strides_of(grad_output), partial.data_ptr<acc_t>(), nullptr};
+      KeptRowSumsElement<scalar_t, acc_t> rows{shape_of(g), index.view(), gradient, partial.data_ptr<acc_t>(),
+                                               nullptr};
       launch(g.out_channels * g.batch, rows);
       OrderedSumElement<acc_t, scalar_t> total{partial.data_ptr<acc_t>(), g.batch, g.batch, 1,
                                                grad_bias.data_ptr<scalar_t>()};

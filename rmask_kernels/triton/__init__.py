@@ -63,8 +63,8 @@ def _masked_conv2d_stats(input, weight, bias, mask, kept_offsets, kept_positions
 
 @torch.library.register_kernel("rmask::triton_masked_conv2d_backward", DEVICE_TYPES)
 def _masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets,
-                            position_channels, stride, padding, dilation, groups, output_mask):
+                            position_channels, stride, padding, dilation, groups, output_mask, relu_output=None):
     return _kernels(input.device).masked_conv2d_backward(
         grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets, position_channels,
-        stride, padding, dilation, groups, output_mask,
+        stride, padding, dilation, groups, output_mask, relu_output,
     )

@@ -1,6 +1,8 @@
 """The host launcher of the backward (kernels: grad_input_kernels.py, grad_weight_kernels.py):
 for each gradient, which kernel runs (grad_input_variant, grad_weight_variant), its grid and
-block sizes; the grad bias is a torch reduction."""
+block sizes; the grad bias is a torch reduction. With a fused ReLU's output (relu_output) every
+kernel loads it where it loads grad_output (gate pointer and strides, GATED=True) and reads the
+gradient as 0 where it is not > 0."""
 
 from __future__ import annotations
 
@@ -64,26 +66,30 @@ def grad_weight_variant(geometry, kept_rows, kept_outputs):
 
 
 def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets,
-                           position_channels, stride, padding, dilation, groups, output_mask):
+                           position_channels, stride, padding, dilation, groups, output_mask, relu_output=None):
     """Gradients (input, weight, bias) of mask * conv(input, weight) + bias; grad_output where
-    the mask is False is ignored. An output not asked for in output_mask is an empty tensor."""
+    the mask is False is ignored, and where relu_output (if given: the forward's output when it
+    fused a ReLU) is not > 0. An output not asked for in output_mask is an empty tensor."""
     index = (kept_offsets.contiguous(), kept_positions.contiguous(), position_offsets.contiguous(),
              position_channels.contiguous())
     geometry = check_args("triton_masked_conv2d_backward", input, weight, None, mask, index, stride, padding,
-                          dilation, groups, (("grad_output", grad_output),))
+                          dilation, groups, (("grad_output", grad_output), ("relu_output", relu_output)))
     shape = (geometry.batch, geometry.out_channels, geometry.out_height, geometry.out_width)
-    if tuple(grad_output.shape) != shape:
-        raise RuntimeError(f"triton_masked_conv2d_backward: grad_output must have the output's shape {shape}, "
-                           f"got {tuple(grad_output.shape)}")
+    for name, tensor in (("grad_output", grad_output), ("relu_output", relu_output)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise RuntimeError(f"triton_masked_conv2d_backward: {name} must have the output's shape {shape}, "
+                               f"got {tuple(tensor.shape)}")
     conv_params = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    launch = _Launch(geometry, grad_output, input, weight, mask, index, conv_params,
+    launch = _Launch(geometry, grad_output, relu_output, input, weight, mask, index, conv_params,
                      dict(num_warps=common.NUM_WARPS, **common.dot_options(input.dtype)))
     empty = input.new_empty(0)
     grad_input = launch.grad_input() if output_mask[0] else empty
     grad_weight = launch.grad_weight() if output_mask[1] else empty
     if output_mask[2]:
-        # A plain reduction (deterministic, fp32 accumulation) over the kept positions only.
-        kept_grad = torch.where(mask, grad_output, torch.zeros((), dtype=grad_output.dtype, device=input.device))
+        # A plain reduction (deterministic, fp32 accumulation) over the kept (and, with a
+        # fused ReLU, open) positions only.
+        kept = mask if relu_output is None else mask & (relu_output > 0)
+        kept_grad = torch.where(kept, grad_output, torch.zeros((), dtype=grad_output.dtype, device=input.device))
         grad_bias = kept_grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(input.dtype)
     else:
         grad_bias = empty
@@ -93,10 +99,15 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
 class _Launch:
     """One backward call's arguments, and a method per kernel variant that launches it."""
 
-    def __init__(self, geometry, grad_output, input, weight, mask, index, conv_params, options):
+    def __init__(self, geometry, grad_output, relu_output, input, weight, mask, index, conv_params, options):
         self.geometry, self.grad_output, self.input, self.weight, self.mask = geometry, grad_output, input, weight, mask
         self.kept_offsets, self.kept_positions, self.position_offsets, self.position_channels = index
-        self.conv_params, self.options = conv_params, options
+        # What every kernel takes after grad_output's strides: the gate's pointer and strides
+        # (grad_output's own, never read, when there is none), and GATED among the constexprs.
+        gate = grad_output if relu_output is None else relu_output
+        self.gate_args = (gate, *gate.stride())
+        self.conv_params = conv_params
+        self.options = dict(options, GATED=relu_output is not None)
         self.positions = geometry.out_height * geometry.out_width
 
     # -- grad input -------------------------------------------------------------------------
@@ -123,7 +134,7 @@ class _Launch:
         grad_input_by_position_kernel[grid](
             self.grad_output, self.weight, self.position_offsets, self.position_channels, grad_input,
             geometry.batch, geometry.in_channels, geometry.height, geometry.width, geometry.out_height,
-            geometry.out_width, *self.conv_params, *self.grad_output.stride(), *self.weight.stride(),
+            geometry.out_width, *self.conv_params, *self.grad_output.stride(), *self.gate_args, *self.weight.stride(),
             *grad_input.stride(), KH=geometry.kernel_h, KW=geometry.kernel_w,
             BLOCK_M=block_m, BLOCK_N=common.BLOCK_N, BLOCK_K=block_k, **self.options,
         )
@@ -142,7 +153,7 @@ class _Launch:
                     self.grad_output, self.weight, self.kept_positions, grad_input,
                     geometry.batch, count, kh, kw, geometry.height, geometry.width, geometry.out_width,
                     geometry.cin_per_group, geometry.cout_per_group, *self.conv_params,
-                    *self.grad_output.stride(), *self.weight.stride(), *grad_input.stride(),
+                    *self.grad_output.stride(), *self.gate_args, *self.weight.stride(), *grad_input.stride(),
                     BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **self.options,
                 )
         return grad_input.to(self.input.dtype)
@@ -157,7 +168,7 @@ class _Launch:
             self.grad_output, self.weight, self.mask.contiguous().view(torch.uint8), grad_input,
             geometry.batch, geometry.height, geometry.width, geometry.out_height, geometry.out_width,
             geometry.cin_per_group, geometry.cout_per_group, *self.conv_params,
-            *self.grad_output.stride(), *self.weight.stride(), *grad_input.stride(),
+            *self.grad_output.stride(), *self.gate_args, *self.weight.stride(), *grad_input.stride(),
             KH=geometry.kernel_h, KW=geometry.kernel_w, MASK_PER_CHANNEL=self.mask.shape[0] > 1,
             BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **self.options,
         )
@@ -186,7 +197,8 @@ class _Launch:
         grad_weight_pairs_kernel[grid](
             self.grad_output, self.input, self.position_offsets, self.position_channels, pair_rows,
             geometry.batch, reduce_size, geometry.height, geometry.width, geometry.out_width, *self.conv_params,
-            *self.input.stride(), *self.grad_output.stride(), KH=geometry.kernel_h, KW=geometry.kernel_w,
+            *self.input.stride(), *self.grad_output.stride(), *self.gate_args,
+            KH=geometry.kernel_h, KW=geometry.kernel_w,
             BLOCK_M=block_m, BLOCK_N=block_images, BLOCK_K=common.BLOCK_K, **self.options,
         )
         grad_weight = torch.empty(self.weight.shape, dtype=torch.float32, device=self.input.device)
@@ -222,7 +234,7 @@ class _Launch:
             self.kept_offsets, self.kept_positions, tile_ends, segments,
             geometry.batch, rows_per_image, patterns, num_segments, geometry.out_channels, reduce_size,
             chunk_rows, geometry.cin_per_group, geometry.cout_per_group, geometry.height, geometry.width,
-            geometry.out_width, *self.conv_params, *self.input.stride(), *self.grad_output.stride(),
+            geometry.out_width, *self.conv_params, *self.input.stride(), *self.grad_output.stride(), *self.gate_args,
             self.positions if self.mask.shape[0] > 1 else 0,
             KH=geometry.kernel_h, KW=geometry.kernel_w, PATTERN_BLOCK=pattern_block(patterns),
             ALL_POSITIONS=all_positions,

@@ -54,3 +54,14 @@ def cast(value, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
     else:
         result = value.to(dtype)
     return result
+
+
+@triton.jit
+def load_gradient(grad_pointers, gate_pointers, load_ok, GATED: tl.constexpr):
+    """grad_output at `grad_pointers` where `load_ok`, else 0; GATED (a fused ReLU's output at
+    `gate_pointers`, the same elements): also 0 where the gate is not > 0, read only where
+    load_ok, and grad_output read only where it is open."""
+    if GATED:
+        gate = tl.load(gate_pointers, mask=load_ok, other=0.0)
+        load_ok = load_ok & (gate > 0)
+    return tl.load(grad_pointers, mask=load_ok, other=0.0)

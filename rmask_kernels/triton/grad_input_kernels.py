@@ -9,7 +9,8 @@ by position  neuron-like masks, groups == 1: per input pixel, K = the channels k
              tap lands.
 
 Strides are passed per tensor and dimension: gs_* of grad_output, ws_* of the weight, is_* of
-the grad input.
+the grad input, rs_* of the gate (gate_ptr: a fused ReLU's output, read where grad_output is
+when GATED; grad_output's gradient counts only where it is > 0).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import cast
+from .common import cast, load_gradient
 
 
 @triton.jit
@@ -25,8 +26,8 @@ def grad_input_gather_kernel(
     grad_output_ptr, w_ptr, mask_ptr, grad_input_ptr,
     batch, height, width, out_height, out_width, cin_per_group, cout_per_group,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
-    KH: tl.constexpr, KW: tl.constexpr, MASK_PER_CHANNEL: tl.constexpr,
+    gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    KH: tl.constexpr, KW: tl.constexpr, MASK_PER_CHANNEL: tl.constexpr, GATED: tl.constexpr,
     INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -59,6 +60,7 @@ def grad_input_gather_kernel(
             ok = ok & (kept != 0)
         if tl.max(ok.to(tl.int32), axis=0) > 0:  # no row of the tile reaches a kept output
             grad_output_rows = grad_output_ptr + image * gs_n + oh * gs_h + ow * gs_w
+            gate_rows = gate_ptr + image * rs_n + oh * rs_h + ow * rs_w
             for c0 in range(0, cout_per_group, BLOCK_K):
                 co_ok = (c0 + ks) < cout_per_group
                 co = group * cout_per_group + c0 + ks
@@ -67,7 +69,8 @@ def grad_input_gather_kernel(
                     kept = tl.load(mask_ptr + co[None, :] * (out_height * out_width) + position[:, None],
                                    mask=load_ok, other=0)
                     load_ok = load_ok & (kept != 0)
-                a = tl.load(grad_output_rows[:, None] + co[None, :] * gs_c, mask=load_ok, other=0.0)
+                a = load_gradient(grad_output_rows[:, None] + co[None, :] * gs_c,
+                                  gate_rows[:, None] + co[None, :] * rs_c, load_ok, GATED)
                 b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
                             mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
                 if INTERPRETER:
@@ -85,8 +88,8 @@ def grad_input_by_tap_kernel(
     grad_output_ptr, w_ptr, kept_positions_ptr, grad_buffer_ptr,
     batch, count, kh, kw, height, width, out_width, cin_per_group, cout_per_group,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    GATED: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One pattern (spatial masks), one tap (kh, kw) per launch: grad_input[n, :, ih, iw] +=
@@ -110,11 +113,13 @@ def grad_input_by_tap_kernel(
         ci_ok = ci < cin_per_group
         ks = tl.arange(0, BLOCK_K)
         grad_output_rows = grad_output_ptr + image * gs_n + oh * gs_h + ow * gs_w
+        gate_rows = gate_ptr + image * rs_n + oh * rs_h + ow * rs_w
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c0 in range(0, cout_per_group, BLOCK_K):
             co_ok = (c0 + ks) < cout_per_group
             co = group * cout_per_group + c0 + ks
-            a = tl.load(grad_output_rows[:, None] + co[None, :] * gs_c, mask=ok[:, None] & co_ok[None, :], other=0.0)
+            a = load_gradient(grad_output_rows[:, None] + co[None, :] * gs_c, gate_rows[:, None] + co[None, :] * rs_c,
+                              ok[:, None] & co_ok[None, :], GATED)
             b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
                         mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
             if INTERPRETER:
@@ -133,8 +138,8 @@ def grad_input_by_position_kernel(
     grad_output_ptr, w_ptr, position_offsets_ptr, position_channels_ptr, grad_input_ptr,
     batch, in_channels, height, width, out_height, out_width,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-    gs_n, gs_c, gs_h, gs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
-    KH: tl.constexpr, KW: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
+    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Gather form, groups == 1: per input pixel, M = images, N = input channels, K = for each
@@ -167,8 +172,9 @@ def grad_input_by_position_kernel(
                 cols = c0 + ks
                 cols_ok = cols < count
                 co = tl.load(position_channels_ptr + start + cols, mask=cols_ok, other=0)
-                a = tl.load(grad_output_ptr + image[:, None] * gs_n + co[None, :] * gs_c + oh * gs_h + ow * gs_w,
-                            mask=row_ok[:, None] & cols_ok[None, :], other=0.0)
+                a = load_gradient(grad_output_ptr + image[:, None] * gs_n + co[None, :] * gs_c + oh * gs_h + ow * gs_w,
+                                  gate_ptr + image[:, None] * rs_n + co[None, :] * rs_c + oh * rs_h + ow * rs_w,
+                                  row_ok[:, None] & cols_ok[None, :], GATED)
                 b = tl.load(w_ptr + co[:, None] * ws_o + ci[None, :] * ws_i + kh * ws_h + kw * ws_w,
                             mask=cols_ok[:, None] & ci_ok[None, :], other=0.0)
                 if INTERPRETER:

@@ -7,7 +7,9 @@ partials   chunks of kept rows (by pattern, tiles.py) each give a partial grad w
 pairs      sparse neuron-like masks, groups == 1: per (position, kept channel) pair a row
            reduced over the images, then per channel its pairs' rows summed in position order.
 
-Strides are passed per tensor and dimension: xs_* of the input, gs_* of grad_output.
+Strides are passed per tensor and dimension: xs_* of the input, gs_* of grad_output, rs_* of
+the gate (gate_ptr: a fused ReLU's output, read where grad_output is when GATED; grad_output's
+gradient counts only where it is > 0).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import load_gradient
 from .tiles import tile_channels
 
 
@@ -23,8 +26,8 @@ def grad_weight_pairs_kernel(
     grad_output_ptr, x_ptr, position_offsets_ptr, position_channels_ptr, pairs_ptr,
     batch, reduce_size, height, width, out_width,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-    xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w,
-    KH: tl.constexpr, KW: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w,
+    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Sparse grad weight, stage 1 (groups == 1): per output position q, M = the channels kept
@@ -55,8 +58,9 @@ def grad_weight_pairs_kernel(
     for n0 in range(0, batch, BLOCK_N):
         image = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         image_ok = image < batch
-        grad = tl.load(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c + oh * gs_h + ow * gs_w,
-                       mask=slot_ok[:, None] & image_ok[None, :], other=0.0)
+        grad = load_gradient(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c + oh * gs_h + ow * gs_w,
+                             gate_ptr + image[None, :] * rs_n + channel[:, None] * rs_c + oh * rs_h + ow * rs_w,
+                             slot_ok[:, None] & image_ok[None, :], GATED)
         patch = tl.load(x_ptr + image[:, None] * xs_n + x_cols[None, :], mask=image_ok[:, None] & k_inside[None, :],
                         other=0.0)
         if INTERPRETER:
@@ -102,9 +106,9 @@ def grad_weight_partial_kernel(
     batch, rows_per_image, num_patterns, num_segments, out_channels, reduce_size, chunk_rows,
     cin_per_group, cout_per_group, height, width, out_width,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-    xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, mask_channel_stride,
+    xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, mask_channel_stride,
     KH: tl.constexpr, KW: tl.constexpr, PATTERN_BLOCK: tl.constexpr, ALL_POSITIONS: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # partial[chunk, c, k] = sum over the chunk's kept rows (image, position) of
@@ -144,8 +148,10 @@ def grad_weight_partial_kernel(
                            other=0)
             grad_ok = grad_ok & (kept != 0)
         if tl.max(tl.max(grad_ok.to(tl.int32), axis=1), axis=0) > 0:
-            grad = tl.load(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c + oh[None, :] * gs_h
-                           + ow[None, :] * gs_w, mask=grad_ok, other=0.0)
+            grad = load_gradient(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c
+                                 + oh[None, :] * gs_h + ow[None, :] * gs_w,
+                                 gate_ptr + image[None, :] * rs_n + channel[:, None] * rs_c + oh[None, :] * rs_h
+                                 + ow[None, :] * rs_w, grad_ok, GATED)
             ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dilation_h
             iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dilation_w
             x_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)

@@ -68,16 +68,26 @@ void check(at::ScalarType dtype, double tolerance) {
                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
-                          at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 3>)>();
+                          at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 3>,
+                          const std::optional<at::Tensor>&)>();
   const auto grad_y = at::randn(y.sizes(), opts);
   const auto [grad_input, grad_weight, grad_bias] =
       backward.call(grad_y, input, weight, mask, index[0], index[1], index[2], index[3], stride, padding, dilation, 1,
-                    {true, true, true});
+                    {true, true, true}, std::nullopt);
   const auto ref = at::convolution_backward(grad_y * mask, input, weight, at::IntArrayRef{6}, stride, padding,
                                             dilation, false, {0, 0}, 1, {true, true, true});
   expect(at::allclose(grad_input, std::get<0>(ref), tolerance, tolerance), "grad_input", dtype);
   expect(at::allclose(grad_weight, std::get<1>(ref), tolerance, tolerance), "grad_weight", dtype);
   expect(at::allclose(grad_bias, std::get<2>(ref), tolerance, tolerance), "grad_bias", dtype);
+  // A fused ReLU's backward: grad_output gated by the forward's output (> 0).
+  const auto [gated_input, gated_weight, gated_bias] =
+      backward.call(grad_y, input, weight, mask, index[0], index[1], index[2], index[3], stride, padding, dilation, 1,
+                    {true, true, true}, y_relu);
+  const auto gated_ref = at::convolution_backward(grad_y * mask * y_relu.gt(0), input, weight, at::IntArrayRef{6},
+                                                  stride, padding, dilation, false, {0, 0}, 1, {true, true, true});
+  expect(at::allclose(gated_input, std::get<0>(gated_ref), tolerance, tolerance), "relu-gated grad_input", dtype);
+  expect(at::allclose(gated_weight, std::get<1>(gated_ref), tolerance, tolerance), "relu-gated grad_weight", dtype);
+  expect(at::allclose(gated_bias, std::get<2>(gated_ref), tolerance, tolerance), "relu-gated grad_bias", dtype);
 }
 
 }  // namespace
