@@ -143,11 +143,16 @@ def batch_vector_kernels(dtype: torch.dtype, groups: int, batch: int, kernel_hei
     return answer
 
 
-# A constant of the process for given arguments: torch.compile calls it while tracing and
-# keeps the answer (an op returning a bool cannot be put in a graph).
-@torch._dynamo.assume_constant_result
 def _ask_batch_vector(dtype, groups, batch, kernel_height) -> bool:
     return bool(torch.ops.rmask.cpu_uses_batch_vector(dtype, groups, batch, kernel_height))
+
+
+# A constant of the process for given arguments: torch.compile calls it while tracing and keeps
+# the answer (an op returning a bool cannot be put in a graph). This is what
+# torch.compiler.assume_constant_result does; calling that would import torch._dynamo, and with
+# it triton, when rmask_kernels is imported (tests: test_triton.py's import test, and the
+# fullgraph compile of an "auto" layer in test_autocast.py, which fails if this mark stops working).
+_ask_batch_vector._dynamo_marked_constant = True
 
 
 # When "auto" takes the CPU kernels instead of dense conv × mask. The kernels cost what their
