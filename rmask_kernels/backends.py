@@ -179,6 +179,17 @@ SPATIAL_MAX_KEEP_WITH_GRAD = {"avx512": 0.95, "avx2": 0.9}
 PORTABLE_MAX_KEEP = 0.2
 PORTABLE_MAX_PATTERNS = 4
 
+# Under CPU autocast the float32 kernels race the dense conv in bfloat16, which oneDNN runs
+# natively where the CPU has bfloat16 dot products (AVX512-BF16, AMX): about twice its float32
+# speed, so the kernels pay off only to lower keeps. The limits are the highest keep at which
+# they do not lose on any of the three target shapes (interpolated between keep 0.1 and 0.5,
+# benchmarks/investigations/autocast_cpu.py [--backward], AVX-512 with BF16, 2 threads, batch
+# 32; docs/design.md). Without native bfloat16, and for float16, the dense low-precision conv
+# is no faster than float32's: the float32 limits hold.
+AUTOCAST_BF16_MAX_KEEP = {"rows": 0.3, "spatial": 0.45}
+AUTOCAST_BF16_MAX_KEEP_WITH_GRAD = {"rows": 0.45, "spatial": 0.45}
+NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
 
 # GPU backends (triton, cuda) under "auto": the masked kernel whenever anything is masked,
 # dense conv × mask (the reference, cuDNN) when nothing is (keep 1.0), where a masked kernel
@@ -197,17 +208,25 @@ def sparse_pays_off(
     groups: int,
     kernel_height: int,
     with_grad: bool = False,
+    dense_dtype: torch.dtype | None = None,
 ) -> bool:
     """Whether the CPU kernels beat dense conv × mask here (the measured rule above);
-    ``with_grad``: the call will be differentiated, so forward + backward is what counts."""
+    ``with_grad``: the call will be differentiated, so forward + backward is what counts;
+    ``dense_dtype``: the dense conv would run in this dtype (autocast's), not in ``dtype``."""
     patterns = index.offsets.numel() - 1
     keep = index.positions.numel() / max(1, patterns * positions_per_pattern)
     if batch_vector_kernels(dtype, groups, batch, kernel_height):
         if keep >= 1.0:
             return False
+        if dense_dtype == torch.bfloat16 and NATIVE_BF16:
+            autocast_limits = AUTOCAST_BF16_MAX_KEEP_WITH_GRAD if with_grad else AUTOCAST_BF16_MAX_KEEP
+            spatial_limit, rows_limit = autocast_limits["spatial"], autocast_limits["rows"]
+        else:
+            spatial_limit = (SPATIAL_MAX_KEEP_WITH_GRAD if with_grad else SPATIAL_MAX_KEEP)[CPU_KERNELS]
+            rows_limit = (BATCH_VECTOR_MAX_KEEP_WITH_GRAD if with_grad else BATCH_VECTOR_MAX_KEEP)[CPU_KERNELS]
         if patterns == 1:  # every channel kept at the same positions: the per-image kernels
-            return keep <= (SPATIAL_MAX_KEEP_WITH_GRAD if with_grad else SPATIAL_MAX_KEEP)[CPU_KERNELS]
+            return keep <= spatial_limit
         lanes = -(-max(batch, 1) // 16) * 16
-        limit = (BATCH_VECTOR_MAX_KEEP_WITH_GRAD if with_grad else BATCH_VECTOR_MAX_KEEP)[CPU_KERNELS]
+        limit = rows_limit
         return lanes * (BATCH_VECTOR_FIXED + keep) <= max(batch, 1) * (BATCH_VECTOR_FIXED + limit)
     return patterns <= PORTABLE_MAX_PATTERNS and keep <= PORTABLE_MAX_KEEP

@@ -122,8 +122,8 @@ def float32_kernels_under_autocast(backend, input, weight, bias, mask, kept_inde
     """Inside CPU autocast: whether to run the float32 batch-vector kernels and return the autocast
     dtype, rather than the CPU op in that dtype (the portable kernels, many times slower:
     benchmarks/investigations/autocast_cpu.py) or, for "auto", dense conv × mask in that dtype.
-    Backend "cpu": wherever the float32 kernels serve; "auto": where they also pay off by the
-    float32 rule. Anything malformed answers False: the checks below then say what is wrong."""
+    Backend "cpu": wherever the float32 kernels serve; "auto": where they also beat the dense conv
+    in the autocast dtype (backends.sparse_pays_off's dense_dtype). Anything malformed answers False: the checks below then say what is wrong."""
     if backend not in ("auto", "cpu") or "cpu" not in AVAILABLE or input.device.type != "cpu":
         return False
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16) or input.dim() not in (3, 4):
@@ -144,7 +144,8 @@ def float32_kernels_under_autocast(backend, input, weight, bias, mask, kept_inde
         isinstance(t, torch.Tensor) and t.requires_grad for t in (input, weight, bias, residual)
     )
     positions = mask.shape[1] * mask.shape[2]
-    return sparse_pays_off(index, positions, batch, torch.float32, groups, weight.shape[2], with_grad)
+    return sparse_pays_off(index, positions, batch, torch.float32, groups, weight.shape[2], with_grad,
+                           dense_dtype=autocast_dtype(input.device.type))
 
 
 def masked_conv2d(

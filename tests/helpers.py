@@ -40,3 +40,13 @@ def randomize_batchnorms(model):
                 module.running_mean.normal_(0.0, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
     return model
+
+
+def kept_fraction_mask(channels, keep):
+    """A (channels, 16, 16) mask keeping exactly round(keep * 256) positions per channel,
+    at a different place in each channel (channels > 1: one pattern per channel)."""
+    kept = round(keep * 256)
+    mask = torch.zeros(channels, 256, dtype=torch.bool)
+    for c in range(channels):
+        mask[c, (torch.arange(kept) * 7 + c) % 256] = True
+    return mask.view(channels, 16, 16)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import rmask_kernels as rk
 
 from cases import LOW_PRECISION_GRAD
+from helpers import kept_fraction_mask
 
 # CPU autocast here (no GPU): the layers' rule is the same for every device type.
 DTYPES = [torch.bfloat16, torch.float16]
@@ -163,3 +164,25 @@ def test_torch_compile_traces_auto_and_autocast_in_one_graph(backend, autocast):
     (grad,) = torch.autograd.grad(y.float().sum(), [x])
     (want_grad,) = torch.autograd.grad(want.float().sum(), [x])
     torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.skipif(not rk.backends.batch_vector_kernels(torch.float32, 1, 32, 3), reason="no float32 batch-vector kernels")
+def test_auto_under_autocast_races_the_dense_conv_in_its_dtype():
+    # Where the CPU runs bfloat16 convs natively, the dense conv under autocast is about twice as
+    # fast as in float32: "auto" takes the float32 kernels only to the lower autocast limits.
+    from rmask_kernels.functional import float32_kernels_under_autocast as takes_kernels
+
+    x, weight = torch.randn(32, 6, 16, 16), torch.randn(6, 6, 3, 3)
+    rows_limit = rk.backends.AUTOCAST_BF16_MAX_KEEP["rows"] if rk.backends.NATIVE_BF16 else \
+        rk.backends.BATCH_VECTOR_MAX_KEEP[rk.backends.cpu_kernels()]
+    float32_limit = rk.backends.BATCH_VECTOR_MAX_KEEP[rk.backends.cpu_kernels()]
+    between = kept_fraction_mask(6, (rows_limit + float32_limit) / 2)
+    below = kept_fraction_mask(6, rows_limit / 2)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert takes_kernels("auto", x, weight, None, below, None, 1, None)
+            assert takes_kernels("auto", x, weight, None, between, None, 1, None) == (not rk.backends.NATIVE_BF16)
+            assert takes_kernels("cpu", x, weight, None, between, None, 1, None)  # forced: wherever they serve
+        with torch.autocast("cpu", dtype=torch.float16):  # no native float16 conv assumed: float32's limits
+            assert takes_kernels("auto", x, weight, None, between, None, 1, None)
+

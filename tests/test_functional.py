@@ -10,7 +10,7 @@ from rmask_kernels import reference
 from rmask_kernels.functional import select_backend
 
 from cases import make_case
-from helpers import python_subprocess
+from helpers import kept_fraction_mask, python_subprocess
 
 
 def _ok():
@@ -154,16 +154,6 @@ def test_auto_takes_the_kernel_where_it_pays_off():
         assert select_backend("auto", x, rk.random_mask((6, 16, 16), 0.1, "neuron")) == "reference"
         assert select_backend("auto", x[:1], sparse, out_channels=6) == "cpu"
         assert select_backend("auto", x, rk.random_mask((6, 16, 16), 0.02, "spatial"), out_channels=6) == "reference"
-
-
-def kept_fraction_mask(channels, keep):
-    """A (channels, 16, 16) mask keeping exactly round(keep * 256) positions per channel,
-    at a different place in each channel (channels > 1: one pattern per channel)."""
-    kept = round(keep * 256)
-    mask = torch.zeros(channels, 256, dtype=torch.bool)
-    for c in range(channels):
-        mask[c, (torch.arange(kept) * 7 + c) % 256] = True
-    return mask.view(channels, 16, 16)
 
 
 @pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
