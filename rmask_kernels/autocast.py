@@ -8,7 +8,8 @@ the input, weight, bias and residual, then run the op with autocast off, so the 
 in the autocast dtype (the statistics of masked_conv2d_stats stay float64). The backward op
 has no autocast kernel: it runs in the dtypes the forward saved, as autograd gives them.
 ``rk.masked_conv2d`` applies the same cast itself before it checks its arguments and picks a
-backend (``cast_for_autocast``), so the reference path and the kernels agree.
+backend (``cast``; the layers cast a residual with ``cast_for_autocast``), so the reference path
+and the kernels agree.
 """
 
 from __future__ import annotations

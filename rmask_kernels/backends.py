@@ -227,6 +227,5 @@ def sparse_pays_off(
         if patterns == 1:  # every channel kept at the same positions: the per-image kernels
             return keep <= spatial_limit
         lanes = -(-max(batch, 1) // 16) * 16
-        limit = rows_limit
-        return lanes * (BATCH_VECTOR_FIXED + keep) <= max(batch, 1) * (BATCH_VECTOR_FIXED + limit)
+        return lanes * (BATCH_VECTOR_FIXED + keep) <= max(batch, 1) * (BATCH_VECTOR_FIXED + rows_limit)
     return patterns <= PORTABLE_MAX_PATTERNS and keep <= PORTABLE_MAX_KEEP

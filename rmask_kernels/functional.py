@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .autocast import autocast_dtype, autocast_excluded, cast, cast_for_autocast
+from .autocast import autocast_dtype, autocast_excluded, cast
 from .backends import (AVAILABLE, batch_vector_kernels, check_backend, gpu_sparse_pays_off, resolve_backend,
                        sparse_pays_off)
 from .geometry import conv_output_size, pair, resolve_padding  # also importable from here
@@ -48,21 +48,22 @@ def checked_kept_index(index, mask: torch.Tensor, out_channels: int):
     if torch.compiler.is_compiling():
         return index  # checked when the model ran eagerly; a check would break the graph
     try:
-        positions = index[1]
-        key = (id(positions), id(mask))
-        state = (out_channels, mask._version, *(tensor._version for tensor in index))
+        key, state = _pair_state(index, mask, out_channels)
         hit = _checked_index_cache.get(key)
-        if hit is not None and hit[0]() is positions and hit[1]() is mask and hit[2] == state:
+        if hit is not None and hit[0]() is index[1] and hit[1]() is mask and hit[2] == state:
             return index
     except (TypeError, IndexError, AttributeError):
         pass  # not four tensors: check_kept_index says what is wrong
     index = check_kept_index(index, mask, out_channels)
-    positions = index.positions
-    key = (id(positions), id(mask))
-    state = (out_channels, mask._version, *(tensor._version for tensor in index))
+    key, state = _pair_state(index, mask, out_channels)
     forget = lambda _, key=key: _checked_index_cache.pop(key, None)  # noqa: E731
-    _checked_index_cache[key] = (weakref.ref(positions, forget), weakref.ref(mask, forget), state)
+    _checked_index_cache[key] = (weakref.ref(index.positions, forget), weakref.ref(mask, forget), state)
     return index
+
+
+def _pair_state(index, mask: torch.Tensor, out_channels: int):
+    """The cache key of an (index, mask) pair (by identity) and the state its check holds for."""
+    return (id(index[1]), id(mask)), (out_channels, mask._version, *(tensor._version for tensor in index))
 
 
 def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple[int, int], where: str = "mask"):
@@ -118,12 +119,15 @@ def select_backend(
     return chosen
 
 
-def float32_kernels_under_autocast(backend, input, weight, bias, mask, kept_index, groups, residual) -> bool:
-    """Inside CPU autocast: whether to run the float32 batch-vector kernels and return the autocast
-    dtype, rather than the CPU op in that dtype (the portable kernels, many times slower:
-    benchmarks/investigations/autocast_cpu.py) or, for "auto", dense conv × mask in that dtype.
-    Backend "cpu": wherever the float32 kernels serve; "auto": where they also beat the dense conv
-    in the autocast dtype (backends.sparse_pays_off's dense_dtype). Anything malformed answers False: the checks below then say what is wrong."""
+def float32_kernels_under_autocast(
+    autocast_to, backend, input, weight, bias, mask, kept_index, groups, residual
+) -> bool:
+    """Inside CPU autocast to ``autocast_to``: whether to run the float32 batch-vector kernels and
+    return that dtype, rather than the CPU op in it (the portable kernels, many times slower:
+    benchmarks/investigations/autocast_cpu.py) or, for "auto", dense conv × mask in it.
+    Backend "cpu": wherever the float32 kernels serve; "auto": where they also beat the dense
+    conv in the autocast dtype (backends.sparse_pays_off's dense_dtype). Anything malformed
+    answers False: the checks below then say what is wrong."""
     if backend not in ("auto", "cpu") or "cpu" not in AVAILABLE or input.device.type != "cpu":
         return False
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16) or input.dim() not in (3, 4):
@@ -145,7 +149,7 @@ def float32_kernels_under_autocast(backend, input, weight, bias, mask, kept_inde
     )
     positions = mask.shape[1] * mask.shape[2]
     return sparse_pays_off(index, positions, batch, torch.float32, groups, weight.shape[2], with_grad,
-                           dense_dtype=autocast_dtype(input.device.type))
+                           dense_dtype=autocast_to)
 
 
 def masked_conv2d(
@@ -201,7 +205,7 @@ def masked_conv2d(
     device_type = input.device.type
     autocast_to = autocast_dtype(device_type)
     if autocast_to is not None and float32_kernels_under_autocast(
-        backend, input, weight, bias, mask, kept_index, groups, residual
+        autocast_to, backend, input, weight, bias, mask, kept_index, groups, residual
     ):
         with torch.autocast(device_type, enabled=False):
             result = masked_conv2d(
@@ -210,7 +214,8 @@ def masked_conv2d(
                 residual=cast(residual, torch.float32),
             )
         return (result[0].to(autocast_to), *result[1:]) if channel_stats else result.to(autocast_to)
-    input, weight, bias, residual = cast_for_autocast(device_type, input, weight, bias, residual)
+    if autocast_to is not None:
+        input, weight, bias, residual = (cast(t, autocast_to) for t in (input, weight, bias, residual))
     dtype, device, weight_shape = input.dtype, input.device, weight.shape
     out_channels = weight_shape[0]
     if not dtype.is_floating_point:

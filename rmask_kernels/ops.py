@@ -62,7 +62,8 @@ FAMILIES = ("", "triton_")
 
 def register_op_family(namespace: str, prefix: str) -> None:
     """Fake kernels, autograd and autocast rules (rmask_kernels/autocast.py) for the three ops
-    ``namespace::{prefix}masked_conv2d*`` (the rmask schemas): the rmask families below, and the CUDA kernels' host emulation in the tests."""
+    ``namespace::{prefix}masked_conv2d*`` (the rmask schemas): the rmask families below, and the
+    CUDA kernels' host emulation in the tests."""
     family = getattr(torch.ops, namespace)
     conv_op = getattr(family, f"{prefix}masked_conv2d")
     stats_op = getattr(family, f"{prefix}masked_conv2d_stats")

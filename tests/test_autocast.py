@@ -179,10 +179,12 @@ def test_auto_under_autocast_races_the_dense_conv_in_its_dtype():
     between = kept_fraction_mask(6, (rows_limit + float32_limit) / 2)
     below = kept_fraction_mask(6, rows_limit / 2)
     with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert takes_kernels("auto", x, weight, None, below, None, 1, None)
-            assert takes_kernels("auto", x, weight, None, between, None, 1, None) == (not rk.backends.NATIVE_BF16)
-            assert takes_kernels("cpu", x, weight, None, between, None, 1, None)  # forced: wherever they serve
-        with torch.autocast("cpu", dtype=torch.float16):  # no native float16 conv assumed: float32's limits
-            assert takes_kernels("auto", x, weight, None, between, None, 1, None)
+        dtype = torch.bfloat16
+        with torch.autocast("cpu", dtype=dtype):
+            assert takes_kernels(dtype, "auto", x, weight, None, below, None, 1, None)
+            assert takes_kernels(dtype, "auto", x, weight, None, between, None, 1, None) == (not rk.backends.NATIVE_BF16)
+            assert takes_kernels(dtype, "cpu", x, weight, None, between, None, 1, None)  # forced: wherever they serve
+        dtype = torch.float16
+        with torch.autocast("cpu", dtype=dtype):  # no native float16 conv assumed: float32's limits
+            assert takes_kernels(dtype, "auto", x, weight, None, between, None, 1, None)
 
