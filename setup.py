@@ -1,11 +1,13 @@
 """Builds rmask_kernels._C: the rmask op schemas, the CPU kernels and, with a CUDA build of
-torch (or FORCE_CUDA=1), the CUDA kernels. Uses only ATen/torch::library headers and the
-limited Python API, so one abi3 wheel serves every Python >= 3.9 for a given torch.
+torch (or FORCE_CUDA=1), the CUDA kernels.
 
-The compiled extension is tied to the torch it was built against (C++ ABI, CUDA runtime), so
-the version carries a local tag naming both, as flash-attention and xformers do
-(``0.1.0+cu130torch2.14``, ``0.1.0+cputorch2.13``), and the wheel requires that torch minor
-release (``torch==2.14.*``). Those rules are the small functions below (tests/test_wheel_version.py).
+The extension reaches torch only through LibTorch's stable ABI (csrc/torch_stable.h), built with
+TORCH_TARGET_VERSION set to TORCH_TARGET (every other torch header is then an error), and through
+the limited Python API. So one cp39-abi3 wheel serves every Python >= 3.9 and every torch from
+TORCH_TARGET on: the version's local tag names only the device, `+cpu` or the CUDA major
+(`+cu13`), and the wheel requires `torch>=TORCH_TARGET`. A CUDA wheel still needs a torch built
+for the same CUDA major (the CUDA runtime is torch's). Those rules are the small functions below
+(tests/test_wheel_version.py).
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": A100, H100, and PTX for newer GPUs),
 FORCE_CUDA=1, DEBUG=1, RMASK_BUILD_BASE (the build folder, default "build": the Makefile gives
@@ -15,7 +17,6 @@ each torch its own, so a CPU and a CUDA build never share object files).
 import glob
 import os
 import re
-import sys
 
 from setuptools import find_packages, setup
 
@@ -30,33 +31,41 @@ def base_version():
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
+# The oldest torch whose stable ABI has what the extension uses (torch::stable::from_blob with
+# a deleter, for the CPU output cache, came in 2.11). rmask_kernels/__init__.py refuses an older
+# torch with a clear error; keep the two equal (tests/test_wheel_version.py).
+TORCH_TARGET = (2, 11)
+
+
+def torch_target_version_macro(target=TORCH_TARGET):
+    """The TORCH_TARGET_VERSION value for (major, minor): major in bits 56-63, minor in 48-55."""
+    major, minor = target
+    return f"0x{(major << 56) | (minor << 48):016x}"
+
+
 def torch_minor(torch_version):
     """'2.14.1+cu130' -> (2, 14)."""
     major, minor = re.match(r"(\d+)\.(\d+)", torch_version).groups()
     return int(major), int(minor)
 
 
-def local_version_tag(torch_version, cuda_version):
-    """The local version label naming the build: 'cu130torch2.14' for CUDA 13.0, 'cputorch2.13'
-    without CUDA (cuda_version None)."""
-    major, minor = torch_minor(torch_version)
+def local_version_tag(cuda_version):
+    """The local version label naming the build's device: 'cu13' for CUDA 13.x, 'cpu' without
+    CUDA (cuda_version None). Not the torch: the stable ABI serves every torch >= TORCH_TARGET."""
     if cuda_version:
-        cuda = "cu" + "".join(cuda_version.split(".")[:2])
-    else:
-        cuda = "cpu"
-    return f"{cuda}torch{major}.{minor}"
+        return "cu" + cuda_version.split(".")[0]
+    return "cpu"
 
 
-def package_version(torch_version, cuda_version, base=None):
-    """'0.1.0+cu130torch2.14'."""
-    return f"{base or base_version()}+{local_version_tag(torch_version, cuda_version)}"
+def package_version(cuda_version, base=None):
+    """'0.1.0+cu13', '0.1.0+cpu'."""
+    return f"{base or base_version()}+{local_version_tag(cuda_version)}"
 
 
-def torch_requirement(torch_version):
-    """The torch the wheel runs with: the minor release it was built against ('torch==2.14.*';
-    PEP 440 ignores torch's own local label, '+cu130', in that match)."""
-    major, minor = torch_minor(torch_version)
-    return f"torch=={major}.{minor}.*"
+def torch_requirement(target=TORCH_TARGET):
+    """'torch>=2.11': every torch release from the stable-ABI target on (PEP 440 ignores torch's
+    local label, '+cu130', in that match)."""
+    return f"torch>={target[0]}.{target[1]}"
 
 
 def cuda_requested(torch_module):
@@ -90,18 +99,15 @@ def extensions(torch_module, use_cuda):
     debug = os.environ.get("DEBUG", "0") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # No -std here: torch.utils.cpp_extension adds the standard this torch's headers need
-    # (C++20 since torch 2.14, whose ATen refuses C++17).
-    cxx_flags = ["-O0" if debug else "-O3", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
-    # at::parallel_for is a header template over `#pragma omp parallel` (torch's OpenMP
-    # build): compiled without OpenMP it silently runs every kernel on one thread. The
-    # libgomp it links is the one torch already loaded (same soname).
-    link_flags = []
-    if sys.platform.startswith("linux") and torch_module.backends.openmp.is_available():
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
-    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags, py_limited_api=True)
+    # (C++20 since torch 2.14). Hidden visibility: the library exports PyInit__C only (its ops
+    # register themselves when it loads), so nothing of it can clash with another library.
+    # Threads come from torch's own pool (torch::stable::parallel_for): no OpenMP flags here.
+    target = f"-DTORCH_TARGET_VERSION={torch_target_version_macro()}"
+    cxx_flags = ["-O0" if debug else "-O3", f"-DPy_LIMITED_API={PY_LIMITED_API}", target, "-fvisibility=hidden"]
+    kwargs = dict(extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
     if use_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O0" if debug else "-O3", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O0" if debug else "-O3", "-lineinfo", target,
+                                                "-Xcompiler", "-fvisibility=hidden"]
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return [CUDAExtension(name="rmask_kernels._C", sources=sources + cuda_sources, **kwargs)], cxx_flags
     return [CppExtension(name="rmask_kernels._C", sources=sources, **kwargs)], cxx_flags
@@ -120,8 +126,8 @@ def main():
 
         pip_headers = add_pip_cuda_headers(cuda_home)
     cuda_version = torch.version.cuda if use_cuda else None
-    version = package_version(torch.__version__, cuda_version)
-    requirement = torch_requirement(torch.__version__)
+    version = package_version(cuda_version)
+    requirement = torch_requirement()
     ext_modules, cxx_flags = extensions(torch, use_cuda)
     build_base = os.environ.get("RMASK_BUILD_BASE", "build")
     print(
@@ -130,7 +136,7 @@ def main():
         f" (torch.version.cuda={torch.version.cuda}, FORCE_CUDA={os.environ.get('FORCE_CUDA', '0')},"
         f" CUDA_HOME={cuda_home}, pip CUDA headers={pip_headers}),"
         f" TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '-') if use_cuda else '-'},"
-        f" debug={os.environ.get('DEBUG', '0') == '1'}, openmp={'-fopenmp' in cxx_flags},"
+        f" debug={os.environ.get('DEBUG', '0') == '1'}, TORCH_TARGET_VERSION={torch_target_version_macro()},"
         f" sources={len(ext_modules[0].sources)}, build_base={build_base}"
     )
     setup(

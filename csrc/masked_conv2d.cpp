@@ -14,24 +14,24 @@
 
 #include <string>
 
-#include <torch/library.h>
+#include "torch_stable.h"
 
 #include "masked_conv2d_schemas.h"
 
 namespace {
 
 // Each schema is defined twice, from one string: `name` (served by csrc/cpu and csrc/cuda,
-// TORCH_LIBRARY_IMPL) and `triton_name` (served by rmask_kernels/triton, registered from
+// STABLE_TORCH_LIBRARY_IMPL) and `triton_name` (served by rmask_kernels/triton, registered from
 // Python). One dispatch key holds one kernel, so the Triton backend is a second op family
 // with the identical signature rather than a second CUDA kernel of the same op.
-void define_in_both_families(torch::Library& m, const std::string& schema) {
+void define_in_both_families(torch::stable::detail::StableLibrary& m, const std::string& schema) {
   m.def(schema.c_str());
   m.def(("triton_" + schema).c_str());
 }
 
 }  // namespace
 
-TORCH_LIBRARY(rmask, m) {
+STABLE_TORCH_LIBRARY(rmask, m) {
   define_in_both_families(m, rmask::kMaskedConv2dSchema);
   define_in_both_families(m, rmask::kMaskedConv2dStatsSchema);
   define_in_both_families(m, rmask::kMaskedConv2dBackwardSchema);

@@ -1,7 +1,7 @@
 // Argument checks and geometry shared by every backend of the rmask ops.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "torch_stable.h"
 
 #include <optional>
 #include <vector>
@@ -24,34 +24,34 @@ struct ConvGeometry {
 };
 
 inline ConvGeometry check_masked_conv2d_args(
-    const at::Tensor& input,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& mask,
-    const at::Tensor& kept_offsets,
-    const at::Tensor& kept_positions,
-    const at::Tensor& position_offsets,
-    const at::Tensor& position_channels,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
+    const Tensor& input,
+    const Tensor& weight,
+    const std::optional<Tensor>& bias,
+    const Tensor& mask,
+    const Tensor& kept_offsets,
+    const Tensor& kept_positions,
+    const Tensor& position_offsets,
+    const Tensor& position_channels,
+    IntArrayRef stride,
+    IntArrayRef padding,
+    IntArrayRef dilation,
     int64_t groups) {
-  TORCH_CHECK(input.dim() == 4, "masked_conv2d: input must be 4-D (N, C, H, W), got shape ",
-              input.sizes());
-  TORCH_CHECK(weight.dim() == 4, "masked_conv2d: weight must be 4-D (Cout, Cin/groups, kh, kw), got shape ",
-              weight.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+  RMASK_CHECK(input.dim() == 4, "masked_conv2d: input must be 4-D (N, C, H, W), got shape ",
+              describe(input.sizes()));
+  RMASK_CHECK(weight.dim() == 4, "masked_conv2d: weight must be 4-D (Cout, Cin/groups, kh, kw), got shape ",
+              describe(weight.sizes()));
+  RMASK_CHECK(is_floating(input.scalar_type()),
               "masked_conv2d: input must be a floating point tensor, got ", input.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "masked_conv2d: weight dtype must match input dtype ",
+  RMASK_CHECK(weight.scalar_type() == input.scalar_type(), "masked_conv2d: weight dtype must match input dtype ",
               input.scalar_type(), ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), "masked_conv2d: weight must be on the input's device ",
-              input.device(), ", got ", weight.device());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+  RMASK_CHECK(weight.device() == input.device(), "masked_conv2d: weight must be on the input's device ",
+              describe(input.device()), ", got ", describe(weight.device()));
+  RMASK_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "masked_conv2d: stride, padding and dilation must have 2 elements each");
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "masked_conv2d: stride must be positive, got ", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "masked_conv2d: dilation must be positive, got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "masked_conv2d: padding must be non-negative, got ", padding);
-  TORCH_CHECK(groups > 0, "masked_conv2d: groups must be positive, got ", groups);
+  RMASK_CHECK(stride[0] > 0 && stride[1] > 0, "masked_conv2d: stride must be positive, got ", describe(stride));
+  RMASK_CHECK(dilation[0] > 0 && dilation[1] > 0, "masked_conv2d: dilation must be positive, got ", describe(dilation));
+  RMASK_CHECK(padding[0] >= 0 && padding[1] >= 0, "masked_conv2d: padding must be non-negative, got ", describe(padding));
+  RMASK_CHECK(groups > 0, "masked_conv2d: groups must be positive, got ", groups);
 
   ConvGeometry g;
   g.batch = input.size(0);
@@ -68,101 +68,98 @@ inline ConvGeometry check_masked_conv2d_args(
   g.dilation_h = dilation[0];
   g.dilation_w = dilation[1];
   g.groups = groups;
-  TORCH_CHECK(g.in_channels == weight.size(1) * groups, "masked_conv2d: input channels must be weight.size(1) * groups = ",
+  RMASK_CHECK(g.in_channels == weight.size(1) * groups, "masked_conv2d: input channels must be weight.size(1) * groups = ",
               weight.size(1) * groups, ", got ", g.in_channels);
-  TORCH_CHECK(g.out_channels % groups == 0, "masked_conv2d: out channels ", g.out_channels,
+  RMASK_CHECK(g.out_channels % groups == 0, "masked_conv2d: out channels ", g.out_channels,
               " must be divisible by groups ", groups);
   g.out_height = (g.height + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
   g.out_width = (g.width + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
-  TORCH_CHECK(g.out_height > 0 && g.out_width > 0, "masked_conv2d: output size would be ", g.out_height, "x",
+  RMASK_CHECK(g.out_height > 0 && g.out_width > 0, "masked_conv2d: output size would be ", g.out_height, "x",
               g.out_width, " for input ", g.height, "x", g.width, ": input too small for the kernel");
 
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, "masked_conv2d: bias must have shape (",
-                g.out_channels, "), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "masked_conv2d: bias dtype must match input dtype ",
+    RMASK_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, "masked_conv2d: bias must have shape (",
+                g.out_channels, "), got ", describe(bias->sizes()));
+    RMASK_CHECK(bias->scalar_type() == input.scalar_type(), "masked_conv2d: bias dtype must match input dtype ",
                 input.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == input.device(), "masked_conv2d: bias must be on the input's device");
+    RMASK_CHECK(bias->device() == input.device(), "masked_conv2d: bias must be on the input's device");
   }
 
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "masked_conv2d: mask must be bool, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 3 && (mask.size(0) == 1 || mask.size(0) == g.out_channels) &&
+  RMASK_CHECK(mask.scalar_type() == ScalarType::Bool, "masked_conv2d: mask must be bool, got ", mask.scalar_type());
+  RMASK_CHECK(mask.dim() == 3 && (mask.size(0) == 1 || mask.size(0) == g.out_channels) &&
                   mask.size(1) == g.out_height && mask.size(2) == g.out_width,
               "masked_conv2d: mask must have shape (", g.out_channels, " or 1, ", g.out_height, ", ", g.out_width,
-              ") for this convolution's output, got ", mask.sizes());
-  TORCH_CHECK(mask.device() == input.device(), "masked_conv2d: mask must be on the input's device ",
-              input.device(), ", got ", mask.device());
+              ") for this convolution's output, got ", describe(mask.sizes()));
+  RMASK_CHECK(mask.device() == input.device(), "masked_conv2d: mask must be on the input's device ",
+              describe(input.device()), ", got ", describe(mask.device()));
 
-  TORCH_CHECK(kept_offsets.scalar_type() == at::kLong && kept_offsets.dim() == 1 && kept_offsets.numel() >= 2,
+  RMASK_CHECK(kept_offsets.scalar_type() == ScalarType::Long && kept_offsets.dim() == 1 && kept_offsets.numel() >= 2,
               "masked_conv2d: kept_offsets must be a 1-D int64 tensor of P + 1 >= 2 entries, got ",
-              kept_offsets.scalar_type(), " of shape ", kept_offsets.sizes());
-  TORCH_CHECK(kept_positions.scalar_type() == at::kLong && kept_positions.dim() == 1,
+              kept_offsets.scalar_type(), " of shape ", describe(kept_offsets.sizes()));
+  RMASK_CHECK(kept_positions.scalar_type() == ScalarType::Long && kept_positions.dim() == 1,
               "masked_conv2d: kept_positions must be a 1-D int64 tensor, got ", kept_positions.scalar_type(),
-              " of shape ", kept_positions.sizes());
+              " of shape ", describe(kept_positions.sizes()));
   g.patterns = kept_offsets.numel() - 1;
-  TORCH_CHECK(g.out_channels % g.patterns == 0 && (mask.size(0) == 1 ? g.patterns == 1 : true),
+  RMASK_CHECK(g.out_channels % g.patterns == 0 && (mask.size(0) == 1 ? g.patterns == 1 : true),
               "masked_conv2d: kept_offsets describes ", g.patterns, " mask patterns, which must divide the ",
               g.out_channels, " output channels (1 for a (1, H, W) mask)");
   g.channels_per_pattern = g.out_channels / g.patterns;
-  TORCH_CHECK(position_offsets.scalar_type() == at::kLong && position_offsets.dim() == 1 &&
+  RMASK_CHECK(position_offsets.scalar_type() == ScalarType::Long && position_offsets.dim() == 1 &&
                   position_offsets.numel() == g.out_positions() + 1,
               "masked_conv2d: position_offsets must be a 1-D int64 tensor of Hout * Wout + 1 = ", g.out_positions() + 1,
-              " entries, got ", position_offsets.scalar_type(), " of shape ", position_offsets.sizes());
-  TORCH_CHECK(position_channels.scalar_type() == at::kLong && position_channels.dim() == 1,
+              " entries, got ", position_offsets.scalar_type(), " of shape ", describe(position_offsets.sizes()));
+  RMASK_CHECK(position_channels.scalar_type() == ScalarType::Long && position_channels.dim() == 1,
               "masked_conv2d: position_channels must be a 1-D int64 tensor, got ", position_channels.scalar_type(),
-              " of shape ", position_channels.sizes());
+              " of shape ", describe(position_channels.sizes()));
   for (const auto* t : {&kept_offsets, &kept_positions, &position_offsets, &position_channels}) {
-    TORCH_CHECK(t->device() == input.device(), "masked_conv2d: the kept index must be on the input's device ",
-                input.device(), ", got ", t->device());
+    RMASK_CHECK(t->device() == input.device(), "masked_conv2d: the kept index must be on the input's device ",
+                describe(input.device()), ", got ", describe(t->device()));
   }
   return g;
 }
 
-// Hidden (C10_HIDDEN): where the compiler keeps an out-of-line copy, the library does not
-// export it.
-
 // The two forms of the kept index list the same number of kept (position, channel) pairs. Reads
 // only sizes: on CUDA the index values would cost a device sync (their values are checked once,
 // in Python: rk.check_kept_index). rmask_kernels/triton/geometry.py makes the same checks.
-C10_HIDDEN inline void check_kept_index_sizes(const ConvGeometry& g, const at::Tensor& positions,
-                                              const at::Tensor& position_channels) {
-  TORCH_CHECK(positions.numel() <= g.patterns * g.out_positions(), "masked_conv2d: kept_positions lists ",
+inline void check_kept_index_sizes(const ConvGeometry& g, const Tensor& positions,
+                                              const Tensor& position_channels) {
+  RMASK_CHECK(positions.numel() <= g.patterns * g.out_positions(), "masked_conv2d: kept_positions lists ",
               positions.numel(), " positions, more than the ", g.patterns, " patterns of Hout * Wout = ",
               g.out_positions(), " outputs hold");
-  TORCH_CHECK(position_channels.numel() == positions.numel() * g.channels_per_pattern,
+  RMASK_CHECK(position_channels.numel() == positions.numel() * g.channels_per_pattern,
               "masked_conv2d: position_channels must list the ", positions.numel() * g.channels_per_pattern,
               " kept (position, channel) pairs of kept_offsets/kept_positions, got ", position_channels.numel());
 }
 
 // The fused residual: the output's shape, dtype and device.
-C10_HIDDEN inline void check_residual(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& residual) {
+inline void check_residual(const ConvGeometry& g, const Tensor& input, const Tensor& residual) {
   const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_height, g.out_width};
-  TORCH_CHECK(residual.sizes() == at::IntArrayRef(shape), "masked_conv2d: residual must have the output's shape ",
-              at::IntArrayRef(shape), ", got ", residual.sizes());
-  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), "masked_conv2d: residual dtype must match input dtype ",
+  RMASK_CHECK(residual.sizes().equals(IntArrayRef(shape)), "masked_conv2d: residual must have the output's shape ",
+              describe(IntArrayRef(shape)), ", got ", describe(residual.sizes()));
+  RMASK_CHECK(residual.scalar_type() == input.scalar_type(), "masked_conv2d: residual dtype must match input dtype ",
               input.scalar_type(), ", got ", residual.scalar_type());
-  TORCH_CHECK(residual.device() == input.device(), "masked_conv2d: residual must be on the input's device ",
-              input.device(), ", got ", residual.device());
+  RMASK_CHECK(residual.device() == input.device(), "masked_conv2d: residual must be on the input's device ",
+              describe(input.device()), ", got ", describe(residual.device()));
 }
 
 // A backward operand shaped like the output (grad_output, relu_output): the output's shape,
 // the input's dtype and device.
-C10_HIDDEN inline void check_output_shaped(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& t,
+inline void check_output_shaped(const ConvGeometry& g, const Tensor& input, const Tensor& t,
                                            const char* name) {
-  TORCH_CHECK(t.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_height, g.out_width}),
+  RMASK_CHECK(t.sizes().equals(IntArrayRef({g.batch, g.out_channels, g.out_height, g.out_width})),
               "masked_conv2d_backward: ", name, " must have shape (", g.batch, ", ", g.out_channels, ", ",
-              g.out_height, ", ", g.out_width, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "masked_conv2d_backward: ", name, " dtype must be ",
+              g.out_height, ", ", g.out_width, "), got ", describe(t.sizes()));
+  RMASK_CHECK(t.scalar_type() == input.scalar_type(), "masked_conv2d_backward: ", name, " dtype must be ",
               input.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), "masked_conv2d_backward: ", name, " must be on the input's device ",
-              input.device(), ", got ", t.device());
+  RMASK_CHECK(t.device() == input.device(), "masked_conv2d_backward: ", name, " must be on the input's device ",
+              describe(input.device()), ", got ", describe(t.device()));
 }
 
 // The backward's ReLU gate: relu_output when given and defined, else an undefined tensor
 // (no gate), checked like grad_output.
-C10_HIDDEN inline at::Tensor checked_relu_gate(const ConvGeometry& g, const at::Tensor& input,
-                                               const std::optional<at::Tensor>& relu_output) {
-  if (!relu_output.has_value() || !relu_output->defined()) return at::Tensor();
+inline Tensor checked_relu_gate(const ConvGeometry& g, const Tensor& input,
+                                               const std::optional<Tensor>& relu_output) {
+  if (!relu_output.has_value() || !relu_output->defined()) return Tensor();
   check_output_shaped(g, input, *relu_output, "relu_output");
   return *relu_output;
 }
