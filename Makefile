@@ -19,7 +19,7 @@ TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
 SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-gpu clean cmake-check wheel wheel-cuda cuda-check cmake-check-cuda
+.PHONY: install test demo bench bench-gpu clean cmake-check wheel wheel-cuda cuda-check cmake-check-cuda abi-check
 
 install: $(VENV)/.stamp-build
 
@@ -62,9 +62,10 @@ bench-gpu: install
 	$(PY) benchmarks/gpu_times.py --json $(GPU_BENCH_JSON) $(BENCH_ARGS)
 
 # Build the C++ library against LibTorch with CMake, as C++ users do (no Python involved).
-# An abi3 wheel in dist/ for the torch of $(VENV): CPU-only with a CPU torch, CUDA kernels for
-# TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX) with a CUDA torch. Its version names that torch
-# (0.1.0+cputorch2.13, 0.1.0+cu130torch2.14) and it requires that torch minor release.
+# A cp310-abi3 wheel in dist/, built on LibTorch's stable ABI (rmask_kernels/torch_target.py):
+# CPU-only with a CPU torch (0.1.0+cpu), CUDA kernels for TORCH_CUDA_ARCH_LIST (default
+# 8.0;9.0+PTX) with a CUDA torch (0.1.0+cu13); either requires torch >= the target release, and
+# serves every torch from it on (make abi-check proves it for two releases).
 wheel: $(VENV)/.stamp-deps
 	$(PY) setup.py --version
 	$(PIP) wheel --no-build-isolation --no-deps -w dist .
@@ -136,6 +137,23 @@ cmake-check-cuda: $(CUDA_VENV)/.stamp-deps
 	$(CUDA_ENV) $(CUDA_VENV)/bin/cmake --build build/cmake-cuda
 	cd build/cmake-cuda && ../../$(CUDA_VENV)/bin/ctest --output-on-failure
 	$(CUDA_ENV) $(CUDA_PY) tests/cuda/check_cuda_build.py --library build/cmake-cuda/librmask_kernels.so
+
+# One CPU wheel, two torch releases: build it ONCE against .venv's torch (2.13), install that
+# same file into .venv-cuda (torch 2.14) and run the CPU op and layer tests there, from the
+# installed package (the venv's pytest, not `python -m`, so the source tree is not imported);
+# tests/test_stable_abi.py reads the installed extension's undefined symbols (no at::, c10::,
+# torch:: symbol). make cuda-check afterwards reinstalls the CUDA wheel there.
+ABI_WHEEL_DIR ?= build/abi-wheel
+abi-check: $(VENV)/.stamp-deps $(CUDA_VENV)/.stamp-deps
+	rm -rf $(ABI_WHEEL_DIR)
+	$(PIP) wheel --no-build-isolation --no-deps -w $(ABI_WHEEL_DIR) .
+	$(CUDA_PIP) install --no-deps --force-reinstall $(ABI_WHEEL_DIR)/rmask_kernels-*+cpu-cp310-abi3-*.whl
+	cd build && ../$(CUDA_PY) -c "import torch, rmask_kernels as rk; from rmask_kernels import _C; \
+	  print('abi-check: wheel built with', '$$($(PY) -c 'import torch; print(torch.__version__)')', \
+	  '-> runs with torch', torch.__version__, rk.available_backends(), _C.__file__)"
+	RMASK_PARITY_BACKENDS=reference,cpu $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
+	  tests/test_stable_abi.py tests/test_parity.py tests/test_cpu_kernels.py tests/test_functional.py \
+	  tests/test_nn.py tests/test_schemas.py tests/test_wheel_version.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info rmask_kernels/*.so

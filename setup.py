@@ -2,10 +2,10 @@
 torch (or FORCE_CUDA=1), the CUDA kernels.
 
 The extension reaches torch only through LibTorch's stable ABI (csrc/torch_stable.h), built with
-TORCH_TARGET_VERSION set to TORCH_TARGET (every other torch header is then an error), and through
-the limited Python API. So one cp39-abi3 wheel serves every Python >= 3.9 and every torch from
-TORCH_TARGET on: the version's local tag names only the device, `+cpu` or the CUDA major
-(`+cu13`), and the wheel requires `torch>=TORCH_TARGET`. A CUDA wheel still needs a torch built
+TORCH_TARGET_VERSION set to torch_target() (every other torch header is then an error), and through
+the limited Python API. So one cp310-abi3 wheel serves every Python >= 3.10 and every torch from
+that release on: the version's local tag names only the device, `+cpu` or the CUDA major
+(`+cu13`), and the wheel requires `torch>=` it. A CUDA wheel still needs a torch built
 for the same CUDA major (the CUDA runtime is torch's). Those rules are the small functions below
 (tests/test_wheel_version.py).
 
@@ -21,7 +21,10 @@ import re
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PY_LIMITED_API = "0x03090000"  # CPython 3.9
+# The limited Python API's floor: torch.utils.cpp_extension compiles a py_limited_api extension
+# with -DPy_LIMITED_API for its own oldest CPython (3.10), which torch >= 2.11 needs anyway, so
+# the wheel's tag says the same.
+ABI3_TAG = "cp310"
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
@@ -31,27 +34,23 @@ def base_version():
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
-# The oldest torch whose stable ABI has what the extension uses (torch::stable::from_blob with
-# a deleter, for the CPU output cache, came in 2.11). rmask_kernels/__init__.py refuses an older
-# torch with a clear error; keep the two equal (tests/test_wheel_version.py).
-TORCH_TARGET = (2, 11)
-
-
-def torch_target_version_macro(target=TORCH_TARGET):
-    """The TORCH_TARGET_VERSION value for (major, minor): major in bits 56-63, minor in 48-55."""
-    major, minor = target
-    return f"0x{(major << 56) | (minor << 48):016x}"
-
-
-def torch_minor(torch_version):
-    """'2.14.1+cu130' -> (2, 14)."""
-    major, minor = re.match(r"(\d+)\.(\d+)", torch_version).groups()
+def torch_target():
+    """The oldest torch whose stable ABI has what the extension uses, (major, minor), from
+    rmask_kernels/torch_target.py (one source; the package refuses an older torch at import)."""
+    with open(os.path.join(ROOT, "rmask_kernels", "torch_target.py")) as f:
+        major, minor = re.search(r"^TORCH_TARGET = \((\d+), (\d+)\)", f.read(), re.M).groups()
     return int(major), int(minor)
+
+
+def torch_target_version_macro(target=None):
+    """The TORCH_TARGET_VERSION value for (major, minor): major in bits 56-63, minor in 48-55."""
+    major, minor = target or torch_target()
+    return f"0x{(major << 56) | (minor << 48):016x}"
 
 
 def local_version_tag(cuda_version):
     """The local version label naming the build's device: 'cu13' for CUDA 13.x, 'cpu' without
-    CUDA (cuda_version None). Not the torch: the stable ABI serves every torch >= TORCH_TARGET."""
+    CUDA (cuda_version None). Not the torch: the stable ABI serves every torch >= torch_target()."""
     if cuda_version:
         return "cu" + cuda_version.split(".")[0]
     return "cpu"
@@ -62,10 +61,11 @@ def package_version(cuda_version, base=None):
     return f"{base or base_version()}+{local_version_tag(cuda_version)}"
 
 
-def torch_requirement(target=TORCH_TARGET):
+def torch_requirement(target=None):
     """'torch>=2.11': every torch release from the stable-ABI target on (PEP 440 ignores torch's
     local label, '+cu130', in that match)."""
-    return f"torch>={target[0]}.{target[1]}"
+    major, minor = target or torch_target()
+    return f"torch>={major}.{minor}"
 
 
 def cuda_requested(torch_module):
@@ -103,7 +103,7 @@ def extensions(torch_module, use_cuda):
     # register themselves when it loads), so nothing of it can clash with another library.
     # Threads come from torch's own pool (torch::stable::parallel_for): no OpenMP flags here.
     target = f"-DTORCH_TARGET_VERSION={torch_target_version_macro()}"
-    cxx_flags = ["-O0" if debug else "-O3", f"-DPy_LIMITED_API={PY_LIMITED_API}", target, "-fvisibility=hidden"]
+    cxx_flags = ["-O0" if debug else "-O3", target, "-fvisibility=hidden"]
     kwargs = dict(extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
     if use_cuda:
         kwargs["extra_compile_args"]["nvcc"] = ["-O0" if debug else "-O3", "-lineinfo", target,
@@ -145,7 +145,7 @@ def main():
         packages=find_packages(include=["rmask_kernels", "rmask_kernels.*"]),
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        options={"build": {"build_base": build_base}, "bdist_wheel": {"py_limited_api": "cp39"}},
+        options={"build": {"build_base": build_base}, "bdist_wheel": {"py_limited_api": ABI3_TAG}},
     )
 
 

@@ -1,7 +1,7 @@
 // Everything the extension takes from torch, through LibTorch's stable ABI only: the stable C
 // shim (torch/csrc/stable) and the header-only parts (torch/headeronly). The build sets
 // TORCH_TARGET_VERSION (setup.py, CMakeLists.txt), which makes every other torch header an
-// error, so one build loads in every torch from that release on (docs/design.md, section 7).
+// error, so one build loads in every torch from that release on (docs/design.md, section 8).
 //
 // The kernels see torch only through the names below: the tensor type, dtypes, memory formats,
 // argument checks, and the few ATen ops they call, each through the stable dispatcher.

@@ -1,5 +1,7 @@
 """Fused masked-convolution kernels, layers and models for Random-Mask CNNs."""
 
+__version__ = "0.1.0"  # first: rmask_kernels.torch_target names it in its error
+
 from . import ops  # noqa: F401  (loads the compiled op library first)
 from .backends import available_backends
 from .convert import convert_model
@@ -21,4 +23,3 @@ __all__ = [
     "RandomMask",
 ]
 
-__version__ = "0.1.0"

@@ -15,12 +15,15 @@ import torch
 
 from . import autocast, schemas
 from .geometry import conv_output_size
+from .torch_target import check_torch_version
+
+check_torch_version(torch.__version__)  # before the extension loads: a clear error, not a missing symbol
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.rmask.*)
 
     EXTENSION_ERROR = None
-except (ImportError, OSError) as error:  # not built, or built against another torch
+except (ImportError, OSError) as error:  # not built, or not loadable here
     EXTENSION_ERROR = error
     warnings.warn(
         f"rmask_kernels: compiled extension not available ({error}); "
