@@ -3,11 +3,10 @@
 // the extension only needs the stable (limited) Python API and builds one abi3 wheel.
 #include <Python.h>
 
-extern "C" {
-PyObject* PyInit__C(void) {
+// PyMODINIT_FUNC: extern "C" and default visibility (the library is built with hidden visibility).
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
   };
   return PyModule_Create(&module_def);
-}
 }

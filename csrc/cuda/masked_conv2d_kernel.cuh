@@ -22,7 +22,7 @@
 //   grad bias      like stats, over grad_output
 // The backward reads grad_output through OutputGradient: with a fused ReLU's output as its
 // gate, each read of a kept output's gradient also reads the gate there (0 where not > 0).
-// Accumulation in at::opmath_type (float for half/bfloat16/float, double for double).
+// Accumulation in opmath_t (float for half/bfloat16/float, double for double).
 // Tensors are addressed through their strides (NCHW, channels_last or any view), so the
 // input is never copied; outputs are allocated in the input's memory format.
 //
@@ -32,13 +32,7 @@
 
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/macros/Macros.h>
-
 #include <algorithm>
-#include <array>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -56,7 +50,7 @@ struct Strides4 {
   }
 };
 
-inline Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+inline Strides4 strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 // The convolution's shape as the elements need it (ConvGeometry's helpers are host-only).
 struct Shape {
@@ -107,7 +101,7 @@ C10_HOST_DEVICE inline int64_t pattern_of(const KeptIndex& index, int64_t patter
 // the forward's output when it fused a ReLU) is not > 0 there.
 template <typename scalar_t>
 struct OutputGradient {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   const scalar_t* values;
   Strides4 strides;
   const scalar_t* gate;  // or null
@@ -125,7 +119,7 @@ struct OutputGradient {
 
 template <typename scalar_t>
 struct ForwardElement {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   Shape s;
   KeptIndex index;
   const scalar_t* x;
@@ -222,7 +216,7 @@ struct OrderedSumElement {
 
 template <typename scalar_t>
 struct GradInputElement {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   Shape s;
   KeptIndex index;
   OutputGradient<scalar_t> grad_output;
@@ -279,7 +273,7 @@ struct GradInputElement {
 
 template <typename scalar_t>
 struct GradWeightPartialElement {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   Shape s;
   KeptIndex index;
   OutputGradient<scalar_t> grad_output;
@@ -316,57 +310,82 @@ struct GradWeightPartialElement {
 };
 
 // ---------------------------------------------------------------------------------
-// Op bodies, over a Launch policy (see the top of this file).
+// values[i] = max(values[i], 0) over a dense tensor's elements (NaN stays NaN, as clamp_min).
 
-inline KeptIndex kept_index_of(const at::Tensor& offsets, const at::Tensor& positions,
-                               const at::Tensor& position_offsets, const at::Tensor& position_channels) {
-  return {offsets.data_ptr<int64_t>(),          positions.data_ptr<int64_t>(), positions.numel(),
-          position_offsets.data_ptr<int64_t>(), position_channels.data_ptr<int64_t>(), position_channels.numel()};
+template <typename scalar_t>
+struct ReluInPlaceElement {
+  scalar_t* values;
+
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    if (static_cast<opmath_t<scalar_t>>(values[i]) < opmath_t<scalar_t>(0)) values[i] = static_cast<scalar_t>(0);
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Op bodies, over a Launch policy (see the top of this file). torch_stable.h's tensor helpers
+// are called as rmask::name: argument-dependent lookup on a Tensor also finds torch::stable's
+// functions of the same names (contiguous, empty), which would make the call ambiguous.
+
+inline KeptIndex kept_index_of(const Tensor& offsets, const Tensor& positions, const Tensor& position_offsets,
+                               const Tensor& position_channels) {
+  return {data<int64_t>(offsets),          data<int64_t>(positions),         positions.numel(),
+          data<int64_t>(position_offsets), data<int64_t>(position_channels), position_channels.numel()};
 }
 
 struct IndexTensors {
-  at::Tensor offsets, positions, position_offsets, position_channels;
+  Tensor offsets, positions, position_offsets, position_channels;
   KeptIndex view() const { return kept_index_of(offsets, positions, position_offsets, position_channels); }
 };
 
-inline IndexTensors contiguous_index(const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
-                                     const at::Tensor& position_offsets, const at::Tensor& position_channels) {
-  return {kept_offsets.contiguous(), kept_positions.contiguous(), position_offsets.contiguous(),
-          position_channels.contiguous()};
+inline IndexTensors contiguous_index(const Tensor& kept_offsets, const Tensor& kept_positions,
+                                     const Tensor& position_offsets, const Tensor& position_channels) {
+  return {rmask::contiguous(kept_offsets), rmask::contiguous(kept_positions),
+          rmask::contiguous(position_offsets), rmask::contiguous(position_channels)};
+}
+
+// An empty tensor of `sizes` and `dtype` on t's device, in t's memory format.
+inline Tensor empty_in_format_of(const Tensor& t, IntArrayRef sizes, ScalarType dtype) {
+  return rmask::empty(sizes, dtype, t.device(), suggest_memory_format(t));
 }
 
 // relu?(mask * (conv + bias) + residual), in the input's memory format. Masked outputs are
-// never computed: they are 0, or relu?(residual), written by one ATen op before the kernel.
+// never computed: they are 0, or relu?(residual), written before the kernel (a copy, then a
+// ReLU element pass over the output).
 // The forward for arguments already checked (geometry `g`).
 template <typename Launch>
-at::Tensor forward_of_checked(const Launch& launch, const ConvGeometry& g, const at::Tensor& input,
-                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const IndexTensors& index, const std::optional<at::Tensor>& residual, bool relu) {
+Tensor forward_of_checked(const Launch& launch, const ConvGeometry& g, const Tensor& input, const Tensor& weight,
+                          const std::optional<Tensor>& bias, const IndexTensors& index,
+                          const std::optional<Tensor>& residual, bool relu) {
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) check_residual(g, input, *residual);
-  auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
-                     input.options().memory_format(input.suggest_memory_format()));
+  const std::vector<int64_t> out_sizes{g.batch, g.out_channels, g.out_height, g.out_width};
+  Tensor y = empty_in_format_of(input, out_sizes, input.scalar_type());
   if (has_residual) {
-    if (relu) at::clamp_min_out(y, *residual, 0); else y.copy_(*residual);
+    torch::stable::copy_(y, *residual);
+    if (relu && y.numel() > 0) {
+      RMASK_DISPATCH_FLOATING_TYPES(y.scalar_type(), "masked_conv2d_forward_cuda", [&] {
+        launch(y.numel(), ReluInPlaceElement<scalar_t>{data<scalar_t>(y)});
+      });
+    }
   } else {
-    y.zero_();
+    torch::stable::zero_(y);
   }
   const int64_t count = g.batch * index.positions.numel() * g.channels_per_pattern;
   if (y.numel() == 0 || count == 0) return y;
-  const auto w = weight.contiguous();
+  const Tensor w = rmask::contiguous(weight);
   const bool has_bias = bias.has_value() && bias->defined();
-  const auto b = has_bias ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "masked_conv2d_forward_cuda", [&] {
+  const Tensor b = has_bias ? rmask::contiguous(*bias) : Tensor();
+  RMASK_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d_forward_cuda", [&] {
     ForwardElement<scalar_t> element{shape_of(g),
                                      index.view(),
-                                     input.data_ptr<scalar_t>(),
+                                     data<scalar_t>(input),
                                      strides_of(input),
-                                     w.data_ptr<scalar_t>(),
-                                     has_bias ? b.data_ptr<scalar_t>() : nullptr,
-                                     has_residual ? residual->data_ptr<scalar_t>() : nullptr,
+                                     data<scalar_t>(w),
+                                     has_bias ? data<scalar_t>(b) : nullptr,
+                                     has_residual ? data<scalar_t>(*residual) : nullptr,
                                      has_residual ? strides_of(*residual) : Strides4{0, 0, 0, 0},
                                      relu,
-                                     y.data_ptr<scalar_t>(),
+                                     data<scalar_t>(y),
                                      strides_of(y)};
     launch(count, element);
   });
@@ -374,12 +393,11 @@ at::Tensor forward_of_checked(const Launch& launch, const ConvGeometry& g, const
 }
 
 template <typename Launch>
-at::Tensor masked_conv2d_forward(const Launch& launch, const at::Tensor& input, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& mask,
-                                 const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
-                                 const at::Tensor& position_offsets, const at::Tensor& position_channels,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, const std::optional<at::Tensor>& residual, bool relu) {
+Tensor masked_conv2d_forward(const Launch& launch, const Tensor& input, const Tensor& weight,
+                             const std::optional<Tensor>& bias, const Tensor& mask, const Tensor& kept_offsets,
+                             const Tensor& kept_positions, const Tensor& position_offsets,
+                             const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding,
+                             IntArrayRef dilation, int64_t groups, const std::optional<Tensor>& residual, bool relu) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_kept_index_sizes(g, kept_positions, position_channels);
@@ -391,36 +409,37 @@ at::Tensor masked_conv2d_forward(const Launch& launch, const at::Tensor& input, 
 // Per-channel float64 sum and sum of squares of `t` (N, Cout, Hout, Wout) over the kept
 // outputs, in two fixed-order stages (no atomics: bit-identical run to run).
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor> kept_channel_sums(const Launch& launch, const ConvGeometry& g,
-                                                     const IndexTensors& index, const at::Tensor& t) {
-  const auto options = t.options().dtype(at::kDouble);
-  auto partial = at::empty({2, g.out_channels, g.batch}, options);
-  auto sums = at::empty({2, g.out_channels}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "masked_conv2d_stats_cuda", [&] {
-    const OutputGradient<scalar_t> values{t.data_ptr<scalar_t>(), strides_of(t), nullptr, Strides4{0, 0, 0, 0}};
-    KeptRowSumsElement<scalar_t, double> rows{shape_of(g), index.view(), values, partial[0].data_ptr<double>(),
-                                              partial[1].data_ptr<double>()};
+std::tuple<Tensor, Tensor> kept_channel_sums(const Launch& launch, const ConvGeometry& g, const IndexTensors& index,
+                                             const Tensor& t) {
+  const Tensor partial = rmask::empty({2, g.out_channels, g.batch}, ScalarType::Double, t.device());
+  const Tensor sums = rmask::empty({2, g.out_channels}, ScalarType::Double, t.device());
+  double* const partial_data = data<double>(partial);
+  RMASK_DISPATCH_FLOATING_TYPES(t.scalar_type(), "masked_conv2d_stats_cuda", [&] {
+    const OutputGradient<scalar_t> values{data<scalar_t>(t), strides_of(t), nullptr, Strides4{0, 0, 0, 0}};
+    KeptRowSumsElement<scalar_t, double> rows{shape_of(g), index.view(), values, partial_data,
+                                              partial_data + g.out_channels * g.batch};
     launch(g.out_channels * g.batch, rows);
   });
-  OrderedSumElement<double, double> total{partial.data_ptr<double>(), g.batch, g.batch, 1, sums.data_ptr<double>()};
+  OrderedSumElement<double, double> total{partial_data, g.batch, g.batch, 1, data<double>(sums)};
   launch(2 * g.out_channels, total);  // the two rows of partial are consecutive: k over (2, Cout)
-  return {sums[0].clone(), sums[1].clone()};  // distinct outputs, not views of one
+  // Distinct outputs, not views of one.
+  return {torch::stable::clone(torch::stable::select(sums, 0, 0)),
+          torch::stable::clone(torch::stable::select(sums, 0, 1))};
 }
 
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_stats(
-    const Launch& launch, const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
-    const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats(
+    const Launch& launch, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+    const Tensor& mask, const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
+    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_kept_index_sizes(g, kept_positions, position_channels);
   const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
-  auto y = forward_of_checked(launch, g, input, weight, bias, index, std::nullopt, /*relu=*/false);
+  Tensor y = forward_of_checked(launch, g, input, weight, bias, index, std::nullopt, /*relu=*/false);
   if (g.batch == 0 || kept_positions.numel() == 0) {
-    auto zeros = at::zeros({g.out_channels}, input.options().dtype(at::kDouble));
-    return {y, zeros, zeros.clone()};
+    return {y, rmask::zeros({g.out_channels}, ScalarType::Double, input.device()),
+            rmask::zeros({g.out_channels}, ScalarType::Double, input.device())};
   }
   auto [sum, sum_of_squares] = kept_channel_sums(launch, g, index, y);
   return {y, sum, sum_of_squares};
@@ -437,62 +456,62 @@ inline int64_t grad_weight_chunks(const ConvGeometry& g, int64_t kept, int64_t w
 
 // Gradients for (input, weight, bias) of mask * conv: grad_output is read at kept outputs only,
 // gated there by relu_output (if given: the forward's output when it fused a ReLU).
-// Outputs not asked for in output_mask are empty tensors.
+// Outputs not asked for in output_mask (3 flags: the schema's bool[3]) are empty tensors.
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
-    const Launch& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
-    const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask,
-    const std::optional<at::Tensor>& relu_output) {
+std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward(
+    const Launch& launch, const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& mask,
+    const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
+    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+    const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, std::nullopt, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_output_shaped(g, input, grad_output, "grad_output");
-  const at::Tensor gate = checked_relu_gate(g, input, relu_output);
+  const Tensor gate = checked_relu_gate(g, input, relu_output);
   check_kept_index_sizes(g, kept_positions, position_channels);
+  RMASK_CHECK(output_mask.size() == 3, "masked_conv2d_backward: output_mask must have 3 entries, got ",
+              output_mask.size());
   const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2];
   const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
-  const auto w = weight.contiguous();
+  const Tensor w = rmask::contiguous(weight);
   const int64_t weight_numel = w.numel();
+  const ScalarType dtype = input.scalar_type();
 
-  at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
-             grad_bias = at::empty({0}, input.options());
+  Tensor grad_input = rmask::empty({0}, dtype, input.device());
+  Tensor grad_weight = rmask::empty({0}, dtype, weight.device());
+  Tensor grad_bias = rmask::empty({0}, dtype, input.device());
   // Every element of grad_input is written by its gather element (zero where no kept output uses it).
-  if (need_input) grad_input = at::empty(input.sizes(), input.options().memory_format(input.suggest_memory_format()));
-  if (need_weight) grad_weight = at::zeros(weight.sizes(), weight.options());
-  if (need_bias) grad_bias = at::zeros({g.out_channels}, input.options());
+  if (need_input) grad_input = empty_in_format_of(input, input.sizes(), dtype);
+  if (need_weight) grad_weight = rmask::zeros(weight.sizes(), dtype, weight.device());
+  if (need_bias) grad_bias = rmask::zeros({g.out_channels}, dtype, input.device());
   const bool nothing_kept = g.batch == 0 || kept_positions.numel() == 0;
-  if (need_input && nothing_kept) grad_input.zero_();
+  if (need_input && nothing_kept) torch::stable::zero_(grad_input);
   if (nothing_kept || !(need_input || need_weight || need_bias)) return {grad_input, grad_weight, grad_bias};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "masked_conv2d_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const OutputGradient<scalar_t> gradient{grad_output.data_ptr<scalar_t>(), strides_of(grad_output),
-                                            gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
+  RMASK_DISPATCH_FLOATING_TYPES(dtype, "masked_conv2d_backward_cuda", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const OutputGradient<scalar_t> gradient{data<scalar_t>(grad_output), strides_of(grad_output),
+                                            gate.defined() ? data<scalar_t>(gate) : nullptr,
                                             gate.defined() ? strides_of(gate) : Strides4{0, 0, 0, 0}};
     if (need_input && grad_input.numel() > 0) {
-      GradInputElement<scalar_t> element{shape_of(g), index.view(), gradient, w.data_ptr<scalar_t>(),
-                                         grad_input.data_ptr<scalar_t>(), strides_of(grad_input)};
+      GradInputElement<scalar_t> element{shape_of(g), index.view(), gradient, data<scalar_t>(w),
+                                         data<scalar_t>(grad_input), strides_of(grad_input)};
       launch(grad_input.numel(), element);
     }
     if (need_weight && weight_numel > 0) {
       const int64_t chunks = grad_weight_chunks(g, kept_positions.numel(), weight_numel);
-      auto partial = at::empty({chunks, weight_numel}, acc_options);
-      GradWeightPartialElement<scalar_t> element{shape_of(g), index.view(), gradient, input.data_ptr<scalar_t>(),
-                                                 strides_of(input), chunks, partial.data_ptr<acc_t>()};
+      const Tensor partial = rmask::empty({chunks, weight_numel}, scalar_type_of<acc_t>(), input.device());
+      GradWeightPartialElement<scalar_t> element{shape_of(g), index.view(), gradient, data<scalar_t>(input),
+                                                 strides_of(input), chunks, data<acc_t>(partial)};
       launch(chunks * weight_numel, element);
-      OrderedSumElement<acc_t, scalar_t> total{partial.data_ptr<acc_t>(), chunks, 1, weight_numel,
-                                               grad_weight.data_ptr<scalar_t>()};
+      OrderedSumElement<acc_t, scalar_t> total{data<acc_t>(partial), chunks, 1, weight_numel,
+                                               data<scalar_t>(grad_weight)};
       launch(weight_numel, total);
     }
     if (need_bias) {
-      auto partial = at::empty({g.out_channels, g.batch}, acc_options);
-      KeptRowSumsElement<scalar_t, acc_t> rows{shape_of(g), index.view(), gradient, partial.data_ptr<acc_t>(),
-                                               nullptr};
+      const Tensor partial = rmask::empty({g.out_channels, g.batch}, scalar_type_of<acc_t>(), input.device());
+      KeptRowSumsElement<scalar_t, acc_t> rows{shape_of(g), index.view(), gradient, data<acc_t>(partial), nullptr};
       launch(g.out_channels * g.batch, rows);
-      OrderedSumElement<acc_t, scalar_t> total{partial.data_ptr<acc_t>(), g.batch, g.batch, 1,
-                                               grad_bias.data_ptr<scalar_t>()};
+      OrderedSumElement<acc_t, scalar_t> total{data<acc_t>(partial), g.batch, g.batch, 1, data<scalar_t>(grad_bias)};
       launch(g.out_channels, total);
     }
   });

@@ -2,6 +2,7 @@
 build/cuda-emulation/ (incremental: ninja), and records the torch it was built for, so
 test_host_emulation.py loads it only into that torch. Run by `make cuda-check`."""
 
+import importlib.util
 import os
 import sys
 
@@ -12,6 +13,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BUILD = os.path.join(ROOT, "build", "cuda-emulation")
 NAME = "rmask_cuda_emulation"
+
+
+def torch_target_version_macro():
+    """setup.py's TORCH_TARGET_VERSION (imported under another name, setup.py only defines its
+    functions), so the emulation is built against the same stable ABI as the extension."""
+    spec = importlib.util.spec_from_file_location("rmask_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.torch_target_version_macro()
 
 
 def main():
@@ -25,7 +35,7 @@ def main():
         name=NAME,
         sources=[os.path.join(HERE, "host_emulation.cu")],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
-        extra_cuda_cflags=["-O2"],
+        extra_cuda_cflags=["-O2", f"-DTORCH_TARGET_VERSION={torch_target_version_macro()}"],
         build_directory=BUILD,
         is_python_module=False,
         verbose=False,

@@ -1,10 +1,13 @@
 """After `make wheel-cuda`: the installed CUDA wheel of rmask_kernels imports under the CUDA
 build of torch on a machine without a GPU, registers the CUDA kernels of every op, carries
-device code for the requested architectures, and its metadata name the torch it needs.
+device code for the requested architectures, references torch only through the stable C
+shim (no C++ symbol of ATen, c10 or torch), and its metadata carry setup.py's version tag and
+torch requirement.
 Run from outside the source tree (so the installed package is the one imported) by
-`make cuda-check`; with `--library PATH`, checks only that library's device code (the CMake
-build's, `make cmake-check-cuda`)."""
+`make cuda-check`; with `--library PATH`, checks only that library's device code and symbols
+(the CMake build's, `make cmake-check-cuda`)."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -15,6 +18,16 @@ from importlib import metadata
 import torch
 
 OPS = ("rmask::masked_conv2d", "rmask::masked_conv2d_stats", "rmask::masked_conv2d_backward")
+SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def setup_py():
+    """The source tree's setup.py (imported under another name, it only defines its functions):
+    the version tag and torch requirement the wheel must carry are its rules."""
+    spec = importlib.util.spec_from_file_location("rmask_setup", os.path.join(SOURCE_TREE, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def required_architectures(arch_list):
@@ -58,40 +71,49 @@ def check_device_code(library):
     return have_elf, have_ptx
 
 
+def check_stable_abi_only(library):
+    """The library's undefined symbols name no C++ function of ATen, c10 or torch: it reaches
+    torch through the stable C shim only, so it loads in every torch from its target on."""
+    symbols = subprocess.run(["nm", "-D", "-C", "--undefined-only", library], check=True, capture_output=True,
+                             text=True).stdout
+    unstable = [line.split(None, 1)[-1] for line in symbols.splitlines() if re.search(r"\b(at|c10|torch)::", line)]
+    assert not unstable, f"{library} uses torch's C++ ABI, not only its stable C shim: {unstable[:10]}"
+
+
 def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--library":  # only the device code of that library
+    if len(sys.argv) == 3 and sys.argv[1] == "--library":  # only the device code and symbols of that library
         have_elf, have_ptx = check_device_code(sys.argv[2])
-        print(f"{sys.argv[2]}: SASS {sorted(have_elf)}, PTX {sorted(have_ptx)}")
+        check_stable_abi_only(sys.argv[2])
+        print(f"{sys.argv[2]}: SASS {sorted(have_elf)}, PTX {sorted(have_ptx)}, stable ABI only")
         return 0
 
     import rmask_kernels
     from rmask_kernels import ops
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    source_tree = os.path.dirname(os.path.dirname(here))
     package_dir = os.path.dirname(os.path.abspath(rmask_kernels.__file__))
-    assert package_dir != os.path.join(source_tree, "rmask_kernels"), f"imported the source tree, not the wheel: {package_dir}"
+    assert package_dir != os.path.join(SOURCE_TREE, "rmask_kernels"), f"imported the source tree, not the wheel: {package_dir}"
     assert ops.extension_loaded(), f"extension failed to load: {ops.EXTENSION_ERROR}"
     for op in OPS:
         for key in ("CUDA", "CPU"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
 
+    rules = setup_py()
     version = metadata.version("rmask_kernels")
-    cuda_tag = "cu" + "".join(torch.version.cuda.split(".")[:2])
-    minor = ".".join(torch.__version__.split(".")[:2])
-    assert version.endswith(f"+{cuda_tag}torch{minor}"), version
+    assert version == rules.package_version(torch.version.cuda), version  # '0.1.0+cu13'
     requires = [r for r in metadata.requires("rmask_kernels") or [] if "extra ==" not in r]
-    assert f"torch=={minor}.*" in requires, requires
+    assert rules.torch_requirement() in requires, requires  # 'torch>=2.11'
 
     library = next(
         os.path.join(package_dir, f) for f in os.listdir(package_dir) if f.startswith("_C") and f.endswith(".so")
     )
     assert library.endswith(".abi3.so"), library
     have_elf, have_ptx = check_device_code(library)
+    check_stable_abi_only(library)
     print(
         f"CUDA build OK: rmask_kernels {version} (requires {', '.join(requires)}) from {package_dir};"
         f" torch {torch.__version__}, GPU visible: {torch.cuda.is_available()};"
-        f" CUDA kernels registered for {len(OPS)} ops; SASS {sorted(have_elf)}, PTX {sorted(have_ptx)}"
+        f" CUDA kernels registered for {len(OPS)} ops; SASS {sorted(have_elf)}, PTX {sorted(have_ptx)};"
+        f" stable ABI only"
     )
 
 

@@ -11,8 +11,6 @@
 // Built with nvcc against the CUDA build of torch by tests/cuda/build_host_emulation.py
 // (`make cuda-check`), so nvcc parses exactly the code the GPU build compiles.
 
-#include <torch/library.h>
-
 #include "cuda/masked_conv2d_kernel.cuh"
 #include "masked_conv2d_schemas.h"
 
@@ -28,35 +26,34 @@ struct HostLaunch {
   }
 };
 
-void check_cpu(const at::Tensor& input) {
-  TORCH_CHECK(input.is_cpu(), "rmask_cuda_emulation: runs on CPU tensors, got ", input.device());
+void check_cpu(const Tensor& input) {
+  RMASK_CHECK(input.is_cpu(), "rmask_cuda_emulation: runs on CPU tensors, got ", describe(input.device()));
 }
 
-at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                   const at::Tensor& mask, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
-                   const at::Tensor& position_offsets, const at::Tensor& position_channels, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                   const std::optional<at::Tensor>& residual, bool relu) {
+Tensor forward(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
+               const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
+               const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+               int64_t groups, const std::optional<Tensor>& residual, bool relu) {
   check_cpu(input);
   return masked_conv2d_forward(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
                                position_channels, stride, padding, dilation, groups, residual, relu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stats(
-    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mask,
-    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
-    const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+std::tuple<Tensor, Tensor, Tensor> stats(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
+    const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
+    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
     int64_t groups) {
   check_cpu(input);
   return masked_conv2d_stats(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
                              position_channels, stride, padding, dilation, groups);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
-    const at::Tensor& kept_offsets, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
-    const at::Tensor& position_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& relu_output) {
+std::tuple<Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& mask,
+    const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
+    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+    int64_t groups, const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output) {
   check_cpu(input);
   return masked_conv2d_backward(HostLaunch{}, grad_output, input, weight, mask, kept_offsets, kept_positions,
                                 position_offsets, position_channels, stride, padding, dilation, groups, output_mask,
@@ -66,16 +63,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 }  // namespace
 
 // The rmask schemas (csrc/masked_conv2d.cpp), in their own namespace.
-TORCH_LIBRARY(rmask_cuda_emulation, m) {
+STABLE_TORCH_LIBRARY(rmask_cuda_emulation, m) {
   m.def(kMaskedConv2dSchema);
   m.def(kMaskedConv2dStatsSchema);
   m.def(kMaskedConv2dBackwardSchema);
 }
 
-TORCH_LIBRARY_IMPL(rmask_cuda_emulation, CPU, m) {
-  m.impl("masked_conv2d", &forward);
-  m.impl("masked_conv2d_stats", &stats);
-  m.impl("masked_conv2d_backward", &backward);
+STABLE_TORCH_LIBRARY_IMPL(rmask_cuda_emulation, CPU, m) {
+  m.impl("masked_conv2d", TORCH_BOX(&forward));
+  m.impl("masked_conv2d_stats", TORCH_BOX(&stats));
+  m.impl("masked_conv2d_backward", TORCH_BOX(&backward));
 }
 
 }  // namespace cuda
