@@ -4,7 +4,8 @@
 #include <Python.h>
 
 extern "C" {
-PyObject* PyInit__C(void) {
+// PyMODINIT_FUNC: exported despite -fvisibility=hidden (the one symbol Python looks up).
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
   };

@@ -77,7 +77,9 @@ def test_op_rejects_inconsistent_index():
 @pytest.mark.parametrize("mode", ["neuron", "spatial"])
 def test_large_outputs_reuse_freed_memory(mode):
     # A freed output of >= 1 MiB goes to the cache, and the next output of its size takes it
-    # (already mapped: no page faults); the tensors are ordinary (resizable, correct).
+    # (already mapped: no page faults). The tensor wraps the cached block (from_blob, the stable
+    # ABI's only way to hand torch foreign memory): correct, its storage the block's size, and
+    # like any from_blob tensor it may shrink but not grow in place.
     x, weight = torch.randn(8, 16, 32, 32), torch.randn(64, 16, 3, 3)
     mask = rk.random_mask((64, 32, 32), 0.5, mode)
     y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
@@ -90,8 +92,11 @@ def test_large_outputs_reuse_freed_memory(mode):
     y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
     assert y.data_ptr() == address and rk.backends.cpu_output_cache() == before
     torch.testing.assert_close(y, reference.masked_conv2d(x, weight, None, mask, padding=1), rtol=1e-4, atol=1e-4)
-    y.resize_(16, 64, 32, 32)  # storage grows like any tensor's
-    assert y.shape == (16, 64, 32, 32)
+    assert y.untyped_storage().nbytes() == 8 * 64 * 32 * 32 * 4
+    y.resize_(4, 64, 32, 32)
+    assert y.shape == (4, 64, 32, 32)
+    with pytest.raises(RuntimeError, match="not resizable"):
+        y.resize_(16, 64, 32, 32)
 
 
 @pytest.mark.parametrize("value,works", [("0", True), ("12", True), ("lots", False)])
