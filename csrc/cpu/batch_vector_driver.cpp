@@ -84,8 +84,8 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   const auto x_strides = strides_of(x);
   const int64_t cout_pad = kernels->padded_channels(g.out_channels);
   // [kh][kw][Cin][Cout_pad]
-  auto packed_weight = rmask::empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, ScalarType::Float, weight.device());
-  const auto w = rmask::contiguous(weight);
+  auto packed_weight = empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, ScalarType::Float, weight.device());
+  const auto w = contiguous_or_self(weight);
   const int64_t lanes = kernels->padded_channels(1), k_total = g.in_channels * g.kernel_h * g.kernel_w;
   torch::stable::parallel_for(0, (k_total + lanes - 1) / lanes, 1, [&](int64_t begin, int64_t end) {  // serially 20-50 us
     kernels->pack_position_weights(data<float>(w), g.out_channels, g.in_channels, g.kernel_h * g.kernel_w,
@@ -95,13 +95,13 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   const bool has_bias = bias.has_value() && bias->defined();
   std::vector<float> padded_bias(has_bias ? cout_pad : 0, 0.0f);  // ATen's pad is a clone even with no padding: ~15 us
   if (has_bias) {
-    const auto b = rmask::contiguous(*bias);
+    const auto b = contiguous_or_self(*bias);
     std::copy_n(data<float>(b), g.out_channels, padded_bias.begin());
   }
   const auto format = suggest_memory_format(input);
   auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, ScalarType::Float, format);
-  const auto residual_as_y = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
-  auto partial = channel_sums ? rmask::zeros({row_chunks(g.batch), 2, g.out_channels}, ScalarType::Double, input.device())
+  const auto residual_as_y = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
+  auto partial = channel_sums ? zeros({row_chunks(g.batch), 2, g.out_channels}, ScalarType::Double, input.device())
                               : Tensor();
   const int64_t scratch_size = (x_strides.c == 1 ? 0 : g.height * g.width * g.in_channels) +
                                positions.numel() * (cout_pad + g.out_channels) + kBatchBlock;
@@ -175,12 +175,13 @@ std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g
   const auto gate = relu_gate.defined() ? addressable(relu_gate) : Tensor();
   const auto x = need_weight ? addressable(input) : Tensor();
   const auto backward_weight =  // [kh][kw][Cout][Cin_pad]
-      need_input ? rmask::contiguous(torch::stable::pad(rmask::permute(weight, {2, 3, 0, 1}), {0, cin_pad - g.in_channels}))
-                 : Tensor();
+      need_input
+          ? rmask::contiguous(torch::stable::pad(rmask::permute(weight, {2, 3, 0, 1}), {0, cin_pad - g.in_channels}))
+          : Tensor();
   auto grad_input = need_input ? empty_output(input.sizes(), ScalarType::Float, suggest_memory_format(input))
-                               : rmask::empty({0}, ScalarType::Float, device);
-  auto partial_w = need_weight ? rmask::zeros({chunks, g.out_channels, taps, cin_pad}, ScalarType::Float, device) : Tensor();
-  auto partial_b = need_bias ? rmask::zeros({chunks, g.out_channels}, ScalarType::Float, device) : Tensor();
+                               : empty({0}, ScalarType::Float, device);
+  auto partial_w = need_weight ? zeros({chunks, g.out_channels, taps, cin_pad}, ScalarType::Float, device) : Tensor();
+  auto partial_b = need_bias ? zeros({chunks, g.out_channels}, ScalarType::Float, device) : Tensor();
   const int64_t scratch_size = npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad +
                                cin_pad + (gate.defined() ? npositions * g.out_channels : 0);
   const auto grad_input_strides = need_input ? strides_of(grad_input) : Strides{0, 0, 0};
@@ -204,33 +205,43 @@ std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g
                                 partial_b_data ? partial_b_data + chunk * g.out_channels : nullptr,
                                 thread_scratch(0, scratch_size));
   });
-  return {grad_input, need_weight ? sum_weight_partials(g, partial_w) : rmask::empty({0}, ScalarType::Float, device),
-          need_bias ? rmask::sum(partial_b, {0}) : rmask::empty({0}, ScalarType::Float, device)};
+  return {grad_input, need_weight ? sum_weight_partials(g, partial_w) : empty({0}, ScalarType::Float, device),
+          need_bias ? rmask::sum(partial_b, {0}) : empty({0}, ScalarType::Float, device)};
 }
 
-// ATen's CPU capability allows AVX-512 (as at::get_cpu_capability() == "AVX512", which the
-// stable ABI does not offer; ATen's compute_cpu_capability states the rule): ATEN_CPU_CAPABILITY
-// names it when set to one of its values ("avx512", "avx2", "default"; any other is ignored),
-// else the CPU decides: AVX-512 with avx512f, bw, dq and vl and FMA.
-bool aten_allows_avx512() {
-  const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
-  if (requested) {
-    if (std::strcmp(requested, "avx512") == 0) return true;
-    if (std::strcmp(requested, "avx2") == 0 || std::strcmp(requested, "default") == 0) return false;
+// The vector instruction sets ATen's own CPU kernels use in this process, as
+// at::get_cpu_capability() (which the stable ABI does not offer) decides them in ATen's
+// compute_cpu_capability: ATEN_CPU_CAPABILITY names the level when set to one of "avx512",
+// "avx2", "default" (any other value is ignored), else the CPU decides: AVX-512 with avx512f,
+// bw, dq and vl and FMA, else AVX2 with FMA, else none.
+enum class CpuCapability { kDefault, kAvx2, kAvx512 };
+
+CpuCapability aten_cpu_capability() {
+  if (const char* requested = std::getenv("ATEN_CPU_CAPABILITY")) {
+    if (std::strcmp(requested, "avx512") == 0) return CpuCapability::kAvx512;
+    if (std::strcmp(requested, "avx2") == 0) return CpuCapability::kAvx2;
+    if (std::strcmp(requested, "default") == 0) return CpuCapability::kDefault;
   }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
-#else
-  return false;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    return CpuCapability::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuCapability::kAvx2;
 #endif
+  return CpuCapability::kDefault;
 }
 
 }  // namespace
 
 const BatchVectorKernels* batch_vector_kernels() {
-  static const BatchVectorKernels* kernels = best_batch_vector_kernels(aten_allows_avx512());
+  // Where ATen itself runs no vector kernels (ATEN_CPU_CAPABILITY=default), neither do these.
+  static const BatchVectorKernels* kernels = [] {
+    const CpuCapability capability = aten_cpu_capability();
+    return capability == CpuCapability::kDefault ? nullptr
+                                                 : best_batch_vector_kernels(capability == CpuCapability::kAvx512);
+  }();
   return kernels;
 }
 
@@ -250,13 +261,13 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   const auto vector_geometry = batch_vector_geometry(g);
   const auto x = addressable(input);
   const auto forward_weight = rmask::contiguous(rmask::permute(weight, {0, 2, 3, 1}));  // [Cout][kh][kw][Cin]
-  const auto b = (bias.has_value() && bias->defined()) ? rmask::contiguous(*bias) : Tensor();
+  const auto b = (bias.has_value() && bias->defined()) ? contiguous_or_self(*bias) : Tensor();
   // Every element is written by the kernel (masked ones as zeros).
   const auto format = suggest_memory_format(input);
   auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, ScalarType::Float, format);
-  const auto residual_as_y = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
+  const auto residual_as_y = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
   const int64_t slots = panel_ring_rows(vector_geometry);
-  auto partial = channel_sums ? rmask::zeros({row_chunks(g.out_height), 2, g.out_channels}, ScalarType::Double, input.device())
+  auto partial = channel_sums ? zeros({row_chunks(g.out_height), 2, g.out_channels}, ScalarType::Double, input.device())
                               : Tensor();
   // Pointers read before the threads start: no torch call inside the parallel region.
   const float* x_data = data<float>(x);
@@ -293,8 +304,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
   const auto device = input.device();
-  Tensor grad_input = rmask::empty({0}, ScalarType::Float, device), grad_weight = rmask::empty({0}, ScalarType::Float, device),
-         grad_bias = rmask::empty({0}, ScalarType::Float, device);
+  Tensor grad_input = empty({0}, ScalarType::Float, device), grad_weight = empty({0}, ScalarType::Float, device),
+         grad_bias = empty({0}, ScalarType::Float, device);
   const auto rows = kept_gradient_rows_by_position(addressable(grad_output),
                                                    relu_gate.defined() ? addressable(relu_gate) : Tensor(),
                                                    vector_geometry, position_offsets, position_channels);
@@ -302,7 +313,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
   const int64_t* offsets = data<int64_t>(position_offsets);
   const int64_t* channels = data<int64_t>(position_channels);
   if (need_bias) {  // summed in a fixed order: deterministic
-    grad_bias = rmask::zeros({g.out_channels}, ScalarType::Float, device);
+    grad_bias = zeros({g.out_channels}, ScalarType::Float, device);
     float* grad_bias_values = data<float>(grad_bias);
     const int64_t padded_batch = vector_geometry.padded_batch;
     for (int64_t e = 0; e < position_channels.numel(); ++e) {
@@ -332,7 +343,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
     const float* x_data = data<float>(x);
     const Strides x_strides = strides_of(x);
     const int64_t cin_pad = batch_vector_kernels()->padded_channels(g.in_channels), taps = g.kernel_h * g.kernel_w;
-    auto partial = rmask::zeros({row_chunks(g.out_height), g.out_channels, taps, cin_pad}, ScalarType::Float, device);
+    auto partial = zeros({row_chunks(g.out_height), g.out_channels, taps, cin_pad}, ScalarType::Float, device);
     float* partial_data = data<float>(partial);
     const int64_t slots = panel_ring_rows(vector_geometry);
     parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {

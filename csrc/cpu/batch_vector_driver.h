@@ -15,9 +15,10 @@
 namespace rmask {
 namespace cpu {
 
-// The batch-vector kernels for this CPU, chosen once: AVX-512 where ATen's own kernels may
-// use it (ATen's CPU capability, which ATEN_CPU_CAPABILITY lowers: that variable forces the
-// AVX2 kernels on an AVX-512 CPU), else AVX2; null on other CPUs.
+// The batch-vector kernels for this CPU, chosen once by ATen's CPU capability (which
+// ATEN_CPU_CAPABILITY lowers): AVX-512 where ATen's own kernels use it, else AVX2 (so
+// ATEN_CPU_CAPABILITY=avx2 forces the AVX2 kernels on an AVX-512 CPU); null where the
+// capability is "default" and on other CPUs.
 const BatchVectorKernels* batch_vector_kernels();
 
 // Whether the batch-vector kernels serve a call with this input dtype, groups, batch and kernel

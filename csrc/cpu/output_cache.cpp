@@ -126,7 +126,7 @@ Tensor empty_output(IntArrayRef sizes, ScalarType dtype, MemoryFormat format) {
   for (const int64_t size : sizes) numel *= size;
   const size_t bytes = static_cast<size_t>(numel) * element_size(dtype);
   auto& cache = allocator();
-  if (bytes < kMinCachedBytes || cache.limit() == 0) return rmask::empty(sizes, dtype, cpu, format);
+  if (bytes < kMinCachedBytes || cache.limit() == 0) return empty(sizes, dtype, cpu, format);
   void* data = cache.allocate(bytes);
   const auto strides = dense_strides(sizes, format);
   return torch::stable::from_blob(data, sizes, IntArrayRef(strides), cpu, dtype,

@@ -224,7 +224,7 @@ void dispatch_compute_type(ScalarType t, const F& f) {
 // (Tensor::to with a memory format leaves a same-dtype tensor alone when its suggested format
 // matches, strided or not: hence the contiguous(), then a no-op unless no copy was made.)
 Tensor contiguous_as(const Tensor& t, ScalarType type) {
-  return rmask::contiguous(rmask::to(t, type, MemoryFormat::Contiguous));
+  return contiguous_or_self(rmask::to(t, type, MemoryFormat::Contiguous));
 }
 
 std::vector<int64_t> as_vector(IntArrayRef values) { return std::vector<int64_t>(values.begin(), values.end()); }
@@ -236,7 +236,7 @@ Tensor portable_forward(const ConvGeometry& g, const Tensor& input, const Tensor
                         const Tensor& residual, bool relu) {
   // Output in the input's memory format and dtype, as F.conv2d returns it.
   const auto format = suggest_memory_format(input);
-  auto y = rmask::empty({g.batch, g.out_channels, g.out_height, g.out_width}, input.scalar_type(), input.device(), format);
+  auto y = empty({g.batch, g.out_channels, g.out_height, g.out_width}, input.scalar_type(), input.device(), format);
   if (y.numel() == 0) return y;
   const auto ctype = compute_type(input.scalar_type());
   // The gather reads (N, C, H, W) rows in the compute type: one conversion, none if the input is so already.
@@ -245,7 +245,7 @@ Tensor portable_forward(const ConvGeometry& g, const Tensor& input, const Tensor
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? contiguous_as(*bias, ctype) : Tensor();
   // Read in place where it already has the output's layout (the usual shortcut), else copied once.
-  const auto r = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
+  const auto r = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
   const OutputLayout layout(g, format);
   const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
   const int64_t columns_per_image = w.size(1);
@@ -256,8 +256,8 @@ Tensor portable_forward(const ConvGeometry& g, const Tensor& input, const Tensor
     column_elements = std::max(column_elements, columns_per_image * images * block.kept);
     out_elements = std::max(out_elements, block.count * images * block.kept);
   }
-  auto column_buffer = rmask::empty({column_elements}, ctype, input.device());
-  auto out_buffer = rmask::empty({out_elements}, ctype, input.device());
+  auto column_buffer = empty({column_elements}, ctype, input.device());
+  auto out_buffer = empty({out_elements}, ctype, input.device());
   RMASK_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d_forward_cpu", [&] {
     using acc_t = opmath_t<scalar_t>;
     const acc_t* bias_data = has_bias ? data<acc_t>(b) : nullptr;
@@ -275,7 +275,8 @@ Tensor portable_forward(const ConvGeometry& g, const Tensor& input, const Tensor
       for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
         const int64_t images = std::min(chunk, g.batch - first_image);
         const int64_t row_length = images * block.kept;
-        auto columns = rmask::view(rmask::narrow(column_buffer, 0, 0, columns_per_image * row_length), {columns_per_image, row_length});
+        auto columns = rmask::view(rmask::narrow(column_buffer, 0, 0, columns_per_image * row_length),
+                                   {columns_per_image, row_length});
         gather_kept_columns(data<acc_t>(x), g, block, origins, first_image, images, data<acc_t>(columns));
         auto out = rmask::view(rmask::narrow(out_buffer, 0, 0, block.count * row_length), {block.count, row_length});
         rmask::mm_out(out, w_block, columns);
@@ -300,9 +301,9 @@ std::tuple<Tensor, Tensor, Tensor> portable_backward(const ConvGeometry& g, cons
   const auto gate = relu_gate.defined() ? contiguous_as(relu_gate, ctype) : Tensor();
   const int64_t columns_per_image = w.size(1);
 
-  auto grad_input = need_input ? rmask::zeros(x.sizes(), ctype, device) : rmask::empty({0}, input.scalar_type(), device);
-  auto grad_weight = need_weight ? rmask::zeros(w.sizes(), ctype, device) : rmask::empty({0}, weight.scalar_type(), device);
-  auto grad_bias = need_bias ? rmask::zeros({g.out_channels}, ctype, device) : rmask::empty({0}, input.scalar_type(), device);
+  auto grad_input = need_input ? zeros(x.sizes(), ctype, device) : empty({0}, input.scalar_type(), device);
+  auto grad_weight = need_weight ? zeros(w.sizes(), ctype, device) : empty({0}, weight.scalar_type(), device);
+  auto grad_bias = need_bias ? zeros({g.out_channels}, ctype, device) : empty({0}, input.scalar_type(), device);
 
   if (gy.numel() > 0 && (need_input || need_weight || need_bias)) {
     const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
@@ -316,7 +317,7 @@ std::tuple<Tensor, Tensor, Tensor> portable_backward(const ConvGeometry& g, cons
         for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
           const int64_t images = std::min(chunk, g.batch - first_image);
           const int64_t row_length = images * block.kept, kept_elements = block.count * row_length;
-          auto gy_kept = rmask::empty({block.count, row_length}, ctype, device);
+          auto gy_kept = empty({block.count, row_length}, ctype, device);
           scalar_t* gy_kept_data = data<scalar_t>(gy_kept);
           gather_kept_outputs(data<scalar_t>(gy), g, block, first_image, images, gy_kept_data);
           if (gate.defined()) {  // a fused ReLU's gate, gathered at the same kept outputs, then applied
@@ -333,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor> portable_backward(const ConvGeometry& g, cons
             for (int64_t oc = 0; oc < block.count; ++oc) grad_bias_data[oc] += sum_data[oc];
           }
           if (need_weight) {
-            auto columns = rmask::empty({columns_per_image, row_length}, ctype, device);
+            auto columns = empty({columns_per_image, row_length}, ctype, device);
             gather_kept_columns(data<scalar_t>(x), g, block, origins, first_image, images, data<scalar_t>(columns));
             const auto columns_t = torch::stable::transpose(columns, 0, 1);
             auto grad_weight_rows = rmask::narrow(grad_weight, 0, block.first, block.count);
