@@ -3,10 +3,12 @@
 // the extension only needs the stable (limited) Python API and builds one abi3 wheel.
 #include <Python.h>
 
-// PyMODINIT_FUNC: extern "C" and default visibility (the library is built with hidden visibility).
+extern "C" {
+// PyMODINIT_FUNC: exported despite -fvisibility=hidden (the one symbol Python looks up).
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
   };
   return PyModule_Create(&module_def);
+}
 }

@@ -232,3 +232,15 @@ inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
 }
 
 }  // namespace rmask
+
+// ---- Used by csrc/cpu -----------------------------------------------------------------------
+
+namespace rmask {
+
+// contiguous(t, format), without the round trip through the dispatcher when `t` already is
+// (what ATen's contiguous would return then: `t` itself).
+inline Tensor contiguous_or_self(const Tensor& t, MemoryFormat format = MemoryFormat::Contiguous) {
+  return is_contiguous(t, format) ? t : rmask::contiguous(t, format);
+}
+
+}  // namespace rmask

@@ -36,6 +36,36 @@ def test_cpu_kernels_follow_the_cpu_capability():
     assert rk.backends.cpu_kernels() == expected
 
 
+CAPABILITY_AND_KERNELS = (
+    "import torch, rmask_kernels as rk\n"
+    "print(torch.backends.cpu.get_cpu_capability(), rk.backends.cpu_kernels())\n"
+)
+
+
+def capability_and_kernels(aten_cpu_capability):
+    """(ATen's CPU capability, the extension's CPU kernels) in a fresh process started with
+    ATEN_CPU_CAPABILITY set to `aten_cpu_capability` (None: unset)."""
+    result = python_subprocess(["-c", CAPABILITY_AND_KERNELS], env={"ATEN_CPU_CAPABILITY": aten_cpu_capability})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tuple(result.stdout.split())
+
+
+@pytest.mark.parametrize("aten_cpu_capability", ["default", "avx2", "avx512", "unknown-value"])
+def test_cpu_kernels_follow_aten_cpu_capability_variable(aten_cpu_capability):
+    # The extension restates ATen's rule (the stable ABI has no get_cpu_capability): both read
+    # ATEN_CPU_CAPABILITY at start-up, and an unknown value leaves the choice to the CPU.
+    hardware, _ = capability_and_kernels(None)
+    levels = ["DEFAULT", "AVX2", "AVX512"]
+    if hardware not in levels or levels.index(hardware) < levels.index(aten_cpu_capability.upper()
+                                                                        if aten_cpu_capability.upper() in levels
+                                                                        else "DEFAULT"):
+        pytest.skip(f"this CPU runs {hardware}: asking for more is not the rule under test")
+    capability, kernels = capability_and_kernels(aten_cpu_capability)
+    assert kernels == {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "portable")
+    if aten_cpu_capability == "unknown-value":
+        assert capability == hardware
+
+
 def test_auto_asks_the_extension_which_cpu_kernels_serve():
     # The rule lives in C++ (use_batch_vector); Python's "auto" asks it, so the two cannot drift.
     batch_vector = rk.backends.cpu_kernels() in ("avx2", "avx512")
@@ -77,7 +107,9 @@ def test_op_rejects_inconsistent_index():
 @pytest.mark.parametrize("mode", ["neuron", "spatial"])
 def test_large_outputs_reuse_freed_memory(mode):
     # A freed output of >= 1 MiB goes to the cache, and the next output of its size takes it
-    # (already mapped: no page faults); the tensors are ordinary (resizable, correct).
+    # (already mapped: no page faults). The tensor wraps the cached block (from_blob, the stable
+    # ABI's only way to hand torch foreign memory): correct, its storage the block's size, and
+    # like any from_blob tensor it may shrink but not grow in place.
     x, weight = torch.randn(8, 16, 32, 32), torch.randn(64, 16, 3, 3)
     mask = rk.random_mask((64, 32, 32), 0.5, mode)
     y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
@@ -90,8 +122,11 @@ def test_large_outputs_reuse_freed_memory(mode):
     y = rk.masked_conv2d(x, weight, None, mask, padding=1, backend="cpu")
     assert y.data_ptr() == address and rk.backends.cpu_output_cache() == before
     torch.testing.assert_close(y, reference.masked_conv2d(x, weight, None, mask, padding=1), rtol=1e-4, atol=1e-4)
-    y.resize_(16, 64, 32, 32)  # storage grows like any tensor's
-    assert y.shape == (16, 64, 32, 32)
+    assert y.untyped_storage().nbytes() == 8 * 64 * 32 * 32 * 4
+    y.resize_(4, 64, 32, 32)
+    assert y.shape == (4, 64, 32, 32)
+    with pytest.raises(RuntimeError, match="not resizable"):
+        y.resize_(16, 64, 32, 32)
 
 
 @pytest.mark.parametrize("value,works", [("0", True), ("12", True), ("lots", False)])

@@ -1,15 +1,14 @@
-// The batch-vector kernels run on ATen tensors (batch_vector_driver.h). Two pairs of kernels:
+// The batch-vector kernels run on torch tensors (batch_vector_driver.h). Two pairs of kernels:
 // the row kernels (forward_rows and its gradients), which serve any mask through the
 // position-CSR lists, and the position kernels (forward_positions, backward_positions) for
 // spatial masks, which keep every channel at each of their kept positions.
 
 #include "batch_vector_driver.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/Version.h>
-
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "output_cache.h"
@@ -39,12 +38,12 @@ float* thread_scratch(int slot, size_t floats) {
 }
 
 // A 4-D tensor the kernels can address directly: NCHW- or NHWC-contiguous (else a copy).
-at::Tensor addressable(const at::Tensor& t) {
-  if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
-  return t.contiguous(t.suggest_memory_format());
+Tensor addressable(const Tensor& t) {
+  if (t.is_contiguous() || is_channels_last_contiguous(t)) return t;
+  return rmask::contiguous(t, suggest_memory_format(t));
 }
 
-Strides strides_of(const at::Tensor& t) {
+Strides strides_of(const Tensor& t) {
   // Both supported layouts keep (h, w) as one flat position axis; a size-1 dim's stride is arbitrary.
   const int64_t position = t.size(3) > 1 ? t.stride(3) : (t.size(2) > 1 ? t.stride(2) : 1);
   return {t.stride(0), t.stride(1), position};
@@ -52,13 +51,13 @@ Strides strides_of(const at::Tensor& t) {
 
 // Output rows split into one chunk per thread (at most one per row): a fixed split, so partial
 // results kept per chunk and summed in chunk order are deterministic for a thread count.
-int64_t row_chunks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)); }
+int64_t row_chunks(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(torch::stable::get_num_threads(), rows)); }
 
 // f(chunk, first_row, last_row) for every non-empty chunk of row_chunks(rows), in parallel.
 template <typename F>
 void parallel_row_chunks(int64_t rows, const F& f) {
   const int64_t chunks = row_chunks(rows), rows_per_chunk = (rows + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * rows_per_chunk, last = std::min(rows, first + rows_per_chunk);
       if (first < last) f(chunk, first, last);
@@ -68,7 +67,7 @@ void parallel_row_chunks(int64_t rows, const F& f) {
 
 // Whether the per-image kernels for spatial masks serve this call: one mask pattern shared by
 // every channel (the kept index's by-pattern form then lists the kept positions, ascending).
-bool spatial_mask(const ConvGeometry& g, const at::Tensor& kept_positions) {
+bool spatial_mask(const ConvGeometry& g, const Tensor& kept_positions) {
   return g.patterns == 1 && kept_positions.numel() > 0;
 }
 
@@ -76,222 +75,283 @@ bool spatial_mask(const ConvGeometry& g, const at::Tensor& kept_positions) {
 // one image per visit, so no layout step over the whole batch (the row forward lays out every
 // input row of every image: at keep 0.1 about half its time). Partial channel sums per chunk
 // of images, added in chunk order.
-at::Tensor full_positions_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, const at::Tensor& positions, bool relu,
-                                  at::Tensor* channel_sums, const at::Tensor& residual) {
+Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
+                              const std::optional<Tensor>& bias, const Tensor& positions, bool relu,
+                              Tensor* channel_sums, const Tensor& residual) {
   const auto vector_geometry = batch_vector_geometry(g);
   const auto* kernels = batch_vector_kernels();
   const auto x = addressable(input);
   const auto x_strides = strides_of(x);
   const int64_t cout_pad = kernels->padded_channels(g.out_channels);
   // [kh][kw][Cin][Cout_pad]
-  auto packed_weight = at::empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, weight.options());
-  const auto w = weight.contiguous();
+  auto packed_weight = empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, ScalarType::Float, weight.device());
+  const auto w = contiguous_or_self(weight);
   const int64_t lanes = kernels->padded_channels(1), k_total = g.in_channels * g.kernel_h * g.kernel_w;
-  at::parallel_for(0, (k_total + lanes - 1) / lanes, 1, [&](int64_t begin, int64_t end) {  // serially 20-50 us
-    kernels->pack_position_weights(w.data_ptr<float>(), g.out_channels, g.in_channels, g.kernel_h * g.kernel_w,
-                                   packed_weight.data_ptr<float>(), cout_pad, begin * lanes,
+  torch::stable::parallel_for(0, (k_total + lanes - 1) / lanes, 1, [&](int64_t begin, int64_t end) {  // serially 20-50 us
+    kernels->pack_position_weights(data<float>(w), g.out_channels, g.in_channels, g.kernel_h * g.kernel_w,
+                                   data<float>(packed_weight), cout_pad, begin * lanes,
                                    std::min(k_total, end * lanes));
   });
   const bool has_bias = bias.has_value() && bias->defined();
   std::vector<float> padded_bias(has_bias ? cout_pad : 0, 0.0f);  // ATen's pad is a clone even with no padding: ~15 us
   if (has_bias) {
-    const auto b = bias->contiguous();
-    std::copy_n(b.data_ptr<float>(), g.out_channels, padded_bias.begin());
+    const auto b = contiguous_or_self(*bias);
+    std::copy_n(data<float>(b), g.out_channels, padded_bias.begin());
   }
-  auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, input.options(),
-                        input.suggest_memory_format());
-  const auto residual_as_y = residual.defined() ? residual.contiguous(input.suggest_memory_format()) : at::Tensor();
-  auto partial = channel_sums ? at::zeros({row_chunks(g.batch), 2, g.out_channels}, input.options().dtype(at::kDouble))
-                              : at::Tensor();
+  const auto format = suggest_memory_format(input);
+  auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, ScalarType::Float, format);
+  const auto residual_as_y = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
+  auto partial = channel_sums ? zeros({row_chunks(g.batch), 2, g.out_channels}, ScalarType::Double, input.device())
+                              : Tensor();
   const int64_t scratch_size = (x_strides.c == 1 ? 0 : g.height * g.width * g.in_channels) +
                                positions.numel() * (cout_pad + g.out_channels) + kBatchBlock;
+  // Pointers read before the threads start: no torch call inside the parallel region.
+  const float* x_data = data<float>(x);
+  const float* packed_weight_data = data<float>(packed_weight);
+  const int64_t* positions_data = data<int64_t>(positions);
+  const int64_t npositions = positions.numel();
+  const float* residual_data = residual_as_y.defined() ? data<float>(residual_as_y) : nullptr;
+  float* y_data = data<float>(y);
+  const Strides y_strides = strides_of(y);
+  double* partial_data = channel_sums ? data<double>(partial) : nullptr;
   parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<const float*> x_taps(8 * g.kernel_h * g.kernel_w);
-    const std::vector<float> zeros(g.in_channels, 0.0f);
-    kernels->forward_positions(vector_geometry, x.data_ptr<float>(), x_strides, packed_weight.data_ptr<float>(),
-                               cout_pad, has_bias ? padded_bias.data() : nullptr, relu,
-                               positions.data_ptr<int64_t>(), positions.numel(), first, last,
-                               residual_as_y.defined() ? residual_as_y.data_ptr<float>() : nullptr,
-                               y.data_ptr<float>(), strides_of(y), x_taps.data(), zeros.data(),
+    const std::vector<float> zero_channels(g.in_channels, 0.0f);
+    kernels->forward_positions(vector_geometry, x_data, x_strides, packed_weight_data, cout_pad,
+                               has_bias ? padded_bias.data() : nullptr, relu, positions_data, npositions, first,
+                               last, residual_data, y_data, y_strides, x_taps.data(), zero_channels.data(),
                                thread_scratch(2, scratch_size),
-                               channel_sums ? partial[chunk].data_ptr<double>() : nullptr);
+                               channel_sums ? partial_data + chunk * 2 * g.out_channels : nullptr);
   });
-  if (channel_sums) *channel_sums = partial.sum(0);
+  if (channel_sums) *channel_sums = rmask::sum(partial, {0});
   return y;
 }
 
 // Kept output gradients, compacted to rows of padded_batch floats (zero in the padding), in
 // position-CSR order, gated by `gate` where defined (0 where it is not > 0): the operand of
 // grad-input, grad-weight and grad-bias.
-at::Tensor kept_gradient_rows_by_position(const at::Tensor& gy, const at::Tensor& gate,
-                                          const BatchVectorGeometry& vector_geometry,
-                                          const at::Tensor& position_offsets, const at::Tensor& position_channels) {
-  auto rows = empty_output({position_channels.numel(), vector_geometry.padded_batch}, gy.options(),
-                           at::MemoryFormat::Contiguous);
+Tensor kept_gradient_rows_by_position(const Tensor& gy, const Tensor& gate, const BatchVectorGeometry& vector_geometry,
+                                      const Tensor& position_offsets, const Tensor& position_channels) {
+  auto rows = empty_output({position_channels.numel(), vector_geometry.padded_batch}, ScalarType::Float,
+                           MemoryFormat::Contiguous);
   const int64_t panel_size = vector_geometry.out_width * vector_geometry.out_channels * vector_geometry.padded_batch;
+  const float* gy_data = data<float>(gy);
+  const Strides gy_strides = strides_of(gy);
+  const float* gate_data = gate.defined() ? data<float>(gate) : nullptr;
+  const Strides gate_strides = gate.defined() ? strides_of(gate) : Strides{0, 0, 0};
+  const int64_t* offsets = data<int64_t>(position_offsets);
+  const int64_t* channels = data<int64_t>(position_channels);
+  float* rows_data = data<float>(rows);
   parallel_row_chunks(vector_geometry.out_height, [&](int64_t, int64_t first, int64_t last) {
     float* panel = thread_scratch(2, panel_size);
-    batch_vector_kernels()->kept_gradient_rows(
-        vector_geometry, gy.data_ptr<float>(), strides_of(gy), gate.defined() ? gate.data_ptr<float>() : nullptr,
-        gate.defined() ? strides_of(gate) : Strides{0, 0, 0}, position_offsets.data_ptr<int64_t>(),
-        position_channels.data_ptr<int64_t>(), first, last, rows.data_ptr<float>(), panel,
-        gate.defined() ? thread_scratch(1, panel_size) : nullptr);
+    batch_vector_kernels()->kept_gradient_rows(vector_geometry, gy_data, gy_strides, gate_data, gate_strides, offsets,
+                                               channels, first, last, rows_data, panel,
+                                               gate_data ? thread_scratch(1, panel_size) : nullptr);
   });
   return rows;
 }
 
 // [chunks][Cout][kh * kw][Cpad] partial weight gradients -> [Cout][Cin][kh][kw], summed in
 // chunk order (deterministic for a thread count).
-at::Tensor sum_weight_partials(const ConvGeometry& g, const at::Tensor& partial) {
-  return partial.sum(0)
-      .narrow(2, 0, g.in_channels)
-      .reshape({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
-      .permute({0, 3, 1, 2})
-      .contiguous();
+Tensor sum_weight_partials(const ConvGeometry& g, const Tensor& partial) {
+  return rmask::contiguous(rmask::permute(rmask::reshape(rmask::narrow(rmask::sum(partial, {0}), 2, 0, g.in_channels),
+                                    {g.out_channels, g.kernel_h, g.kernel_w, g.in_channels}),
+                            {0, 3, 1, 2}));
 }
 
 // The backward for spatial masks (see spatial_mask): BatchVectorKernels::backward_positions,
 // one image per visit; partial weight and bias gradients per chunk of images.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> full_positions_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& positions, std::array<bool, 3> output_mask) {
+std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g, const Tensor& grad_output,
+                                                           const Tensor& relu_gate, const Tensor& input,
+                                                           const Tensor& weight, const Tensor& positions,
+                                                           std::array<bool, 3> output_mask) {
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
   const auto* kernels = batch_vector_kernels();
+  const auto device = input.device();
   const int64_t cin_pad = kernels->padded_channels(g.in_channels), cout_pad = kernels->padded_channels(g.out_channels);
   const int64_t taps = g.kernel_h * g.kernel_w, npositions = positions.numel(), chunks = row_chunks(g.batch);
   const auto gy = addressable(grad_output);
-  const auto gate = relu_gate.defined() ? addressable(relu_gate) : at::Tensor();
-  const auto x = need_weight ? addressable(input) : at::Tensor();
+  const auto gate = relu_gate.defined() ? addressable(relu_gate) : Tensor();
+  const auto x = need_weight ? addressable(input) : Tensor();
   const auto backward_weight =  // [kh][kw][Cout][Cin_pad]
-      need_input ? at::constant_pad_nd(weight.permute({2, 3, 0, 1}), {0, cin_pad - g.in_channels}).contiguous()
-                 : at::Tensor();
-  auto grad_input = need_input ? empty_output(input.sizes(), input.options(), input.suggest_memory_format())
-                               : at::empty({0}, input.options());
-  auto partial_w = need_weight ? at::zeros({chunks, g.out_channels, taps, cin_pad}, weight.options()) : at::Tensor();
-  auto partial_b = need_bias ? at::zeros({chunks, g.out_channels}, input.options()) : at::Tensor();
+      need_input
+          ? rmask::contiguous(torch::stable::pad(rmask::permute(weight, {2, 3, 0, 1}), {0, cin_pad - g.in_channels}))
+          : Tensor();
+  auto grad_input = need_input ? empty_output(input.sizes(), ScalarType::Float, suggest_memory_format(input))
+                               : empty({0}, ScalarType::Float, device);
+  auto partial_w = need_weight ? zeros({chunks, g.out_channels, taps, cin_pad}, ScalarType::Float, device) : Tensor();
+  auto partial_b = need_bias ? zeros({chunks, g.out_channels}, ScalarType::Float, device) : Tensor();
   const int64_t scratch_size = npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad +
                                cin_pad + (gate.defined() ? npositions * g.out_channels : 0);
   const auto grad_input_strides = need_input ? strides_of(grad_input) : Strides{0, 0, 0};
+  // Pointers read before the threads start: no torch call inside the parallel region.
+  const float* gy_data = data<float>(gy);
+  const Strides gy_strides = strides_of(gy);
+  const float* gate_data = gate.defined() ? data<float>(gate) : nullptr;
+  const Strides gate_strides = gate.defined() ? strides_of(gate) : Strides{0, 0, 0};
+  const float* x_data = need_weight ? data<float>(x) : nullptr;
+  const Strides x_strides = need_weight ? strides_of(x) : Strides{0, 0, 0};
+  const float* backward_weight_data = need_input ? data<float>(backward_weight) : nullptr;
+  const int64_t* positions_data = data<int64_t>(positions);
+  float* grad_input_data = need_input ? data<float>(grad_input) : nullptr;
+  float* partial_w_data = need_weight ? data<float>(partial_w) : nullptr;
+  float* partial_b_data = need_bias ? data<float>(partial_b) : nullptr;
   parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
-    kernels->backward_positions(vector_geometry, gy.data_ptr<float>(), strides_of(gy),
-                                gate.defined() ? gate.data_ptr<float>() : nullptr,
-                                gate.defined() ? strides_of(gate) : Strides{0, 0, 0},
-                                need_weight ? x.data_ptr<float>() : nullptr,
-                                need_weight ? strides_of(x) : Strides{0, 0, 0},
-                                need_input ? backward_weight.data_ptr<float>() : nullptr,
-                                positions.data_ptr<int64_t>(), npositions, first, last,
-                                need_input ? grad_input.data_ptr<float>() : nullptr, grad_input_strides,
-                                need_weight ? partial_w[chunk].data_ptr<float>() : nullptr,
-                                need_bias ? partial_b[chunk].data_ptr<float>() : nullptr,
+    kernels->backward_positions(vector_geometry, gy_data, gy_strides, gate_data, gate_strides, x_data, x_strides,
+                                backward_weight_data, positions_data, npositions, first, last, grad_input_data,
+                                grad_input_strides,
+                                partial_w_data ? partial_w_data + chunk * g.out_channels * taps * cin_pad : nullptr,
+                                partial_b_data ? partial_b_data + chunk * g.out_channels : nullptr,
                                 thread_scratch(0, scratch_size));
   });
-  return {grad_input, need_weight ? sum_weight_partials(g, partial_w) : at::empty({0}, weight.options()),
-          need_bias ? partial_b.sum(0) : at::empty({0}, input.options())};
+  return {grad_input, need_weight ? sum_weight_partials(g, partial_w) : empty({0}, ScalarType::Float, device),
+          need_bias ? rmask::sum(partial_b, {0}) : empty({0}, ScalarType::Float, device)};
+}
+
+// The vector instruction sets ATen's own CPU kernels use in this process, as
+// at::get_cpu_capability() (which the stable ABI does not offer) decides them in ATen's
+// compute_cpu_capability: ATEN_CPU_CAPABILITY names the level when set to one of "avx512",
+// "avx2", "default" (any other value is ignored), else the CPU decides: AVX-512 with avx512f,
+// bw, dq and vl and FMA, else AVX2 with FMA, else none.
+enum class CpuCapability { kDefault, kAvx2, kAvx512 };
+
+CpuCapability aten_cpu_capability() {
+  if (const char* requested = std::getenv("ATEN_CPU_CAPABILITY")) {
+    if (std::strcmp(requested, "avx512") == 0) return CpuCapability::kAvx512;
+    if (std::strcmp(requested, "avx2") == 0) return CpuCapability::kAvx2;
+    if (std::strcmp(requested, "default") == 0) return CpuCapability::kDefault;
+  }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    return CpuCapability::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuCapability::kAvx2;
+#endif
+  return CpuCapability::kDefault;
 }
 
 }  // namespace
 
 const BatchVectorKernels* batch_vector_kernels() {
-  static const BatchVectorKernels* kernels = best_batch_vector_kernels(at::get_cpu_capability() == "AVX512");
+  // Where ATen itself runs no vector kernels (ATEN_CPU_CAPABILITY=default), neither do these.
+  static const BatchVectorKernels* kernels = [] {
+    const CpuCapability capability = aten_cpu_capability();
+    return capability == CpuCapability::kDefault ? nullptr
+                                                 : best_batch_vector_kernels(capability == CpuCapability::kAvx512);
+  }();
   return kernels;
 }
 
-bool use_batch_vector(at::ScalarType dtype, int64_t groups, int64_t batch, int64_t kernel_h) {
+bool use_batch_vector(ScalarType dtype, int64_t groups, int64_t batch, int64_t kernel_h) {
   // Kernel heights above 64 (the kernels' fixed per-row tables) take the portable path.
-  return batch_vector_kernels() && dtype == at::kFloat && groups == 1 && batch > 0 && kernel_h <= 64;
+  return batch_vector_kernels() && dtype == ScalarType::Float && groups == 1 && batch > 0 && kernel_h <= 64;
 }
 
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk
 // order (deterministic for a given thread count).
-at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& kept_positions,
-                                const at::Tensor& position_offsets, const at::Tensor& position_channels, bool relu,
-                                at::Tensor* channel_sums, const at::Tensor& residual) {
+Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
+                            const std::optional<Tensor>& bias, const Tensor& kept_positions,
+                            const Tensor& position_offsets, const Tensor& position_channels, bool relu,
+                            Tensor* channel_sums, const Tensor& residual) {
   if (spatial_mask(g, kept_positions))
     return full_positions_forward(g, input, weight, bias, kept_positions, relu, channel_sums, residual);
   const auto vector_geometry = batch_vector_geometry(g);
   const auto x = addressable(input);
-  const auto forward_weight = weight.permute({0, 2, 3, 1}).contiguous();  // [Cout][kh][kw][Cin]
-  const auto b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  const auto forward_weight = rmask::contiguous(rmask::permute(weight, {0, 2, 3, 1}));  // [Cout][kh][kw][Cin]
+  const auto b = (bias.has_value() && bias->defined()) ? contiguous_or_self(*bias) : Tensor();
   // Every element is written by the kernel (masked ones as zeros).
-  auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, input.options(),
-                        input.suggest_memory_format());
-  const auto residual_as_y = residual.defined() ? residual.contiguous(input.suggest_memory_format()) : at::Tensor();
+  const auto format = suggest_memory_format(input);
+  auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, ScalarType::Float, format);
+  const auto residual_as_y = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
   const int64_t slots = panel_ring_rows(vector_geometry);
-  auto partial = channel_sums ? at::zeros({row_chunks(g.out_height), 2, g.out_channels},
-                                          input.options().dtype(at::kDouble))
-                              : at::Tensor();
+  auto partial = channel_sums ? zeros({row_chunks(g.out_height), 2, g.out_channels}, ScalarType::Double, input.device())
+                              : Tensor();
+  // Pointers read before the threads start: no torch call inside the parallel region.
+  const float* x_data = data<float>(x);
+  const Strides x_strides = strides_of(x);
+  const float* forward_weight_data = data<float>(forward_weight);
+  const float* bias_data = b.defined() ? data<float>(b) : nullptr;
+  const int64_t* offsets = data<int64_t>(position_offsets);
+  const int64_t* channels = data<int64_t>(position_channels);
+  const float* residual_data = residual_as_y.defined() ? data<float>(residual_as_y) : nullptr;
+  float* y_data = data<float>(y);
+  const Strides y_strides = strides_of(y);
+  double* partial_data = channel_sums ? data<double>(partial) : nullptr;
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * vector_geometry.padded_batch);
     float* staging = thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
-    batch_vector_kernels()->forward_rows(vector_geometry, x.data_ptr<float>(), strides_of(x),
-                                         forward_weight.data_ptr<float>(),
-                                         b.defined() ? b.data_ptr<float>() : nullptr, relu,
-                                         position_offsets.data_ptr<int64_t>(), position_channels.data_ptr<int64_t>(),
-                                         first, last,
-                                         residual_as_y.defined() ? residual_as_y.data_ptr<float>() : nullptr,
-                                         y.data_ptr<float>(), strides_of(y), taps.data(), panels,
-                                         panel_rows.data(), staging,
-                                         channel_sums ? partial[chunk].data_ptr<double>() : nullptr);
+    batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data, relu,
+                                         offsets, channels, first, last, residual_data, y_data, y_strides,
+                                         taps.data(), panels, panel_rows.data(), staging,
+                                         partial_data ? partial_data + chunk * 2 * g.out_channels : nullptr);
   });
-  if (channel_sums) *channel_sums = partial.sum(0);
+  if (channel_sums) *channel_sums = rmask::sum(partial, {0});
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
-    const at::Tensor& position_channels, std::array<bool, 3> output_mask) {
+std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, const Tensor& grad_output,
+                                                         const Tensor& relu_gate, const Tensor& input,
+                                                         const Tensor& weight, const Tensor& kept_positions,
+                                                         const Tensor& position_offsets,
+                                                         const Tensor& position_channels,
+                                                         std::array<bool, 3> output_mask) {
   if (spatial_mask(g, kept_positions))
     return full_positions_backward(g, grad_output, relu_gate, input, weight, kept_positions, output_mask);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
-  at::Tensor grad_input = at::empty({0}, input.options()), grad_weight = at::empty({0}, weight.options()),
-             grad_bias = at::empty({0}, input.options());
+  const auto device = input.device();
+  Tensor grad_input = empty({0}, ScalarType::Float, device), grad_weight = empty({0}, ScalarType::Float, device),
+         grad_bias = empty({0}, ScalarType::Float, device);
   const auto rows = kept_gradient_rows_by_position(addressable(grad_output),
-                                                   relu_gate.defined() ? addressable(relu_gate) : at::Tensor(),
+                                                   relu_gate.defined() ? addressable(relu_gate) : Tensor(),
                                                    vector_geometry, position_offsets, position_channels);
-  const int64_t* channels = position_channels.data_ptr<int64_t>();
+  const float* row_values = data<float>(rows);
+  const int64_t* offsets = data<int64_t>(position_offsets);
+  const int64_t* channels = data<int64_t>(position_channels);
   if (need_bias) {  // summed in a fixed order: deterministic
-    grad_bias = at::zeros({g.out_channels}, input.options());
-    float* grad_bias_values = grad_bias.data_ptr<float>();
-    const float* row_values = rows.data_ptr<float>();
+    grad_bias = zeros({g.out_channels}, ScalarType::Float, device);
+    float* grad_bias_values = data<float>(grad_bias);
     const int64_t padded_batch = vector_geometry.padded_batch;
     for (int64_t e = 0; e < position_channels.numel(); ++e) {
-      float sum = 0.0f;  // the padding images hold zeros
-      for (int64_t n = 0; n < padded_batch; ++n) sum += row_values[e * padded_batch + n];
-      grad_bias_values[channels[e]] += sum;
+      float total = 0.0f;  // the padding images hold zeros
+      for (int64_t n = 0; n < padded_batch; ++n) total += row_values[e * padded_batch + n];
+      grad_bias_values[channels[e]] += total;
     }
   }
   if (need_input) {
-    const auto backward_weight = weight.permute({2, 3, 0, 1}).contiguous();  // [kh][kw][Cout][Cin]
-    grad_input = empty_output(input.sizes(), input.options(), input.suggest_memory_format());
+    const auto backward_weight = rmask::contiguous(rmask::permute(weight, {2, 3, 0, 1}));  // [kh][kw][Cout][Cin]
+    const float* backward_weight_data = data<float>(backward_weight);
+    grad_input = empty_output(input.sizes(), ScalarType::Float, suggest_memory_format(input));
     const Strides grad_input_strides = strides_of(grad_input);
-    at::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
+    float* grad_input_data = data<float>(grad_input);
+    torch::stable::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> contributions(3 * g.kernel_h * g.kernel_w);
       float* panel = thread_scratch(0, g.width * g.in_channels * vector_geometry.padded_batch);
-      batch_vector_kernels()->grad_input_rows(vector_geometry, rows.data_ptr<float>(),
-                                              backward_weight.data_ptr<float>(), position_offsets.data_ptr<int64_t>(),
-                                              channels, begin, end, grad_input.data_ptr<float>(), grad_input_strides,
-                                              contributions.data(), panel);
+      batch_vector_kernels()->grad_input_rows(vector_geometry, row_values, backward_weight_data, offsets, channels,
+                                              begin, end, grad_input_data, grad_input_strides, contributions.data(),
+                                              panel);
     });
   }
   if (need_weight) {
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so
     // the result is bit-identical run to run for a given thread count.
     const auto x = addressable(input);
+    const float* x_data = data<float>(x);
+    const Strides x_strides = strides_of(x);
     const int64_t cin_pad = batch_vector_kernels()->padded_channels(g.in_channels), taps = g.kernel_h * g.kernel_w;
-    auto partial = at::zeros({row_chunks(g.out_height), g.out_channels, taps, cin_pad}, weight.options());
+    auto partial = zeros({row_chunks(g.out_height), g.out_channels, taps, cin_pad}, ScalarType::Float, device);
+    float* partial_data = data<float>(partial);
     const int64_t slots = panel_ring_rows(vector_geometry);
     parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
       float* panels = thread_scratch(0, slots * g.width * g.batch * cin_pad);
       std::vector<int64_t> panel_rows(slots);
-      batch_vector_kernels()->grad_weight_rows(vector_geometry, rows.data_ptr<float>(), x.data_ptr<float>(),
-                                               strides_of(x), position_offsets.data_ptr<int64_t>(), channels, first,
-                                               last, partial[chunk].data_ptr<float>(), panels, panel_rows.data());
+      batch_vector_kernels()->grad_weight_rows(vector_geometry, row_values, x_data, x_strides, offsets, channels,
+                                               first, last, partial_data + chunk * g.out_channels * taps * cin_pad,
+                                               panels, panel_rows.data());
     });
     grad_weight = sum_weight_partials(g, partial);
   }

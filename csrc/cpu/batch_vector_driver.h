@@ -1,11 +1,9 @@
-// The batch-vector kernels (batch_vector.h) run on ATen tensors: float32, groups == 1, on an
+// The batch-vector kernels (batch_vector.h) run on torch tensors: float32, groups == 1, on an
 // AVX2 or AVX-512 CPU. Lays out the weights, allocates the outputs, splits the work across
 // threads and sums the per-thread partial results in a fixed order (deterministic for a given
 // thread count). masked_conv2d_kernel.cpp checks the arguments and chooses these or the
 // portable kernels (portable_kernels.h).
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <array>
 #include <optional>
@@ -17,34 +15,33 @@
 namespace rmask {
 namespace cpu {
 
-// Called only from masked_conv2d_kernel.cpp: hidden (C10_HIDDEN), so that the library exports
-// its ops and not these.
-
-// The batch-vector kernels for this CPU, chosen once: AVX-512 where ATen's own kernels may
-// use it (at::get_cpu_capability honours ATEN_CPU_CAPABILITY, so that variable forces the
-// AVX2 kernels on an AVX-512 CPU), else AVX2; null on other CPUs.
-C10_HIDDEN const BatchVectorKernels* batch_vector_kernels();
+// The batch-vector kernels for this CPU, chosen once by ATen's CPU capability (which
+// ATEN_CPU_CAPABILITY lowers): AVX-512 where ATen's own kernels use it, else AVX2 (so
+// ATEN_CPU_CAPABILITY=avx2 forces the AVX2 kernels on an AVX-512 CPU); null where the
+// capability is "default" and on other CPUs.
+const BatchVectorKernels* batch_vector_kernels();
 
 // Whether the batch-vector kernels serve a call with this input dtype, groups, batch and kernel
 // height: the one statement of the rule (Python's "auto" asks it through rmask::cpu_uses_batch_vector).
-C10_HIDDEN bool use_batch_vector(at::ScalarType dtype, int64_t groups, int64_t batch, int64_t kernel_h);
+bool use_batch_vector(ScalarType dtype, int64_t groups, int64_t batch, int64_t kernel_h);
 
 // relu?(mask * (conv + bias) + residual) (residual undefined: none), in the input's memory
 // format; with `channel_sums` (set to a (2, Cout) float64 tensor) also the per-channel sums and
 // sums of squares of the output. The kept index: contiguous, checked (check_kept_index).
-C10_HIDDEN at::Tensor batch_vector_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& bias, const at::Tensor& kept_positions,
-                                           const at::Tensor& position_offsets, const at::Tensor& position_channels,
-                                           bool relu, at::Tensor* channel_sums = nullptr,
-                                           const at::Tensor& residual = at::Tensor());
+Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
+                            const std::optional<Tensor>& bias, const Tensor& kept_positions,
+                            const Tensor& position_offsets, const Tensor& position_channels, bool relu,
+                            Tensor* channel_sums = nullptr, const Tensor& residual = Tensor());
 
 // (grad_input, grad_weight, grad_bias) of mask * conv, each an empty tensor where output_mask
 // does not ask for it; grad_output read at kept outputs only, and there zeroed where
 // relu_gate (defined: the forward's fused-ReLU output; undefined: no gate) is not > 0.
-C10_HIDDEN std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_vector_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& kept_positions, const at::Tensor& position_offsets,
-    const at::Tensor& position_channels, std::array<bool, 3> output_mask);
+std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, const Tensor& grad_output,
+                                                         const Tensor& relu_gate, const Tensor& input,
+                                                         const Tensor& weight, const Tensor& kept_positions,
+                                                         const Tensor& position_offsets,
+                                                         const Tensor& position_channels,
+                                                         std::array<bool, 3> output_mask);
 
 }  // namespace cpu
 }  // namespace rmask

@@ -1,12 +1,11 @@
 #include "output_cache.h"
 
-#include <c10/core/Allocator.h>
-#include <c10/core/CPUAllocator.h>
-
+#include <algorithm>
 #include <cstdlib>
-#include <cstring>
+#include <iterator>
 #include <list>
 #include <mutex>
+#include <vector>
 
 namespace rmask {
 namespace cpu {
@@ -20,33 +19,80 @@ size_t limit_from_environment() {
   if (!text || !*text) return size_t(256) << 20;
   char* end = nullptr;
   const long long megabytes = std::strtoll(text, &end, 10);
-  TORCH_CHECK(end && *end == '\0' && megabytes >= 0, "RMASK_CPU_CACHE_MB must be a number of megabytes >= 0, got '",
+  RMASK_CHECK(end && *end == '\0' && megabytes >= 0, "RMASK_CPU_CACHE_MB must be a number of megabytes >= 0, got '",
               text, "'");
   return static_cast<size_t>(megabytes) << 20;
 }
 
-class CachingAllocator final : public c10::Allocator {
+size_t element_size(ScalarType dtype) {
+  switch (dtype) {
+    case ScalarType::Double:
+    case ScalarType::Long:
+      return 8;
+    case ScalarType::Float:
+    case ScalarType::Int:
+      return 4;
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+      return 2;
+    default:
+      return 1;
+  }
+}
+
+// The strides of a dense tensor of `sizes` in `format` (c10's contiguous and channels_last
+// strides; channels_last only for 4-D).
+std::vector<int64_t> dense_strides(IntArrayRef sizes, MemoryFormat format) {
+  std::vector<int64_t> strides(sizes.size());
+  if (format == MemoryFormat::ChannelsLast && sizes.size() == 4) {
+    strides[1] = 1;
+    strides[3] = std::max<int64_t>(sizes[1], 1);
+    strides[2] = strides[3] * std::max<int64_t>(sizes[3], 1);
+    strides[0] = strides[2] * std::max<int64_t>(sizes[2], 1);
+    return strides;
+  }
+  int64_t stride = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  return strides;
+}
+
+class CachingAllocator {
  public:
-  c10::DataPtr allocate(size_t bytes) override {
-    if (bytes < kMinCachedBytes || limit_ == 0) return c10::GetCPUAllocator()->allocate(bytes);
-    void* data = nullptr;
+  // A block of `bytes`: the most recently freed one of that size, else a fresh one.
+  void* allocate(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = free_.rbegin(); it != free_.rend(); ++it) {  // the most recently freed first
         if (it->bytes != bytes) continue;
-        data = it->data;
+        void* data = it->data;
         cached_ -= bytes;
         free_.erase(std::next(it).base());
-        break;
+        return data;
       }
     }
-    if (!data) {
-      TORCH_CHECK(posix_memalign(&data, kAlignment, bytes) == 0, "rmask: out of memory allocating ", bytes, " bytes");
-    }
-    return {data, new Block{data, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
+    void* data = nullptr;
+    RMASK_CHECK(posix_memalign(&data, kAlignment, bytes) == 0, "rmask: out of memory allocating ", bytes, " bytes");
+    return data;
   }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+  // Takes a block back; over the limit, the blocks freed longest ago go (sizes the current
+  // work no longer uses).
+  void release(void* data, size_t bytes) {
+    std::list<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.push_back({data, bytes});
+      cached_ += bytes;
+      while (cached_ > limit_) {
+        cached_ -= free_.front().bytes;
+        evicted.splice(evicted.end(), free_, free_.begin());
+      }
+    }
+    for (const auto& old : evicted) std::free(old.data);
+  }
 
   int64_t cached() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -60,8 +106,6 @@ class CachingAllocator final : public c10::Allocator {
     size_t bytes;
   };
 
-  static void release(void* context);
-
   std::mutex mutex_;
   std::list<Block> free_;  // in the order they were freed: the oldest go first when over the limit
   size_t cached_ = 0;
@@ -74,31 +118,19 @@ CachingAllocator& allocator() {
   return *instance;
 }
 
-void CachingAllocator::release(void* context) {
-  auto* block = static_cast<Block*>(context);
-  auto& self = allocator();
-  std::list<Block> evicted;
-  {
-    std::lock_guard<std::mutex> lock(self.mutex_);
-    self.free_.push_back(*block);
-    self.cached_ += block->bytes;
-    // Over the limit, the blocks freed longest ago go (sizes the current work no longer uses).
-    while (self.cached_ > self.limit_) {
-      self.cached_ -= self.free_.front().bytes;
-      evicted.splice(evicted.end(), self.free_, self.free_.begin());
-    }
-  }
-  for (const auto& old : evicted) std::free(old.data);
-  delete block;
-}
-
 }  // namespace
 
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat memory_format) {
-  if (options.device().type() != c10::DeviceType::CPU)
-    return at::empty(sizes, options.memory_format(memory_format));
-  return at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), memory_format);
+Tensor empty_output(IntArrayRef sizes, ScalarType dtype, MemoryFormat format) {
+  const Device cpu(torch::headeronly::DeviceType::CPU);
+  int64_t numel = 1;
+  for (const int64_t size : sizes) numel *= size;
+  const size_t bytes = static_cast<size_t>(numel) * element_size(dtype);
+  auto& cache = allocator();
+  if (bytes < kMinCachedBytes || cache.limit() == 0) return empty(sizes, dtype, cpu, format);
+  void* data = cache.allocate(bytes);
+  const auto strides = dense_strides(sizes, format);
+  return torch::stable::from_blob(data, sizes, IntArrayRef(strides), cpu, dtype,
+                                  [bytes](void* block) { allocator().release(block, bytes); });
 }
 
 int64_t output_cache_bytes() { return allocator().cached(); }

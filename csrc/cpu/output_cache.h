@@ -7,17 +7,18 @@
 // handed to the next, already mapped, as the CUDA caching allocator does on GPUs.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "../torch_stable.h"
 
 namespace rmask {
 namespace cpu {
 
-// at::empty(sizes, options with memory_format) on a caching allocator: blocks of at least
-// 1 MiB are kept when freed, up to RMASK_CPU_CACHE_MB megabytes in all (default 256; 0
-// turns caching off; over it, the blocks freed longest ago are released), and reused for a
-// request of exactly their size. Smaller tensors and other devices come from the default
-// allocator.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat memory_format);
+// empty(sizes, dtype, cpu, format) from a cache of blocks: blocks of at least 1 MiB are kept
+// when their tensor is freed, up to RMASK_CPU_CACHE_MB megabytes in all (default 256; 0 turns
+// caching off; over it, the blocks freed longest ago are released), and reused for a request
+// of exactly their size. Smaller tensors come from torch's allocator. A cached block reaches
+// torch as the storage of a from_blob tensor whose deleter hands it back: such a storage
+// cannot grow (resize_ past its size fails), as torch's own from_blob tensors cannot.
+Tensor empty_output(IntArrayRef sizes, ScalarType dtype, MemoryFormat format);
 
 // Bytes the cache holds now (free blocks only) and its limit.
 int64_t output_cache_bytes();

@@ -10,12 +10,9 @@
 // The backward pass reuses the same gathered columns: grad_weight = grad_out_kept @ columns^T,
 // grad_input = col2im(W^T @ grad_out_kept). Every output element is written by one thread in
 // a fixed order (no racy accumulation): exact and deterministic. Half and bfloat16 compute in
-// float (at::opmath_type), rounded once when the output is written.
+// float (opmath_t), rounded once when the output is written.
 
 #include "portable_kernels.h"
-
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -35,10 +32,10 @@ struct ChannelBlock {
   int64_t kept;              // how many: 0 for a fully masked pattern (no conv work, outputs 0 or residual)
 };
 
-std::vector<ChannelBlock> channel_blocks(const ConvGeometry& g, const at::Tensor& kept_offsets,
-                                         const at::Tensor& kept_positions) {
-  const int64_t* offsets = kept_offsets.data_ptr<int64_t>();
-  const int64_t* positions = kept_positions.data_ptr<int64_t>();
+std::vector<ChannelBlock> channel_blocks(const ConvGeometry& g, const Tensor& kept_offsets,
+                                         const Tensor& kept_positions) {
+  const int64_t* offsets = data<int64_t>(kept_offsets);
+  const int64_t* positions = data<int64_t>(kept_positions);
   std::vector<ChannelBlock> blocks;
   const int64_t out_channels_per_group = g.out_channels_per_group();
   for (int64_t pattern = 0; pattern < g.patterns; ++pattern) {
@@ -73,7 +70,7 @@ void gather_kept_columns(const scalar_t* x, const ConvGeometry& g, const Channel
   const int64_t in_channels_per_group = g.in_channels_per_group(), taps = g.kernel_h * g.kernel_w;
   const int64_t c_first = block.group * in_channels_per_group, row_length = images * block.kept;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_length));
-  at::parallel_for(0, in_channels_per_group * taps, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, in_channels_per_group * taps, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t c = r / taps, i = (r % taps) / g.kernel_w, j = r % g.kernel_w;
       const int64_t dh = i * g.dilation_h, dw = j * g.dilation_w;
@@ -98,7 +95,7 @@ void scatter_add_kept_columns(const scalar_t* grad_columns, const ConvGeometry& 
                               const KeptOrigins& origins, int64_t first_image, int64_t images, scalar_t* grad_x) {
   const int64_t in_channels_per_group = g.in_channels_per_group(), taps = g.kernel_h * g.kernel_w;
   const int64_t c_first = block.group * in_channels_per_group, row_length = images * block.kept;
-  at::parallel_for(0, images * in_channels_per_group, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, images * in_channels_per_group, 1, [&](int64_t begin, int64_t end) {
     for (int64_t image_channel = begin; image_channel < end; ++image_channel) {
       const int64_t n = image_channel / in_channels_per_group, c = image_channel % in_channels_per_group;
       scalar_t* plane = grad_x + ((first_image + n) * g.in_channels + c_first + c) * g.height * g.width;
@@ -119,9 +116,9 @@ void scatter_add_kept_columns(const scalar_t* grad_columns, const ConvGeometry& 
 // (contiguous or channels_last; position = h * W + w): n * image + c * channel + position * step.
 struct OutputLayout {
   int64_t image, channel, step;
-  OutputLayout(const ConvGeometry& g, at::MemoryFormat format) {
+  OutputLayout(const ConvGeometry& g, MemoryFormat format) {
     const int64_t hw = g.out_positions();
-    const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+    const bool channels_last = format == MemoryFormat::ChannelsLast;
     image = g.out_channels * hw;
     channel = channels_last ? 1 : hw;
     step = channels_last ? g.out_channels : 1;
@@ -171,7 +168,7 @@ void write_block_outputs(const acc_t* out, const acc_t* bias, const scalar_t* re
                          int64_t first_image, int64_t images, scalar_t* y) {
   const int64_t hw = g.out_positions(), row_length = images * block.kept;
   // Image-major, so that threads writing channels_last planes share few cache lines.
-  at::parallel_for(0, images * block.count, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, images * block.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(hw);
     for (int64_t image_channel = begin; image_channel < end; ++image_channel) {
       const int64_t n = image_channel / block.count, oc = image_channel % block.count;
@@ -192,7 +189,7 @@ template <typename scalar_t>
 void gather_kept_outputs(const scalar_t* grad_y, const ConvGeometry& g, const ChannelBlock& block,
                          int64_t first_image, int64_t images, scalar_t* dst) {
   const int64_t hw = g.out_positions(), row_length = images * block.kept;
-  at::parallel_for(0, block.count * images, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, block.count * images, 1, [&](int64_t begin, int64_t end) {
     for (int64_t channel_image = begin; channel_image < end; ++channel_image) {
       const int64_t oc = channel_image / images, n = channel_image % images;
       const scalar_t* src = grad_y + ((first_image + n) * g.out_channels + block.first + oc) * hw;
@@ -209,129 +206,161 @@ int64_t batch_chunk(const ConvGeometry& g, const ChannelBlock& block) {
 }
 
 // Half and bfloat16 run in float: the gathered GEMM and the col2im sums accumulate there.
-at::ScalarType compute_type(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+ScalarType compute_type(ScalarType t) {
+  return (t == ScalarType::Half || t == ScalarType::BFloat16) ? ScalarType::Float : t;
+}
+
+// f(scalar_t{}) with scalar_t the C++ type of a compute type (float or double).
+template <typename F>
+void dispatch_compute_type(ScalarType t, const F& f) {
+  if (t == ScalarType::Double) {
+    f(double{});
+  } else {
+    f(float{});
+  }
 }
 
 // `t` in `type`, contiguous (N, C, H, W): at most one copy, converting and relaying out together.
 // (Tensor::to with a memory format leaves a same-dtype tensor alone when its suggested format
-// matches, strided or not: hence the .contiguous(), then a no-op unless no copy was made.)
-at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType type) {
-  return t.to(type, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous).contiguous();
+// matches, strided or not: hence the contiguous(), then a no-op unless no copy was made.)
+Tensor contiguous_as(const Tensor& t, ScalarType type) {
+  return contiguous_or_self(rmask::to(t, type, MemoryFormat::Contiguous));
 }
+
+std::vector<int64_t> as_vector(IntArrayRef values) { return std::vector<int64_t>(values.begin(), values.end()); }
 
 }  // namespace
 
-at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& kept_offsets,
-                            const at::Tensor& kept_positions, const at::Tensor& residual, bool relu) {
+Tensor portable_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
+                        const std::optional<Tensor>& bias, const Tensor& kept_offsets, const Tensor& kept_positions,
+                        const Tensor& residual, bool relu) {
   // Output in the input's memory format and dtype, as F.conv2d returns it.
-  const auto format = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                                        : at::MemoryFormat::Contiguous;
-  auto y = at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, input.options().memory_format(format));
+  const auto format = suggest_memory_format(input);
+  auto y = empty({g.batch, g.out_channels, g.out_height, g.out_width}, input.scalar_type(), input.device(), format);
   if (y.numel() == 0) return y;
   const auto ctype = compute_type(input.scalar_type());
   // The gather reads (N, C, H, W) rows in the compute type: one conversion, none if the input is so already.
   const auto x = contiguous_as(input, ctype);
-  const auto w = contiguous_as(weight, ctype).view({g.out_channels, -1});
+  const auto w = rmask::view(contiguous_as(weight, ctype), {g.out_channels, -1});
   const bool has_bias = bias.has_value() && bias->defined();
-  const auto b = has_bias ? contiguous_as(*bias, ctype) : at::Tensor();
+  const auto b = has_bias ? contiguous_as(*bias, ctype) : Tensor();
   // Read in place where it already has the output's layout (the usual shortcut), else copied once.
-  const auto r = residual.defined() ? residual.contiguous(format) : at::Tensor();
+  const auto r = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
   const OutputLayout layout(g, format);
   const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
+  const int64_t columns_per_image = w.size(1);
   // One column buffer and one GEMM result buffer, sized for the largest block and reused.
   int64_t column_elements = 0, out_elements = 0;
   for (const auto& block : blocks) {
     const int64_t images = block.kept > 0 ? batch_chunk(g, block) : 0;
-    column_elements = std::max(column_elements, w.size(1) * images * block.kept);
+    column_elements = std::max(column_elements, columns_per_image * images * block.kept);
     out_elements = std::max(out_elements, block.count * images * block.kept);
   }
-  auto column_buffer = at::empty({column_elements}, x.options());
-  auto out_buffer = at::empty({out_elements}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "masked_conv2d_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* bias_data = has_bias ? b.data_ptr<acc_t>() : nullptr;
-    const scalar_t* residual_data = r.defined() ? r.data_ptr<scalar_t>() : nullptr;
+  auto column_buffer = empty({column_elements}, ctype, input.device());
+  auto out_buffer = empty({out_elements}, ctype, input.device());
+  RMASK_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d_forward_cpu", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    const acc_t* bias_data = has_bias ? data<acc_t>(b) : nullptr;
+    const scalar_t* residual_data = r.defined() ? data<scalar_t>(r) : nullptr;
+    scalar_t* y_data = data<scalar_t>(y);
     for (const auto& block : blocks) {
       if (block.kept == 0) {  // fully masked: no conv, the outputs are relu?(residual) or 0
         write_block_outputs<scalar_t, acc_t>(nullptr, bias_data, residual_data, relu, g, layout, block, 0, g.batch,
-                                             y.data_ptr<scalar_t>());
+                                             y_data);
         continue;
       }
       const KeptOrigins origins(g, block);
       const int64_t chunk = batch_chunk(g, block);
-      const auto w_block = w.narrow(0, block.first, block.count);
+      const auto w_block = rmask::narrow(w, 0, block.first, block.count);
       for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
         const int64_t images = std::min(chunk, g.batch - first_image);
-        auto columns = column_buffer.narrow(0, 0, w.size(1) * images * block.kept).view({w.size(1), images * block.kept});
-        gather_kept_columns(x.data_ptr<acc_t>(), g, block, origins, first_image, images, columns.data_ptr<acc_t>());
-        auto out = out_buffer.narrow(0, 0, block.count * images * block.kept).view({block.count, images * block.kept});
-        at::mm_out(out, w_block, columns);
-        write_block_outputs<scalar_t, acc_t>(out.data_ptr<acc_t>(), bias_data, residual_data, relu, g, layout, block,
-                                             first_image, images, y.data_ptr<scalar_t>());
+        const int64_t row_length = images * block.kept;
+        auto columns = rmask::view(rmask::narrow(column_buffer, 0, 0, columns_per_image * row_length),
+                                   {columns_per_image, row_length});
+        gather_kept_columns(data<acc_t>(x), g, block, origins, first_image, images, data<acc_t>(columns));
+        auto out = rmask::view(rmask::narrow(out_buffer, 0, 0, block.count * row_length), {block.count, row_length});
+        rmask::mm_out(out, w_block, columns);
+        write_block_outputs<scalar_t, acc_t>(data<acc_t>(out), bias_data, residual_data, relu, g, layout, block,
+                                             first_image, images, y_data);
       }
     }
   });
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(const ConvGeometry& g, const at::Tensor& grad_output,
-                                                                 const at::Tensor& relu_gate, const at::Tensor& input,
-                                                                 const at::Tensor& weight,
-                                                                 const at::Tensor& kept_offsets,
-                                                                 const at::Tensor& kept_positions,
-                                                                 std::array<bool, 3> output_mask) {
+std::tuple<Tensor, Tensor, Tensor> portable_backward(const ConvGeometry& g, const Tensor& grad_output,
+                                                     const Tensor& relu_gate, const Tensor& input, const Tensor& weight,
+                                                     const Tensor& kept_offsets, const Tensor& kept_positions,
+                                                     std::array<bool, 3> output_mask) {
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto ctype = compute_type(input.scalar_type());
+  const auto device = input.device();
   const auto x = contiguous_as(input, ctype);
-  const auto w = contiguous_as(weight, ctype).view({g.out_channels, -1});
+  const auto w = rmask::view(contiguous_as(weight, ctype), {g.out_channels, -1});
   const auto gy = contiguous_as(grad_output, ctype);
-  const auto gate = relu_gate.defined() ? contiguous_as(relu_gate, ctype) : at::Tensor();
+  const auto gate = relu_gate.defined() ? contiguous_as(relu_gate, ctype) : Tensor();
+  const int64_t columns_per_image = w.size(1);
 
-  auto grad_input = need_input ? at::zeros(x.sizes(), x.options()) : at::empty({0}, input.options());
-  auto grad_weight = need_weight ? at::zeros(w.sizes(), w.options()) : at::empty({0}, weight.options());
-  auto grad_bias = need_bias ? at::zeros({g.out_channels}, x.options()) : at::empty({0}, input.options());
+  auto grad_input = need_input ? zeros(x.sizes(), ctype, device) : empty({0}, input.scalar_type(), device);
+  auto grad_weight = need_weight ? zeros(w.sizes(), ctype, device) : empty({0}, weight.scalar_type(), device);
+  auto grad_bias = need_bias ? zeros({g.out_channels}, ctype, device) : empty({0}, input.scalar_type(), device);
 
   if (gy.numel() > 0 && (need_input || need_weight || need_bias)) {
     const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
-    AT_DISPATCH_FLOATING_TYPES(ctype, "masked_conv2d_backward_cpu", [&] {
+    dispatch_compute_type(ctype, [&](auto zero) {
+      using scalar_t = decltype(zero);
       for (const auto& block : blocks) {
         if (block.kept == 0) continue;  // fully masked: no gradient flows through
         const KeptOrigins origins(g, block);
         const int64_t chunk = batch_chunk(g, block);
-        const auto w_block = w.narrow(0, block.first, block.count);
+        const auto w_block = rmask::narrow(w, 0, block.first, block.count);
         for (int64_t first_image = 0; first_image < g.batch; first_image += chunk) {
           const int64_t images = std::min(chunk, g.batch - first_image);
-          auto gy_kept = at::empty({block.count, images * block.kept}, x.options());
-          gather_kept_outputs(gy.data_ptr<scalar_t>(), g, block, first_image, images, gy_kept.data_ptr<scalar_t>());
+          const int64_t row_length = images * block.kept, kept_elements = block.count * row_length;
+          auto gy_kept = empty({block.count, row_length}, ctype, device);
+          scalar_t* gy_kept_data = data<scalar_t>(gy_kept);
+          gather_kept_outputs(data<scalar_t>(gy), g, block, first_image, images, gy_kept_data);
           if (gate.defined()) {  // a fused ReLU's gate, gathered at the same kept outputs, then applied
-            auto gate_kept = at::empty_like(gy_kept);
-            gather_kept_outputs(gate.data_ptr<scalar_t>(), g, block, first_image, images,
-                                gate_kept.data_ptr<scalar_t>());
-            gy_kept.masked_fill_(gate_kept.gt(0).logical_not_(), 0);
+            std::vector<scalar_t> gate_kept(kept_elements);
+            gather_kept_outputs(data<scalar_t>(gate), g, block, first_image, images, gate_kept.data());
+            for (int64_t i = 0; i < kept_elements; ++i) {
+              if (!(gate_kept[i] > scalar_t(0))) gy_kept_data[i] = scalar_t(0);
+            }
           }
-          if (need_bias) grad_bias.narrow(0, block.first, block.count).add_(gy_kept.sum(1));
+          if (need_bias) {
+            const auto sums = rmask::sum(gy_kept, {1});
+            const scalar_t* sum_data = data<scalar_t>(sums);
+            scalar_t* grad_bias_data = data<scalar_t>(grad_bias) + block.first;
+            for (int64_t oc = 0; oc < block.count; ++oc) grad_bias_data[oc] += sum_data[oc];
+          }
           if (need_weight) {
-            auto columns = at::empty({w.size(1), images * block.kept}, x.options());
-            gather_kept_columns(x.data_ptr<scalar_t>(), g, block, origins, first_image, images,
-                                columns.data_ptr<scalar_t>());
-            grad_weight.narrow(0, block.first, block.count).addmm_(gy_kept, columns.t());
+            auto columns = empty({columns_per_image, row_length}, ctype, device);
+            gather_kept_columns(data<scalar_t>(x), g, block, origins, first_image, images, data<scalar_t>(columns));
+            const auto columns_t = torch::stable::transpose(columns, 0, 1);
+            auto grad_weight_rows = rmask::narrow(grad_weight, 0, block.first, block.count);
+            // The block's own rows (blocks partition the channels): the first chunk's product
+            // written, the others' added.
+            if (first_image == 0) {
+              rmask::mm_out(grad_weight_rows, gy_kept, columns_t);
+            } else {
+              const auto product = rmask::mm(gy_kept, columns_t);
+              const scalar_t* product_data = data<scalar_t>(product);
+              scalar_t* rows_data = data<scalar_t>(grad_weight_rows);
+              for (int64_t i = 0; i < block.count * columns_per_image; ++i) rows_data[i] += product_data[i];
+            }
           }
           if (need_input) {
-            const auto grad_columns = at::mm(w_block.t(), gy_kept);
-            scatter_add_kept_columns(grad_columns.data_ptr<scalar_t>(), g, block, origins, first_image, images,
-                                     grad_input.data_ptr<scalar_t>());
+            const auto grad_columns = rmask::mm(torch::stable::transpose(w_block, 0, 1), gy_kept);
+            scatter_add_kept_columns(data<scalar_t>(grad_columns), g, block, origins, first_image, images,
+                                     data<scalar_t>(grad_input));
           }
         }
       }
     });
   }
-  if (need_input) {
-    grad_input = grad_input.to(input.scalar_type(), /*non_blocking=*/false, /*copy=*/false, input.suggest_memory_format());
-  }
-  if (need_weight) grad_weight = grad_weight.view(weight.sizes()).to(weight.scalar_type());
-  if (need_bias) grad_bias = grad_bias.to(input.scalar_type());
+  if (need_input) grad_input = rmask::to(grad_input, input.scalar_type(), suggest_memory_format(input));
+  if (need_weight) grad_weight = rmask::to(rmask::view(grad_weight, as_vector(weight.sizes())), weight.scalar_type());
+  if (need_bias) grad_bias = rmask::to(grad_bias, input.scalar_type());
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -4,8 +4,6 @@
 // arguments and chooses.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <array>
 #include <optional>
 #include <tuple>
@@ -15,22 +13,19 @@
 namespace rmask {
 namespace cpu {
 
-// Called only from masked_conv2d_kernel.cpp: hidden (C10_HIDDEN), so that the library exports
-// its ops and not these.
-
 // relu?(mask * (conv + bias) + residual) (residual undefined: none), in the input's memory
 // format and dtype. kept_offsets and kept_positions: contiguous, checked (check_kept_index).
-C10_HIDDEN at::Tensor portable_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                                       const std::optional<at::Tensor>& bias, const at::Tensor& kept_offsets,
-                                       const at::Tensor& kept_positions, const at::Tensor& residual, bool relu);
+Tensor portable_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
+                        const std::optional<Tensor>& bias, const Tensor& kept_offsets, const Tensor& kept_positions,
+                        const Tensor& residual, bool relu);
 
 // (grad_input, grad_weight, grad_bias) of mask * conv, each an empty tensor where output_mask
 // does not ask for it; grad_output read at kept outputs only, and there zeroed where
 // relu_gate (defined: the forward's fused-ReLU output; undefined: no gate) is not > 0.
-C10_HIDDEN std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& relu_gate, const at::Tensor& input,
-    const at::Tensor& weight, const at::Tensor& kept_offsets, const at::Tensor& kept_positions,
-    std::array<bool, 3> output_mask);
+std::tuple<Tensor, Tensor, Tensor> portable_backward(const ConvGeometry& g, const Tensor& grad_output,
+                                                     const Tensor& relu_gate, const Tensor& input, const Tensor& weight,
+                                                     const Tensor& kept_offsets, const Tensor& kept_positions,
+                                                     std::array<bool, 3> output_mask);
 
 }  // namespace cpu
 }  // namespace rmask
