@@ -172,6 +172,8 @@ inline MemoryFormat suggest_memory_format(const Tensor& t) {
 }
 
 // ---- ATen ops, through the stable ABI ----------------------------------------------------------
+// Call these qualified, `rmask::view(...)`: argument-dependent lookup on a torch::stable::Tensor
+// also finds torch::stable's functions of the same names, and an unqualified call is ambiguous.
 
 namespace detail {
 // Calls the ATen op name.overload with `args` (every argument of its schema, defaults
@@ -201,8 +203,10 @@ inline Tensor to(const Tensor& t, ScalarType dtype, std::optional<MemoryFormat> 
   return torch::stable::to(t, dtype, std::nullopt, std::nullopt, std::nullopt, false, false, format);
 }
 
+// `t` itself when it already is contiguous in `format` (as ATen's contiguous), without the
+// round trip through the dispatcher.
 inline Tensor contiguous(const Tensor& t, MemoryFormat format = MemoryFormat::Contiguous) {
-  return torch::stable::contiguous(t, format);
+  return is_contiguous(t, format) ? t : torch::stable::contiguous(t, format);
 }
 
 inline Tensor permute(const Tensor& t, std::vector<int64_t> dims) {
@@ -229,18 +233,6 @@ inline Tensor mm(const Tensor& a, const Tensor& b) { return detail::call_op("ate
 // out = a @ b, into `out` (its size already right).
 inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
   detail::call_op("aten::mm", "out", a, b, out);
-}
-
-}  // namespace rmask
-
-// ---- Used by csrc/cpu -----------------------------------------------------------------------
-
-namespace rmask {
-
-// contiguous(t, format), without the round trip through the dispatcher when `t` already is
-// (what ATen's contiguous would return then: `t` itself).
-inline Tensor contiguous_or_self(const Tensor& t, MemoryFormat format = MemoryFormat::Contiguous) {
-  return is_contiguous(t, format) ? t : rmask::contiguous(t, format);
 }
 
 }  // namespace rmask

@@ -85,7 +85,7 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   const int64_t cout_pad = kernels->padded_channels(g.out_channels);
   // [kh][kw][Cin][Cout_pad]
   auto packed_weight = empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, ScalarType::Float, weight.device());
-  const auto w = contiguous_or_self(weight);
+  const auto w = rmask::contiguous(weight);
   const int64_t lanes = kernels->padded_channels(1), k_total = g.in_channels * g.kernel_h * g.kernel_w;
   torch::stable::parallel_for(0, (k_total + lanes - 1) / lanes, 1, [&](int64_t begin, int64_t end) {  // serially 20-50 us
     kernels->pack_position_weights(data<float>(w), g.out_channels, g.in_channels, g.kernel_h * g.kernel_w,
@@ -95,12 +95,12 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   const bool has_bias = bias.has_value() && bias->defined();
   std::vector<float> padded_bias(has_bias ? cout_pad : 0, 0.0f);  // ATen's pad is a clone even with no padding: ~15 us
   if (has_bias) {
-    const auto b = contiguous_or_self(*bias);
+    const auto b = rmask::contiguous(*bias);
     std::copy_n(data<float>(b), g.out_channels, padded_bias.begin());
   }
   const auto format = suggest_memory_format(input);
   auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, ScalarType::Float, format);
-  const auto residual_as_y = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
+  const auto residual_as_y = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
   auto partial = channel_sums ? zeros({row_chunks(g.batch), 2, g.out_channels}, ScalarType::Double, input.device())
                               : Tensor();
   const int64_t scratch_size = (x_strides.c == 1 ? 0 : g.height * g.width * g.in_channels) +
@@ -261,11 +261,11 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   const auto vector_geometry = batch_vector_geometry(g);
   const auto x = addressable(input);
   const auto forward_weight = rmask::contiguous(rmask::permute(weight, {0, 2, 3, 1}));  // [Cout][kh][kw][Cin]
-  const auto b = (bias.has_value() && bias->defined()) ? contiguous_or_self(*bias) : Tensor();
+  const auto b = (bias.has_value() && bias->defined()) ? rmask::contiguous(*bias) : Tensor();
   // Every element is written by the kernel (masked ones as zeros).
   const auto format = suggest_memory_format(input);
   auto y = empty_output({g.batch, g.out_channels, g.out_height, g.out_width}, ScalarType::Float, format);
-  const auto residual_as_y = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
+  const auto residual_as_y = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
   const int64_t slots = panel_ring_rows(vector_geometry);
   auto partial = channel_sums ? zeros({row_chunks(g.out_height), 2, g.out_channels}, ScalarType::Double, input.device())
                               : Tensor();

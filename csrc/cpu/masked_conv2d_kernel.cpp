@@ -69,8 +69,8 @@ struct CheckedIndex {
 
 CheckedIndex checked_index(const ConvGeometry& g, const Tensor& kept_offsets, const Tensor& kept_positions,
                            const Tensor& position_offsets, const Tensor& position_channels) {
-  CheckedIndex index{contiguous_or_self(kept_offsets), contiguous_or_self(kept_positions),
-                     contiguous_or_self(position_offsets), contiguous_or_self(position_channels)};
+  CheckedIndex index{rmask::contiguous(kept_offsets), rmask::contiguous(kept_positions),
+                     rmask::contiguous(position_offsets), rmask::contiguous(position_channels)};
   check_kept_index(g, index.offsets, index.positions, index.position_offsets, index.position_channels);
   return index;
 }

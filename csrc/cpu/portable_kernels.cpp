@@ -224,7 +224,7 @@ void dispatch_compute_type(ScalarType t, const F& f) {
 // (Tensor::to with a memory format leaves a same-dtype tensor alone when its suggested format
 // matches, strided or not: hence the contiguous(), then a no-op unless no copy was made.)
 Tensor contiguous_as(const Tensor& t, ScalarType type) {
-  return contiguous_or_self(rmask::to(t, type, MemoryFormat::Contiguous));
+  return rmask::contiguous(rmask::to(t, type, MemoryFormat::Contiguous));
 }
 
 std::vector<int64_t> as_vector(IntArrayRef values) { return std::vector<int64_t>(values.begin(), values.end()); }
@@ -245,7 +245,7 @@ Tensor portable_forward(const ConvGeometry& g, const Tensor& input, const Tensor
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? contiguous_as(*bias, ctype) : Tensor();
   // Read in place where it already has the output's layout (the usual shortcut), else copied once.
-  const auto r = residual.defined() ? contiguous_or_self(residual, format) : Tensor();
+  const auto r = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
   const OutputLayout layout(g, format);
   const auto blocks = channel_blocks(g, kept_offsets, kept_positions);
   const int64_t columns_per_image = w.size(1);
