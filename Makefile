@@ -149,11 +149,11 @@ abi-check: $(VENV)/.stamp-deps $(CUDA_VENV)/.stamp-deps
 	$(PIP) wheel --no-build-isolation --no-deps -w $(ABI_WHEEL_DIR) .
 	$(CUDA_PIP) install --no-deps --force-reinstall $(ABI_WHEEL_DIR)/rmask_kernels-*+cpu-cp310-abi3-*.whl
 	cd build && ../$(CUDA_PY) -c "import torch, rmask_kernels as rk; from rmask_kernels import _C; \
-	  print('abi-check: wheel built with', '$$($(PY) -c 'import torch; print(torch.__version__)')', \
+	  print('abi-check: wheel built with', '$$($(abspath $(PY)) -c 'import torch; print(torch.__version__)')', \
 	  '-> runs with torch', torch.__version__, rk.available_backends(), _C.__file__)"
-	RMASK_PARITY_BACKENDS=reference,cpu $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
+	RMASK_TEST_INSTALLED=1 RMASK_PARITY_BACKENDS=reference,cpu $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
 	  tests/test_stable_abi.py tests/test_parity.py tests/test_cpu_kernels.py tests/test_functional.py \
-	  tests/test_nn.py tests/test_schemas.py tests/test_wheel_version.py $(PYTEST_ARGS)
+	  tests/test_layers.py tests/test_autocast.py tests/test_schemas.py tests/test_wheel_version.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info rmask_kernels/*.so

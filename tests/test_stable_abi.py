@@ -2,6 +2,7 @@
 undefined symbols is a C++ symbol of ATen, c10 or torch (which would tie it to one torch
 release). Run on the extension this Python imports (the installed build under test)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -37,3 +38,16 @@ def test_no_libtorch_cpp_symbol_is_undefined(extension_symbols):
 def test_it_calls_the_stable_shim(extension_symbols):
     # The symbols it does take from torch are the C shim's (aoti_torch_*, torch_*).
     assert any(re.search(r"\b(aoti_torch|torch)_\w+$", line) for line in extension_symbols), extension_symbols[:20]
+
+
+def test_the_package_under_test_is_the_installed_one():
+    """make abi-check sets RMASK_TEST_INSTALLED=1: its tests must exercise the wheel installed in
+    that venv, never the source tree's build."""
+    if os.environ.get("RMASK_TEST_INSTALLED") != "1":
+        pytest.skip("only under make abi-check (RMASK_TEST_INSTALLED=1)")
+    import rmask_kernels
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.dirname(os.path.abspath(rmask_kernels.__file__))
+    assert package != os.path.join(root, "rmask_kernels"), package
+    assert os.path.basename(os.path.dirname(package)) == "site-packages", package
