@@ -119,7 +119,7 @@ wheel-cuda: $(CUDA_VENV)/.stamp-deps
 # so the installed wheel is imported, not the source tree.
 cuda-check: wheel-cuda
 	$(CUDA_PIP) install --no-deps --force-reinstall "$$(ls -t dist/rmask_kernels-*+cu*-abi3-*.whl | head -1)"
-	cd build && $(CUDA_ENV) ../$(CUDA_PY) ../tests/cuda/check_cuda_build.py
+	cd build && $(CUDA_ENV) $(abspath $(CUDA_PY)) ../tests/cuda/check_cuda_build.py
 	$(CUDA_ENV) $(CUDA_PY) tests/cuda/build_host_emulation.py
 	RMASK_PARITY_BACKENDS=reference,cpu,cuda,cuda-emulation $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
 	  tests/cuda tests/test_parity.py tests/test_functional.py tests/test_cpu_kernels.py tests/test_schemas.py \
@@ -135,7 +135,7 @@ cmake-check-cuda: $(CUDA_VENV)/.stamp-deps
 	  -DCMAKE_MAKE_PROGRAM=$(abspath $(CUDA_VENV))/bin/ninja \
 	  -DCMAKE_PREFIX_PATH="$$($(CUDA_PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	$(CUDA_ENV) $(CUDA_VENV)/bin/cmake --build build/cmake-cuda
-	cd build/cmake-cuda && ../../$(CUDA_VENV)/bin/ctest --output-on-failure
+	cd build/cmake-cuda && $(abspath $(CUDA_VENV))/bin/ctest --output-on-failure
 	$(CUDA_ENV) $(CUDA_PY) tests/cuda/check_cuda_build.py --library build/cmake-cuda/librmask_kernels.so
 
 # One CPU wheel, two torch releases: build it ONCE against .venv's torch (2.13), install that
@@ -148,7 +148,7 @@ abi-check: $(VENV)/.stamp-deps $(CUDA_VENV)/.stamp-deps
 	rm -rf $(ABI_WHEEL_DIR)
 	$(PIP) wheel --no-build-isolation --no-deps -w $(ABI_WHEEL_DIR) .
 	$(CUDA_PIP) install --no-deps --force-reinstall $(ABI_WHEEL_DIR)/rmask_kernels-*+cpu-cp310-abi3-*.whl
-	cd build && ../$(CUDA_PY) -c "import torch, rmask_kernels as rk; from rmask_kernels import _C; \
+	cd build && $(abspath $(CUDA_PY)) -c "import torch, rmask_kernels as rk; from rmask_kernels import _C; \
 	  print('abi-check: wheel built with', '$$($(abspath $(PY)) -c 'import torch; print(torch.__version__)')', \
 	  '-> runs with torch', torch.__version__, rk.available_backends(), _C.__file__)"
 	RMASK_TEST_INSTALLED=1 RMASK_PARITY_BACKENDS=reference,cpu $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
