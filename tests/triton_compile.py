@@ -1,13 +1,20 @@
 """Compile every Triton kernel for a GPU target without a GPU (Triton's ahead-of-time path:
 ttir -> ttgir -> llir -> ptx -> cubin with the bundled ptxas). The interpreter runs the kernels'
 logic on CPU tensors but never lowers them, so this catches what only the GPU compiler rejects.
+Each compiled kernel prints one line with its resource usage as the bundled cuobjdump reads it
+from the cubin: `KERNEL DTYPE sm_XX regs=N stack=M` (stack: bytes of local memory per thread,
+the registers spilled); --max-stack M fails listing every kernel with a larger stack.
 
-    python tests/triton_compile.py [--arch 90] [--all]
+    python tests/triton_compile.py [--arch 90] [--all] [--max-stack 0]
 
 Run with TRITON_INTERPRET unset (tests/test_triton.py does, in a subprocess)."""
 
 import argparse
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 from rmask_kernels.triton import interpreting  # imports no triton
@@ -60,11 +67,27 @@ def jobs(everything):
         yield grad_input_kernels.grad_input_gather_kernel, dict(MASK_PER_CHANNEL=per_channel, **blocks)
 
 
+def resource_usage(cubin):
+    """(registers, stack bytes) of the one kernel in `cubin`, read by Triton's bundled cuobjdump."""
+    cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", file.name], check=True, capture_output=True,
+                              text=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    assert usage, f"no resource usage in cuobjdump's output: {text}"
+    return int(usage.group(1)), int(usage.group(2))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     parser.add_argument("--all", action="store_true", help="every variant, fp32 and fp16 too (default: bf16, a few)")
+    parser.add_argument("--max-stack", type=int, default=None,
+                        help="fail if a kernel uses more bytes of stack (spilled registers) than this")
     args = parser.parse_args(argv)
+    over = []
     target = GPUTarget("cuda", args.arch, 32)
     for dtype in ("bf16", "fp32", "fp16") if args.all else ("bf16",):
         precision = "ieee" if dtype == "fp32" else "tf32"
@@ -75,7 +98,15 @@ def main(argv=None):
             compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs), target=target,
                                       options=dict(num_warps=common.NUM_WARPS))
             assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
-            print(f"compiled {fn.__name__} {dtype} sm_{args.arch} in {time.perf_counter() - start:.1f}s", flush=True)
+            registers, stack = resource_usage(compiled.asm["cubin"])
+            variant = ",".join(f"{name}={value}" for name, value in sorted(constexprs.items())
+                               if name not in ("KH", "KW", "INTERPRETER", "PRECISION"))
+            line = f"{fn.__name__} {dtype} sm_{args.arch} regs={registers} stack={stack}"
+            print(f"{line} [{variant}] ({time.perf_counter() - start:.1f}s)", flush=True)
+            if args.max_stack is not None and stack > args.max_stack:
+                over.append(f"{line} [{variant}]")
+    if over:
+        sys.exit(f"{len(over)} kernel(s) with more than {args.max_stack} bytes of stack:\n" + "\n".join(over))
     print("ok")
 
 
