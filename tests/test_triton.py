@@ -84,6 +84,7 @@ def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
     # across patterns), several channel blocks per position, input-channel blocks (20 > 16)
     # and a multi-chunk grad-weight reduction.
     for module, name, value in ((common, "BLOCK_M", 16), (common, "BLOCK_N", 16), (common, "BLOCK_K", 16),
+                                (common, "TF32_BLOCK_K", 16), (common, "FMA_BLOCK_K", 16),
                                 (backward, "WEIGHT_CHUNK", 32)):
         monkeypatch.setattr(module, name, value)
     check_forward_and_backward(*case((2, 20, 5, 6, 48, 3, 1, 1, 1, 1), mode, group_size and group_size * 3 // 2))
@@ -288,14 +289,29 @@ def test_benchmark_shapes_cuda(mode, group_size):
     check_forward_and_backward(x, weight, bias, mask, conv_args, tolerance=dict(rtol=1e-3, atol=1e-3))
 
 
-def test_kernels_compile_for_a_gpu():
-    # The interpreter never lowers the kernels: compile each for sm_90 (no GPU needed), in a
-    # process where they are defined for the GPU. Triton's cache (keyed by the kernels' source)
-    # makes a rerun of unchanged kernels quick; a changed kernel compiles again.
-    result = python_subprocess([str(ROOT / "tests" / "triton_compile.py")],
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_a_gpu_without_spilling(arch):
+    # The interpreter never lowers the kernels: compile each (bf16 and strict fp32, the most
+    # demanding variants, the launchers' block sizes) for sm_80 and sm_90 (no GPU needed), in a
+    # process where they are defined for the GPU, and require 0 bytes of stack: no kernel spills
+    # registers. Triton's cache (keyed by the kernels' source) makes a rerun of unchanged
+    # kernels quick; a changed kernel compiles again.
+    result = python_subprocess([str(ROOT / "tests" / "triton_compile.py"), "--arch", str(arch), "--max-stack", "0"],
                                env={"TRITON_INTERPRET": None, "TRITON_DEFAULT_FP_FUSION": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert result.stdout.count("compiled ") >= 4 and result.stdout.rstrip().endswith("ok")
+    lines = [line for line in result.stdout.splitlines() if " regs=" in line]
+    assert len(lines) == 20 and all(f" sm_{arch} " in line and " stack=0 " in line for line in lines), lines
+    assert result.stdout.rstrip().endswith("ok")
+
+
+def test_wide_index_from_the_largest_offset():
+    # int32 offsets unless an offset into some tensor reaches 2**31 (meta tensors: no memory).
+    small = torch.empty(2, 3, 4, 5, device="meta")
+    assert not common.wide_index(small, None, torch.empty(0, device="meta"))
+    assert common.wide_index(small, torch.empty(2**31, device="meta"))
+    assert not common.wide_index(torch.empty(2**31 - 1, device="meta"))
+    # Offsets reach past numel through strides: a view of a larger tensor (1 + 1 * 2**31).
+    assert common.wide_index(torch.empty_strided((2, 1), (2**31, 1), device="meta"))
 
 
 def test_gpu_benchmark_table():

@@ -107,8 +107,19 @@ class _Launch:
         gate = grad_output if relu_output is None else relu_output
         self.gate_args = (gate, *gate.stride())
         self.conv_params = conv_params
-        self.options = dict(options, GATED=relu_output is not None)
+        # WIDE (int64 offsets) from the tensors every kernel reads; the buffers a kernel writes
+        # are either shaped as one of them (grad input) or checked at their launch (partials).
+        self.options = dict(options, GATED=relu_output is not None,
+                            WIDE=common.wide_index(grad_output, relu_output, input, weight, mask, *index))
         self.positions = geometry.out_height * geometry.out_width
+        # BLOCK_K of the grad-input kernels (tl.dot's K there), and the register options of
+        # every kernel but the pairs' (whose dot, over up to BLOCK_M images, fits without).
+        self.reduction_block = common.reduction_block(input.dtype, options["PRECISION"])
+        self.registers = common.register_options(input.dtype, options["PRECISION"])
+
+    def _options_writing(self, buffer):
+        """The kernel options for a launch that also writes `buffer`."""
+        return dict(self.options, WIDE=self.options["WIDE"] or common.wide_index(buffer))
 
     # -- grad input -------------------------------------------------------------------------
 
@@ -127,7 +138,7 @@ class _Launch:
         geometry = self.geometry
         grad_input = torch.empty_like(self.input, memory_format=memory_format)
         block_m = min(common.BLOCK_M, max(16, triton.next_power_of_2(geometry.batch)))
-        block_k = min(common.BLOCK_K,
+        block_k = min(self.reduction_block,
                       max(16, triton.next_power_of_2(triton.cdiv(self.position_channels.numel(), self.positions))))
         grid = (geometry.height * geometry.width, triton.cdiv(geometry.batch, block_m),
                 triton.cdiv(geometry.in_channels, common.BLOCK_N))
@@ -136,7 +147,7 @@ class _Launch:
             geometry.batch, geometry.in_channels, geometry.height, geometry.width, geometry.out_height,
             geometry.out_width, *self.conv_params, *self.grad_output.stride(), *self.gate_args, *self.weight.stride(),
             *grad_input.stride(), KH=geometry.kernel_h, KW=geometry.kernel_w,
-            BLOCK_M=block_m, BLOCK_N=common.BLOCK_N, BLOCK_K=block_k, **self.options,
+            BLOCK_M=block_m, BLOCK_N=common.BLOCK_N, BLOCK_K=block_k, **self.options, **self.registers,
         )
         return grad_input
 
@@ -154,7 +165,8 @@ class _Launch:
                     geometry.batch, count, kh, kw, geometry.height, geometry.width, geometry.out_width,
                     geometry.cin_per_group, geometry.cout_per_group, *self.conv_params,
                     *self.grad_output.stride(), *self.gate_args, *self.weight.stride(), *grad_input.stride(),
-                    BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **self.options,
+                    BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N,
+                    BLOCK_K=self.reduction_block, **self.options, **self.registers,
                 )
         return grad_input.to(self.input.dtype)
 
@@ -170,7 +182,8 @@ class _Launch:
             geometry.cin_per_group, geometry.cout_per_group, *self.conv_params,
             *self.grad_output.stride(), *self.gate_args, *self.weight.stride(), *grad_input.stride(),
             KH=geometry.kernel_h, KW=geometry.kernel_w, MASK_PER_CHANNEL=self.mask.shape[0] > 1,
-            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **self.options,
+            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=self.reduction_block,
+            **self.options, **self.registers,
         )
         return grad_input
 
@@ -199,7 +212,7 @@ class _Launch:
             geometry.batch, reduce_size, geometry.height, geometry.width, geometry.out_width, *self.conv_params,
             *self.input.stride(), *self.grad_output.stride(), *self.gate_args,
             KH=geometry.kernel_h, KW=geometry.kernel_w,
-            BLOCK_M=block_m, BLOCK_N=block_images, BLOCK_K=common.BLOCK_K, **self.options,
+            BLOCK_M=block_m, BLOCK_N=block_images, BLOCK_K=common.BLOCK_K, **self._options_writing(pair_rows),
         )
         grad_weight = torch.empty(self.weight.shape, dtype=torch.float32, device=self.input.device)
         grad_weight_sum_pairs_kernel[(geometry.out_channels, triton.cdiv(reduce_size, common.BLOCK_K))](
@@ -238,7 +251,8 @@ class _Launch:
             self.positions if self.mask.shape[0] > 1 else 0,
             KH=geometry.kernel_h, KW=geometry.kernel_w, PATTERN_BLOCK=pattern_block(patterns),
             ALL_POSITIONS=all_positions,
-            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **self.options,
+            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **self._options_writing(partial),
+            **self.registers,
         )
         # Second stage: the chunks' fp32 partials summed in a fixed order.
         return partial.sum(0).view(self.weight.shape).to(self.weight.dtype)

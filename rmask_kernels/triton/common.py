@@ -19,11 +19,16 @@ from . import interpreting
 INTERPRET = interpreting()
 
 # The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks.
-# On a GPU one fixed configuration, untuned (benchmarks/gpu_times.py measures the kernels).
+# On a GPU one fixed configuration, untuned (benchmarks/gpu_times.py measures the kernels),
+# chosen so that every kernel compiles without spilling registers for sm_80 and sm_90
+# (tests/triton_compile.py --max-stack 0): a 64 x 64 fp32 accumulator on 8 warps, and a
+# reduction block (reduction_block) that shrinks with the operands' registers: 32 for 16-bit
+# operands, 16 for TF32 dots, 8 for strict fp32 (FMA dots, no tensor cores), whose launches
+# also let ptxas use every register (register_options).
 if INTERPRET:
-    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 128, 64, 32, 4
+    BLOCK_M, BLOCK_N, BLOCK_K, TF32_BLOCK_K, FMA_BLOCK_K, NUM_WARPS = 128, 64, 32, 32, 32, 4
 else:
-    BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 64, 32, 4
+    BLOCK_M, BLOCK_N, BLOCK_K, TF32_BLOCK_K, FMA_BLOCK_K, NUM_WARPS = 64, 64, 32, 16, 8, 8
 
 # Channels per mask pattern from which the by-pattern kernels fill a tile's N dimension well
 # enough; below it (neuron masks, small groups) the by-position kernels take the kept channels
@@ -31,6 +36,41 @@ else:
 MIN_PATTERN_CHANNELS = 16
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Element offsets from here on need 64 bits.
+INT32_LIMIT = 2**31
+
+
+def wide_index(*tensors):
+    """The constexpr WIDE every GEMM kernel takes: whether an element offset into one of
+    `tensors` (None: absent) can reach INT32_LIMIT, so that the kernels compute offsets in int64;
+    otherwise in int32 (fewer registers: the kernels' offsets fit, and so do their integer
+    arguments, which Triton then passes as int32)."""
+    for tensor in tensors:
+        if tensor is None or tensor.numel() == 0:
+            continue
+        span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+        if max(span, tensor.numel()) >= INT32_LIMIT:
+            return True
+    return False
+
+
+def reduction_block(dtype, precision):
+    """BLOCK_K of the kernels whose BLOCK_K is tl.dot's K (the forward's and the grad input's)
+    for operands of `dtype` and the dot's `precision` (dot_options); the grad-weight kernels'
+    BLOCK_K is a dimension of their output and stays BLOCK_K."""
+    if dtype != torch.float32:
+        return BLOCK_K
+    return TF32_BLOCK_K if precision == "tf32" else FMA_BLOCK_K
+
+
+def register_options(dtype, precision):
+    """Launch options on registers: strict fp32 (FMA dots) sets maxnreg to the whole register
+    file (255), as ptxas left to itself caps some of these kernels at 128 registers on sm_90
+    and spills; other dots need none."""
+    if INTERPRET or dtype != torch.float32 or precision != "ieee":
+        return {}
+    return dict(maxnreg=255)
 
 
 def dot_options(dtype):
@@ -53,6 +93,16 @@ def cast(value, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
         result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         result = value.to(dtype)
+    return result
+
+
+@triton.jit
+def offsets(value, WIDE: tl.constexpr):
+    """Integer `value` as the kernels' offset type: int64 when WIDE (wide_index), else int32."""
+    if WIDE:
+        result = value.to(tl.int64)
+    else:
+        result = value.to(tl.int32)
     return result
 
 

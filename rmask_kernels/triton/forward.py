@@ -62,9 +62,11 @@ def masked_conv2d_forward(input, weight, bias, mask, kept_offsets, kept_position
         KH=geometry.kernel_h, KW=geometry.kernel_w, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         RELU=bool(relu), STATS=bool(channel_stats), num_warps=common.NUM_WARPS, **common.dot_options(input.dtype),
     )
+    constexprs.update(common.register_options(input.dtype, constexprs["PRECISION"]))
     conv_params = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     strides = (*input.stride(), *weight.stride(), *residual_arg.stride(), *output.stride())
     positions = geometry.out_height * geometry.out_width
+    block_k = common.reduction_block(input.dtype, constexprs["PRECISION"])  # tl.dot's K
 
     variant = forward_variant(geometry)
     if variant == "by_position":
@@ -77,12 +79,13 @@ def masked_conv2d_forward(input, weight, bias, mask, kept_offsets, kept_position
         grid = (positions, image_blocks, triton.cdiv(geometry.out_channels, block_n))
         partial_sums, partial_squares = _stats_partials(channel_stats, positions * image_blocks,
                                                         geometry.out_channels, input.device)
+        constexprs["WIDE"] = common.wide_index(input, weight, residual_arg, output, partial_sums, *index)
         forward_by_position_kernel[grid](
             input, weight, bias_arg, residual_arg, output, partial_sums, partial_squares,
             position_offsets, position_channels,
             geometry.batch, image_blocks, geometry.out_channels, geometry.in_channels, geometry.height,
             geometry.width, geometry.out_width, *conv_params, *strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=common.BLOCK_K, **constexprs,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **constexprs,
         )
     else:
         all_positions = variant == "all_positions"
@@ -92,6 +95,7 @@ def masked_conv2d_forward(input, weight, bias, mask, kept_offsets, kept_position
         segments, num_segments = channel_segments(
             patterns, geometry.out_channels // patterns, geometry.cout_per_group, common.BLOCK_N, str(input.device))
         partial_sums, partial_squares = _stats_partials(channel_stats, tiles, geometry.out_channels, input.device)
+        constexprs["WIDE"] = common.wide_index(input, weight, residual_arg, output, mask, partial_sums, *index)
         forward_by_pattern_kernel[(tiles, num_segments)](
             input, weight, bias_arg, residual_arg, output, mask.contiguous().view(torch.uint8), partial_sums,
             partial_squares, kept_offsets, kept_positions, tile_ends, segments,
@@ -99,7 +103,8 @@ def masked_conv2d_forward(input, weight, bias, mask, kept_offsets, kept_position
             geometry.cin_per_group, geometry.cout_per_group, geometry.height, geometry.width, geometry.out_width,
             *conv_params, *strides, positions if mask.shape[0] > 1 else 0,
             PATTERN_BLOCK=pattern_block(patterns), ALL_POSITIONS=all_positions,
-            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **constexprs,
+            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=block_k,
+            **constexprs,
         )
     if channel_stats:
         # fp32 partials per tile, then one float64 sum over the tiles in a fixed order.

@@ -18,26 +18,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import cast
+from .common import cast, offsets
 from .tiles import tile_channels
 
 
 @triton.jit
-def _dot_tap(acc, a_rows, a_ok, xs_c, w_tap, channel, col_ok, channels, ws_o, ws_i,
+def _dot_tap(acc, x_ptr, a_rows, a_ok, xs_c, w_ptr, b_cols, col_ok, channels, ws_i,
              INTERPRETER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += input rows (a_rows: each row's pixel of this tap, a_ok: inside the image) times the
-    tap's weights (w_tap) of `channel`, over `channels` input channels in blocks of BLOCK_K."""
+    """acc += input rows (a_rows: the offset of each row's pixel of this tap at its group's first
+    channel, a_ok: inside the image) times the tap's weights (b_cols: the offset of each column's
+    weights of this tap), over `channels` input channels in blocks of BLOCK_K. The offset tiles
+    are built once and advanced by a block per step, as in a plain GEMM."""
     ks = tl.arange(0, BLOCK_K)
+    a_offsets = a_rows[:, None] + ks[None, :] * xs_c
+    b_offsets = b_cols[None, :] + ks[:, None] * ws_i
     for c0 in range(0, channels, BLOCK_K):
-        ci = c0 + ks
-        ci_ok = ci < channels
-        a = tl.load(a_rows[:, None] + ci[None, :] * xs_c, mask=a_ok[:, None] & ci_ok[None, :], other=0.0)
-        b = tl.load(w_tap + channel[None, :] * ws_o + ci[:, None] * ws_i, mask=ci_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        ci_ok = ks < channels - c0
+        a = tl.load(x_ptr + a_offsets, mask=a_ok[:, None] & ci_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + b_offsets, mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
         if INTERPRETER:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_offsets += BLOCK_K * xs_c
+        b_offsets += BLOCK_K * ws_i
     return acc
 
 
@@ -72,29 +76,34 @@ def forward_by_pattern_kernel(
     rs_n, rs_c, rs_h, rs_w, os_n, os_c, os_h, os_w, mask_channel_stride,
     KH: tl.constexpr, KW: tl.constexpr, PATTERN_BLOCK: tl.constexpr, ALL_POSITIONS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    tile = tl.program_id(0).to(tl.int64)
-    segment = tl.program_id(1).to(tl.int64)
+    tile = offsets(tl.program_id(0), WIDE)
+    segment = offsets(tl.program_id(1), WIDE)
     local_tile, position_start, count, group, channel, col_ok = tile_channels(
         tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr, num_patterns, num_segments, rows_per_image,
         cout_per_group, PATTERN_BLOCK, BLOCK_N)
     if tl.max(col_ok.to(tl.int32), axis=0) == 0:
         return
+    count = offsets(count, WIDE)
+    group = offsets(group, WIDE)
+    channel = offsets(channel, WIDE)
 
-    rows = local_tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = offsets(local_tile, WIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < batch * count
     image = rows // count
     i = rows % count
     if ALL_POSITIONS:  # every position a row; the mask predicates the stores
         position = i
     else:
-        position = tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0)
+        position = offsets(tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0), WIDE)
     oh = position // out_width
     ow = position % out_width
 
-    x_image = x_ptr + image * xs_n + (group * cin_per_group) * xs_c
+    # Per row and per column, what no tap changes; each tap adds its own terms.
+    x_rows = image * xs_n + (group * cin_per_group) * xs_c
+    w_cols = channel * ws_o
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(KH * KW):
         kh = tap // KW
@@ -102,16 +111,16 @@ def forward_by_pattern_kernel(
         ih = oh * stride_h - pad_h + kh * dilation_h
         iw = ow * stride_w - pad_w + kw * dilation_w
         ok = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-        acc = _dot_tap(acc, x_image + ih * xs_h + iw * xs_w, ok, xs_c, w_ptr + kh * ws_h + kw * ws_w, channel,
-                       col_ok, cin_per_group, ws_o, ws_i, INTERPRETER, PRECISION, BLOCK_K)
+        acc = _dot_tap(acc, x_ptr, x_rows + ih * xs_h + iw * xs_w, ok, xs_c, w_ptr, w_cols + kh * ws_h + kw * ws_w,
+                       col_ok, cin_per_group, ws_i, INTERPRETER, PRECISION, BLOCK_K)
 
     keep = row_ok[:, None] & col_ok[None, :]
     if ALL_POSITIONS:
-        kept = tl.load(mask_ptr + channel[None, :] * mask_channel_stride + position[:, None], mask=keep, other=0)
+        kept = tl.load(mask_ptr + (channel[None, :] * mask_channel_stride + position[:, None]), mask=keep, other=0)
         keep = keep & (kept != 0)
     _epilogue(acc, keep, channel, col_ok, bias_ptr, sums_ptr + tile * out_channels, squares_ptr + tile * out_channels,
-              residual_ptr + image[:, None] * rs_n + channel[None, :] * rs_c + (oh * rs_h + ow * rs_w)[:, None],
-              out_ptr, image[:, None] * os_n + channel[None, :] * os_c + (oh * os_h + ow * os_w)[:, None],
+              residual_ptr + ((image * rs_n + oh * rs_h + ow * rs_w)[:, None] + channel[None, :] * rs_c),
+              out_ptr, (image * os_n + oh * os_h + ow * os_w)[:, None] + channel[None, :] * os_c,
               HAS_BIAS, HAS_RESIDUAL, RELU, STATS, INTERPRETER)
 
 
@@ -125,38 +134,41 @@ def forward_by_position_kernel(
     rs_n, rs_c, rs_h, rs_w, os_n, os_c, os_h, os_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    position = tl.program_id(0).to(tl.int64)
-    image_block = tl.program_id(1).to(tl.int64)
-    channel_block = tl.program_id(2).to(tl.int64)
+    position = offsets(tl.program_id(0), WIDE)
+    image_block = offsets(tl.program_id(1), WIDE)
+    channel_block = offsets(tl.program_id(2), WIDE)
     start = tl.load(position_offsets_ptr + position)
-    count = tl.load(position_offsets_ptr + position + 1) - start
+    count = offsets(tl.load(position_offsets_ptr + position + 1) - start, WIDE)
     if channel_block * BLOCK_N >= count:
         return
     cols = channel_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < count
-    channel = tl.load(position_channels_ptr + start + cols, mask=col_ok, other=0)
-    image = image_block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    channel = offsets(tl.load(position_channels_ptr + start + cols, mask=col_ok, other=0), WIDE)
+    image = image_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = image < batch
     oh = position // out_width
     ow = position % out_width
 
+    x_rows = image * xs_n
+    w_cols = channel * ws_o
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in range(KH * KW):
         kh = tap // KW
         kw = tap % KW
         ih = oh * stride_h - pad_h + kh * dilation_h
         iw = ow * stride_w - pad_w + kw * dilation_w
-        if (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width):  # padding taps cost nothing
-            acc = _dot_tap(acc, x_ptr + image * xs_n + ih * xs_h + iw * xs_w, row_ok, xs_c,
-                           w_ptr + kh * ws_h + kw * ws_w, channel, col_ok, in_channels, ws_o, ws_i, INTERPRETER,
-                           PRECISION, BLOCK_K)
+        inside = (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+        # A padding tap reads nothing: its channel loop is empty.
+        acc = _dot_tap(acc, x_ptr, x_rows + (ih * xs_h + iw * xs_w), row_ok, xs_c, w_ptr,
+                       w_cols + (kh * ws_h + kw * ws_w), col_ok, tl.where(inside, in_channels, 0), ws_i, INTERPRETER,
+                       PRECISION, BLOCK_K)
 
     keep = row_ok[:, None] & col_ok[None, :]
     partial = (position * image_blocks + image_block) * out_channels
     _epilogue(acc, keep, channel, col_ok, bias_ptr, sums_ptr + partial, squares_ptr + partial,
-              residual_ptr + image[:, None] * rs_n + channel[None, :] * rs_c + oh * rs_h + ow * rs_w,
-              out_ptr, image[:, None] * os_n + channel[None, :] * os_c + oh * os_h + ow * os_w,
+              residual_ptr + ((image * rs_n + (oh * rs_h + ow * rs_w))[:, None] + channel[None, :] * rs_c),
+              out_ptr, (image * os_n + (oh * os_h + ow * os_w))[:, None] + channel[None, :] * os_c,
               HAS_BIAS, HAS_RESIDUAL, RELU, STATS, INTERPRETER)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import load_gradient
+from .common import load_gradient, offsets
 from .tiles import tile_channels
 
 
@@ -27,22 +27,22 @@ def grad_weight_pairs_kernel(
     batch, reduce_size, height, width, out_width,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w,
-    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, WIDE: tl.constexpr, INTERPRETER: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Sparse grad weight, stage 1 (groups == 1): per output position q, M = the channels kept
     # at q, N = k = (ci, kh, kw), reduced over the images: pairs[pair, k] for each (q, channel)
     # pair of the by-position index (rows position_offsets[q] ...).
-    position = tl.program_id(0).to(tl.int64)
-    k_block = tl.program_id(1).to(tl.int64)
-    slot_block = tl.program_id(2).to(tl.int64)
+    position = offsets(tl.program_id(0), WIDE)
+    k_block = offsets(tl.program_id(1), WIDE)
+    slot_block = offsets(tl.program_id(2), WIDE)
     start = tl.load(position_offsets_ptr + position)
     count = tl.load(position_offsets_ptr + position + 1) - start
     if slot_block * BLOCK_M >= count:
         return
     slots = slot_block * BLOCK_M + tl.arange(0, BLOCK_M)
     slot_ok = slots < count
-    channel = tl.load(position_channels_ptr + start + slots, mask=slot_ok, other=0)
+    channel = offsets(tl.load(position_channels_ptr + start + slots, mask=slot_ok, other=0), WIDE)
     oh = position // out_width
     ow = position % out_width
     k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -56,7 +56,7 @@ def grad_weight_pairs_kernel(
     x_cols = ci * xs_c + ih * xs_h + iw * xs_w
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, batch, BLOCK_N):
-        image = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        image = offsets(n0 + tl.arange(0, BLOCK_N), WIDE)
         image_ok = image < batch
         grad = load_gradient(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c + oh * gs_h + ow * gs_w,
                              gate_ptr + image[None, :] * rs_n + channel[:, None] * rs_c + oh * rs_h + ow * rs_w,
@@ -108,59 +108,68 @@ def grad_weight_partial_kernel(
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, mask_channel_stride,
     KH: tl.constexpr, KW: tl.constexpr, PATTERN_BLOCK: tl.constexpr, ALL_POSITIONS: tl.constexpr,
-    GATED: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr, WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # partial[chunk, c, k] = sum over the chunk's kept rows (image, position) of
     # grad_output[image, c, position] * patch[image, position, k], k = (ci, kh, kw).
-    tile = tl.program_id(0).to(tl.int64)
-    segment = tl.program_id(1).to(tl.int64)
-    k_block = tl.program_id(2).to(tl.int64)
+    tile = offsets(tl.program_id(0), WIDE)
+    segment = offsets(tl.program_id(1), WIDE)
+    k_block = offsets(tl.program_id(2), WIDE)
     local_tile, position_start, count, group, channel, col_ok = tile_channels(
         tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr, num_patterns, num_segments, rows_per_image,
         cout_per_group, PATTERN_BLOCK, BLOCK_N)
     if tl.max(col_ok.to(tl.int32), axis=0) == 0:
         return
+    local_tile = offsets(local_tile, WIDE)
+    count = offsets(count, WIDE)
+    group = offsets(group, WIDE)
+    channel = offsets(channel, WIDE)
 
+    # Per column k what no row changes: its offset in the input and its tap's displacement.
     k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < reduce_size
     ci = k // (KH * KW)
     kh = (k % (KH * KW)) // KW
     kw = k % KW
-    x_cols = (group * cin_per_group + ci) * xs_c
+    h_shift = kh * dilation_h - pad_h
+    w_shift = kw * dilation_w - pad_w
+    x_cols = (group * cin_per_group + ci) * xs_c + h_shift * xs_h + w_shift * xs_w
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     row_end = tl.minimum((local_tile + 1) * chunk_rows, batch * count)
     for r0 in range(local_tile * chunk_rows, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         image = rows // count
         i = rows % count
         if ALL_POSITIONS:
             position = i
         else:
-            position = tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0)
+            position = offsets(tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0), WIDE)
         oh = position // out_width
         ow = position % out_width
         grad_ok = col_ok[:, None] & row_ok[None, :]
         if ALL_POSITIONS:  # grad_output where masked is never read
-            kept = tl.load(mask_ptr + channel[:, None] * mask_channel_stride + position[None, :], mask=grad_ok,
+            kept = tl.load(mask_ptr + (channel[:, None] * mask_channel_stride + position[None, :]), mask=grad_ok,
                            other=0)
             grad_ok = grad_ok & (kept != 0)
         if tl.max(tl.max(grad_ok.to(tl.int32), axis=1), axis=0) > 0:
-            grad = load_gradient(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c
-                                 + oh[None, :] * gs_h + ow[None, :] * gs_w,
-                                 gate_ptr + image[None, :] * rs_n + channel[:, None] * rs_c + oh[None, :] * rs_h
-                                 + ow[None, :] * rs_w, grad_ok, GATED)
-            ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dilation_h
-            iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dilation_w
+            grad_cols = image * gs_n + oh * gs_h + ow * gs_w
+            gate_cols = image * rs_n + oh * rs_h + ow * rs_w
+            grad = load_gradient(grad_output_ptr + (channel[:, None] * gs_c + grad_cols[None, :]),
+                                 gate_ptr + (channel[:, None] * rs_c + gate_cols[None, :]), grad_ok, GATED)
+            ih0 = oh * stride_h
+            iw0 = ow * stride_w
+            ih = ih0[:, None] + h_shift[None, :]
+            iw = iw0[:, None] + w_shift[None, :]
             x_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-            patch = tl.load(x_ptr + image[:, None] * xs_n + x_cols[None, :] + ih * xs_h + iw * xs_w,
+            patch = tl.load(x_ptr + ((image * xs_n + ih0 * xs_h + iw0 * xs_w)[:, None] + x_cols[None, :]),
                             mask=x_ok, other=0.0)
             if INTERPRETER:
                 grad = grad.to(tl.float32)
                 patch = patch.to(tl.float32)
             acc = tl.dot(grad, patch, acc, input_precision=PRECISION)
 
-    tl.store(partial_ptr + (tile * out_channels + channel[:, None]) * reduce_size + k[None, :], acc,
+    tl.store(partial_ptr + ((tile * out_channels + channel[:, None]) * reduce_size + k[None, :]), acc,
              mask=col_ok[:, None] & k_ok[None, :])
