@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (the Makefile's DEPS pin it): no Triton backend to test")
 
 import rmask_kernels as rk  # noqa: E402
+import triton.language as tl  # noqa: E402
 from rmask_kernels.triton import backward, common  # noqa: E402
 from rmask_kernels import reference  # noqa: E402
 from rmask_kernels.functional import select_backend  # noqa: E402
@@ -99,6 +100,21 @@ def test_grad_input_by_tap(monkeypatch, config, layout):
     x, weight, bias, mask, conv_args = case(config, "spatial", None)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    check_forward_and_backward(x, weight, bias, mask, conv_args)
+
+
+@pytest.mark.parametrize("sparse_backward", [False, True], ids=["dense-backward", "sparse-backward"])
+@pytest.mark.parametrize("config,mode,group_size", [(CONFIGS[1], "spatial", None), (CONFIGS[1], "neuron", None),
+                                                    (CONFIGS[5], "group", 2)], ids=str)
+def test_int32_offsets(monkeypatch, config, mode, group_size, sparse_backward):
+    # The offsets a GPU computes in int32 for tensors below 2**31 elements; the interpreter
+    # computes them in int64 unless told otherwise (common.INTERPRETER_WIDE). Every forward
+    # kernel (by pattern, by position, all positions), grad-input and grad-weight variant.
+    monkeypatch.setattr(common, "INTERPRETER_WIDE", False)
+    if sparse_backward:
+        monkeypatch.setattr(backward, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
+    x, weight, bias, mask, conv_args = case(config, mode, group_size)
+    assert common.index_type(x, weight, mask) == tl.int32
     check_forward_and_backward(x, weight, bias, mask, conv_args)
 
 
@@ -304,14 +320,15 @@ def test_kernels_compile_for_a_gpu_without_spilling(arch):
     assert result.stdout.rstrip().endswith("ok")
 
 
-def test_wide_index_from_the_largest_offset():
+def test_index_type_from_the_largest_offset(monkeypatch):
     # int32 offsets unless an offset into some tensor reaches 2**31 (meta tensors: no memory).
+    monkeypatch.setattr(common, "INTERPRETER_WIDE", False)
     small = torch.empty(2, 3, 4, 5, device="meta")
-    assert not common.wide_index(small, None, torch.empty(0, device="meta"))
-    assert common.wide_index(small, torch.empty(2**31, device="meta"))
-    assert not common.wide_index(torch.empty(2**31 - 1, device="meta"))
+    assert common.index_type(small, None, torch.empty(0, device="meta")) == tl.int32
+    assert common.index_type(small, torch.empty(2**31, device="meta")) == tl.int64
+    assert common.index_type(torch.empty(2**31 - 1, device="meta")) == tl.int32
     # Offsets reach past numel through strides: a view of a larger tensor (1 + 1 * 2**31).
-    assert common.wide_index(torch.empty_strided((2, 1), (2**31, 1), device="meta"))
+    assert common.index_type(torch.empty_strided((2, 1), (2**31, 1), device="meta")) == tl.int64
 
 
 def test_gpu_benchmark_table():

@@ -24,6 +24,7 @@ if interpreting():
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -37,9 +38,9 @@ FP32 = {"sums_ptr", "squares_ptr", "partial_ptr", "grad_buffer_ptr", "pairs_ptr"
 
 
 def signature(fn, dtype, constexprs):
-    """Argument types as a launch gives them: integers int32 where the offsets fit (WIDE False:
+    """Argument types as a launch gives them: integers int32 where the offsets fit (INDEX int32:
     every integer argument is below 2**31), else int64."""
-    scalar = "i64" if constexprs.get("WIDE", True) else "i32"
+    scalar = "i32" if constexprs.get("INDEX") == tl.int32 else "i64"
     types = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -108,6 +109,8 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     parser.add_argument("--all", action="store_true",
                         help="every variant, fp32 (strict, TF32) and fp16 too (default: bf16, strict fp32, a few)")
+    parser.add_argument("--wide", action="store_true",
+                        help="the int64-offset variants (tensors of 2**31 elements or more) instead of the int32 ones")
     parser.add_argument("--max-stack", type=int, default=None,
                         help="fail if a kernel uses more bytes of stack (spilled registers) than this")
     args = parser.parse_args(argv)
@@ -116,7 +119,7 @@ def main(argv=None):
     for dtype in ("bf16", "fp32", "tf32", "fp16") if args.all else ("bf16", "fp32"):
         precision = "ieee" if dtype == "fp32" else "tf32"
         for fn, constexprs in jobs(args.all, dtype):
-            constexprs = dict(constexprs, KH=3, KW=3, WIDE=False, INTERPRETER=False, PRECISION=precision)
+            constexprs = dict(constexprs, KH=3, KW=3, INDEX=tl.int64 if args.wide else tl.int32, INTERPRETER=False, PRECISION=precision)
             constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs), target=target,
@@ -124,7 +127,7 @@ def main(argv=None):
             assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
             registers, stack = resource_usage(compiled.asm["cubin"])
             variant = ",".join(f"{name}={value}" for name, value in sorted(constexprs.items())
-                               if name not in ("KH", "KW", "WIDE", "INTERPRETER", "PRECISION"))
+                               if name not in ("KH", "KW", "INDEX", "INTERPRETER", "PRECISION"))
             line = f"{fn.__name__} {dtype} sm_{args.arch} regs={registers} stack={stack}"
             print(f"{line} [{variant}] ({time.perf_counter() - start:.1f}s)", flush=True)
             if args.max_stack is not None and stack > args.max_stack:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from . import common
 from .geometry import check_args
@@ -107,10 +108,10 @@ class _Launch:
         gate = grad_output if relu_output is None else relu_output
         self.gate_args = (gate, *gate.stride())
         self.conv_params = conv_params
-        # WIDE (int64 offsets) from the tensors every kernel reads; the buffers a kernel writes
+        # INDEX (the offsets' type) from the tensors every kernel reads; the buffers a kernel writes
         # are either shaped as one of them (grad input) or checked at their launch (partials).
         self.options = dict(options, GATED=relu_output is not None,
-                            WIDE=common.wide_index(grad_output, relu_output, input, weight, mask, *index))
+                            INDEX=common.index_type(grad_output, relu_output, input, weight, mask, *index))
         self.positions = geometry.out_height * geometry.out_width
         # BLOCK_K of the grad-input kernels (tl.dot's K there), and the register options of
         # every kernel but the pairs' (whose dot, over up to BLOCK_M images, fits without).
@@ -119,7 +120,8 @@ class _Launch:
 
     def _options_writing(self, buffer):
         """The kernel options for a launch that also writes `buffer`."""
-        return dict(self.options, WIDE=self.options["WIDE"] or common.wide_index(buffer))
+        wide = tl.int64 in (self.options["INDEX"], common.index_type(buffer))
+        return dict(self.options, INDEX=tl.int64 if wide else tl.int32)
 
     # -- grad input -------------------------------------------------------------------------
 

@@ -41,18 +41,27 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_LIMIT = 2**31
 
 
-def wide_index(*tensors):
-    """The constexpr WIDE every GEMM kernel takes: whether an element offset into one of
-    `tensors` (None: absent) can reach INT32_LIMIT, so that the kernels compute offsets in int64;
-    otherwise in int32 (fewer registers: the kernels' offsets fit, and so do their integer
-    arguments, which Triton then passes as int32)."""
+# Triton's interpreter checks every int32 add, sub and mul for overflow (redone in int64, an
+# assert per operation), which makes the int32 kernels ~2x slower there than int64 ones: under
+# the interpreter the kernels compute offsets in int64 unless this is False (a test sets it to
+# run the int32 variants under that check).
+INTERPRETER_WIDE = True
+
+
+def index_type(*tensors):
+    """The constexpr INDEX every GEMM kernel takes, the type of its element offsets: tl.int64
+    where an element offset into one of `tensors` (None: absent) can reach INT32_LIMIT, else
+    tl.int32 (fewer registers: the kernels' offsets fit, and so do their integer arguments,
+    which Triton then passes as int32)."""
+    if INTERPRET and INTERPRETER_WIDE:
+        return tl.int64
     for tensor in tensors:
         if tensor is None or tensor.numel() == 0:
             continue
         span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
         if max(span, tensor.numel()) >= INT32_LIMIT:
-            return True
-    return False
+            return tl.int64
+    return tl.int32
 
 
 def reduction_block(dtype, precision):
@@ -93,16 +102,6 @@ def cast(value, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
         result = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         result = value.to(dtype)
-    return result
-
-
-@triton.jit
-def offsets(value, WIDE: tl.constexpr):
-    """Integer `value` as the kernels' offset type: int64 when WIDE (wide_index), else int32."""
-    if WIDE:
-        result = value.to(tl.int64)
-    else:
-        result = value.to(tl.int32)
     return result
 
 

@@ -79,7 +79,7 @@ def masked_conv2d_forward(input, weight, bias, mask, kept_offsets, kept_position
         grid = (positions, image_blocks, triton.cdiv(geometry.out_channels, block_n))
         partial_sums, partial_squares = _stats_partials(channel_stats, positions * image_blocks,
                                                         geometry.out_channels, input.device)
-        constexprs["WIDE"] = common.wide_index(input, weight, residual_arg, output, partial_sums, *index)
+        constexprs["INDEX"] = common.index_type(input, weight, residual_arg, output, partial_sums, *index)
         forward_by_position_kernel[grid](
             input, weight, bias_arg, residual_arg, output, partial_sums, partial_squares,
             position_offsets, position_channels,
@@ -95,7 +95,7 @@ def masked_conv2d_forward(input, weight, bias, mask, kept_offsets, kept_position
         segments, num_segments = channel_segments(
             patterns, geometry.out_channels // patterns, geometry.cout_per_group, common.BLOCK_N, str(input.device))
         partial_sums, partial_squares = _stats_partials(channel_stats, tiles, geometry.out_channels, input.device)
-        constexprs["WIDE"] = common.wide_index(input, weight, residual_arg, output, mask, partial_sums, *index)
+        constexprs["INDEX"] = common.index_type(input, weight, residual_arg, output, mask, partial_sums, *index)
         forward_by_pattern_kernel[(tiles, num_segments)](
             input, weight, bias_arg, residual_arg, output, mask.contiguous().view(torch.uint8), partial_sums,
             partial_squares, kept_offsets, kept_positions, tile_ends, segments,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import cast, offsets
+from .common import cast
 from .tiles import tile_channels
 
 
@@ -76,28 +76,28 @@ def forward_by_pattern_kernel(
     rs_n, rs_c, rs_h, rs_w, os_n, os_c, os_h, os_w, mask_channel_stride,
     KH: tl.constexpr, KW: tl.constexpr, PATTERN_BLOCK: tl.constexpr, ALL_POSITIONS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-    WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    tile = offsets(tl.program_id(0), WIDE)
-    segment = offsets(tl.program_id(1), WIDE)
+    tile = tl.program_id(0).to(INDEX)
+    segment = tl.program_id(1).to(INDEX)
     local_tile, position_start, count, group, channel, col_ok = tile_channels(
         tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr, num_patterns, num_segments, rows_per_image,
         cout_per_group, PATTERN_BLOCK, BLOCK_N)
     if tl.max(col_ok.to(tl.int32), axis=0) == 0:
         return
-    count = offsets(count, WIDE)
-    group = offsets(group, WIDE)
-    channel = offsets(channel, WIDE)
+    count = count.to(INDEX)
+    group = group.to(INDEX)
+    channel = channel.to(INDEX)
 
-    rows = offsets(local_tile, WIDE) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = local_tile.to(INDEX) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < batch * count
     image = rows // count
     i = rows % count
     if ALL_POSITIONS:  # every position a row; the mask predicates the stores
         position = i
     else:
-        position = offsets(tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0), WIDE)
+        position = tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0).to(INDEX)
     oh = position // out_width
     ow = position % out_width
 
@@ -134,19 +134,19 @@ def forward_by_position_kernel(
     rs_n, rs_c, rs_h, rs_w, os_n, os_c, os_h, os_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-    WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    position = offsets(tl.program_id(0), WIDE)
-    image_block = offsets(tl.program_id(1), WIDE)
-    channel_block = offsets(tl.program_id(2), WIDE)
+    position = tl.program_id(0).to(INDEX)
+    image_block = tl.program_id(1).to(INDEX)
+    channel_block = tl.program_id(2).to(INDEX)
     start = tl.load(position_offsets_ptr + position)
-    count = offsets(tl.load(position_offsets_ptr + position + 1) - start, WIDE)
+    count = (tl.load(position_offsets_ptr + position + 1) - start).to(INDEX)
     if channel_block * BLOCK_N >= count:
         return
     cols = channel_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < count
-    channel = offsets(tl.load(position_channels_ptr + start + cols, mask=col_ok, other=0), WIDE)
+    channel = tl.load(position_channels_ptr + start + cols, mask=col_ok, other=0).to(INDEX)
     image = image_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = image < batch
     oh = position // out_width

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import cast, load_gradient, offsets
+from .common import cast, load_gradient
 
 
 @triton.jit
@@ -63,12 +63,12 @@ def grad_input_gather_kernel(
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
     KH: tl.constexpr, KW: tl.constexpr, MASK_PER_CHANNEL: tl.constexpr, GATED: tl.constexpr,
-    WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    row_block = offsets(tl.program_id(0), WIDE)
-    channel_block = offsets(tl.program_id(1), WIDE)
-    group = offsets(tl.program_id(2), WIDE)
+    row_block = tl.program_id(0).to(INDEX)
+    channel_block = tl.program_id(1).to(INDEX)
+    group = tl.program_id(2).to(INDEX)
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < batch * height * width
     image = rows // (height * width)
@@ -112,20 +112,20 @@ def grad_input_by_tap_kernel(
     batch, count, kh, kw, height, width, out_width, cin_per_group, cout_per_group,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
-    GATED: tl.constexpr, WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr, INDEX: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One pattern (spatial masks), one tap (kh, kw) per launch: grad_input[n, :, ih, iw] +=
     # grad_output[n, :, q] @ w[:, :, kh, kw] over the kept rows (n, q), (ih, iw) = q's tap.
     # For a fixed tap q -> (ih, iw) is injective, so no two programs of a launch touch one
     # pixel, and the launches, in stream order, add up deterministically without atomics.
-    row_block = offsets(tl.program_id(0), WIDE)
-    channel_block = offsets(tl.program_id(1), WIDE)
-    group = offsets(tl.program_id(2), WIDE)
+    row_block = tl.program_id(0).to(INDEX)
+    channel_block = tl.program_id(1).to(INDEX)
+    group = tl.program_id(2).to(INDEX)
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < batch * count
     image = rows // count
-    position = offsets(tl.load(kept_positions_ptr + rows % count, mask=row_ok, other=0), WIDE)
+    position = tl.load(kept_positions_ptr + rows % count, mask=row_ok, other=0).to(INDEX)
     oh = position // out_width
     ow = position % out_width
     ih = oh * stride_h - pad_h + kh * dilation_h
@@ -152,15 +152,15 @@ def grad_input_by_position_kernel(
     batch, in_channels, height, width, out_height, out_width,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, ws_o, ws_i, ws_h, ws_w, is_n, is_c, is_h, is_w,
-    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, WIDE: tl.constexpr, INTERPRETER: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, INDEX: tl.constexpr, INTERPRETER: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Gather form, groups == 1: per input pixel, M = images, N = input channels, K = for each
     # tap the output channels kept at the output position it reaches (their grad_output and
     # weight rows gathered), so masked outputs cost nothing.
-    pixel = offsets(tl.program_id(0), WIDE)
-    image_block = offsets(tl.program_id(1), WIDE)
-    channel_block = offsets(tl.program_id(2), WIDE)
+    pixel = tl.program_id(0).to(INDEX)
+    image_block = tl.program_id(1).to(INDEX)
+    channel_block = tl.program_id(2).to(INDEX)
     ih = pixel // width
     iw = pixel % width
     image = image_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -184,7 +184,7 @@ def grad_input_by_position_kernel(
             for c0 in range(0, count, BLOCK_K):
                 cols = c0 + ks
                 cols_ok = cols < count
-                co = offsets(tl.load(position_channels_ptr + start + cols, mask=cols_ok, other=0), WIDE)
+                co = tl.load(position_channels_ptr + start + cols, mask=cols_ok, other=0).to(INDEX)
                 a = load_gradient(grad_output_ptr + image[:, None] * gs_n + co[None, :] * gs_c + oh * gs_h + ow * gs_w,
                                   gate_ptr + image[:, None] * rs_n + co[None, :] * rs_c + oh * rs_h + ow * rs_w,
                                   row_ok[:, None] & cols_ok[None, :], GATED)

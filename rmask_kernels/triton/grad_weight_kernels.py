@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import load_gradient, offsets
+from .common import load_gradient
 from .tiles import tile_channels
 
 
@@ -27,22 +27,22 @@ def grad_weight_pairs_kernel(
     batch, reduce_size, height, width, out_width,
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w,
-    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, WIDE: tl.constexpr, INTERPRETER: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, GATED: tl.constexpr, INDEX: tl.constexpr, INTERPRETER: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Sparse grad weight, stage 1 (groups == 1): per output position q, M = the channels kept
     # at q, N = k = (ci, kh, kw), reduced over the images: pairs[pair, k] for each (q, channel)
     # pair of the by-position index (rows position_offsets[q] ...).
-    position = offsets(tl.program_id(0), WIDE)
-    k_block = offsets(tl.program_id(1), WIDE)
-    slot_block = offsets(tl.program_id(2), WIDE)
+    position = tl.program_id(0).to(INDEX)
+    k_block = tl.program_id(1).to(INDEX)
+    slot_block = tl.program_id(2).to(INDEX)
     start = tl.load(position_offsets_ptr + position)
     count = tl.load(position_offsets_ptr + position + 1) - start
     if slot_block * BLOCK_M >= count:
         return
     slots = slot_block * BLOCK_M + tl.arange(0, BLOCK_M)
     slot_ok = slots < count
-    channel = offsets(tl.load(position_channels_ptr + start + slots, mask=slot_ok, other=0), WIDE)
+    channel = tl.load(position_channels_ptr + start + slots, mask=slot_ok, other=0).to(INDEX)
     oh = position // out_width
     ow = position % out_width
     k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -56,7 +56,7 @@ def grad_weight_pairs_kernel(
     x_cols = ci * xs_c + ih * xs_h + iw * xs_w
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, batch, BLOCK_N):
-        image = offsets(n0 + tl.arange(0, BLOCK_N), WIDE)
+        image = (n0 + tl.arange(0, BLOCK_N)).to(INDEX)
         image_ok = image < batch
         grad = load_gradient(grad_output_ptr + image[None, :] * gs_n + channel[:, None] * gs_c + oh * gs_h + ow * gs_w,
                              gate_ptr + image[None, :] * rs_n + channel[:, None] * rs_c + oh * rs_h + ow * rs_w,
@@ -108,23 +108,23 @@ def grad_weight_partial_kernel(
     stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
     xs_n, xs_c, xs_h, xs_w, gs_n, gs_c, gs_h, gs_w, gate_ptr, rs_n, rs_c, rs_h, rs_w, mask_channel_stride,
     KH: tl.constexpr, KW: tl.constexpr, PATTERN_BLOCK: tl.constexpr, ALL_POSITIONS: tl.constexpr,
-    GATED: tl.constexpr, WIDE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr, INDEX: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # partial[chunk, c, k] = sum over the chunk's kept rows (image, position) of
     # grad_output[image, c, position] * patch[image, position, k], k = (ci, kh, kw).
-    tile = offsets(tl.program_id(0), WIDE)
-    segment = offsets(tl.program_id(1), WIDE)
-    k_block = offsets(tl.program_id(2), WIDE)
+    tile = tl.program_id(0).to(INDEX)
+    segment = tl.program_id(1).to(INDEX)
+    k_block = tl.program_id(2).to(INDEX)
     local_tile, position_start, count, group, channel, col_ok = tile_channels(
         tile, segment, tile_ends_ptr, kept_offsets_ptr, segments_ptr, num_patterns, num_segments, rows_per_image,
         cout_per_group, PATTERN_BLOCK, BLOCK_N)
     if tl.max(col_ok.to(tl.int32), axis=0) == 0:
         return
-    local_tile = offsets(local_tile, WIDE)
-    count = offsets(count, WIDE)
-    group = offsets(group, WIDE)
-    channel = offsets(channel, WIDE)
+    local_tile = local_tile.to(INDEX)
+    count = count.to(INDEX)
+    group = group.to(INDEX)
+    channel = channel.to(INDEX)
 
     # Per column k what no row changes: its offset in the input and its tap's displacement.
     k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -146,7 +146,7 @@ def grad_weight_partial_kernel(
         if ALL_POSITIONS:
             position = i
         else:
-            position = offsets(tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0), WIDE)
+            position = tl.load(kept_positions_ptr + position_start + i, mask=row_ok, other=0).to(INDEX)
         oh = position // out_width
         ow = position % out_width
         grad_ok = col_ok[:, None] & row_ok[None, :]
