@@ -20,7 +20,9 @@ pytest.importorskip("triton", reason="triton is not installed (the Makefile's DE
 
 import rmask_kernels as rk  # noqa: E402
 import triton.language as tl  # noqa: E402
-from rmask_kernels.triton import backward, common  # noqa: E402
+from rmask_kernels.triton import (  # noqa: E402
+    backward, common, configs, forward_kernels, grad_input_kernels, grad_weight_kernels,
+)
 from rmask_kernels import reference  # noqa: E402
 from rmask_kernels.functional import select_backend  # noqa: E402
 
@@ -84,10 +86,8 @@ def test_small_blocks_many_tiles(monkeypatch, mode, group_size):
     # Blocks of 16 and weight chunks of 32 rows: many row tiles per pattern (the tile search
     # across patterns), several channel blocks per position, input-channel blocks (20 > 16)
     # and a multi-chunk grad-weight reduction.
-    for module, name, value in ((common, "BLOCK_M", 16), (common, "BLOCK_N", 16), (common, "BLOCK_K", 16),
-                                (common, "TF32_BLOCK_K", 16), (common, "FMA_BLOCK_K", 16),
-                                (backward, "WEIGHT_CHUNK", 32)):
-        monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", configs.Config(16, 16, 16, 4, 1))
+    monkeypatch.setattr(backward, "WEIGHT_CHUNK", 32)
     check_forward_and_backward(*case((2, 20, 5, 6, 48, 3, 1, 1, 1, 1), mode, group_size and group_size * 3 // 2))
 
 
@@ -153,7 +153,7 @@ def test_grad_weight_chunks_follow_the_partials_budget(monkeypatch):
     # A budget of 4 chunks of partials for 3 patterns (the grid bound adds one per pattern):
     # each pattern's rows in one chunk, however many rows.
     x, weight, bias, mask, conv_args = case((3, 4, 8, 8, 48, 3, 1, 1, 1, 1), "group", 16)
-    monkeypatch.setattr(common, "BLOCK_M", 16)
+    monkeypatch.setattr(configs, "INTERPRETER_CONFIG", configs.INTERPRETER_CONFIG._replace(block_m=16))
     monkeypatch.setattr(backward, "WEIGHT_CHUNK", 16)
     monkeypatch.setattr(backward, "PARTIAL_BUDGET_BYTES", 4 * 4 * 48 * 36)
     check_forward_and_backward(x, weight, bias, mask, conv_args)
@@ -188,7 +188,7 @@ def test_conv_bn_unit_matches_the_reference_backend(mode, training):
 
 
 def test_deterministic_bit_identical_runs(monkeypatch):
-    monkeypatch.setattr(backward, "WEIGHT_CHUNK", common.BLOCK_M)  # several grad-weight partials
+    monkeypatch.setattr(backward, "WEIGHT_CHUNK", 1)  # chunks of one row block: several grad-weight partials
     x, weight, bias, mask, conv_args = case((3, 4, 9, 9, 32, 3, 1, 1, 1, 1), "group", 16)
     runs = []
     for _ in range(2):
@@ -305,19 +305,95 @@ def test_benchmark_shapes_cuda(mode, group_size):
     check_forward_and_backward(x, weight, bias, mask, conv_args, tolerance=dict(rtol=1e-3, atol=1e-3))
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_for_a_gpu_without_spilling(arch):
+def test_kernels_compile_for_a_gpu_without_spilling(arch, wide):
     # The interpreter never lowers the kernels: compile each (bf16 and strict fp32, the most
-    # demanding variants, the launchers' block sizes) for sm_80 and sm_90 (no GPU needed), in a
-    # process where they are defined for the GPU, and require 0 bytes of stack: no kernel spills
-    # registers. Triton's cache (keyed by the kernels' source) makes a rerun of unchanged
+    # demanding variants, every config of configs.CONFIGS, or of WIDE_CONFIGS with int64
+    # offsets) for sm_80 and sm_90 (no GPU needed),
+    # in a process where they are defined for the GPU, and require 0 bytes of stack: no kernel
+    # spills registers. Triton's cache (keyed by the kernels' source) makes a rerun of unchanged
     # kernels quick; a changed kernel compiles again.
-    result = python_subprocess([str(ROOT / "tests" / "triton_compile.py"), "--arch", str(arch), "--max-stack", "0"],
+    result = python_subprocess([str(ROOT / "tests" / "triton_compile.py"), "--arch", str(arch), "--max-stack", "0"]
+                               + (["--wide"] if wide else []),
                                env={"TRITON_INTERPRET": None, "TRITON_DEFAULT_FP_FUSION": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if " regs=" in line]
-    assert len(lines) == 20 and all(f" sm_{arch} " in line and " stack=0 " in line for line in lines), lines
+    assert all(f" sm_{arch} " in line and " stack=0 " in line for line in lines), lines
+    kernels = {name for module in (forward_kernels, grad_input_kernels, grad_weight_kernels)
+               for name in dir(module) if name.endswith("_kernel")}
+    assert {line.split()[0] for line in lines} == kernels
+    for family in configs.FAMILIES:
+        for dtype, operands in (("bf16", "16bit"), ("fp32", "fp32")):
+            for config in configs.candidates(family, operands, wide):
+                assert any(line.split()[1] == dtype and f"[{config}]" in line for line in lines), (family, config)
     assert result.stdout.rstrip().endswith("ok")
+
+
+def test_rule_picks_per_shape_class(monkeypatch):
+    # On a GPU without measuring: the set's first config, the smallest block_m for short row
+    # ranges; in the interpreter its own config.
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    for family, sets in configs.CONFIGS.items():
+        for operands, candidates in sets.items():
+            assert configs.rule(family, operands, 10**6) == candidates[0]
+            short = configs.rule(family, operands, candidates[0].block_m // 2 - 1)
+            assert short == min(candidates, key=lambda config: (config.block_m, config.num_warps)) != candidates[0]
+            assert configs.rule(family, operands, 10**6, wide=True) == configs.WIDE_CONFIGS[family][operands][0]
+    monkeypatch.setattr(configs, "INTERPRET", True)
+    assert configs.rule("forward", "fp32", 10**6) == configs.INTERPRETER_CONFIG
+
+
+def test_operand_classes():
+    assert configs.operand_class(torch.bfloat16, "ieee") == configs.operand_class(torch.float16, "tf32") == "16bit"
+    assert configs.operand_class(torch.float32, "tf32") == "tf32"
+    assert configs.operand_class(torch.float32, "ieee") == "fp32"
+
+
+def test_tuning_is_off_without_a_gpu_or_when_asked(monkeypatch):
+    assert not configs.tuning()  # the interpreter (or a GPU with RMASK_TRITON_AUTOTUNE=0) never measures
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    monkeypatch.setenv("RMASK_TRITON_AUTOTUNE", "0")
+    assert not configs.tuning()
+    monkeypatch.setenv("RMASK_TRITON_AUTOTUNE", "1")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not configs.tuning()  # a measured choice could differ between processes
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert configs.tuning() == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("mode,families", [("spatial", ("forward", "grad_input", "grad_weight")),
+                                           ("neuron", ("forward", "grad_input", "grad_weight_pairs"))])
+def test_autotune_measures_every_config_once_per_shape(monkeypatch, mode, families):
+    # Tuning forced on (the interpreter runs the GPU sets): every config of each family's set
+    # is launched and timed once per call shape, the fastest (here: by the fake clock, the last
+    # one measured) is cached and used, and the results stay exact. The sparse backward (keep
+    # 0.5 forced) takes the by-tap / by-position grad input and the pairs grad weight.
+    monkeypatch.setattr(configs, "AUTOTUNE", True)
+    monkeypatch.setattr(configs, "_chosen", {})
+    monkeypatch.setattr(backward, "SPARSE_BACKWARD_MAX_KEEP", 1.0)
+    measured = []
+
+    def measure(launch):
+        launch()
+        measured.append(len(measured))
+        return -len(measured)  # later launches "faster": the set's last config wins
+
+    monkeypatch.setattr(configs, "measure", measure)
+    x, weight, bias, mask, conv_args = case(CONFIGS[1], mode, None)
+    check_forward_and_backward(x, weight, bias, mask, conv_args)
+    operands = configs.operand_class(torch.float32, "ieee")
+    expected = sum(len(configs.CONFIGS[family][operands]) for family in families)
+    assert len(measured) == expected
+    assert sorted(key[0] for key in configs._chosen) == sorted(families)
+    assert all(config == configs.CONFIGS[key[0]][operands][-1] for key, config in configs._chosen.items())
+    check_forward_and_backward(x, weight, bias, mask, conv_args)  # same shapes: cached
+    assert len(measured) == expected
+    check_forward_and_backward(x[:1], weight, bias, mask, conv_args)  # another batch: measured again
+    assert len(measured) == 2 * expected
 
 
 def test_index_type_from_the_largest_offset(monkeypatch):

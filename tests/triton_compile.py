@@ -28,7 +28,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rmask_kernels.triton import common, forward_kernels, grad_input_kernels, grad_weight_kernels  # noqa: E402
+from rmask_kernels.triton import configs, forward_kernels, grad_input_kernels, grad_weight_kernels  # noqa: E402
 
 INDEX = {"kept_offsets_ptr", "kept_positions_ptr", "tile_ends_ptr", "segments_ptr", "position_offsets_ptr",
          "position_channels_ptr"}
@@ -53,42 +53,55 @@ def signature(fn, dtype, constexprs):
     return types
 
 
-def jobs(everything, dtype):
-    """(kernel, constexprs): the most demanding variant of each kernel, or every variant, with
-    the block sizes a launch on a GPU picks for `dtype` (the largest where it picks by shape)."""
-    reduction = common.reduction_block(DTYPES[dtype], "ieee" if dtype == "fp32" else "tf32")
-    blocks = dict(BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=reduction)
-    weight_blocks = dict(blocks, BLOCK_K=common.BLOCK_K)
+def family_jobs(family, config, everything):
+    """(kernel, constexprs, launch options) of `family` with `config`'s blocks, as its launcher
+    gives them: the most demanding variant of each kernel, or every variant."""
+    blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    options = config.launch_options()
     variants = [(1, False), (4, False), (1, True)] if everything else [(4, False), (1, True)]
     gates = [False, True] if everything else [True]
-    for pattern_block, all_positions in variants:
-        for stats in ([True, False] if everything else [pattern_block == 4]):
-            yield forward_kernels.forward_by_pattern_kernel, dict(
-                PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, HAS_BIAS=True, HAS_RESIDUAL=not stats,
-                RELU=not stats, STATS=stats, **blocks)
+    if family == "forward":
+        for pattern_block, all_positions in variants:
+            for stats in ([True, False] if everything else [pattern_block == 4]):
+                yield forward_kernels.forward_by_pattern_kernel, dict(
+                    PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, HAS_BIAS=True,
+                    HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, **blocks), options
+        for stats in [True, False] if everything else [False]:
+            yield forward_kernels.forward_by_position_kernel, dict(
+                HAS_BIAS=True, HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, **blocks), options
+    elif family == "grad_input":
         for gated in gates:
-            yield grad_weight_kernels.grad_weight_partial_kernel, dict(
-                PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, GATED=gated, **weight_blocks)
-    for stats in [True, False] if everything else [False]:
-        yield forward_kernels.forward_by_position_kernel, dict(
-            HAS_BIAS=True, HAS_RESIDUAL=not stats, RELU=not stats, STATS=stats, **blocks)
-    for gated in gates:
-        yield grad_input_kernels.grad_input_by_tap_kernel, dict(GATED=gated, **blocks)
-        yield grad_weight_kernels.grad_weight_pairs_kernel, dict(
-            GATED=gated, BLOCK_M=common.BLOCK_N, BLOCK_N=common.BLOCK_M, BLOCK_K=common.BLOCK_K)
-        yield grad_input_kernels.grad_input_by_position_kernel, dict(GATED=gated, **blocks)
-        for per_channel in [True, False] if everything else [True]:
-            yield grad_input_kernels.grad_input_gather_kernel, dict(MASK_PER_CHANNEL=per_channel, GATED=gated,
-                                                                    **blocks)
-    yield grad_weight_kernels.grad_weight_sum_pairs_kernel, dict(CHANNEL_BLOCK=64, BLOCK_K=common.BLOCK_K)
+            yield grad_input_kernels.grad_input_by_tap_kernel, dict(GATED=gated, **blocks), options
+            yield grad_input_kernels.grad_input_by_position_kernel, dict(GATED=gated, **blocks), options
+            for per_channel in [True, False] if everything else [True]:
+                yield grad_input_kernels.grad_input_gather_kernel, dict(
+                    MASK_PER_CHANNEL=per_channel, GATED=gated, **blocks), options
+    elif family == "grad_weight":
+        for gated in gates:
+            for pattern_block, all_positions in variants:
+                yield grad_weight_kernels.grad_weight_partial_kernel, dict(
+                    PATTERN_BLOCK=pattern_block, ALL_POSITIONS=all_positions, GATED=gated, **blocks), options
+    else:
+        for gated in gates:
+            yield grad_weight_kernels.grad_weight_pairs_kernel, dict(
+                GATED=gated, BLOCK_M=config.block_n, BLOCK_N=config.block_m, BLOCK_K=config.block_k), options
+        yield grad_weight_kernels.grad_weight_sum_pairs_kernel, dict(CHANNEL_BLOCK=64, BLOCK_K=config.block_k), dict(
+            num_warps=config.num_warps)
 
 
-def options(fn, dtype, precision):
-    """The launch options of `fn` (the launchers': every kernel but the pairs' takes register_options)."""
-    options = dict(num_warps=common.NUM_WARPS)
-    if fn not in (grad_weight_kernels.grad_weight_pairs_kernel, grad_weight_kernels.grad_weight_sum_pairs_kernel):
-        options.update(common.register_options(DTYPES[dtype], precision))
-    return options
+def jobs(everything, dtype, precision, wide):
+    """(kernel, constexprs, launch options, config) for every config of every family that
+    operands of `dtype` with `precision` take (configs.CONFIGS, or WIDE_CONFIGS for int64
+    offsets), each job once."""
+    seen = set()
+    operands = configs.operand_class(DTYPES[dtype], precision)
+    for family in configs.FAMILIES:
+        for config in configs.candidates(family, operands, wide):
+            for fn, constexprs, options in family_jobs(family, config, everything):
+                job = (fn.__name__, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+                if job not in seen:
+                    seen.add(job)
+                    yield fn, constexprs, options, config
 
 
 def resource_usage(cubin):
@@ -110,7 +123,7 @@ def main(argv=None):
     parser.add_argument("--all", action="store_true",
                         help="every variant, fp32 (strict, TF32) and fp16 too (default: bf16, strict fp32, a few)")
     parser.add_argument("--wide", action="store_true",
-                        help="the int64-offset variants (tensors of 2**31 elements or more) instead of the int32 ones")
+                        help="the int64-offset variants and their configs (tensors of 2**31 elements or more)")
     parser.add_argument("--max-stack", type=int, default=None,
                         help="fail if a kernel uses more bytes of stack (spilled registers) than this")
     args = parser.parse_args(argv)
@@ -118,20 +131,23 @@ def main(argv=None):
     target = GPUTarget("cuda", args.arch, 32)
     for dtype in ("bf16", "fp32", "tf32", "fp16") if args.all else ("bf16", "fp32"):
         precision = "ieee" if dtype == "fp32" else "tf32"
-        for fn, constexprs in jobs(args.all, dtype):
-            constexprs = dict(constexprs, KH=3, KW=3, INDEX=tl.int64 if args.wide else tl.int32, INTERPRETER=False, PRECISION=precision)
+        for fn, constexprs, launch_options, config in jobs(args.all, dtype, precision, args.wide):
+            constexprs = dict(constexprs, KH=3, KW=3, INDEX=tl.int64 if args.wide else tl.int32, INTERPRETER=False,
+                              PRECISION=precision)
             constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs), target=target,
-                                      options=options(fn, dtype, precision))
+                                      options=launch_options)
             assert compiled.asm.get("cubin"), f"{fn.__name__}: no cubin"
             registers, stack = resource_usage(compiled.asm["cubin"])
             variant = ",".join(f"{name}={value}" for name, value in sorted(constexprs.items())
-                               if name not in ("KH", "KW", "INDEX", "INTERPRETER", "PRECISION"))
+                               if name not in ("KH", "KW", "INDEX", "INTERPRETER", "PRECISION")
+                               and not name.startswith("BLOCK_"))
             line = f"{fn.__name__} {dtype} sm_{args.arch} regs={registers} stack={stack}"
-            print(f"{line} [{variant}] ({time.perf_counter() - start:.1f}s)", flush=True)
+            described = f"{line} [{config}] [{variant}]"
+            print(f"{described} ({time.perf_counter() - start:.1f}s)", flush=True)
             if args.max_stack is not None and stack > args.max_stack:
-                over.append(f"{line} [{variant}]")
+                over.append(described)
     if over:
         sys.exit(f"{len(over)} kernel(s) with more than {args.max_stack} bytes of stack:\n" + "\n".join(over))
     print("ok")

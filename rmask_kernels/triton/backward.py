@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, configs
 from .geometry import check_args
 from .grad_input_kernels import grad_input_by_position_kernel, grad_input_by_tap_kernel, grad_input_gather_kernel
 from .grad_weight_kernels import grad_weight_pairs_kernel, grad_weight_partial_kernel, grad_weight_sum_pairs_kernel
@@ -81,8 +81,7 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
             raise RuntimeError(f"triton_masked_conv2d_backward: {name} must have the output's shape {shape}, "
                                f"got {tuple(tensor.shape)}")
     conv_params = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    launch = _Launch(geometry, grad_output, relu_output, input, weight, mask, index, conv_params,
-                     dict(num_warps=common.NUM_WARPS, **common.dot_options(input.dtype)))
+    launch = _Launch(geometry, grad_output, relu_output, input, weight, mask, index, conv_params)
     empty = input.new_empty(0)
     grad_input = launch.grad_input() if output_mask[0] else empty
     grad_weight = launch.grad_weight() if output_mask[1] else empty
@@ -98,9 +97,10 @@ def masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_
 
 
 class _Launch:
-    """One backward call's arguments, and a method per kernel variant that launches it."""
+    """One backward call's arguments, and a method per kernel variant that launches it with a
+    given block configuration (configs.py)."""
 
-    def __init__(self, geometry, grad_output, relu_output, input, weight, mask, index, conv_params, options):
+    def __init__(self, geometry, grad_output, relu_output, input, weight, mask, index, conv_params):
         self.geometry, self.grad_output, self.input, self.weight, self.mask = geometry, grad_output, input, weight, mask
         self.kept_offsets, self.kept_positions, self.position_offsets, self.position_channels = index
         # What every kernel takes after grad_output's strides: the gate's pointer and strides
@@ -110,13 +110,20 @@ class _Launch:
         self.conv_params = conv_params
         # INDEX (the offsets' type) from the tensors every kernel reads; the buffers a kernel writes
         # are either shaped as one of them (grad input) or checked at their launch (partials).
-        self.options = dict(options, GATED=relu_output is not None,
+        dot = common.dot_options(input.dtype)
+        self.operands = configs.operand_class(input.dtype, dot["PRECISION"])
+        self.options = dict(dot, GATED=relu_output is not None,
                             INDEX=common.index_type(grad_output, relu_output, input, weight, mask, *index))
         self.positions = geometry.out_height * geometry.out_width
-        # BLOCK_K of the grad-input kernels (tl.dot's K there), and the register options of
-        # every kernel but the pairs' (whose dot, over up to BLOCK_M images, fits without).
-        self.reduction_block = common.reduction_block(input.dtype, options["PRECISION"])
-        self.registers = common.register_options(input.dtype, options["PRECISION"])
+        self.relu_output = relu_output
+        # Whether the launches take int64 offsets (their configs: configs.WIDE_CONFIGS).
+        self.wide = common.needs_int64(grad_output, relu_output, input, weight, mask, *index)
+
+    def _key(self, variant):
+        return configs.launch_key(
+            self.grad_output, self.relu_output, self.input, self.weight, self.mask,
+            extra=(variant, self.conv_params, self.geometry.groups, self.geometry.patterns,
+                   self.kept_positions.numel(), self.position_channels.numel()))
 
     def _options_writing(self, buffer):
         """The kernel options for a launch that also writes `buffer`."""
@@ -130,36 +137,39 @@ class _Launch:
         memory_format = torch._prims_common.suggest_memory_format(self.input)
         if variant == "zeros":
             return torch.zeros_like(self.input, memory_format=memory_format)
-        if variant == "by_position":
-            return self._grad_input_by_position(memory_format)
-        if variant == "by_tap":
-            return self._grad_input_by_tap(memory_format)
-        return self._grad_input_gather(memory_format)
+        geometry = self.geometry
+        launch, rows = {
+            "by_position": (self._grad_input_by_position, geometry.batch),
+            "by_tap": (self._grad_input_by_tap, geometry.batch * self.kept_positions.numel()),
+            "gather": (self._grad_input_gather, geometry.batch * geometry.height * geometry.width),
+        }[variant]
+        run = lambda config: launch(memory_format, config)  # noqa: E731
+        return run(configs.choose("grad_input", self.operands, self._key(variant), rows, run, self.wide))
 
-    def _grad_input_by_position(self, memory_format):
+    def _grad_input_by_position(self, memory_format, config):
         geometry = self.geometry
         grad_input = torch.empty_like(self.input, memory_format=memory_format)
-        block_m = min(common.BLOCK_M, max(16, triton.next_power_of_2(geometry.batch)))
-        block_k = min(self.reduction_block,
+        block_m = min(config.block_m, max(16, triton.next_power_of_2(geometry.batch)))
+        block_k = min(config.block_k,
                       max(16, triton.next_power_of_2(triton.cdiv(self.position_channels.numel(), self.positions))))
         grid = (geometry.height * geometry.width, triton.cdiv(geometry.batch, block_m),
-                triton.cdiv(geometry.in_channels, common.BLOCK_N))
+                triton.cdiv(geometry.in_channels, config.block_n))
         grad_input_by_position_kernel[grid](
             self.grad_output, self.weight, self.position_offsets, self.position_channels, grad_input,
             geometry.batch, geometry.in_channels, geometry.height, geometry.width, geometry.out_height,
             geometry.out_width, *self.conv_params, *self.grad_output.stride(), *self.gate_args, *self.weight.stride(),
             *grad_input.stride(), KH=geometry.kernel_h, KW=geometry.kernel_w,
-            BLOCK_M=block_m, BLOCK_N=common.BLOCK_N, BLOCK_K=block_k, **self.options, **self.registers,
+            BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, **self.options, **config.launch_options(),
         )
         return grad_input
 
-    def _grad_input_by_tap(self, memory_format):
+    def _grad_input_by_tap(self, memory_format, config):
         # The launches add into an fp32 buffer, rounded to the input's dtype once at the end.
         geometry = self.geometry
         grad_input = torch.zeros_like(self.input, dtype=torch.float32, memory_format=memory_format)
         count = self.kept_positions.numel()
-        grid = (triton.cdiv(geometry.batch * count, common.BLOCK_M),
-                triton.cdiv(geometry.cin_per_group, common.BLOCK_N), geometry.groups)
+        grid = (triton.cdiv(geometry.batch * count, config.block_m),
+                triton.cdiv(geometry.cin_per_group, config.block_n), geometry.groups)
         for kh in range(geometry.kernel_h):
             for kw in range(geometry.kernel_w):
                 grad_input_by_tap_kernel[grid](
@@ -167,16 +177,16 @@ class _Launch:
                     geometry.batch, count, kh, kw, geometry.height, geometry.width, geometry.out_width,
                     geometry.cin_per_group, geometry.cout_per_group, *self.conv_params,
                     *self.grad_output.stride(), *self.gate_args, *self.weight.stride(), *grad_input.stride(),
-                    BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N,
-                    BLOCK_K=self.reduction_block, **self.options, **self.registers,
+                    BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, **self.options,
+                    **config.launch_options(),
                 )
         return grad_input.to(self.input.dtype)
 
-    def _grad_input_gather(self, memory_format):
+    def _grad_input_gather(self, memory_format, config):
         geometry = self.geometry
         grad_input = torch.empty_like(self.input, memory_format=memory_format)
         rows = geometry.batch * geometry.height * geometry.width
-        grid = (triton.cdiv(rows, common.BLOCK_M), triton.cdiv(geometry.cin_per_group, common.BLOCK_N),
+        grid = (triton.cdiv(rows, config.block_m), triton.cdiv(geometry.cin_per_group, config.block_n),
                 geometry.groups)
         grad_input_gather_kernel[grid](
             self.grad_output, self.weight, self.mask.contiguous().view(torch.uint8), grad_input,
@@ -184,8 +194,8 @@ class _Launch:
             geometry.cin_per_group, geometry.cout_per_group, *self.conv_params,
             *self.grad_output.stride(), *self.gate_args, *self.weight.stride(), *grad_input.stride(),
             KH=geometry.kernel_h, KW=geometry.kernel_w, MASK_PER_CHANNEL=self.mask.shape[0] > 1,
-            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=self.reduction_block,
-            **self.options, **self.registers,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            **self.options, **config.launch_options(),
         )
         return grad_input
 
@@ -196,54 +206,64 @@ class _Launch:
         if variant == "zeros":
             return torch.zeros_like(self.weight, memory_format=torch.contiguous_format)
         if variant == "pairs":
-            return self._grad_weight_pairs()
-        return self._grad_weight_partials()
+            family, launch, rows = "grad_weight_pairs", self._grad_weight_pairs, self.geometry.batch
+        else:
+            family, launch = "grad_weight", self._grad_weight_partials
+            rows = self.geometry.batch * self._partial_rows_per_image()[1]
+        return launch(configs.choose(family, self.operands, self._key(variant), rows, launch, self.wide))
 
-    def _grad_weight_pairs(self):
+    def _partial_rows_per_image(self):
+        """The partials' rows per image: (all_positions, count). Few channels per pattern: every
+        position a row, grad_output read only where kept (a tile of a pattern's channels would
+        be mostly empty); else each pattern's kept positions, as in the forward."""
+        all_positions = self.geometry.channels_per_pattern < common.MIN_PATTERN_CHANNELS
+        return all_positions, self.positions if all_positions else self.kept_positions.numel()
+
+    def _grad_weight_pairs(self, config):
         # Stage 1: a batch-reduced row per kept (position, channel) pair; stage 2: per channel
         # the sum of its pairs' rows in position order.
         geometry = self.geometry
         reduce_size = geometry.cin_per_group * geometry.kernel_h * geometry.kernel_w
         pairs = self.position_channels.numel()
         pair_rows = torch.empty(pairs, reduce_size, dtype=torch.float32, device=self.input.device)
-        block_m = min(common.BLOCK_N, max(16, triton.next_power_of_2(triton.cdiv(pairs, self.positions))))
-        block_images = min(common.BLOCK_M, max(16, triton.next_power_of_2(geometry.batch)))
-        grid = (self.positions, triton.cdiv(reduce_size, common.BLOCK_K), triton.cdiv(geometry.out_channels, block_m))
+        # The kernel's M = the channels kept at a position (config.block_n at most), its N =
+        # images (config.block_m at most).
+        block_m = min(config.block_n, max(16, triton.next_power_of_2(triton.cdiv(pairs, self.positions))))
+        block_images = min(config.block_m, max(16, triton.next_power_of_2(geometry.batch)))
+        grid = (self.positions, triton.cdiv(reduce_size, config.block_k), triton.cdiv(geometry.out_channels, block_m))
         grad_weight_pairs_kernel[grid](
             self.grad_output, self.input, self.position_offsets, self.position_channels, pair_rows,
             geometry.batch, reduce_size, geometry.height, geometry.width, geometry.out_width, *self.conv_params,
             *self.input.stride(), *self.grad_output.stride(), *self.gate_args,
             KH=geometry.kernel_h, KW=geometry.kernel_w,
-            BLOCK_M=block_m, BLOCK_N=block_images, BLOCK_K=common.BLOCK_K, **self._options_writing(pair_rows),
+            BLOCK_M=block_m, BLOCK_N=block_images, BLOCK_K=config.block_k, **self._options_writing(pair_rows),
+            **config.launch_options(),
         )
         grad_weight = torch.empty(self.weight.shape, dtype=torch.float32, device=self.input.device)
-        grad_weight_sum_pairs_kernel[(geometry.out_channels, triton.cdiv(reduce_size, common.BLOCK_K))](
+        grad_weight_sum_pairs_kernel[(geometry.out_channels, triton.cdiv(reduce_size, config.block_k))](
             pair_rows, self.kept_offsets, self.kept_positions, self.position_offsets, self.position_channels,
             grad_weight, geometry.channels_per_pattern, reduce_size,
-            CHANNEL_BLOCK=triton.next_power_of_2(geometry.out_channels), BLOCK_K=common.BLOCK_K,
-            num_warps=common.NUM_WARPS,
+            CHANNEL_BLOCK=triton.next_power_of_2(geometry.out_channels), BLOCK_K=config.block_k,
+            num_warps=config.num_warps,
         )
         return grad_weight.to(self.weight.dtype)
 
-    def _grad_weight_partials(self):
+    def _grad_weight_partials(self, config):
         geometry = self.geometry
         reduce_size = geometry.cin_per_group * geometry.kernel_h * geometry.kernel_w
-        # Pattern rows as in the forward; few channels per pattern: every position a row,
-        # grad_output read only where kept (a tile of a pattern's channels would be mostly empty).
-        all_positions = geometry.channels_per_pattern < common.MIN_PATTERN_CHANNELS
+        all_positions, rows_per_image = self._partial_rows_per_image()
         patterns = 1 if all_positions else geometry.patterns
-        rows_per_image = self.positions if all_positions else self.kept_positions.numel()
         # Chunks of a multiple of BLOCK_M rows, at least WEIGHT_CHUNK, few enough that the
         # partials fit PARTIAL_BUDGET_BYTES.
         max_chunks = max(1, PARTIAL_BUDGET_BYTES // (4 * geometry.out_channels * reduce_size) - patterns)
         chunk_rows = max(WEIGHT_CHUNK, triton.cdiv(geometry.batch * rows_per_image, max_chunks))
-        chunk_rows = triton.cdiv(chunk_rows, common.BLOCK_M) * common.BLOCK_M
+        chunk_rows = triton.cdiv(chunk_rows, config.block_m) * config.block_m
         tile_ends, tiles = row_tiles(self.kept_offsets, geometry.batch, patterns, rows_per_image, chunk_rows)
         segments, num_segments = channel_segments(
-            patterns, geometry.out_channels // patterns, geometry.cout_per_group, common.BLOCK_N,
+            patterns, geometry.out_channels // patterns, geometry.cout_per_group, config.block_n,
             str(self.input.device))
         partial = torch.zeros(tiles, geometry.out_channels, reduce_size, dtype=torch.float32, device=self.input.device)
-        grid = (tiles, num_segments, triton.cdiv(reduce_size, common.BLOCK_K))
+        grid = (tiles, num_segments, triton.cdiv(reduce_size, config.block_k))
         grad_weight_partial_kernel[grid](
             self.grad_output, self.input, self.mask.contiguous().view(torch.uint8), partial,
             self.kept_offsets, self.kept_positions, tile_ends, segments,
@@ -253,8 +273,8 @@ class _Launch:
             self.positions if self.mask.shape[0] > 1 else 0,
             KH=geometry.kernel_h, KW=geometry.kernel_w, PATTERN_BLOCK=pattern_block(patterns),
             ALL_POSITIONS=all_positions,
-            BLOCK_M=common.BLOCK_M, BLOCK_N=common.BLOCK_N, BLOCK_K=common.BLOCK_K, **self._options_writing(partial),
-            **self.registers,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, **self._options_writing(partial),
+            **config.launch_options(),
         )
         # Second stage: the chunks' fp32 partials summed in a fixed order.
         return partial.sum(0).view(self.weight.shape).to(self.weight.dtype)

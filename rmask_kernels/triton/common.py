@@ -1,9 +1,6 @@
 """What every Triton kernel and host launcher of the masked convolution shares: whether the
-kernels run in Triton's interpreter, the block sizes, the dtypes and dot options, and the
-rounding of an fp32 result to the output's dtype.
-
-The launchers read the block sizes from this module at each call (``common.BLOCK_M``), so a
-test that sets them here reaches every launcher.
+kernels run in Triton's interpreter, the dtypes, offset types and dot options, and the rounding
+of an fp32 result to the output's dtype. Block sizes: configs.py.
 """
 
 from __future__ import annotations
@@ -17,18 +14,6 @@ from . import interpreting
 # Triton reads TRITON_INTERPRET when a kernel is defined, and the kernels are defined when this
 # module's importers are: the value then is the one that holds for this process.
 INTERPRET = interpreting()
-
-# The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks.
-# On a GPU one fixed configuration, untuned (benchmarks/gpu_times.py measures the kernels),
-# chosen so that every kernel compiles without spilling registers for sm_80 and sm_90
-# (tests/triton_compile.py --max-stack 0): a 64 x 64 fp32 accumulator on 8 warps, and a
-# reduction block (reduction_block) that shrinks with the operands' registers: 32 for 16-bit
-# operands, 16 for TF32 dots, 8 for strict fp32 (FMA dots, no tensor cores), whose launches
-# also let ptxas use every register (register_options).
-if INTERPRET:
-    BLOCK_M, BLOCK_N, BLOCK_K, TF32_BLOCK_K, FMA_BLOCK_K, NUM_WARPS = 128, 64, 32, 32, 32, 4
-else:
-    BLOCK_M, BLOCK_N, BLOCK_K, TF32_BLOCK_K, FMA_BLOCK_K, NUM_WARPS = 64, 64, 32, 16, 8, 8
 
 # Channels per mask pattern from which the by-pattern kernels fill a tile's N dimension well
 # enough; below it (neuron masks, small groups) the by-position kernels take the kept channels
@@ -48,38 +33,25 @@ INT32_LIMIT = 2**31
 INTERPRETER_WIDE = True
 
 
-def index_type(*tensors):
-    """The constexpr INDEX every GEMM kernel takes, the type of its element offsets: tl.int64
-    where an element offset into one of `tensors` (None: absent) can reach INT32_LIMIT, else
-    tl.int32 (fewer registers: the kernels' offsets fit, and so do their integer arguments,
-    which Triton then passes as int32)."""
-    if INTERPRET and INTERPRETER_WIDE:
-        return tl.int64
+def needs_int64(*tensors):
+    """Whether an element offset into one of `tensors` (None: absent) can reach INT32_LIMIT."""
     for tensor in tensors:
         if tensor is None or tensor.numel() == 0:
             continue
         span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
         if max(span, tensor.numel()) >= INT32_LIMIT:
-            return tl.int64
+            return True
+    return False
+
+
+def index_type(*tensors):
+    """The constexpr INDEX every GEMM kernel takes, the type of its element offsets: tl.int64
+    where an offset into one of `tensors` can reach INT32_LIMIT (needs_int64), else tl.int32
+    (fewer registers: the kernels' offsets fit, and so do their integer arguments, which Triton
+    then passes as int32)."""
+    if (INTERPRET and INTERPRETER_WIDE) or needs_int64(*tensors):
+        return tl.int64
     return tl.int32
-
-
-def reduction_block(dtype, precision):
-    """BLOCK_K of the kernels whose BLOCK_K is tl.dot's K (the forward's and the grad input's)
-    for operands of `dtype` and the dot's `precision` (dot_options); the grad-weight kernels'
-    BLOCK_K is a dimension of their output and stays BLOCK_K."""
-    if dtype != torch.float32:
-        return BLOCK_K
-    return TF32_BLOCK_K if precision == "tf32" else FMA_BLOCK_K
-
-
-def register_options(dtype, precision):
-    """Launch options on registers: strict fp32 (FMA dots) sets maxnreg to the whole register
-    file (255), as ptxas left to itself caps some of these kernels at 128 registers on sm_90
-    and spills; other dots need none."""
-    if INTERPRET or dtype != torch.float32 or precision != "ieee":
-        return {}
-    return dict(maxnreg=255)
 
 
 def dot_options(dtype):

@@ -22,10 +22,11 @@ grad weight           two stages: chunks of kept rows each give fp32 partials, s
                       per channel its pairs' rows summed in position order.
 grad bias             per channel sum of grad_output over the kept positions (torch reduction).
 
-The files: common.py (interpreter, block sizes, dtype options), tiles.py (how the by-pattern
-kernels cut rows and channels), geometry.py (argument checks), forward_kernels.py,
-grad_input_kernels.py and grad_weight_kernels.py (the @triton.jit kernels), forward.py and
-backward.py (their host launchers, and which kernel a call takes).
+The files: common.py (interpreter, offset types, dtype options), configs.py (block
+configurations: the sets, the rule, the measured choice), tiles.py (how the by-pattern kernels
+cut rows and channels), geometry.py (argument checks), forward_kernels.py, grad_input_kernels.py
+and grad_weight_kernels.py (the @triton.jit kernels), forward.py and backward.py (their host
+launchers, and which kernel a call takes).
 """
 
 from .backward import masked_conv2d_backward
