@@ -523,13 +523,18 @@ def test_rmask_train_runs_the_study_models(tmp_path, name, options):
 
 
 def test_rmask_train_controls_resume_and_old_runs(tmp_path, capsys):
-    # A run with controls resumes from its saved config alone; changing a control is refused.
-    run = tmp_path / "narrow"
+    # A run with controls resumes from its saved config alone, exactly (DropBlock draws from the
+    # global generator, whose state the checkpoint restores); changing a control is refused.
+    run, straight = tmp_path / "narrow", tmp_path / "straight"
     options = ["--model", "resnet18", "--channels-fraction", "0.1", "--mask-layers", "all", "--deep-dropout",
-               "dropout2d:0.1"]
+               "dropblock:0.2:2"]
     assert cli.main(["train", *TINY, *options, "--run-dir", str(run)]) == 0
     assert cli.main(["train", "--run-dir", str(run), "--resume", "--epochs", "2", "--quiet"]) == 0
-    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert cli.main(["train", *TINY, *options, "--epochs", "2", "--run-dir", str(straight)]) == 0
+    resumed, uninterrupted = load_checkpoint(run / "last.pt"), load_checkpoint(straight / "last.pt")
+    assert resumed["epoch"] == 2 and resumed["model"].keys() == uninterrupted["model"].keys()
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
     assert cli.main(["train", "--run-dir", str(run), "--resume", "--epochs", "3", "--channels-fraction", "0.2",
                      "--quiet"]) == 1
     assert "channels_fraction: 0.1 -> 0.2" in capsys.readouterr().err
