@@ -340,8 +340,8 @@ def test_small_cnn_masks_follow_the_data(size):
 
 def test_model_spec_rejects_bad_options():
     with pytest.raises(ValueError, match="unknown model"):
-        cifar_spec("resnet50")
-    with pytest.raises(ValueError, match="resnet18 only"):
+        cifar_spec("resnet99")
+    with pytest.raises(ValueError, match="are for resnet18, resnet50, densenet121, senet18, not vgg19"):
         cifar_spec("vgg19", mask_ratio="012:0.9")
     with pytest.raises(ValueError, match="mask ratio"):
         cifar_spec("resnet18", mask_ratio="0.5x")

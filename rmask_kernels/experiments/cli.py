@@ -86,13 +86,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model and Random Mask")
     model.add_argument("--model", choices=MODELS, default=unset,
-                       help="network (default: resnet18 on cifar10, small on mnist and digits)")
+                       help="network (default: resnet18 on cifar10, small on mnist and digits); resnet50, "
+                            "densenet121, senet18: the paper's other source networks")
     model.add_argument("--mask-ratio", default=unset,
-                       help="fraction of neurons masked, e.g. 0.9 (default 0: a normal network); resnet18 also "
-                            "takes separate ratios per stage group, e.g. '012:0.9,34:0.3'")
+                       help="fraction of neurons masked, e.g. 0.9 (default 0: a normal network); the staged models "
+                            "(resnet18, resnet50, densenet121, senet18) also take separate ratios per stage group, "
+                            "e.g. '012:0.9,34:0.3'")
     model.add_argument("--mask-layers", default=unset,
-                       help="where: shallow (default; resnet18 '012', vgg19 first 4 convs), deep, all, or "
-                            "resnet18 stage digits like '0123'")
+                       help="where: shallow (default; stages '012' of the staged models, vgg19 first 4 convs), "
+                            "deep, all, or stage digits like '0123'")
     model.add_argument("--mask-mode", choices=("neuron", "spatial", "same", "group"), default=unset,
                        help="neuron (default, the paper's), spatial ('same' in the paper), group")
     model.add_argument("--group-size", type=int, default=unset, help="channels per pattern with --mask-mode group")
@@ -101,6 +103,19 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="BN batch statistics over all positions (default, the paper's) or the kept ones (faster)")
     model.add_argument("--backend", choices=BACKENDS, default=unset,
                        help="masked-conv implementation (default auto: the fused kernels; reference to compare)")
+
+    controls = parser.add_argument_group(
+        "the paper's controls (staged models: resnet18, resnet50, densenet121, senet18)"
+    )
+    controls.add_argument("--width-multiplier", type=float, default=unset, metavar="W",
+                          help="channels of the stages --mask-layers selects times W (the paper: 2, '2x wider'; "
+                               "default 1)")
+    controls.add_argument("--channels-fraction", type=float, default=unset, metavar="F",
+                          help="keep only this fraction of the selected stages' channels, and no masks (the paper's "
+                               "'fewer channels instead of masks', e.g. 0.1; needs mask ratio 0; default 1)")
+    controls.add_argument("--deep-dropout", default=unset, metavar="SPEC",
+                          help="dropout in stages 3 and 4 in training: 'dropout2d:P' or 'dropblock:P:BLOCK' "
+                               "(e.g. dropblock:0.1:3; default none)")
 
     optim = parser.add_argument_group("optimization (defaults: the paper's recipe for --data)")
     optim.add_argument("--epochs", type=int, default=unset,
@@ -136,6 +151,12 @@ def default_run_dir(config: TrainConfig) -> Path:
         mask = "normal"
     if config.mask_ratio and config.mask_mode != "neuron":
         mask += f"-{config.mask_mode}" + (f"{config.group_size}" if config.group_size else "")
+    if config.width_multiplier != 1:
+        mask += f"-width{config.width_multiplier:g}"
+    if config.channels_fraction != 1:
+        mask += f"-channels{config.channels_fraction:g}-{config.mask_layers}"
+    if config.deep_dropout:
+        mask += "-" + config.deep_dropout.replace(":", "_")
     amp = f"-{config.amp}" if config.amp else ""
     return Path("runs") / f"{config.data}-{config.model}-{mask}{amp}-seed{config.seed}"
 

@@ -21,14 +21,42 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..models.resnet import resnet18
+from ..models.densenet import densenet121
+from ..models.resnet import resnet18, resnet50
+from ..models.senet import senet18
 from ..models.small import small_cnn
+from ..models.stages import parse_deep_dropout, stage_scales
 from ..models.vgg import vgg19
 from .checkpoint import dataclass_from_dict, load_checkpoint
 from .data import ImageData, Normalize
 
-MODELS = ("resnet18", "vgg19", "small")
+MODELS = ("resnet18", "vgg19", "small", "resnet50", "densenet121", "senet18")
+# Models with stages 0 (stem) .. 4: separate ratios per stage group and the paper's controls.
+STAGED_MODELS = ("resnet18", "resnet50", "densenet121", "senet18")
+BUILDERS = {
+    "resnet18": resnet18, "vgg19": vgg19, "small": small_cnn, "resnet50": resnet50, "densenet121": densenet121,
+    "senet18": senet18,
+}
 MaskRatio = Union[float, Dict[str, float]]
+
+
+def check_model_options(name: str, mask_ratio: MaskRatio, mask_layers: str, width_multiplier: float = 1.0,
+                        channels_fraction: float = 1.0, deep_dropout: Optional[str] = None) -> Optional[str]:
+    """Check the options model ``name`` (one of `MODELS`) takes beyond its masks (separate ratios
+    per stage, the paper's controls) as the model will; returns ``deep_dropout`` in its
+    canonical form."""
+    if name not in STAGED_MODELS:
+        if isinstance(mask_ratio, dict):
+            raise ValueError(f"separate ratios per stage ({mask_ratio}) are for {', '.join(STAGED_MODELS)}, not {name}")
+        controls = dict(width_multiplier=(width_multiplier, 1.0), channels_fraction=(channels_fraction, 1.0),
+                        deep_dropout=(parse_deep_dropout(deep_dropout), None))
+        for option, (value, default) in controls.items():
+            if value != default:
+                raise ValueError(f"{option} is for {', '.join(STAGED_MODELS)}: expected {default!r} for {name}, "
+                                 f"got {value!r}")
+        return None
+    stage_scales(mask_ratio, mask_layers, width_multiplier, channels_fraction)
+    return parse_deep_dropout(deep_dropout)
 
 
 def parse_mask_ratio(value: Union[str, float, Mapping[str, float]]) -> MaskRatio:
@@ -72,6 +100,11 @@ class ModelSpec:
     mask_seed: int = 0
     bn_stats: str = "all"
     backend: str = "auto"
+    # The paper's controls (staged models only; see rk.models.resnet18). A spec saved before
+    # these fields existed loads with these defaults, which build the same network.
+    width_multiplier: float = 1.0
+    channels_fraction: float = 1.0
+    deep_dropout: Optional[str] = None
 
     def __post_init__(self):
         if self.name not in MODELS:
@@ -79,8 +112,11 @@ class ModelSpec:
         object.__setattr__(self, "mask_ratio", parse_mask_ratio(self.mask_ratio))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if isinstance(self.mask_ratio, dict) and self.name != "resnet18":
-            raise ValueError(f"separate ratios per stage ({self.mask_ratio}) are for resnet18 only, not {self.name}")
+        deep_dropout = check_model_options(self.name, self.mask_ratio, self.mask_layers, self.width_multiplier,
+                                           self.channels_fraction, self.deep_dropout)
+        object.__setattr__(self, "width_multiplier", float(self.width_multiplier))
+        object.__setattr__(self, "channels_fraction", float(self.channels_fraction))
+        object.__setattr__(self, "deep_dropout", deep_dropout)
 
     @classmethod
     def for_data(cls, name: str, data: ImageData, **mask_options) -> "ModelSpec":
@@ -107,8 +143,10 @@ def build_network(spec: ModelSpec) -> nn.Module:
         group_size=spec.group_size, seed=spec.mask_seed, input_size=spec.input_size,
         in_channels=spec.in_channels, bn_stats=spec.bn_stats, backend=spec.backend,
     )
-    builders = {"resnet18": resnet18, "vgg19": vgg19, "small": small_cnn}
-    return builders[spec.name](spec.num_classes, **options)
+    if spec.name in STAGED_MODELS:
+        options.update(width_multiplier=spec.width_multiplier, channels_fraction=spec.channels_fraction,
+                       deep_dropout=spec.deep_dropout)
+    return BUILDERS[spec.name](spec.num_classes, **options)
 
 
 def build_model(spec: ModelSpec, init_seed: Optional[int] = None) -> nn.Sequential:

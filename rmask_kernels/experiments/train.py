@@ -53,7 +53,7 @@ from .distributed import (
     init_process_group, resolve_device, wrap_ddp,
 )
 from .inference import check_amp, evaluating, mixed_precision, model_device
-from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, parse_mask_ratio
+from .model_zoo import MODELS, MaskRatio, ModelSpec, build_model, check_model_options, parse_mask_ratio
 
 __all__ = [
     "PRESETS",
@@ -99,6 +99,10 @@ class TrainConfig:
     mask_seed: int = 0
     bn_stats: str = "all"
     backend: str = "auto"
+    # the paper's controls (resnet18, resnet50, densenet121, senet18; see model_zoo.ModelSpec)
+    width_multiplier: float = 1.0  # channels × this in the stages mask_layers selects
+    channels_fraction: float = 1.0  # only this fraction of their channels, and no masks
+    deep_dropout: Optional[str] = None  # "dropout2d:P" or "dropblock:P:BLOCK" in stages 3 and 4
     # optimization: SGD with momentum, lr × gamma at each milestone epoch
     epochs: int = 350
     batch_size: int = 128  # global: split evenly across DDP ranks
@@ -124,6 +128,9 @@ class TrainConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         check_amp(self.amp)
         self.mask_ratio = parse_mask_ratio(self.mask_ratio)
+        self.deep_dropout = check_model_options(self.model, self.mask_ratio, self.mask_layers, self.width_multiplier,
+                                                self.channels_fraction, self.deep_dropout)
+        self.width_multiplier, self.channels_fraction = float(self.width_multiplier), float(self.channels_fraction)
         self.milestones = tuple(int(m) for m in self.milestones)
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing epochs, got {self.milestones}")
@@ -162,7 +169,8 @@ def model_spec(config: TrainConfig, data: ImageData) -> ModelSpec:
     return ModelSpec.for_data(
         config.model, data, mask_ratio=config.mask_ratio, mask_layers=config.mask_layers,
         mask_mode=config.mask_mode, group_size=config.group_size, mask_seed=config.mask_seed,
-        bn_stats=config.bn_stats, backend=config.backend,
+        bn_stats=config.bn_stats, backend=config.backend, width_multiplier=config.width_multiplier,
+        channels_fraction=config.channels_fraction, deep_dropout=config.deep_dropout,
     )
 
 

@@ -1,7 +1,24 @@
-"""The paper's networks with Random Mask placed by hand."""
+"""The paper's networks with Random Mask placed by hand, and the study's other source networks."""
 
-from .resnet import ResNet18, resnet18
+from .densenet import DenseNet121, densenet121
+from .dropblock import DropBlock2d
+from .resnet import ResNet18, ResNet50, resnet18, resnet50
+from .senet import SENet18, senet18
 from .small import SmallCNN, small_cnn
 from .vgg import VGG19, vgg19
 
-__all__ = ["ResNet18", "SmallCNN", "VGG19", "resnet18", "small_cnn", "vgg19"]
+__all__ = [
+    "DenseNet121",
+    "DropBlock2d",
+    "ResNet18",
+    "ResNet50",
+    "SENet18",
+    "SmallCNN",
+    "VGG19",
+    "densenet121",
+    "resnet18",
+    "resnet50",
+    "senet18",
+    "small_cnn",
+    "vgg19",
+]

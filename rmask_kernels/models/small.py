@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..masks import check_mode, check_ratio
 # One construction path for every hand-placed model: same layer seeds, same fused units.
-from .resnet import _MaskSpec, _relu_unless_fused
+from .stages import _MaskSpec, _relu_unless_fused
 
 SMALL_SELECTIONS = {"shallow": (1, 2), "deep": (3, 4), "all": (1, 2, 3, 4)}
 

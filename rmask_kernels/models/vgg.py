@@ -16,7 +16,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ..masks import check_mode, check_ratio
-from .resnet import _MaskSpec  # one construction path for all hand-placed models
+from .stages import _MaskSpec  # one construction path for all hand-placed models
 
 VGG19_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 SHALLOW_CONVS = 4  # the paper masks VGG-19's first 4 convs
