@@ -36,7 +36,8 @@ size_t element_size(ScalarType dtype) {
     case ScalarType::BFloat16:
       return 2;
     default:
-      return 1;
+      RMASK_CHECK(false, "rmask output cache: no element size for dtype ", dtype);
+      return 0;
   }
 }
 
