@@ -79,6 +79,23 @@ def check_mask_for_output(mask: torch.Tensor, out_channels: int, out_size: Tuple
         )
 
 
+def check_input_mask(input_mask, in_channels: int, size, device: torch.device):
+    """An input mask's checks: bool, (C_in, H_in, W_in) or (1, H_in, W_in) for this input, on
+    its device."""
+    if not isinstance(input_mask, torch.Tensor):
+        raise TypeError(f"input_mask must be a bool tensor, got {type(input_mask).__name__}")
+    if input_mask.dtype != torch.bool:
+        raise TypeError(f"input_mask must be a bool tensor (True = kept), got dtype {input_mask.dtype}")
+    expected = (in_channels, *size)
+    if input_mask.dim() != 3 or input_mask.shape[0] not in (1, in_channels) or tuple(input_mask.shape[1:]) != tuple(size):
+        raise ValueError(
+            f"input_mask has shape {tuple(input_mask.shape)} but this convolution's input is {expected}: "
+            f"expected {expected} or {(1, *size)} (a mask built for another size?)"
+        )
+    if input_mask.device != device:
+        raise ValueError(f"input_mask must be on the input's device {device}, got {input_mask.device}")
+
+
 # The ops (conv, stats) each compiled backend is reached through; the Triton kernels are a
 # second op family with the same schemas. Filled on first use (the schemas must exist by then).
 KERNEL_OPS: dict = {}
@@ -166,6 +183,7 @@ def masked_conv2d(
     relu: bool = False,
     channel_stats: bool = False,
     residual: Optional[torch.Tensor] = None,
+    input_mask: Optional[torch.Tensor] = None,
 ):
     """``F.conv2d(input, weight, bias, stride, padding, dilation, groups) * mask``, differentiable,
     computing only the kept outputs where a compiled backend serves the tensor.
@@ -177,6 +195,11 @@ def masked_conv2d(
     ``residual``: a tensor of the output's shape added at every position (masked ones
     included) before the ReLU, in the kernel's epilogue: ``relu?(conv * mask + residual)``,
     e.g. a ResNet block's shortcut.
+    ``input_mask``: bool (C_in, H_in, W_in) or (1, H_in, W_in), True = kept: the input's
+    entries where it is False count as 0, values and gradients: the result is
+    ``F.conv2d(input * input_mask, ...) * mask``, and the input's gradient is 0 there. For a
+    conv whose input is zero there anyway (the output of a masked unit, ``act(mask * ...)``).
+    The kernels do not skip those inputs yet: the product is formed before them.
     ``channel_stats``: also return, per output channel, the float64 sum and sum of squares of
     the output over the batch and the kept positions, computed in the same pass (BN
     statistics over kept positions, ``bn_stats="kept"``): ``(output, sum, sum_of_squares)``.
@@ -211,7 +234,7 @@ def masked_conv2d(
             result = masked_conv2d(
                 *(cast(t, torch.float32) for t in (input, weight, bias)), mask, stride, padding, dilation, groups,
                 backend="cpu", kept_index=kept_index, relu=relu, channel_stats=channel_stats,
-                residual=cast(residual, torch.float32),
+                residual=cast(residual, torch.float32), input_mask=input_mask,
             )
         return (result[0].to(autocast_to), *result[1:]) if channel_stats else result.to(autocast_to)
     if autocast_to is not None:
@@ -253,6 +276,9 @@ def masked_conv2d(
     kernel_size = tuple(weight_shape[2:])
     top, bottom, left, right = resolve_padding(padding, kernel_size, stride, dilation)
     batch, _, *size = input.shape
+    if input_mask is not None:
+        check_input_mask(input_mask, in_channels, size, device)
+        input = input * input_mask
     out_size = conv_output_size(size, kernel_size, stride, (top, bottom, left, right), dilation)
     if min(out_size) <= 0:
         raise ValueError(f"input of spatial size {tuple(size)} is too small for kernel {kernel_size}")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from . import reference
 from .autocast import cast_for_autocast
 from .backends import check_backend
-from .functional import masked_conv2d
+from .functional import check_input_mask, masked_conv2d
 from .geometry import conv_output_size, pair
 from .masks import KeptIndex, check_mode, check_ratio, draw_seed, kept_index, random_mask
 
@@ -75,6 +75,8 @@ class MaskedConv2d(nn.Conv2d):
         self.seed = draw_seed() if seed is None else int(seed)
         self.backend = check_backend(backend)
         self.register_buffer("mask", None)
+        # The mask of this layer's input (set_input_mask): moved with the module, not saved.
+        self.register_buffer("input_mask", None, persistent=False)
         # Derived from the mask once, moved with the module, not saved (rebuilt on load).
         for name in KeptIndex._fields:
             self.register_buffer(f"kept_{name}", None, persistent=False)
@@ -111,6 +113,30 @@ class MaskedConv2d(nn.Conv2d):
     def kept_index(self) -> KeptIndex:
         """The index lists of this layer's mask (built with the mask, moved with the module)."""
         return KeptIndex(*(getattr(self, f"kept_{name}") for name in KeptIndex._fields))
+
+    def set_input_mask(self, input_mask: Optional[torch.Tensor]) -> None:
+        """Declare which input entries are zero (None: none): bool (C_in, H_in, W_in) or
+        (1, H_in, W_in), True = kept. The layer then computes ``conv(input * input_mask)``:
+        what it computed before for an input that is zero where the mask is False, as the
+        output of a masked unit is (``act(mask * ...)`` with ``act(0) == 0``). Not saved in
+        ``state_dict``: whoever sets it sets it again after loading (the mask it comes from is
+        saved with its own layer)."""
+        if input_mask is not None:
+            if not isinstance(input_mask, torch.Tensor) or input_mask.dtype != torch.bool or input_mask.dim() != 3 \
+                    or input_mask.shape[0] not in (1, self.in_channels):
+                shape = tuple(input_mask.shape) if isinstance(input_mask, torch.Tensor) else type(input_mask).__name__
+                dtype = input_mask.dtype if isinstance(input_mask, torch.Tensor) else None
+                raise ValueError(f"input_mask must be a bool tensor of shape ({self.in_channels} or 1, H_in, W_in), "
+                                 f"got {dtype} of shape {shape}")
+            input_mask = input_mask.to(self.weight.device)
+        self.input_mask = input_mask
+
+    def _masked_input(self, input: torch.Tensor) -> torch.Tensor:
+        """``input * input_mask`` where the layer has an input mask (checked against the input)."""
+        if self.input_mask is None:
+            return input
+        check_input_mask(self.input_mask, self.in_channels, input.shape[-2:], input.device)
+        return input * self.input_mask
 
     def output_size_for(self, input: torch.Tensor) -> Tuple[int, int]:
         left, right, top, bottom = self._reversed_padding_repeated_twice
@@ -150,18 +176,18 @@ class MaskedConv2d(nn.Conv2d):
         if self.mask_ratio == 0.0:
             # Under autocast the residual is cast as the fused op casts it (rk.masked_conv2d).
             (residual,) = cast_for_autocast(input.device.type, residual)
-            output = self._conv_forward(input, weight, bias)
+            output = self._conv_forward(self._masked_input(input), weight, bias)
             output = output + residual if residual is not None else output
             output = F.relu(output) if relu else output
             return (output, *reference.channel_stats(output)) if channel_stats else output
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
+        padding, input_mask = self.padding, self.input_mask
+        if self.padding_mode != "zeros":  # the padding copies input entries: mask them first
+            input = F.pad(self._masked_input(input), self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding, input_mask = 0, None
         return masked_conv2d(
             input, weight, bias, mask, self.stride, padding, self.dilation, self.groups,
             backend=self.backend, kept_index=self.kept_index(), relu=relu, channel_stats=channel_stats,
-            residual=residual,
+            residual=residual, input_mask=input_mask,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -170,7 +196,7 @@ class MaskedConv2d(nn.Conv2d):
     def unmasked_forward(self, input: torch.Tensor) -> torch.Tensor:
         """The dense convolution (the mask is still drawn/checked for this input)."""
         self.mask_for(input)
-        return self._conv_forward(input, self.weight, self.bias)
+        return self._conv_forward(self._masked_input(input), self.weight, self.bias)
 
     # -- persistence ------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -192,6 +218,8 @@ class MaskedConv2d(nn.Conv2d):
         extra = f", mask_ratio={self.mask_ratio}, mask_mode={self.mask_mode}"
         if self.group_size is not None:
             extra += f", group_size={self.group_size}"
+        if self.input_mask is not None:
+            extra += f", input_mask={tuple(self.input_mask.shape)}"
         return super().extra_repr() + extra
 
 
@@ -304,6 +332,14 @@ class MaskedConvBN2d(nn.Module):
     @property
     def mask(self) -> Optional[torch.Tensor]:
         return self.conv.mask
+
+    @property
+    def input_mask(self) -> Optional[torch.Tensor]:
+        return self.conv.input_mask
+
+    def set_input_mask(self, input_mask: Optional[torch.Tensor]) -> None:
+        """The conv's input mask (MaskedConv2d.set_input_mask)."""
+        self.conv.set_input_mask(input_mask)
 
     def _uses_batch_stats(self) -> bool:
         return self.training or self.bn.running_mean is None

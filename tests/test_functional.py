@@ -61,6 +61,25 @@ def test_rejected_arguments(kwargs, error, match):
         rk.masked_conv2d(x, weight, mask=mask, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "input_mask,error,match",
+    [
+        (torch.ones(4, 7, 8, dtype=torch.bool), ValueError,
+         r"input_mask has shape \(4, 7, 8\) but this convolution's input is \(4, 8, 8\).*another size"),
+        (torch.ones(3, 8, 8, dtype=torch.bool), ValueError, r"input_mask has shape \(3, 8, 8\).*\(1, 8, 8\)"),
+        (torch.ones(8, 8, dtype=torch.bool), ValueError, r"input_mask has shape \(8, 8\)"),
+        (torch.ones(4, 8, 8), TypeError, r"input_mask must be a bool tensor .*got dtype torch.float32"),
+        ([[True]], TypeError, "input_mask must be a bool tensor, got list"),
+        (torch.ones(4, 8, 8, dtype=torch.bool, device="meta"), ValueError,
+         "input_mask must be on the input's device cpu, got meta"),
+    ],
+)
+def test_rejected_input_mask(input_mask, error, match):
+    x, weight, mask = _ok()
+    with pytest.raises(error, match=match):
+        rk.masked_conv2d(x, weight, None, mask, padding=1, input_mask=input_mask)
+
+
 def test_too_small_input_rejected():
     with pytest.raises(ValueError, match=r"input of spatial size \(2, 2\) is too small for kernel \(3, 3\)"):
         rk.masked_conv2d(torch.randn(1, 4, 2, 2), torch.randn(6, 4, 3, 3), mask=rk.random_mask((6, 1, 1), 0.5))

@@ -364,6 +364,64 @@ def test_random_mask_module_rejects_other_shapes():
         rk.RandomMask((4, 6, 5), 1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+@pytest.mark.parametrize("in_mode", ["neuron", "spatial"])
+@pytest.mark.parametrize("config", [CONV_CONFIGS[0], CONV_CONFIGS[12], CONV_CONFIGS[16], CONV_CONFIGS[8]],
+                         ids=config_id)
+def test_input_mask_set_by_hand(backend, config, in_mode, ratio):
+    # layer(x) == conv(x * input_mask) * mask, gradients too (0 where the input mask drops the
+    # input); padding modes that copy input entries see them masked; state_dict keys unchanged.
+    conv_kwargs, shape = config
+    layer, conv = build(conv_kwargs, mask_ratio=ratio, backend=backend)
+    keys = set(layer.state_dict())
+    input_mask = rk.random_mask((1 if in_mode == "spatial" else shape[1], *shape[2:]), 0.6, in_mode)
+    layer.set_input_mask(input_mask)
+    assert set(layer.state_dict()) == keys and f"input_mask={tuple(input_mask.shape)}" in repr(layer)
+    x = torch.randn(shape, dtype=torch.float64)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(x_ours)
+    expected = conv(x_ref * input_mask) * layer.mask
+    torch.testing.assert_close(y, expected, **TOL64)
+    grad_y = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x_ours, layer.weight], grad_y)
+    want = torch.autograd.grad(expected, [x_ref, conv.weight], grad_y)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOL64)
+    assert (got[0][(~input_mask).expand_as(x)] == 0).all()
+    layer.set_input_mask(None)
+    torch.testing.assert_close(layer(x), conv(x) * layer.mask, **TOL64)
+
+
+def test_input_mask_checks():
+    layer = rk.MaskedConv2d(4, 6, 3, padding=1, mask_ratio=0.5, seed=0)
+    with pytest.raises(ValueError, match=r"input_mask must be a bool tensor of shape \(4 or 1, H_in, W_in\), got "
+                                         r"torch.bool of shape \(3, 8, 8\)"):
+        layer.set_input_mask(torch.ones(3, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="got torch.float32 of shape"):
+        layer.set_input_mask(torch.ones(4, 8, 8))
+    layer.set_input_mask(torch.ones(4, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"input_mask has shape \(4, 8, 8\) but this convolution's input is "
+                                         r"\(4, 9, 9\)"):
+        layer(torch.randn(2, 4, 9, 9))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state", ["train-all", "train-kept", "eval"])
+def test_conv_bn_unit_input_mask(backend, state):
+    # act(mask * BN(conv(x * input_mask))) in every BN state.
+    unit, conv, bn = build_unit(mask_ratio=0.5, backend=backend, activation="relu",
+                                bn_stats="kept" if state == "train-kept" else "all")
+    input_mask = rk.random_mask((3, 7, 6), 0.6, "neuron", seed=3)
+    unit.set_input_mask(input_mask)
+    assert unit.input_mask is unit.conv.input_mask
+    unit.train(state != "eval")
+    x = torch.randn(3, 3, 7, 6, dtype=torch.float64)
+    reference_unit = copy.deepcopy(unit)
+    reference_unit.set_input_mask(None)
+    torch.testing.assert_close(unit(x), reference_unit(x * input_mask), **TOL64)
+
+
 # -- MaskedConvBN2d ------------------------------------------------------------------------------
 
 def build_unit(conv_kwargs=None, dtype=torch.float64, **unit_kwargs):

@@ -20,8 +20,8 @@ from rmask_kernels import reference
 
 from backends_under_test import backends, backends_and_dtypes
 from cases import (GEOMETRIES, LOW_PRECISION_FLOOR, LOW_PRECISION_GRAD, TOLERANCE, check_against_reference,
-                   conv_geometries, leaves_and_oracle, make_case, mask_cases, masked_outputs, parity_cases,
-                   pair, random_case)
+                   conv_geometries, leaves_and_oracle, make_case, mask_cases, masked_outputs, output_size,
+                   parity_cases, pair, random_case)
 from helpers import python_subprocess
 
 ALL = backends_and_dtypes()
@@ -303,6 +303,53 @@ def test_channel_stats_in_the_same_pass(backend, dtype, geometry, mode, group_si
     loose = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
     for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want_loss, oracle)):
         torch.testing.assert_close(got.double(), want, **loose)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "relu+residual", "stats"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("in_mode,mode,group_size", [("neuron", "neuron", None), ("spatial", "spatial", None),
+                                                    ("neuron", "spatial", None), ("spatial", "group", 2)], ids=str)
+@pytest.mark.parametrize("geometry", [ODD, GEOMETRIES["groups"]], ids=["odd-stride2", "groups"])
+@pytest.mark.parametrize("backend,dtype", ALL)
+def test_input_mask(backend, dtype, geometry, in_mode, mode, group_size, layout, epilogue):
+    # conv(input * input_mask) * mask, values and gradients: the input's gradient is 0 where the
+    # input mask drops it; every mask pairing, epilogue and layout.
+    x, weight, bias, mask, conv_args = case(backend, geometry, mode, group_size, 0.5, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    input_mask = rk.random_mask(tuple(x.shape[1:]), 0.6, in_mode, device=x.device)
+    residual = torch.randn(output_size(geometry), dtype=dtype, device=x.device)
+    residual = residual.expand(x.shape[0], weight.shape[0], *residual.shape).contiguous()
+    extra = {"none": {}, "relu+residual": dict(relu=True, residual=residual), "stats": dict(channel_stats=True)}
+    inputs, oracle = leaves_and_oracle(x, weight, bias)
+    result = backend(*inputs, mask=mask, input_mask=input_mask, **conv_args, **extra[epilogue])
+    expected = reference.masked_conv2d(oracle[0] * input_mask, *oracle[1:], mask, **conv_args)
+    if epilogue == "relu+residual":
+        expected = F.relu(expected + residual.double())
+    y = result[0] if epilogue == "stats" else result
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    if epilogue != "relu+residual":
+        assert (masked_outputs(y, mask) == 0).all()
+    if epilogue == "stats":
+        for got, want in zip(result[1:], reference.channel_stats(expected)):
+            torch.testing.assert_close(got, want, rtol=TOLERANCE[dtype]["rtol"], atol=TOLERANCE[dtype]["atol"] * 10)
+    g_y = torch.randn_like(expected)
+    got = torch.autograd.grad(y, [t for t in inputs if t is not None], g_y.to(y.dtype))
+    want = torch.autograd.grad(expected, [t for t in oracle if t is not None], g_y)
+    for name, g, r in zip(("input", "weight", "bias"), got, want):
+        torch.testing.assert_close(g.double(), r, **TOLERANCE[dtype], msg=lambda m: f"grad {name}: {m}")
+    assert (got[0][(~input_mask).expand_as(x)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", OPS)
+def test_input_mask_with_batch_zero_and_unbatched_input(backend):
+    x, weight, bias, mask, conv_args = case(backend, ODD, "neuron", None, 0.5)
+    input_mask = rk.random_mask(tuple(x.shape[1:]), 0.5, "neuron", device=x.device)
+    empty = backend(x[:0], weight, bias, mask=mask, input_mask=input_mask, **conv_args)
+    assert empty.shape == (0, *reference.masked_conv2d(x, weight, bias, mask, **conv_args).shape[1:])
+    y = backend(x[0], weight, bias, mask=mask, input_mask=input_mask, **conv_args)
+    expected = reference.masked_conv2d((x[:1] * input_mask).double(), weight.double(), bias.double(), mask, **conv_args)
+    torch.testing.assert_close(y.double(), expected[0], **TOLERANCE[x.dtype])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
