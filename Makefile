@@ -19,7 +19,8 @@ TORCH_TAG  := $(shell printf '%s' '$(TORCH_SPEC)' | md5sum | cut -c1-10)
 SOURCES    := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-gpu clean cmake-check wheel wheel-cuda cuda-check cmake-check-cuda abi-check
+.PHONY: install test demo bench bench-gpu clean cmake-check wheel wheel-cuda cuda-check cmake-check-cuda abi-check \
+        triton-compat
 
 install: $(VENV)/.stamp-build
 
@@ -115,8 +116,10 @@ wheel-cuda: $(CUDA_VENV)/.stamp-deps
 # element functions on the host (backend cuda-emulation: their arithmetic, not launches), on
 # the CPU kernels and the reference with this torch (not the CPU kernels' rerun under AVX2 nor
 # the Triton interpreter: make test runs both), and on CUDA tensors where a GPU is present;
-# and the CMake build with CUDA. Run from build/ or with the venv's pytest, never `python -m`,
-# so the installed wheel is imported, not the source tree.
+# the Triton kernels compiled for sm_80 and sm_90 by the Triton this CUDA torch pins (3.8 for
+# torch 2.14: what GPU users run; make test compiles them with the pinned 3.9); and the CMake
+# build with CUDA. Run from build/ or with the venv's pytest, never `python -m`, so the
+# installed wheel is imported, not the source tree.
 cuda-check: wheel-cuda
 	$(CUDA_PIP) install --no-deps --force-reinstall "$$(ls -t dist/rmask_kernels-*+cu*-abi3-*.whl | head -1)"
 	cd build && $(CUDA_ENV) $(abspath $(CUDA_PY)) ../tests/cuda/check_cuda_build.py
@@ -124,6 +127,7 @@ cuda-check: wheel-cuda
 	RMASK_PARITY_BACKENDS=reference,cpu,cuda,cuda-emulation $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
 	  tests/cuda tests/test_parity.py tests/test_functional.py tests/test_cpu_kernels.py tests/test_schemas.py \
 	  tests/test_wheel_version.py -k "not avx2" $(PYTEST_ARGS)
+	$(CUDA_VENV)/bin/pytest -q -p no:cacheprovider tests/test_triton.py -k "compile_for_a_gpu" $(PYTEST_ARGS)
 	$(MAKE) cmake-check-cuda
 
 # The LibTorch (CMake) build with the CUDA kernels (-DRMASK_WITH_CUDA=ON) against .venv-cuda's
@@ -154,6 +158,22 @@ abi-check: $(VENV)/.stamp-deps $(CUDA_VENV)/.stamp-deps
 	RMASK_TEST_INSTALLED=1 RMASK_PARITY_BACKENDS=reference,cpu $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider \
 	  tests/test_stable_abi.py tests/test_parity.py tests/test_cpu_kernels.py tests/test_functional.py \
 	  tests/test_layers.py tests/test_autocast.py tests/test_schemas.py tests/test_wheel_version.py $(PYTEST_ARGS)
+
+# The Triton kernels compiled for sm_80 and sm_90, int32 and int64 offsets, by each Triton
+# release the supported CUDA torch releases pin (3.6 for torch 2.11 ... 3.8 for 2.14; make
+# test covers the pinned 3.9): one venv per release in build/, then the kernels whose stack is
+# not 0, per release (a report, by hand: each release is a ~250 MB download).
+TRITON_COMPAT ?= 3.6.0 3.7.1 3.8.0
+triton-compat: $(VENV)/.stamp-build
+	@for v in $(TRITON_COMPAT); do \
+	  test -x build/triton-$$v/bin/python || { $(PYTHON) -m venv build/triton-$$v && \
+	    build/triton-$$v/bin/python -m pip --quiet install "$(TORCH_SPEC)" "triton==$$v" numpy; } || exit 1; \
+	  for arch in 80 90; do for offsets in "" --wide; do \
+	    out=$$(env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=$(CURDIR) \
+	      build/triton-$$v/bin/python tests/triton_compile.py --arch $$arch $$offsets 2>&1) || { echo "$$out"; exit 1; }; \
+	    echo "triton $$v sm_$$arch $${offsets:-int32}: $$(echo "$$out" | grep -c ' regs=') kernels, spilling:"; \
+	    echo "$$out" | grep ' regs=' | grep -v ' stack=0 ' || echo "  none"; \
+	  done; done; done
 
 clean:
 	rm -rf build dist *.egg-info rmask_kernels/*.so

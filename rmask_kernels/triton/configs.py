@@ -22,6 +22,7 @@ import os
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+import triton
 
 from .common import INTERPRET
 
@@ -58,38 +59,48 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
+# The Triton release the kernels compile with: the smallest K tl.dot takes, and with it what
+# fits in registers, changed between the releases PyTorch pins (3.6 for torch 2.11, 3.8 for
+# 2.14); every config below compiles without spilling on 3.6 to 3.9 (tests/triton_compile.py).
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+# Strict fp32 dots (FMA) take a K block of 8 where tl.dot accepts it (Triton 3.8 on: with 16,
+# some kernels spill there), else 16.
+_FMA_K = 8 if TRITON_VERSION >= (3, 8) else 16
+
 # The first config of each set is the rule's default: a 64 x 64 fp32 accumulator on 8 warps,
 # with a reduction block that shrinks with the operands' registers (32 for 16-bit operands, 16
-# for TF32 dots, 8 for strict fp32: FMA dots, whose launches let ptxas use every register, as
-# left to itself it caps some kernels at 128 on sm_90 and spills). Then a 128-row tile for long
-# row ranges and a 32-row one on 4 warps for short ones, each as wide and deep as fits without
-# spilling (tests/triton_compile.py). The grad weight's partials reduce over rows (block_m is
-# tl.dot's K there); its pairs kernel (block_m images, block_n channels) spills under maxnreg.
+# for TF32 dots, 8 or 16 for strict fp32: FMA dots). Then a 128-row tile for long row ranges
+# and a 32-row one on 4 warps for short ones, each as wide and deep as fits without spilling.
+# Launches let ptxas use every register (maxnreg): left to itself it caps some kernels at 128
+# and spills. The grad weight's partials reduce over rows (block_m is tl.dot's K there); its
+# pairs kernel (block_m images, block_n channels) spills under maxnreg and is launched without.
 _GEMM = {
-    "16bit": (Config(64, 64, 32, 8, 3), Config(128, 32, 32, 8, 3), Config(32, 64, 16, 4, 3)),
-    "tf32": (Config(64, 64, 16, 8, 3), Config(128, 32, 16, 8, 3), Config(32, 64, 8, 4, 3)),
-    "fp32": (Config(64, 64, 8, 8, 3, 255), Config(128, 32, 8, 8, 3, 255), Config(32, 64, 8, 4, 3, 255)),
+    "16bit": (Config(64, 64, 32, 8, 3, 255), Config(128, 32, 16, 8, 3, 255), Config(32, 64, 16, 4, 3, 255)),
+    "tf32": (Config(64, 64, 16, 8, 3, 255), Config(128, 32, 16, 8, 3, 255), Config(32, 64, 8, 4, 3, 255)),
+    "fp32": (Config(64, 64, _FMA_K, 8, 3, 255), Config(128, 32, _FMA_K, 8, 3, 255),
+             Config(32, 64, _FMA_K, 4, 3, 255)),
 }
-_PARTIALS = (Config(64, 64, 32, 8, 3), Config(128, 64, 32, 8, 3), Config(32, 64, 32, 4, 3))
+_PARTIALS = (Config(64, 64, 32, 8, 3, 255), Config(128, 32, 32, 8, 3, 255), Config(32, 64, 32, 4, 3, 255))
 _PAIRS = (Config(64, 64, 32, 8, 3), Config(128, 32, 32, 8, 3), Config(64, 32, 32, 4, 3))
 CONFIGS: Dict[str, Dict[str, Tuple[Config, ...]]] = {
     "forward": _GEMM,
     "grad_input": _GEMM,
-    "grad_weight": {"16bit": _PARTIALS, "tf32": _PARTIALS,
-                    "fp32": tuple(config._replace(max_registers=255) for config in _PARTIALS)},
+    "grad_weight": {"16bit": _PARTIALS, "tf32": _PARTIALS, "fp32": _PARTIALS},
     "grad_weight_pairs": {"16bit": _PAIRS, "tf32": _PAIRS, "fp32": _PAIRS},
 }
 
 # Launches with int64 offsets (tensors of 2**31 elements or more: common.index_type) take more
-# registers per address: one config each, 64 x 32 tiles on 8 warps, spill-free there too.
-_WIDE_GEMM = {"16bit": (Config(64, 32, 32, 8, 3),), "tf32": (Config(64, 32, 16, 8, 3),),
-              "fp32": (Config(64, 32, 8, 8, 3, 255),)}
+# registers per address: one config each, smaller tiles, spill-free there too (but for the
+# strict-fp32 grad-input gather under Triton 3.6, which spills 24 to 32 bytes in every tile
+# tried: docs/design.md).
+_WIDE_GEMM = {"16bit": (Config(64, 32, 32, 8, 3, 255),), "tf32": (Config(64, 32, 16, 8, 3, 255),),
+              "fp32": (Config(64, 32, _FMA_K, 8, 3, 255),)}
 WIDE_CONFIGS: Dict[str, Dict[str, Tuple[Config, ...]]] = {
     "forward": _WIDE_GEMM,
-    "grad_input": dict(_WIDE_GEMM, **{"16bit": (Config(64, 32, 16, 8, 3),)}),
-    "grad_weight": {"16bit": (Config(64, 32, 32, 8, 3),), "tf32": (Config(64, 32, 32, 8, 3),),
-                    "fp32": (Config(64, 32, 32, 8, 3, 255),)},
-    "grad_weight_pairs": CONFIGS["grad_weight_pairs"],
+    "grad_input": dict(_WIDE_GEMM, **{"16bit": (Config(64, 32, 16, 8, 3, 255),)}),
+    "grad_weight": {operands: (Config(32, 32, 32, 4, 3, 255),) for operands in ("16bit", "tf32", "fp32")},
+    "grad_weight_pairs": {operands: _PAIRS[:1] for operands in ("16bit", "tf32", "fp32")},
 }
 
 # The interpreter costs ~0.5 ms per program and runs tl.dot as a numpy matmul: big blocks, one
