@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=["spatial", "neuron"], choices=["spatial", "neuron", "group"])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per provider (median reported)")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="the Triton kernels take the rule's configs (RMASK_TRITON_AUTOTUNE=0), not the "
+                             "fastest measured per shape")
     parser.add_argument("--json", default="benchmarks/results/gpu_latest.json",
                         help="where to write the results (the markdown table goes next to it, .md)")
     return parser.parse_args(argv)
@@ -113,6 +117,8 @@ def main(argv=None):
         print("benchmarks/gpu_times.py needs a CUDA device (torch.cuda.is_available() is False); "
               "the CPU benchmarks are `make bench` and benchmarks/op_times.py", file=sys.stderr)
         return 2
+    if args.no_autotune:
+        os.environ["RMASK_TRITON_AUTOTUNE"] = "0"
     import rmask_kernels as rk
 
     backends = [b for b in ("triton", "cuda") if b in rk.available_backends()]
@@ -154,13 +160,17 @@ def main(argv=None):
     try:
         import triton
 
-        triton_version = triton.__version__
+        from rmask_kernels.triton import configs
+
+        triton_version, triton_configs = triton.__version__, configs.chosen()
     except ImportError:
-        triton_version = None
+        triton_version, triton_configs = None, {}
     record = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton_version,
         cuda=torch.version.cuda, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         rounds=args.rounds, tf32=False, results=results,
+        # The Triton configs measured fastest per call (empty with --no-autotune: the rule's).
+        triton_autotune=not args.no_autotune, triton_configs=triton_configs,
     )
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

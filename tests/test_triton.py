@@ -390,6 +390,7 @@ def test_autotune_measures_every_config_once_per_shape(monkeypatch, mode, famili
     assert len(measured) == expected
     assert sorted(key[0] for key in configs._chosen) == sorted(families)
     assert all(config == configs.CONFIGS[key[0]][operands][-1] for key, config in configs._chosen.items())
+    assert sorted(configs.chosen().values()) == sorted(str(config) for config in configs._chosen.values())
     check_forward_and_backward(x, weight, bias, mask, conv_args)  # same shapes: cached
     assert len(measured) == expected
     check_forward_and_backward(x[:1], weight, bias, mask, conv_args)  # another batch: measured again

@@ -169,6 +169,12 @@ def choose(family: str, operands: str, key: tuple, rows: int, run: Callable[[Con
     return config
 
 
+def chosen() -> Dict[str, str]:
+    """What choose has measured and kept in this process: call (family, operands, wide, key) ->
+    config, as text (benchmarks/gpu_times.py records it)."""
+    return {str(key): str(config) for key, config in _chosen.items()}
+
+
 def launch_key(*tensors, extra=()) -> tuple:
     """A choose key from `tensors` (shape and strides; None for an absent one) and `extra`."""
     return tuple(None if t is None else (tuple(t.shape), tuple(t.stride()), str(t.dtype)) for t in tensors) + tuple(extra)
