@@ -20,6 +20,7 @@ from helpers import PACKAGE_PARENT
 from rmask_kernels.experiments import cli
 from rmask_kernels.experiments.plans import PlanError, build_steps, load_plan, parse_plan, shrink
 from rmask_kernels.experiments.report import COLUMNS, FAILS, HOLDS, UNMEASURED, claims
+from rmask_kernels.experiments import reproduce as reproduce_module
 from rmask_kernels.experiments.reproduce import DONE_FILE, STEPS_DIRECTORY, reproduce
 
 pytest.importorskip("sklearn")
@@ -214,6 +215,15 @@ def test_jobs_run_steps_in_parallel_processes(tmp_path):
         reproduce(plan, tmp_path / "none", jobs=0)
 
 
+def test_jobs_get_one_gpu_each_when_several_are_visible(monkeypatch):
+    monkeypatch.setattr(reproduce_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(reproduce_module.torch.cuda, "device_count", lambda: 2)
+    assert reproduce_module._devices(None, 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert reproduce_module._devices("cuda", 2) == ["cuda:0", "cuda:1"]
+    assert reproduce_module._devices("cuda:1", 2) == ["cuda:1", "cuda:1"]  # a device asked for: all there
+    assert reproduce_module._devices(None, 1) == [None]
+
+
 # ---------------------------------------------------------------------------------------------
 # The paper plan on a fake CIFAR-10 archive
 
@@ -235,6 +245,7 @@ def _fake_cifar(path, train_per_batch=4, test=8):
     return archive
 
 
+@pytest.mark.slow
 def test_paper_plan_smoke_on_a_fake_cifar10_archive_exercises_every_step(tmp_path):
     pytest.importorskip("foolbox")
     archive = _fake_cifar(tmp_path / "data")
