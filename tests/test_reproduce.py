@@ -103,6 +103,13 @@ def test_bad_plans_name_the_field_expected_and_actual(change, match):
         parse_plan({**TINY, **change}, "tiny")
 
 
+def test_command_reports_bad_options_in_one_line(tmp_path, capsys):
+    assert cli.main(["reproduce", "--plan", "nope", "--out", str(tmp_path)]) == 1
+    assert "expected a plan file or one of digits, paper, got 'nope'" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--plan", "digits", "--out", str(tmp_path), "--epochs", "0"]) == 1
+    assert "--epochs must be a positive integer, got 0" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Step keys
 

@@ -2,7 +2,7 @@
 row), ``report.md`` (the paper's tables and the claims checked on this run's numbers) and the
 plots, all from the evaluation steps' rows.
 
-The claims and the rule each is checked by (`CLAIMS`; "reference" = the shallow target with
+The claims and the rule each is checked by (`claims`; "reference" = the shallow target with
 neuron masks, no control and the highest ratio, the paper's robust network):
 
 (a) shallow masking protects against transfer attacks, deep masking does not: the reference's
@@ -21,15 +21,15 @@ A claim whose runs or evaluations the plan lacks is "not measured".
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .checkpoint import atomic_write
 from .evaluate import to_markdown, write_csv
-from .plans import EVALUATE, Plan, Step
+from .plans import Plan
 
-__all__ = ["CLAIMS", "COLUMNS", "claims", "collect_rows", "write_report"]
+__all__ = ["COLUMNS", "claims", "write_report"]
 
 COLUMNS = ("target", "setting", "source", "attack", "family", "eps", "s", "clean_accuracy", "defense_success_rate",
            "transfer_rate", "counted", "defended", "fooled_source", "clean_correct", "examples", "accuracy",
@@ -41,17 +41,6 @@ ORDER_SLACK = 0.02  # (b): noise allowed between neighbouring ratios
 CLEAN_TOLERANCE = 0.05  # (c): 5 points of clean accuracy
 
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured"
-
-
-def collect_rows(steps: Sequence[Step], out: Path) -> List[Dict[str, Any]]:
-    """The rows of every evaluation step, in plan order."""
-    from .reproduce import ROWS_FILE, STEPS_DIRECTORY
-
-    rows: List[Dict[str, Any]] = []
-    for step in steps:
-        if step.kind == EVALUATE:
-            rows.extend(json.loads((out / STEPS_DIRECTORY / step.key / ROWS_FILE).read_text()))
-    return rows
 
 
 def _mean(values) -> float:
@@ -185,8 +174,6 @@ def claims(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, str]]:
     return found
 
 
-CLAIMS = "abcde"
-
 
 # ---------------------------------------------------------------------------------------------
 # The report
@@ -227,9 +214,9 @@ def _section(title: str, rows: Sequence[Dict[str, Any]], note: str = "", digits:
     return f"## {title}\n\n" + (f"{note}\n\n" if note else "") + to_markdown(rows, digits=digits) + "\n"
 
 
-def write_report(plan: Plan, steps: Sequence[Step], out: Path) -> Path:
-    """results.csv, report.md and the plots in ``out``; returns report.md's path."""
-    rows = collect_rows(steps, out)
+def write_report(plan: Plan, rows: Sequence[Dict[str, Any]], step_count: int, out: Path) -> Path:
+    """results.csv, report.md and the plots in ``out`` from the evaluation ``rows`` of a study of
+    ``step_count`` steps; returns report.md's path."""
     write_csv(out / RESULTS_CSV, rows, COLUMNS)
     target = lambda row: row["target"]  # noqa: E731
     clean_rows = [{key: row[key] for key in ("target", "model", "placement", "mask_ratio", "mask_mode", "control",
@@ -237,7 +224,7 @@ def write_report(plan: Plan, steps: Sequence[Step], out: Path) -> Path:
     black = _select(rows, "black-box")
     parts = [
         f"# Study `{plan.name}` on {plan.data}\n\n{plan.description}\n\n"
-        f"{len(steps)} steps; every number below is from this run's `{RESULTS_CSV}`. Defense success rate: "
+        f"{step_count} steps; every number below is from this run's `{RESULTS_CSV}`. Defense success rate: "
         "among the adversarial examples that fooled the source and whose clean image the target classifies "
         "correctly, the fraction the target still classifies correctly.\n\n",
         _section("Clean accuracy", clean_rows),
@@ -264,6 +251,4 @@ def write_report(plan: Plan, steps: Sequence[Step], out: Path) -> Path:
     if plots:
         parts.append("\n## Plots\n\n" + "\n\n".join(plots) + "\n")
     text = "".join(parts)
-    from .checkpoint import atomic_write
-
     return atomic_write(out / REPORT, lambda handle: handle.write(text.encode()))

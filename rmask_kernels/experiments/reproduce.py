@@ -42,6 +42,7 @@ from .evaluate import (
 )
 from .model_zoo import load_model
 from .plans import ATTACK, EVALUATE, TRAIN, Plan, Step, build_steps, load_plan, shrink
+from .report import write_report
 from .train import LAST_CHECKPOINT, TrainConfig, train
 
 __all__ = ["DONE_FILE", "ROWS_FILE", "STEPS_DIRECTORY", "add_arguments", "reproduce", "run", "run_step"]
@@ -185,8 +186,6 @@ def reproduce(plan: Plan, out: os.PathLike, device: Optional[str] = None, data_p
               jobs: int = 1, quiet: bool = False) -> List[Dict[str, Any]]:
     """Run every step of ``plan`` not done yet in ``out``, then write the report; returns the
     done records of the steps run in this call (in the order they finished)."""
-    from .report import write_report
-
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     out = Path(out)
@@ -221,7 +220,9 @@ def reproduce(plan: Plan, out: os.PathLike, device: Optional[str] = None, data_p
     finally:
         if bar is not None:
             bar.close()
-    write_report(plan, steps, out)
+    rows = [row for step in steps if step.kind == EVALUATE
+            for row in json.loads((out / STEPS_DIRECTORY / step.key / ROWS_FILE).read_text())]
+    write_report(plan, rows, len(steps), out)
     return executed
 
 
