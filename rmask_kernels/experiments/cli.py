@@ -4,6 +4,7 @@
     rmask train --run-dir runs/rm09 --resume --epochs 30
     rmask attack --source runs/source --data digits --attack fgsm-16 pgd-1-20-16 --out adv/
     rmask eval --target runs/normal runs/rm09 --adversarial adv/ --data digits --noise 16 --out results/
+    rmask reproduce --plan digits --out study/
     torchrun --standalone --nproc_per_node 2 -m rmask_kernels.experiments.cli train --data cifar10 ...
 
 (``python -m rmask_kernels.experiments.cli`` works wherever ``rmask`` does.)
@@ -43,6 +44,7 @@ from .evaluate import (
 from .inference import AMP_DTYPES, MixedPrecision
 from .model_zoo import MODELS, load_model, mask_checksum, masks_of
 from .plots import GridExamples, example_grid, plot_accuracy_vs_eps
+from . import reproduce
 from .train import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, PRESETS, TrainConfig, train
 
 
@@ -514,6 +516,13 @@ def _plot(args: argparse.Namespace, transfer: List[Dict[str, Any]], examples: Gr
 
 register("eval", "evaluate target models: transfer (black/gray-box), white-box, noise, patch shuffling, "
          "decision-based", _add_eval_arguments, _run_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# rmask reproduce (rmask_kernels/experiments/reproduce.py)
+
+register("reproduce", "run a plan's whole study (train, attack, evaluate) resumably and write its report",
+         reproduce.add_arguments, reproduce.run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from .checkpoint import atomic_write
 from .data import ImageData, to_uint8
 
-__all__ = ["GridExamples", "example_grid", "plot_accuracy_vs_eps"]
+__all__ = ["GridExamples", "example_grid", "plot_accuracy_vs_eps", "plot_lines"]
 
 
 def _figure(**kwargs):
@@ -66,6 +66,28 @@ def plot_accuracy_vs_eps(rows: Sequence[Mapping[str, Any]], path: Union[str, os.
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     axes.set_title(title or "Robust accuracy vs eps")
+    return _save(figure, path)
+
+
+def plot_lines(lines: Mapping[str, Mapping[float, float]], path: Union[str, os.PathLike], xlabel: str, ylabel: str,
+               title: str) -> Path:
+    """A PNG of named lines, each ``{x: y}`` (NaN points left out), y in [0, 1]: e.g. the
+    defense success rate against the mask ratio, one line per placement."""
+    drawn = {name: {x: y for x, y in points.items() if not math.isnan(y)} for name, points in lines.items()}
+    drawn = {name: points for name, points in drawn.items() if points}
+    if not drawn:
+        raise ValueError(f"no points to plot in {path}")
+    figure = _figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
+    axes = figure.subplots()
+    for name, points in drawn.items():
+        xs = sorted(points)
+        axes.plot(xs, [points[x] for x in xs], marker="o", label=name)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    axes.set_title(title)
     return _save(figure, path)
 
 
