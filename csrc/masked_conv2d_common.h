@@ -164,4 +164,29 @@ inline Tensor checked_relu_gate(const ConvGeometry& g, const Tensor& input,
   return *relu_output;
 }
 
+// The input mask (the schemas' input_mask): bool, (Cin or 1, H, W), on the input's device;
+// an undefined tensor when not given.
+inline Tensor checked_input_mask(const ConvGeometry& g, const Tensor& input,
+                                 const std::optional<Tensor>& input_mask) {
+  if (!input_mask.has_value() || !input_mask->defined()) return Tensor();
+  const Tensor& m = *input_mask;
+  RMASK_CHECK(m.scalar_type() == ScalarType::Bool, "masked_conv2d: input_mask must be a bool tensor, got ",
+              m.scalar_type());
+  RMASK_CHECK(m.dim() == 3 && (m.size(0) == g.in_channels || m.size(0) == 1) && m.size(1) == g.height &&
+                  m.size(2) == g.width,
+              "masked_conv2d: input_mask must have shape (", g.in_channels, " or 1, ", g.height, ", ", g.width,
+              ") for this input, got ", describe(m.sizes()));
+  RMASK_CHECK(m.device() == input.device(), "masked_conv2d: input_mask must be on the input's device ",
+              describe(input.device()), ", got ", describe(m.device()));
+  return m;
+}
+
+// `input * input_mask` (input_mask checked, or undefined: `input` itself), in the input's memory format.
+inline Tensor masked_input(const Tensor& input, const Tensor& input_mask) {
+  if (!input_mask.defined()) return input;
+  Tensor copy = torch::stable::clone(input);
+  rmask::mul_(copy, input_mask);
+  return copy;
+}
+
 }  // namespace rmask

@@ -12,8 +12,8 @@ namespace rmask {
 constexpr const char* kMaskedConv2dSchema =
     "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
     "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, *, bool relu=False) "
-    "-> Tensor";
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, Tensor? input_mask=None, "
+    "*, bool relu=False) -> Tensor";
 
 // The forward plus, per output channel, the sum and the sum of squares of its outputs over
 // the batch (masked outputs are 0, so: over the kept ones), float64: the statistics of BN
@@ -21,7 +21,8 @@ constexpr const char* kMaskedConv2dSchema =
 constexpr const char* kMaskedConv2dStatsSchema =
     "masked_conv2d_stats(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
     "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-    "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)";
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? input_mask=None) "
+    "-> (Tensor, Tensor, Tensor)";
 
 // Gradients for (input, weight, bias); an output not asked for in output_mask is an
 // empty tensor (the autograd glue turns it into None). relu_output: the forward's output
@@ -31,7 +32,7 @@ constexpr const char* kMaskedConv2dBackwardSchema =
     "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
     "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-    "bool[3] output_mask, Tensor? relu_output=None) "
+    "bool[3] output_mask, Tensor? relu_output=None, Tensor? input_mask=None) "
     "-> (Tensor, Tensor, Tensor)";
 
 }  // namespace rmask

@@ -227,6 +227,8 @@ inline Tensor sum(const Tensor& t, std::vector<int64_t> dims, std::optional<Scal
 }
 
 inline Tensor mul(const Tensor& a, const Tensor& b) { return detail::call_op("aten::mul", "Tensor", a, b); }
+// a *= b, in place (a keeps its memory format).
+inline Tensor mul_(const Tensor& a, const Tensor& b) { return detail::call_op("aten::mul_", "Tensor", a, b); }
 
 inline Tensor mm(const Tensor& a, const Tensor& b) { return detail::call_op("aten::mm", "", a, b); }
 

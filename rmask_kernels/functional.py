@@ -278,7 +278,6 @@ def masked_conv2d(
     batch, _, *size = input.shape
     if input_mask is not None:
         check_input_mask(input_mask, in_channels, size, device)
-        input = input * input_mask
     out_size = conv_output_size(size, kernel_size, stride, (top, bottom, left, right), dilation)
     if min(out_size) <= 0:
         raise ValueError(f"input of spatial size {tuple(size)} is too small for kernel {kernel_size}")
@@ -296,7 +295,10 @@ def masked_conv2d(
             )
         residual = residual.unsqueeze(0) if unbatched else residual
     if top != bottom or left != right:
-        # Asymmetric "same" padding: pad the extra row/column explicitly, as F.conv2d does.
+        # Asymmetric "same" padding: pad the extra row/column explicitly, as F.conv2d does
+        # (the masked input, then: the mask has the unpadded size).
+        if input_mask is not None:
+            input, input_mask = input * input_mask, None
         input = F.pad(input, (0, right - left, 0, bottom - top))
     padding2 = (top, left)
 
@@ -306,6 +308,8 @@ def masked_conv2d(
     chosen = select_backend(backend, input, mask, kept_index, out_channels, groups, with_grad, kernel_size[0])
     conv_args = (stride, padding2, dilation, groups)
     if chosen == "reference":
+        if input_mask is not None:
+            input = input * input_mask
         output = reference.masked_conv2d(input, weight, bias, mask, *conv_args)
         output = output + residual if residual is not None else output
         output = F.relu(output) if relu else output
@@ -325,8 +329,8 @@ def masked_conv2d(
         with torch._C._AutoDispatchBelowAutograd() if below_autograd else contextlib.nullcontext(), \
                 autocast_excluded(device_type) if past_autocast else contextlib.nullcontext():
             if channel_stats:
-                output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args)
+                output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args, input_mask)
             else:
-                output = conv_op(input, weight, bias, mask, *index, *conv_args, residual, relu=bool(relu))
+                output = conv_op(input, weight, bias, mask, *index, *conv_args, residual, input_mask, relu=bool(relu))
     output = output.squeeze(0) if unbatched else output
     return (output, *stats) if channel_stats else output

@@ -13,21 +13,22 @@ import torch
 MASKED_CONV2D = (
     "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
     "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, *, bool relu=False) "
-    "-> Tensor"
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, Tensor? input_mask=None, "
+    "*, bool relu=False) -> Tensor"
 )
 
 MASKED_CONV2D_STATS = (
     "masked_conv2d_stats(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
     "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-    "int[2] stride, int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor)"
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? input_mask=None) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 
 MASKED_CONV2D_BACKWARD = (
     "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
     "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-    "bool[3] output_mask, Tensor? relu_output=None) "
+    "bool[3] output_mask, Tensor? relu_output=None, Tensor? input_mask=None) "
     "-> (Tensor, Tensor, Tensor)"
 )
 

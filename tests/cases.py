@@ -118,16 +118,22 @@ def masked_outputs(y, mask):
     return y.detach()[(~mask).expand_as(y)]
 
 
-def check_against_reference(run, x, weight, bias, mask, conv_args, grad=True, tolerance=None, **kwargs):
+def check_against_reference(run, x, weight, bias, mask, conv_args, grad=True, tolerance=None, input_mask=None,
+                            **kwargs):
     """``run(x, weight, bias, mask=mask, **conv_args, **kwargs)`` (a backend's masked conv) against
     the float64 oracle: values, masked outputs exactly zero and (with grad) the gradient of every
-    tensor argument. Returns the output."""
+    tensor argument. With ``input_mask`` (passed on to ``run``) the oracle's input is
+    ``x * input_mask``, and the input's gradient must be exactly 0 where it is False. Returns
+    the output."""
     tolerance = tolerance or conv_tolerance(x.dtype, weight)
     inputs, oracle = leaves_and_oracle(x, weight, bias)
     if not grad:
         inputs = [t.detach() if t is not None else None for t in inputs]
+    if input_mask is not None:
+        kwargs = dict(kwargs, input_mask=input_mask)
     y = run(*inputs, mask=mask, **conv_args, **kwargs)
-    expected = reference.masked_conv2d(*oracle, mask, **conv_args)
+    oracle_input = oracle[0] * input_mask if input_mask is not None else oracle[0]
+    expected = reference.masked_conv2d(oracle_input, *oracle[1:], mask, **conv_args)
     assert y.dtype == x.dtype and y.shape == expected.shape and y.device == x.device
     torch.testing.assert_close(y.double(), expected.detach(), **tolerance)
     assert (masked_outputs(y, mask) == 0).all(), "masked outputs must be exactly zero"
@@ -138,6 +144,8 @@ def check_against_reference(run, x, weight, bias, mask, conv_args, grad=True, to
         want = torch.autograd.grad(expected, [t for t in oracle if t is not None], grad_y)
         for name, g, r in zip(("input", "weight", "bias"), got, want):
             torch.testing.assert_close(g.double(), r, **tolerance, msg=lambda m: f"grad {name}: {m}")
+        if input_mask is not None:
+            assert (got[0][(~input_mask).expand_as(x)] == 0).all(), "masked inputs' gradient must be exactly zero"
     return y
 
 

@@ -420,6 +420,19 @@ def test_property_random_configurations(backend, geometry, mode, ratio, bias):
     check(backend, *random_case(geometry, mode, ratio, bias, dtype, backend.device, group_size))
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geometry=conv_geometries(cout_per_group=st.sampled_from([1, 2, 3, 16])),
+       in_mode=st.sampled_from(["neuron", "spatial"]), mode=st.sampled_from(["neuron", "spatial", "group"]),
+       in_ratio=st.floats(0.0, 0.95), ratio=st.floats(0.0, 0.95))
+@pytest.mark.parametrize("backend", backends())
+def test_property_input_mask(backend, geometry, in_mode, mode, in_ratio, ratio):
+    dtype = backend.dtypes[0]
+    group_size = 8 if mode == "group" and geometry["cout"] % 16 == 0 else None
+    x, weight, bias, mask, conv_args = random_case(geometry, mode, ratio, True, dtype, backend.device, group_size)
+    input_mask = rk.random_mask(tuple(x.shape[1:]), in_ratio, in_mode, device=backend.device)
+    check(backend, x, weight, bias, mask, conv_args, input_mask=input_mask)
+
+
 # -- each backend's own ops ---------------------------------------------------------------------
 
 def op_args(backend, geometry, mode, group_size, dtype=torch.float32):
@@ -469,6 +482,39 @@ def test_opcheck(backend, mode, group_size):
     y = backend.op("masked_conv2d")(*args)
     backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
     torch.library.opcheck(backend.op("masked_conv2d_backward").default, backward_args)
+
+
+@pytest.mark.parametrize("in_mode,mode", [("neuron", "neuron"), ("spatial", "spatial"), ("spatial", "neuron")], ids=str)
+@pytest.mark.parametrize("backend", OPS)
+def test_opcheck_input_mask(backend, in_mode, mode):
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, mode, None)
+    input_mask = rk.random_mask(tuple(x.shape[1:]), 0.5, in_mode, device=x.device)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *index, *geometry_args)
+    torch.library.opcheck(backend.op("masked_conv2d").default, args + (None, input_mask))
+    torch.library.opcheck(backend.op("masked_conv2d_stats").default, args + (input_mask,))
+    y = backend.op("masked_conv2d")(*args, None, input_mask)
+    backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
+    torch.library.opcheck(backend.op("masked_conv2d_backward").default, backward_args + (None, input_mask))
+
+
+@pytest.mark.parametrize("backend", OPS)
+def test_ops_reject_a_bad_input_mask(backend):
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, "neuron", None)
+    conv, stats, backward = (backend.op(name) for name in ("masked_conv2d", "masked_conv2d_stats",
+                                                           "masked_conv2d_backward"))
+    _, channels, height, width = x.shape
+    good = torch.ones(channels, height, width, dtype=torch.bool, device=x.device)
+    bad = [(good[:, :-1], f"input_mask must have shape \\({channels} or 1, {height}, {width}\\) for this input, got"),
+           (good[:2] if channels > 2 else good[:1].expand(3, -1, -1), "input_mask must have shape"),
+           (good.float(), "input_mask must be a bool tensor")]
+    grad = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=x.device)
+    for input_mask, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            conv(x, weight, bias, mask, *index, *geometry_args, None, input_mask)
+        with pytest.raises(RuntimeError, match=message):
+            stats(x, weight, bias, mask, *index, *geometry_args, input_mask)
+        with pytest.raises(RuntimeError, match=message):
+            backward(grad, x, weight, mask, *index, *geometry_args, [True, True, True], None, input_mask)
 
 
 @pytest.mark.parametrize("output_mask", list(itertools.product([False, True], repeat=3)), ids=str)

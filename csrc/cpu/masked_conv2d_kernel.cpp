@@ -80,18 +80,21 @@ Tensor masked_conv2d_forward_kernel(const Tensor& input, const Tensor& weight, c
                                     const Tensor& mask, const Tensor& kept_offsets, const Tensor& kept_positions,
                                     const Tensor& position_offsets, const Tensor& position_channels,
                                     IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-                                    const std::optional<Tensor>& residual, bool relu) {
+                                    const std::optional<Tensor>& residual, const std::optional<Tensor>& input_mask,
+                                    bool relu) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
+  const Tensor in_mask = checked_input_mask(g, input, input_mask);
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) check_residual(g, input, *residual);
   const Tensor fused_residual = has_residual ? *residual : Tensor();
   if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
-    return cpu::batch_vector_forward(g, input, weight, bias, index.positions, index.position_offsets,
-                                     index.position_channels, relu, nullptr, fused_residual);
+    return cpu::batch_vector_forward(g, masked_input(input, in_mask), weight, bias, index.positions,
+                                     index.position_offsets, index.position_channels, relu, nullptr, fused_residual);
   }
-  return cpu::portable_forward(g, input, weight, bias, index.offsets, index.positions, fused_residual, relu);
+  return cpu::portable_forward(g, masked_input(input, in_mask), weight, bias, index.offsets, index.positions,
+                               fused_residual, relu);
 }
 
 // output_mask: the schema's bool[3], which reaches a stable-ABI kernel as a list.
@@ -99,7 +102,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
     const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-    const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output) {
+    const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output,
+    const std::optional<Tensor>& input_mask) {
   RMASK_CHECK(output_mask.size() == 3, "masked_conv2d_backward: output_mask must have 3 elements, got ",
               output_mask.size());
   const std::array<bool, 3> wanted{output_mask[0], output_mask[1], output_mask[2]};
@@ -108,23 +112,28 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
   check_output_shaped(g, input, grad_output, "grad_output");
   const Tensor gate = checked_relu_gate(g, input, relu_output);
   const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
-  if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
-    return cpu::batch_vector_backward(g, grad_output, gate, input, weight, index.positions, index.position_offsets,
-                                      index.position_channels, wanted);
-  }
-  return cpu::portable_backward(g, grad_output, gate, input, weight, index.offsets, index.positions, wanted);
+  const Tensor in_mask = checked_input_mask(g, input, input_mask);
+  const Tensor x = wanted[1] ? masked_input(input, in_mask) : input;  // only grad-weight reads the input's values
+  auto gradients = cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)
+                       ? cpu::batch_vector_backward(g, grad_output, gate, x, weight, index.positions,
+                                                    index.position_offsets, index.position_channels, wanted)
+                       : cpu::portable_backward(g, grad_output, gate, x, weight, index.offsets, index.positions, wanted);
+  if (wanted[0] && in_mask.defined()) rmask::mul_(std::get<0>(gradients), in_mask);  // 0 at masked inputs
+  return gradients;
 }
 
 std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats_kernel(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
-    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+    const std::optional<Tensor>& input_mask) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
     const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
+    const Tensor in_mask = checked_input_mask(g, input, input_mask);
     Tensor sums;
-    auto y = cpu::batch_vector_forward(g, input, weight, bias, index.positions, index.position_offsets,
+    auto y = cpu::batch_vector_forward(g, masked_input(input, in_mask), weight, bias, index.positions, index.position_offsets,
                                        index.position_channels, /*relu=*/false, &sums);
     // Distinct outputs, not views of one.
     return {y, torch::stable::clone(torch::stable::select(sums, 0, 0)),
@@ -132,7 +141,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats_kernel(
   }
   auto y = masked_conv2d_forward_kernel(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
                                         position_channels, stride, padding, dilation, groups, std::nullopt,
-                                        /*relu=*/false);
+                                        input_mask, /*relu=*/false);
   const auto y64 = rmask::to(y, ScalarType::Double);
   return {y, rmask::sum(y64, {0, 2, 3}), rmask::sum(rmask::mul(y64, y64), {0, 2, 3})};
 }

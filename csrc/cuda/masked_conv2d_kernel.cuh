@@ -397,11 +397,13 @@ Tensor masked_conv2d_forward(const Launch& launch, const Tensor& input, const Te
                              const std::optional<Tensor>& bias, const Tensor& mask, const Tensor& kept_offsets,
                              const Tensor& kept_positions, const Tensor& position_offsets,
                              const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding,
-                             IntArrayRef dilation, int64_t groups, const std::optional<Tensor>& residual, bool relu) {
+                             IntArrayRef dilation, int64_t groups, const std::optional<Tensor>& residual, bool relu,
+                             const std::optional<Tensor>& input_mask) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_kept_index_sizes(g, kept_positions, position_channels);
-  return forward_of_checked(launch, g, input, weight, bias,
+  // Masked inputs are multiplied out, not skipped.
+  return forward_of_checked(launch, g, masked_input(input, checked_input_mask(g, input, input_mask)), weight, bias,
                             contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels),
                             residual, relu);
 }
@@ -431,12 +433,14 @@ template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats(
     const Launch& launch, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& mask, const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
-    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups) {
+    const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+    const std::optional<Tensor>& input_mask) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_kept_index_sizes(g, kept_positions, position_channels);
   const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
-  Tensor y = forward_of_checked(launch, g, input, weight, bias, index, std::nullopt, /*relu=*/false);
+  const Tensor x = masked_input(input, checked_input_mask(g, input, input_mask));
+  Tensor y = forward_of_checked(launch, g, x, weight, bias, index, std::nullopt, /*relu=*/false);
   if (g.batch == 0 || kept_positions.numel() == 0) {
     return {y, rmask::zeros({g.out_channels}, ScalarType::Double, input.device()),
             rmask::zeros({g.out_channels}, ScalarType::Double, input.device())};
@@ -462,11 +466,13 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward(
     const Launch& launch, const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-    const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output) {
+    const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output,
+    const std::optional<Tensor>& input_mask) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, std::nullopt, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_output_shaped(g, input, grad_output, "grad_output");
   const Tensor gate = checked_relu_gate(g, input, relu_output);
+  const Tensor in_mask = checked_input_mask(g, input, input_mask);
   check_kept_index_sizes(g, kept_positions, position_channels);
   RMASK_CHECK(output_mask.size() == 3, "masked_conv2d_backward: output_mask must have 3 entries, got ",
               output_mask.size());
@@ -500,8 +506,9 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward(
     if (need_weight && weight_numel > 0) {
       const int64_t chunks = grad_weight_chunks(g, kept_positions.numel(), weight_numel);
       const Tensor partial = rmask::empty({chunks, weight_numel}, scalar_type_of<acc_t>(), input.device());
-      GradWeightPartialElement<scalar_t> element{shape_of(g), index.view(), gradient, data<scalar_t>(input),
-                                                 strides_of(input), chunks, data<acc_t>(partial)};
+      const Tensor x = masked_input(input, in_mask);
+      GradWeightPartialElement<scalar_t> element{shape_of(g), index.view(), gradient, data<scalar_t>(x),
+                                                 strides_of(x), chunks, data<acc_t>(partial)};
       launch(chunks * weight_numel, element);
       OrderedSumElement<acc_t, scalar_t> total{data<acc_t>(partial), chunks, 1, weight_numel,
                                                data<scalar_t>(grad_weight)};
@@ -515,6 +522,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward(
       launch(g.out_channels, total);
     }
   });
+  if (need_input && in_mask.defined()) rmask::mul_(grad_input, in_mask);  // 0 at masked inputs
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -101,3 +101,21 @@ def check_args(op, input, weight, bias, mask, index, stride, padding, dilation, 
                            f"kept_offsets/kept_positions, got {position_channels.numel()}")
     return Geometry(batch, in_channels, height, width, out_channels, kernel_h, kernel_w, out_h, out_w, groups,
                     patterns)
+
+
+def masked_input(op, input, input_mask):
+    """``input * input_mask`` (``input`` itself when ``input_mask`` is None), after the checks
+    the C++ ops make on it (csrc/masked_conv2d_common.h, checked_input_mask). The Triton kernels
+    multiply masked inputs out rather than skip them."""
+    if input_mask is None:
+        return input
+    _, in_channels, height, width = input.shape
+    if input_mask.dtype != torch.bool:
+        raise RuntimeError(f"{op}: input_mask must be a bool tensor, got {input_mask.dtype}")
+    if input_mask.dim() != 3 or input_mask.shape[0] not in (1, in_channels) \
+            or tuple(input_mask.shape[1:]) != (height, width):
+        raise RuntimeError(f"{op}: input_mask must have shape ({in_channels} or 1, {height}, {width}) for this "
+                           f"input, got {tuple(input_mask.shape)}")
+    if input_mask.device != input.device:
+        raise RuntimeError(f"{op}: input_mask must be on the input's device {input.device}, got {input_mask.device}")
+    return input * input_mask

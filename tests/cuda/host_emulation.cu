@@ -33,31 +33,33 @@ void check_cpu(const Tensor& input) {
 Tensor forward(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
                const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
                const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-               int64_t groups, const std::optional<Tensor>& residual, bool relu) {
+               int64_t groups, const std::optional<Tensor>& residual, const std::optional<Tensor>& input_mask,
+               bool relu) {
   check_cpu(input);
   return masked_conv2d_forward(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
-                               position_channels, stride, padding, dilation, groups, residual, relu);
+                               position_channels, stride, padding, dilation, groups, residual, relu, input_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> stats(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-    int64_t groups) {
+    int64_t groups, const std::optional<Tensor>& input_mask) {
   check_cpu(input);
   return masked_conv2d_stats(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
-                             position_channels, stride, padding, dilation, groups);
+                             position_channels, stride, padding, dilation, groups, input_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward(
     const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-    int64_t groups, const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output) {
+    int64_t groups, const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output,
+    const std::optional<Tensor>& input_mask) {
   check_cpu(input);
   return masked_conv2d_backward(HostLaunch{}, grad_output, input, weight, mask, kept_offsets, kept_positions,
                                 position_offsets, position_channels, stride, padding, dilation, groups, output_mask,
-                                relu_output);
+                                relu_output, input_mask);
 }
 
 }  // namespace
