@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .masks import check_mode, check_ratio, layer_seed
 from .nn import MaskedConv2d, MaskedConvBN2d
+from .wiring import wire_input_masks
 
 LAYER_SELECTIONS = ("shallow", "deep", "all")
 
@@ -157,4 +158,5 @@ def convert_model(
             replacements.append((name, MaskedConv2d.from_conv(conv, **mask_kwargs)))
     for name, module in replacements:
         _set_submodule(model, name, module)
+    wire_input_masks(model)  # a masked conv reading a masked unit's output skips its zero inputs
     return model

@@ -352,16 +352,20 @@ def test_input_mask_with_batch_zero_and_unbatched_input(backend):
     torch.testing.assert_close(y.double(), expected[0], **TOLERANCE[x.dtype])
 
 
+@pytest.mark.parametrize("in_mode", [None, "neuron", "spatial"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode,group_size", [("neuron", None), ("spatial", None), ("group", 13)], ids=str)
 @pytest.mark.parametrize("backend", backends(lambda b: torch.float32 in b.dtypes))
-def test_large_odd_shapes(backend, mode, group_size, layout):
-    # Batch, channels and sizes that fill no SIMD block or tile evenly (17 images: 16 lanes + 1).
+def test_large_odd_shapes(backend, mode, group_size, layout, in_mode):
+    # Batch, channels and sizes that fill no SIMD block or tile evenly (17 images: 16 lanes + 1),
+    # with and without an input mask (kept channels listed per input position, or taps dropped).
     geometry = (17, 11, 23, 19, 13, (3, 5), (2, 1), (1, 2), 1, 1)
     x, weight, bias, mask, conv_args = case(backend, geometry, mode, group_size, 0.6)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    y = check(backend, x, weight, bias, mask, conv_args)
+    input_mask = None if in_mode is None else rk.random_mask(
+        (1 if in_mode == "spatial" else x.shape[1], *x.shape[2:]), 0.7, in_mode, device=x.device)
+    y = check(backend, x, weight, bias, mask, conv_args, input_mask=input_mask)
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
 

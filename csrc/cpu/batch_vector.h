@@ -34,14 +34,31 @@ struct Strides {
   int64_t n, c, position;
 };
 
+// The inputs that count (the op's input_mask, True = kept): every kernel reads an input
+// entry outside it as 0 and skips the work it would feed. Kernels take a pointer to it, null
+// when every input counts. Built per call by the driver (batch_vector_driver.cpp).
+struct InputIndex {
+  // Per flat input position q (H * W + 1 offsets): the input channels kept at q, ascending,
+  // are channels[offsets[q] .. offsets[q + 1]); a position that keeps every channel lists
+  // them all (the kernels then read no list), one that keeps none lists none.
+  const int64_t* offsets;
+  const int64_t* channels;
+  // For the position kernels (an input mask that keeps all channels or none at each
+  // position): per tap t, the pairs (k, q) at entries[2 * e], entries[2 * e + 1] for e in
+  // [tap_offsets[t], tap_offsets[t + 1]): kept output position k (an index into `positions`)
+  // reads kept input position q through tap t. Null for other masks.
+  const int64_t* tap_offsets;
+  const int64_t* tap_entries;
+};
+
 // One instruction set's kernels (batch_vector_impl.h compiled for it). Their contracts:
 //
 // forward_rows: y[n, c, p] = relu?(bias[c] + sum_{taps, ci} forward_weight[c, tap, ci] *
 // x[n, ci, q(p, tap)]) for the kept (p, c) pairs of output rows [row_begin, row_end), and 0 for
 // the masked ones (every element of y in those rows is written); with `residual` (not null,
 // laid out exactly as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual)
-// everywhere. x and y: NCHW or NHWC. forward_weight: [Cout][kh][kw][Cin]. Scratch: taps
-// 2 * kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats and panel_rows
+// everywhere. x and y: NCHW or NHWC. forward_weight: [Cout][kh][kw][Cin]. With `inputs`, each
+// tap sums over the channels kept at its input position only. Scratch: taps 4 * kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats and panel_rows
 // panel_ring_rows(g) int64; staging N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
@@ -49,7 +66,8 @@ struct Strides {
 // forward_positions: the forward of forward_rows for a mask that keeps every output channel
 // at each of its `npositions` kept positions (flat output positions, ascending), as a spatial
 // mask does: images [image_begin, image_end) of y, every element written; x and y NCHW or
-// NHWC. packed_weight: [kh][kw][Cin][cout_pad] and padded_bias (or null): [cout_pad],
+// NHWC. With `inputs` (its tap lists), tap by tap over the pairs they list. packed_weight:
+// [kh][kw][Cin][cout_pad] and padded_bias (or null): [cout_pad],
 // cout_pad = padded_channels(Cout), zero in the padding. Scratch: x_taps kPositionRows (at most 8) * kh *
 // kw pointers; zeros: Cin floats, all 0 (what padding taps read); scratch: (NCHW x: H * W *
 // Cin) + npositions * (cout_pad + Cout) + kBatchBlock floats. channel_sums as for forward_rows.
@@ -61,9 +79,10 @@ struct Strides {
 // grad_w_part (if not null, [Cout][kh * kw][padded_channels(Cin)]) += sum over the images and
 // kept positions of gy[n, c, p] * x[n, ci, q(p, tap)]; grad_b_part (if not null, [Cout]) +=
 // sum of gy over the images and kept positions. gy, x: NCHW or NHWC. backward_weight:
-// [kh][kw][Cout][padded_channels(Cin)], zero in the padding. Scratch: P * (padded_channels(Cout)
-// + Cout + padded_channels(Cin)) + H * W * padded_channels(Cin) + padded_channels(Cin) floats,
-// and P * Cout more with a gate, P = npositions.
+// [kh][kw][Cout][padded_channels(Cin)], zero in the padding. With `inputs` (its tap lists),
+// grad_x is 0 at masked inputs and grad_w sums over the listed pairs only. Scratch:
+// P * (padded_channels(Cout) + 2 * Cout + padded_channels(Cin)) + H * W * padded_channels(Cin) +
+// padded_channels(Cin) floats, and P * Cout more with a gate, P = npositions.
 //
 // pack_position_weights: forward_positions' packed_weight from contiguous weights
 // w [Cout][Cin][taps]: dst [taps][Cin][cout_pad], zero past Cout; the rows of
@@ -77,14 +96,17 @@ struct Strides {
 //
 // grad_input_rows: grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c):
 // backward_weight[tap, c, ci] * gy_pos[e(p, c), n] for the input positions q of rows [row_begin, row_end);
-// grad_x NCHW or NHWC, every element of those rows written. backward_weight:
+// grad_x NCHW or NHWC, every element of those rows written (with `inputs`: 0 at the masked
+// inputs, computed at the kept ones only). backward_weight:
 // [kh][kw][Cout][Cin]. gy_pos: kept output gradients in position-CSR order, rows of
 // padded_batch. Scratch: contributions
 // 3 * kh * kw int64, panel W * Cin * padded_batch floats.
 //
 // grad_weight_rows: grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows
 // [row_begin, row_end) and images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part:
-// [Cout][kh * kw][Cpad], Cpad = padded_channels(Cin); x NCHW or NHWC. Scratch: panels
+// [Cout][kh * kw][Cpad], Cpad = padded_channels(Cin); x NCHW or NHWC. With `inputs`, taps
+// that read a position keeping no channel are skipped; x must be 0 at masked inputs at
+// positions keeping some channels (the driver multiplies). Scratch: panels
 // panel_ring_rows(g) * W * N * Cpad floats, panel_rows panel_ring_rows(g) int64.
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"
@@ -93,27 +115,29 @@ struct BatchVectorKernels {
                        const float* forward_weight, const float* bias, bool relu, const int64_t* position_offsets,
                        const int64_t* position_channels, int64_t row_begin, int64_t row_end, const float* residual,
                        float* y, Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
-                       double* channel_sums);
+                       double* channel_sums, const InputIndex* inputs);
   void (*forward_positions)(const BatchVectorGeometry& g, const float* x, Strides x_strides,
                             const float* packed_weight, int64_t cout_pad, const float* padded_bias, bool relu,
                             const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
                             const float* residual, float* y, Strides y_strides, const float** x_taps,
-                            const float* zeros, float* scratch, double* channel_sums);
+                            const float* zeros, float* scratch, double* channel_sums, const InputIndex* inputs);
   void (*backward_positions)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
                              Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight,
                              const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
                              float* grad_x, Strides grad_x_strides, float* grad_w_part, float* grad_b_part,
-                             float* scratch);
+                             float* scratch, const InputIndex* inputs);
   void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
                              Strides gate_strides, const int64_t* position_offsets,
                              const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* rows,
                              float* panel, float* gate_panel);
   void (*grad_input_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* backward_weight,
                           const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                          int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel);
+                          int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel,
+                          const InputIndex* inputs);
   void (*grad_weight_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
                            const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                           int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows);
+                           int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
+                           const InputIndex* inputs);
   void (*pack_position_weights)(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst,
                                 int64_t cout_pad, int64_t k_begin, int64_t k_end);
 };

@@ -71,13 +71,63 @@ bool spatial_mask(const ConvGeometry& g, const Tensor& kept_positions) {
   return g.patterns == 1 && kept_positions.numel() > 0;
 }
 
+// The input mask's lists (InputIndex, batch_vector.h), built per call from the bool mask.
+struct InputLists {
+  std::vector<int64_t> offsets, channels, tap_offsets, tap_entries;
+  InputIndex index() const {
+    return {offsets.data(), channels.data(), tap_offsets.empty() ? nullptr : tap_offsets.data(),
+            tap_entries.data()};
+  }
+};
+
+// Whether an input mask keeps all channels or none at each position (shape (1, H, W)): the
+// position kernels serve it, dropping the taps that read a masked position.
+bool spatial_input_mask(const Tensor& input_mask) { return input_mask.defined() && input_mask.size(0) == 1; }
+
+// The lists of `input_mask` (checked: bool, (Cin or 1, H, W)); with `positions` (the kept
+// output positions of a spatial mask, for a spatial input mask) the position kernels' tap lists too.
+InputLists input_lists(const ConvGeometry& g, const Tensor& input_mask, const Tensor* positions) {
+  const auto mask = rmask::contiguous(input_mask);
+  const auto* kept = static_cast<const bool*>(mask.data_ptr());
+  const int64_t hw = g.height * g.width, cin = g.in_channels;
+  const bool per_position = mask.size(0) == 1;
+  InputLists lists;
+  lists.offsets.resize(hw + 1);
+  lists.channels.reserve(per_position ? 0 : hw * cin / 4);
+  for (int64_t q = 0; q < hw; ++q) {
+    lists.offsets[q] = static_cast<int64_t>(lists.channels.size());
+    for (int64_t c = 0; c < cin; ++c)
+      if (kept[per_position ? q : c * hw + q]) lists.channels.push_back(c);
+  }
+  lists.offsets[hw] = static_cast<int64_t>(lists.channels.size());
+  if (positions) {
+    const int64_t ntaps = g.kernel_h * g.kernel_w, npositions = positions->numel();
+    const int64_t* kept_positions = data<int64_t>(*positions);
+    lists.tap_offsets.resize(ntaps + 1);
+    for (int64_t t = 0; t < ntaps; ++t) {
+      lists.tap_offsets[t] = static_cast<int64_t>(lists.tap_entries.size() / 2);
+      const int64_t i = t / g.kernel_w, j = t % g.kernel_w;
+      for (int64_t k = 0; k < npositions; ++k) {
+        const int64_t p = kept_positions[k];
+        const int64_t ih = (p / g.out_width) * g.stride_h - g.pad_h + i * g.dilation_h;
+        const int64_t iw = (p % g.out_width) * g.stride_w - g.pad_w + j * g.dilation_w;
+        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width || !kept[ih * g.width + iw]) continue;
+        lists.tap_entries.push_back(k);
+        lists.tap_entries.push_back(ih * g.width + iw);
+      }
+    }
+    lists.tap_offsets[ntaps] = static_cast<int64_t>(lists.tap_entries.size() / 2);
+  }
+  return lists;
+}
+
 // The forward for spatial masks (see spatial_mask): BatchVectorKernels::forward_positions,
 // one image per visit, so no layout step over the whole batch (the row forward lays out every
 // input row of every image: at keep 0.1 about half its time). Partial channel sums per chunk
 // of images, added in chunk order.
 Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
                               const std::optional<Tensor>& bias, const Tensor& positions, bool relu,
-                              Tensor* channel_sums, const Tensor& residual) {
+                              Tensor* channel_sums, const Tensor& residual, const InputIndex* inputs) {
   const auto vector_geometry = batch_vector_geometry(g);
   const auto* kernels = batch_vector_kernels();
   const auto x = addressable(input);
@@ -121,7 +171,7 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
                                has_bias ? padded_bias.data() : nullptr, relu, positions_data, npositions, first,
                                last, residual_data, y_data, y_strides, x_taps.data(), zero_channels.data(),
                                thread_scratch(2, scratch_size),
-                               channel_sums ? partial_data + chunk * 2 * g.out_channels : nullptr);
+                               channel_sums ? partial_data + chunk * 2 * g.out_channels : nullptr, inputs);
   });
   if (channel_sums) *channel_sums = rmask::sum(partial, {0});
   return y;
@@ -164,7 +214,8 @@ Tensor sum_weight_partials(const ConvGeometry& g, const Tensor& partial) {
 std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g, const Tensor& grad_output,
                                                            const Tensor& relu_gate, const Tensor& input,
                                                            const Tensor& weight, const Tensor& positions,
-                                                           std::array<bool, 3> output_mask) {
+                                                           std::array<bool, 3> output_mask,
+                                                           const InputIndex* inputs) {
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
   const auto* kernels = batch_vector_kernels();
@@ -183,7 +234,8 @@ std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g
   auto partial_w = need_weight ? zeros({chunks, g.out_channels, taps, cin_pad}, ScalarType::Float, device) : Tensor();
   auto partial_b = need_bias ? zeros({chunks, g.out_channels}, ScalarType::Float, device) : Tensor();
   const int64_t scratch_size = npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad +
-                               cin_pad + (gate.defined() ? npositions * g.out_channels : 0);
+                               cin_pad + (gate.defined() ? npositions * g.out_channels : 0) +
+                               (inputs ? npositions * g.out_channels : 0);
   const auto grad_input_strides = need_input ? strides_of(grad_input) : Strides{0, 0, 0};
   // Pointers read before the threads start: no torch call inside the parallel region.
   const float* gy_data = data<float>(gy);
@@ -203,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g
                                 grad_input_strides,
                                 partial_w_data ? partial_w_data + chunk * g.out_channels * taps * cin_pad : nullptr,
                                 partial_b_data ? partial_b_data + chunk * g.out_channels : nullptr,
-                                thread_scratch(0, scratch_size));
+                                thread_scratch(0, scratch_size), inputs);
   });
   return {grad_input, need_weight ? sum_weight_partials(g, partial_w) : empty({0}, ScalarType::Float, device),
           need_bias ? rmask::sum(partial_b, {0}) : empty({0}, ScalarType::Float, device)};
@@ -255,9 +307,14 @@ bool use_batch_vector(ScalarType dtype, int64_t groups, int64_t batch, int64_t k
 Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
                             const std::optional<Tensor>& bias, const Tensor& kept_positions,
                             const Tensor& position_offsets, const Tensor& position_channels, bool relu,
-                            Tensor* channel_sums, const Tensor& residual) {
-  if (spatial_mask(g, kept_positions))
-    return full_positions_forward(g, input, weight, bias, kept_positions, relu, channel_sums, residual);
+                            Tensor* channel_sums, const Tensor& residual, const Tensor& input_mask) {
+  const bool positions = spatial_mask(g, kept_positions) && (!input_mask.defined() || spatial_input_mask(input_mask));
+  const InputLists lists = input_mask.defined() ? input_lists(g, input_mask, positions ? &kept_positions : nullptr)
+                                                : InputLists();
+  const InputIndex inputs_index = lists.index();
+  const InputIndex* inputs = input_mask.defined() ? &inputs_index : nullptr;
+  if (positions)
+    return full_positions_forward(g, input, weight, bias, kept_positions, relu, channel_sums, residual, inputs);
   const auto vector_geometry = batch_vector_geometry(g);
   const auto x = addressable(input);
   const auto forward_weight = rmask::contiguous(rmask::permute(weight, {0, 2, 3, 1}));  // [Cout][kh][kw][Cin]
@@ -281,13 +338,13 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   const Strides y_strides = strides_of(y);
   double* partial_data = channel_sums ? data<double>(partial) : nullptr;
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
-    std::vector<int64_t> taps(2 * g.kernel_h * g.kernel_w), panel_rows(slots);
+    std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w), panel_rows(slots);
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * vector_geometry.padded_batch);
     float* staging = thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
     batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data, relu,
                                          offsets, channels, first, last, residual_data, y_data, y_strides,
                                          taps.data(), panels, panel_rows.data(), staging,
-                                         partial_data ? partial_data + chunk * 2 * g.out_channels : nullptr);
+                                         partial_data ? partial_data + chunk * 2 * g.out_channels : nullptr, inputs);
   });
   if (channel_sums) *channel_sums = rmask::sum(partial, {0});
   return y;
@@ -298,9 +355,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
                                                          const Tensor& weight, const Tensor& kept_positions,
                                                          const Tensor& position_offsets,
                                                          const Tensor& position_channels,
-                                                         std::array<bool, 3> output_mask) {
-  if (spatial_mask(g, kept_positions))
-    return full_positions_backward(g, grad_output, relu_gate, input, weight, kept_positions, output_mask);
+                                                         std::array<bool, 3> output_mask, const Tensor& input_mask) {
+  const bool positions = spatial_mask(g, kept_positions) && (!input_mask.defined() || spatial_input_mask(input_mask));
+  const InputLists lists = input_mask.defined() ? input_lists(g, input_mask, positions ? &kept_positions : nullptr)
+                                                : InputLists();
+  const InputIndex inputs_index = lists.index();
+  const InputIndex* inputs = input_mask.defined() ? &inputs_index : nullptr;
+  if (positions)
+    return full_positions_backward(g, grad_output, relu_gate, input, weight, kept_positions, output_mask, inputs);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
   const auto device = input.device();
@@ -333,13 +395,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
       float* panel = thread_scratch(0, g.width * g.in_channels * vector_geometry.padded_batch);
       batch_vector_kernels()->grad_input_rows(vector_geometry, row_values, backward_weight_data, offsets, channels,
                                               begin, end, grad_input_data, grad_input_strides, contributions.data(),
-                                              panel);
+                                              panel, inputs);
     });
   }
   if (need_weight) {
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so
     // the result is bit-identical run to run for a given thread count.
-    const auto x = addressable(input);
+    // The row grad-weight reads whole channel vectors: where an input mask keeps some channels
+    // of a position, the others are zeroed first (positions keeping none are skipped).
+    const auto x = addressable(spatial_input_mask(input_mask) || !input_mask.defined()
+                                   ? input
+                                   : masked_input(input, input_mask));
     const float* x_data = data<float>(x);
     const Strides x_strides = strides_of(x);
     const int64_t cin_pad = batch_vector_kernels()->padded_channels(g.in_channels), taps = g.kernel_h * g.kernel_w;
@@ -351,7 +417,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
       std::vector<int64_t> panel_rows(slots);
       batch_vector_kernels()->grad_weight_rows(vector_geometry, row_values, x_data, x_strides, offsets, channels,
                                                first, last, partial_data + chunk * g.out_channels * taps * cin_pad,
-                                               panels, panel_rows.data());
+                                               panels, panel_rows.data(), inputs);
     });
     grad_weight = sum_weight_partials(g, partial);
   }

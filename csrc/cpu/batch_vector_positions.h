@@ -90,6 +90,48 @@ inline std::vector<InputBlock> needed_blocks(const BatchVectorGeometry& g, const
   return needed;
 }
 
+// The blocks of a plane of H * W input positions that the tap lists of `inputs` read.
+inline std::vector<InputBlock> listed_blocks(const BatchVectorGeometry& g, const InputIndex& inputs) {
+  std::vector<InputBlock> needed((g.height * g.width + Simd::kLanes - 1) / Simd::kLanes, InputBlock{false});
+  const int64_t entries = inputs.tap_offsets[g.kernel_h * g.kernel_w];
+  for (int64_t e = 0; e < entries; ++e) needed[inputs.tap_entries[2 * e + 1] / Simd::kLanes].read = true;
+  return needed;
+}
+
+// The kept rows [P][cout_pad] of one image, tap by tap over the pairs the tap lists of `inputs`
+// give (each tap's kept inputs only), then the bias and the ReLU. x_n: the image, channels-last
+// rows `row_stride` apart.
+inline void forward_listed_taps(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x_n,
+                                int64_t row_stride, const float* packed_weight, int64_t cout_pad,
+                                const float* padded_bias, bool relu, int64_t npositions, float* y_rows,
+                                const float** x_taps) {
+  const int64_t cin = g.in_channels, ntaps = g.kernel_h * g.kernel_w;
+  zero_floats(y_rows, npositions * cout_pad);
+  float* out_rows[kPositionRows];
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const int64_t end = inputs.tap_offsets[t + 1];
+    for (int64_t e = inputs.tap_offsets[t]; e < end; e += kPositionRows) {
+      const int rows = static_cast<int>(min64(kPositionRows, end - e));
+      for (int r = 0; r < rows; ++r) {
+        x_taps[r] = x_n + inputs.tap_entries[2 * (e + r) + 1] * row_stride;
+        out_rows[r] = y_rows + inputs.tap_entries[2 * (e + r)] * cout_pad;
+      }
+      position_tiles(x_taps, 1, cin, packed_weight + t * cin * cout_pad, cout_pad, nullptr, false, true, out_rows,
+                     rows);
+    }
+  }
+  if (!padded_bias && !relu) return;
+  const typename Simd::V zero = Simd::zero();
+  for (int64_t k = 0; k < npositions; ++k)
+    for (int64_t c = 0; c < cout_pad; c += Simd::kLanes) {
+      float* v = y_rows + k * cout_pad + c;
+      typename Simd::V value = Simd::load(v);
+      if (padded_bias) value = Simd::add(value, Simd::load(padded_bias + c));
+      if (relu) value = Simd::max(zero, value);
+      Simd::store(v, value);
+    }
+}
+
 // Points x_taps (R rows of kh * kw) at the channels-last input rows that the output positions
 // positions[0 .. rows) read, `zeros` for padding taps.
 inline void point_taps(const BatchVectorGeometry& g, const int64_t* positions, int rows, const float* image,
@@ -106,7 +148,7 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
                        int64_t cout_pad, const float* padded_bias, bool relu, const int64_t* positions,
                        int64_t npositions, int64_t image_begin, int64_t image_end, const float* residual, float* y,
                        Strides y_strides, const float** x_taps, const float* zeros, float* scratch,
-                       double* channel_sums) {
+                       double* channel_sums, const InputIndex* inputs) {
   // One image at a time, channels-last: an NCHW image is transposed into `scratch` first, so
   // that each tap's channels are contiguous (in NCHW they lie a plane apart, all in one L1
   // set); the kept positions are computed in tiles into compact rows, one per kept position,
@@ -120,7 +162,10 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
   float* y_rows = scratch + (x_nchw ? hw * cin : 0);            // [P][cout_pad]
   float* y_planes = y_rows + npositions * cout_pad;             // [Cout][P], for NCHW y
   const auto blocks = kept_blocks(positions, npositions, hw_out);
-  const auto needed = x_nchw ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();  // NCHW layout only
+  const bool listed = inputs && inputs->tap_offsets;  // tap by tap over the kept inputs
+  const auto needed = !x_nchw ? std::vector<InputBlock>()  // for the NCHW layout only
+                      : listed ? listed_blocks(g, *inputs)
+                               : needed_blocks(g, positions, npositions);
   float* out_rows[kPositionRows];
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* x_n = x + n * x_strides.n;
@@ -129,7 +174,10 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
       image_channels_last(x_n, x_strides, cin, hw, cin, x_image, needed.data());
       x_n = x_image, row_stride = cin;
     }
-    for (int64_t k0 = 0; k0 < npositions; k0 += kPositionRows) {
+    if (listed)
+      forward_listed_taps(g, *inputs, x_n, row_stride, packed_weight, cout_pad, padded_bias, block_relu, npositions,
+                          y_rows, x_taps);
+    for (int64_t k0 = 0; k0 < (listed ? 0 : npositions); k0 += kPositionRows) {
       const int rows = static_cast<int>(min64(kPositionRows, npositions - k0));
       point_taps(g, positions + k0, rows, x_n, row_stride, zeros, x_taps);
       for (int r = 0; r < rows; ++r) out_rows[r] = y_rows + (k0 + r) * cout_pad;
@@ -154,7 +202,7 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
                         Strides gate_strides, const float* x, Strides x_strides, const float* backward_weight,
                         const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
                         float* grad_x, Strides grad_x_strides, float* grad_w_part, float* grad_b_part,
-                        float* scratch) {
+                        float* scratch, const InputIndex* inputs) {
   // Per image, as forward_positions: the kept output gradients gathered twice (rows [P][Cout]
   // for grad-input, columns [Cout][P] for grad-weight and grad-bias); grad-input scattered
   // tap by tap into a channels-last image (distinct positions of one tap never share an input
@@ -169,9 +217,13 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   float* panel = image + hw * cin_pad;            // [P][cin_pad]: one tap's input rows
   float* spare = panel + kept_count * cin_pad;    // [cin_pad]: what padding taps add to
   float* gate_columns = spare + cin_pad;          // [Cout][P]: the gate, as columns (with a gate)
+  float* tap_columns = gate_columns + (gate ? cout * kept_count : 0);  // [Cout][P]: one tap's columns (listed)
   float* out_rows[kPositionRows];
+  const bool listed = inputs && inputs->tap_offsets;  // tap by tap over the kept inputs
   const bool lay_out_x = grad_w_part && x_strides.c != 1;  // the NCHW layout for grad-weight uses `needed`
-  const auto needed = lay_out_x ? needed_blocks(g, positions, kept_count) : std::vector<InputBlock>();
+  const auto needed = !lay_out_x ? std::vector<InputBlock>()
+                      : listed   ? listed_blocks(g, *inputs)
+                                 : needed_blocks(g, positions, kept_count);
   for (int64_t k = 0; k < kept_count; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* gy_n = gy + n * gy_strides.n;
@@ -201,20 +253,37 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
       const float* zeros = spare;
       zero_floats(spare, cin_pad);
       for (int64_t t = 0; t < ntaps; ++t) {
-        for (int64_t k = 0; k < kept_count; ++k) {
-          const int64_t q = tap_input(g, positions[k], t);
-          copy_floats(panel + k * cin_pad, q >= 0 ? image + q * cin_pad : zeros, cin_pad);
+        // The pairs this tap reduces over: every kept position (padding taps read zeros), or
+        // with tap lists the listed ones, their gradient columns gathered.
+        int64_t pairs = kept_count;
+        const float* tap_gy = columns;
+        if (listed) {
+          const int64_t e0 = inputs->tap_offsets[t];
+          pairs = inputs->tap_offsets[t + 1] - e0;
+          if (pairs == 0) continue;
+          const int64_t* entries = inputs->tap_entries + 2 * e0;
+          for (int64_t j = 0; j < pairs; ++j) copy_floats(panel + j * cin_pad, image + entries[2 * j + 1] * cin_pad,
+                                                          cin_pad);
+          for (int64_t c = 0; c < cout; ++c)
+            for (int64_t j = 0; j < pairs; ++j)
+              tap_columns[c * pairs + j] = columns[c * kept_count + entries[2 * j]];
+          tap_gy = tap_columns;
+        } else {
+          for (int64_t k = 0; k < kept_count; ++k) {
+            const int64_t q = tap_input(g, positions[k], t);
+            copy_floats(panel + k * cin_pad, q >= 0 ? image + q * cin_pad : zeros, cin_pad);
+          }
         }
         for (int64_t c0 = 0, count = 0; c0 < cout; c0 += count) {
           count = even_tile(cout - c0, kWeightTile);
           const float* gy_rows[kWeightTile];
           float* out[kWeightTile];
           for (int k = 0; k < count; ++k) {
-            gy_rows[k] = columns + (c0 + k) * kept_count;
+            gy_rows[k] = tap_gy + (c0 + k) * pairs;
             out[k] = grad_w_part + ((c0 + k) * ntaps + t) * cin_pad;
           }
           with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
-            grad_weight_channels_tile<decltype(ch)::value>(gy_rows, panel, kept_count, cin_pad, out);
+            grad_weight_channels_tile<decltype(ch)::value>(gy_rows, panel, pairs, cin_pad, out);
           });
         }
       }
@@ -222,7 +291,19 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
     if (grad_x) {
       __builtin_memset(image, 0, sizeof(float) * hw * cin_pad);
       const float* row_of[kPositionRows];
-      for (int64_t k0 = 0; k0 < kept_count; k0 += kPositionRows) {
+      for (int64_t t = 0; t < (listed ? ntaps : 0); ++t) {  // tap by tap: masked inputs stay 0
+        const int64_t end = inputs->tap_offsets[t + 1];
+        for (int64_t e = inputs->tap_offsets[t]; e < end; e += kPositionRows) {
+          const int count = static_cast<int>(min64(kPositionRows, end - e));
+          for (int r = 0; r < count; ++r) {
+            row_of[r] = rows + inputs->tap_entries[2 * (e + r)] * cout_pad;
+            out_rows[r] = image + inputs->tap_entries[2 * (e + r) + 1] * cin_pad;
+          }
+          position_tiles(row_of, 1, cout, backward_weight + t * cout * cin_pad, cin_pad, nullptr, false, true,
+                         out_rows, count);
+        }
+      }
+      for (int64_t k0 = 0; k0 < (listed ? 0 : kept_count); k0 += kPositionRows) {
         const int count = static_cast<int>(min64(kPositionRows, kept_count - k0));
         for (int r = 0; r < count; ++r) row_of[r] = rows + (k0 + r) * cout_pad;
         for (int64_t t = 0; t < ntaps; ++t) {

@@ -14,11 +14,13 @@ inline int tile_vectors(const BatchVectorGeometry& g, int64_t nb) {
 // CH output channels at one output position, NV vectors of images from nb: the
 // accumulators are locals of this one function so that they live in registers. Not inlined:
 // inside the row loop the compiler runs out of general registers and spills accumulators.
+// taps: 4 int64 per tap: weight offset, panel offset, and where the tap's input channels are
+// listed in `in_channels` (first, count; first -1: every channel).
 template <int CH, int NV>
 __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const float* panels,
                                              const float* forward_weight, const float* bias, bool relu,
                                              const int64_t* channels, const int64_t* taps, int64_t ntaps, int64_t p,
-                                             int64_t nb, float* y, Strides s) {
+                                             int64_t nb, float* y, Strides s, const int64_t* in_channels) {
   using V = typename Simd::V;
   const int64_t cin = g.in_channels, padded_batch = g.padded_batch, per_channel = g.kernel_h * g.kernel_w * cin;
   V acc[CH][NV];
@@ -27,19 +29,35 @@ __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[k][v] = Simd::zero();
   for (int64_t t = 0; t < ntaps; ++t) {
-    const float* x_tap = panels + taps[2 * t + 1] + nb;
+    const float* x_tap = panels + taps[4 * t + 1] + nb;
     const float* w_tap[CH];
 #pragma GCC unroll 16
-    for (int k = 0; k < CH; ++k) w_tap[k] = forward_weight + channels[k] * per_channel + taps[2 * t];
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      V x[NV];
+    for (int k = 0; k < CH; ++k) w_tap[k] = forward_weight + channels[k] * per_channel + taps[4 * t];
+    if (taps[4 * t + 2] < 0) {
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        V x[NV];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_tap + ci * padded_batch + v * Simd::kLanes);
+        for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_tap + ci * padded_batch + v * Simd::kLanes);
 #pragma GCC unroll 16
-      for (int k = 0; k < CH; ++k) {
-        const V w = Simd::broadcast(w_tap[k] + ci);
+        for (int k = 0; k < CH; ++k) {
+          const V w = Simd::broadcast(w_tap[k] + ci);
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, x[v], acc[k][v]);
+          for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, x[v], acc[k][v]);
+        }
+      }
+    } else {  // the channels kept at the tap's input position
+      const int64_t* listed = in_channels + taps[4 * t + 2];
+      for (int64_t j = 0, count = taps[4 * t + 3]; j < count; ++j) {
+        const int64_t ci = listed[j];
+        V x[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_tap + ci * padded_batch + v * Simd::kLanes);
+#pragma GCC unroll 16
+        for (int k = 0; k < CH; ++k) {
+          const V w = Simd::broadcast(w_tap[k] + ci);
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, x[v], acc[k][v]);
+        }
       }
     }
   }
@@ -59,12 +77,13 @@ __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const
   }
 }
 
-// grad-input: CH input channels (ci0 ...) at one input position, NV vectors of images from nb.
-template <int CH, int NV>
+// grad-input: CH input channels at one input position, NV vectors of images from nb: channels
+// ci0 ... ci0 + CH - 1, or with Listed, listed[0 .. CH).
+template <int CH, int NV, bool Listed = false>
 __attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, const float* gy_pos,
                                                 const float* backward_weight, const int64_t* position_channels,
                                                 const int64_t* contributions, int64_t ncontrib, int64_t ci0, int64_t q,
-                                                int64_t nb, float* panel) {
+                                                int64_t nb, float* panel, const int64_t* listed = nullptr) {
   using V = typename Simd::V;
   const int64_t padded_batch = g.padded_batch, cin = g.in_channels, cout = g.out_channels;
   V acc[CH][NV];
@@ -83,7 +102,7 @@ __attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, co
       const float* w_channel = w_tap + position_channels[e] * cin;
 #pragma GCC unroll 16
       for (int k = 0; k < CH; ++k) {
-        const V w = Simd::broadcast(w_channel + k);
+        const V w = Simd::broadcast(w_channel + (Listed ? listed[k] - ci0 : k));
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, gy[v], acc[k][v]);
       }
@@ -93,7 +112,8 @@ __attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, co
 #pragma GCC unroll 16
   for (int k = 0; k < CH; ++k)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) Simd::store(out + k * padded_batch + v * Simd::kLanes, acc[k][v]);
+    for (int v = 0; v < NV; ++v)
+      Simd::store(out + (Listed ? listed[k] - ci0 : k) * padded_batch + v * Simd::kLanes, acc[k][v]);
 }
 
 // grad-weight: CH output channels kept at one position, one tap, NV vectors of input
@@ -178,7 +198,8 @@ inline int64_t staged_image_stride(const BatchVectorGeometry& g) {
 void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_strides, const float* forward_weight,
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
                   int64_t row_begin, int64_t row_end, const float* residual, float* y, Strides y_strides,
-                  int64_t* taps, float* panels, int64_t* panel_rows, float* staging, double* channel_sums) {
+                  int64_t* taps, float* panels, int64_t* panel_rows, float* staging, double* channel_sums,
+                  const InputIndex* inputs) {
   // Input rows are laid out batch-last on demand into a small ring of cache-resident panels
   // (each used by kernel_h output rows), so the layout change never round-trips through
   // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
@@ -208,17 +229,28 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       const int64_t p = oh * wo + ow;
       const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
       if (e0 == e1) continue;
-      int64_t ntaps = 0;  // taps inside the image; padding taps contribute nothing
+      int64_t ntaps = 0;  // taps inside the image that read a kept input; the others contribute nothing
       for (int64_t i = 0; i < g.kernel_h; ++i) {
         if (!row_panel[i]) continue;
+        const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
         for (int64_t j = 0; j < g.kernel_w; ++j) {
           const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
           if (iw < 0 || iw >= g.width) continue;
-          taps[2 * ntaps] = (i * g.kernel_w + j) * g.in_channels;
-          taps[2 * ntaps + 1] = (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
+          int64_t first = -1, count = g.in_channels;  // every channel
+          if (inputs) {
+            const int64_t q = ih * g.width + iw;
+            count = inputs->offsets[q + 1] - inputs->offsets[q];
+            if (count == 0) continue;
+            if (count < g.in_channels) first = inputs->offsets[q];
+          }
+          taps[4 * ntaps] = (i * g.kernel_w + j) * g.in_channels;
+          taps[4 * ntaps + 1] = (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
+          taps[4 * ntaps + 2] = first;
+          taps[4 * ntaps + 3] = count;
           ++ntaps;
         }
       }
+      const int64_t* in_channels = inputs ? inputs->channels : nullptr;
       for (int64_t nb = 0; nb < g.batch; nb += kVectors * Simd::kLanes) {
         const int nv = tile_vectors(g, nb);
         for (int64_t e = e0; e < e1;) {
@@ -227,10 +259,11 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
             if (nv == kVectors)
               forward_block<decltype(ch)::value, kVectors>(g, panels, forward_weight, bias, block_relu,
                                                            position_channels + e, taps, ntaps, ow, nb, staging,
-                                                           staged);
+                                                           staged, in_channels);
             else
               forward_block<decltype(ch)::value, 1>(g, panels, forward_weight, bias, block_relu,
-                                                    position_channels + e, taps, ntaps, ow, nb, staging, staged);
+                                                    position_channels + e, taps, ntaps, ow, nb, staging, staged,
+                                                    in_channels);
           });
           e += tile;
         }
@@ -278,10 +311,20 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
 
 void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* backward_weight,
                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                     int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel) {
+                     int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel,
+                     const InputIndex* inputs) {
   // Each input row is computed batch-last into a cache-resident panel, then transposed out.
+  const int64_t position_floats = g.in_channels * g.padded_batch;
   for (int64_t ih = row_begin; ih < row_end; ++ih) {
     for (int64_t iw = 0; iw < g.width; ++iw) {
+      // With an input mask: 0 at the masked channels; only the kept ones are computed.
+      int64_t first = 0, kept = g.in_channels;
+      if (inputs) {
+        const int64_t q = ih * g.width + iw;
+        first = inputs->offsets[q], kept = inputs->offsets[q + 1] - first;
+        if (kept < g.in_channels) zero_floats(panel + iw * position_floats, position_floats);
+        if (kept == 0) continue;
+      }
       int64_t ncontrib = 0;  // (tap, first, last) of the kept outputs this input position feeds
       for (int64_t i = 0; i < g.kernel_h; ++i) {
         const int64_t num_h = ih + g.pad_h - i * g.dilation_h;
@@ -300,6 +343,25 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
           contributions[3 * ncontrib + 2] = position_offsets[p + 1];
           ++ncontrib;
         }
+      }
+      if (kept < g.in_channels) {
+        const int64_t* listed = inputs->channels + first;
+        for (int64_t nb = 0; nb < g.batch; nb += kVectors * Simd::kLanes) {
+          const int nv = tile_vectors(g, nb);
+          for (int64_t j = 0, count = 0; j < kept; j += count) {
+            count = even_tile(kept - j, kTile);
+            with_count<kTile>(static_cast<int>(count), [&](auto ch) {
+              if (nv == kVectors)
+                grad_input_block<decltype(ch)::value, kVectors, true>(g, gy_pos, backward_weight, position_channels,
+                                                                      contributions, ncontrib, 0, iw, nb, panel,
+                                                                      listed + j);
+              else
+                grad_input_block<decltype(ch)::value, 1, true>(g, gy_pos, backward_weight, position_channels,
+                                                               contributions, ncontrib, 0, iw, nb, panel, listed + j);
+            });
+          }
+        }
+        continue;
       }
       for (int64_t nb = 0; nb < g.batch; nb += kVectors * Simd::kLanes) {
         const int nv = tile_vectors(g, nb);
@@ -365,7 +427,8 @@ inline void row_to_image_major(const BatchVectorGeometry& g, const float* src, S
 
 void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
                       const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows) {
+                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
+                      const InputIndex* inputs) {
   // Position-major: each input panel is loaded once per output position and serves every
   // channel kept there; the images are the reduction, the input channels the SIMD lanes.
   const int64_t cin_pad = padded_channels(g.in_channels), ntaps = g.kernel_h * g.kernel_w;
@@ -384,9 +447,11 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
         for (int k = 0; k < count; ++k) gy_rows[k] = gy_pos + (e + k) * g.padded_batch;
         for (int64_t i = 0; i < g.kernel_h; ++i) {
           if (!row_panel[i]) continue;
+          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
           for (int64_t j = 0; j < g.kernel_w; ++j) {
             const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
             if (iw < 0 || iw >= g.width) continue;
+            if (inputs && inputs->offsets[ih * g.width + iw] == inputs->offsets[ih * g.width + iw + 1]) continue;
             const float* x_nc = row_panel[i] + iw * g.batch * cin_pad;
             float* out[kWeightTile];
             for (int k = 0; k < count; ++k)

@@ -90,8 +90,8 @@ Tensor masked_conv2d_forward_kernel(const Tensor& input, const Tensor& weight, c
   if (has_residual) check_residual(g, input, *residual);
   const Tensor fused_residual = has_residual ? *residual : Tensor();
   if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
-    return cpu::batch_vector_forward(g, masked_input(input, in_mask), weight, bias, index.positions,
-                                     index.position_offsets, index.position_channels, relu, nullptr, fused_residual);
+    return cpu::batch_vector_forward(g, input, weight, bias, index.positions, index.position_offsets,
+                                     index.position_channels, relu, nullptr, fused_residual, in_mask);
   }
   return cpu::portable_forward(g, masked_input(input, in_mask), weight, bias, index.offsets, index.positions,
                                fused_residual, relu);
@@ -113,11 +113,13 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
   const Tensor gate = checked_relu_gate(g, input, relu_output);
   const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
   const Tensor in_mask = checked_input_mask(g, input, input_mask);
-  const Tensor x = wanted[1] ? masked_input(input, in_mask) : input;  // only grad-weight reads the input's values
-  auto gradients = cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)
-                       ? cpu::batch_vector_backward(g, grad_output, gate, x, weight, index.positions,
-                                                    index.position_offsets, index.position_channels, wanted)
-                       : cpu::portable_backward(g, grad_output, gate, x, weight, index.offsets, index.positions, wanted);
+  if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
+    return cpu::batch_vector_backward(g, grad_output, gate, input, weight, index.positions, index.position_offsets,
+                                      index.position_channels, wanted, in_mask);
+  }
+  // The portable kernels multiply masked inputs out: only grad-weight reads the input's values.
+  const Tensor x = wanted[1] ? masked_input(input, in_mask) : input;
+  auto gradients = cpu::portable_backward(g, grad_output, gate, x, weight, index.offsets, index.positions, wanted);
   if (wanted[0] && in_mask.defined()) rmask::mul_(std::get<0>(gradients), in_mask);  // 0 at masked inputs
   return gradients;
 }
@@ -133,8 +135,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats_kernel(
     const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
     const Tensor in_mask = checked_input_mask(g, input, input_mask);
     Tensor sums;
-    auto y = cpu::batch_vector_forward(g, masked_input(input, in_mask), weight, bias, index.positions, index.position_offsets,
-                                       index.position_channels, /*relu=*/false, &sums);
+    auto y = cpu::batch_vector_forward(g, input, weight, bias, index.positions, index.position_offsets,
+                                       index.position_channels, /*relu=*/false, &sums, Tensor(), in_mask);
     // Distinct outputs, not views of one.
     return {y, torch::stable::clone(torch::stable::select(sums, 0, 0)),
             torch::stable::clone(torch::stable::select(sums, 0, 1))};

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import MaskedConvBN2d
+from ..wiring import wire_input_masks
 # parse_stage_ratios and STAGE_SELECTIONS are imported from here by older code.
 from .stages import STAGE_SELECTIONS, _dropped, _MaskSpec, _relu_unless_fused, parse_stage_ratios  # noqa: F401
 
@@ -138,6 +139,7 @@ class ResNet(nn.Module):
                 in_planes, size = planes * block.expansion, _output_size(size, block_stride)
             setattr(self, f"layer{stage}", nn.Sequential(*blocks))
         self.linear = nn.Linear(in_planes, num_classes)
+        wire_input_masks(self)  # each block's conv2 (and the first block's conv1) skips its zero inputs
 
     def forward(self, x):
         out = _relu_unless_fused(self.conv1, self.bn1(self.conv1(x)))

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..masks import check_mode, check_ratio
+from ..wiring import wire_input_masks
 # One construction path for every hand-placed model: same layer seeds, same fused units.
 from .stages import _MaskSpec, _relu_unless_fused
 
@@ -58,6 +59,7 @@ class SmallCNN(nn.Module):
             setattr(self, f"conv{i}", conv)
             setattr(self, f"bn{i}", bn)
         self.fc = nn.Linear(2 * width, num_classes)
+        wire_input_masks(self)  # a masked conv after a masked conv skips its zero inputs
 
     def forward(self, x):
         for i in range(1, 5):

@@ -16,6 +16,7 @@ from typing import Optional
 import torch.nn as nn
 
 from ..masks import check_mode, check_ratio
+from ..wiring import wire_input_masks
 from .stages import _MaskSpec  # one construction path for all hand-placed models
 
 VGG19_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -67,6 +68,7 @@ class VGG19(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)  # 1×1 already on 32×32 inputs
         self.classifier = nn.Linear(512, num_classes)
+        wire_input_masks(self)  # a masked conv after a masked conv (or its max-pool) skips its zero inputs
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))
