@@ -51,7 +51,7 @@ demo: install
 BENCH_JSON ?= benchmarks/results/latest.json
 bench: install
 	mkdir -p $(dir $(BENCH_JSON))
-	$(PY) -m pytest benchmarks/bench_masked_conv2d.py benchmarks/bench_resnet18.py -q -o python_files='bench_*.py' \
+	$(PY) -m pytest benchmarks/bench_masked_conv2d.py benchmarks/bench_input_sparsity.py benchmarks/bench_resnet18.py -q -o python_files='bench_*.py' \
 	  -p no:cacheprovider --benchmark-json=$(BENCH_JSON) --benchmark-columns=median,iqr --benchmark-sort=name $(BENCH_ARGS)
 	$(PY) benchmarks/report.py $(BENCH_JSON) | tee $(BENCH_JSON:.json=.md)
 

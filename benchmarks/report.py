@@ -36,7 +36,9 @@ def main(path):
         rows[key][info["provider"]] = (bench["stats"]["median"] * 1e3, info.get("side_by_side_speedup"))
         if info["shape"] not in shapes:
             shapes.append(info["shape"])
-    op_rows = {k: v for k, v in rows.items() if "baseline" in v}
+    # Input sparsity rows: mode "in->out" (bench_input_sparsity.py), reported apart.
+    input_rows = {k: v for k, v in rows.items() if "baseline" in v and "->" in k[1]}
+    op_rows = {k: v for k, v in rows.items() if "baseline" in v and "->" not in k[1]}
     model_rows = {k: v for k, v in rows.items() if "baseline" not in v}
     first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
     print(f"Run {data.get('datetime', '?')}, torch {first.get('torch', '?')}, {first.get('threads', '?')} threads, "
@@ -63,14 +65,25 @@ def main(path):
             ratios = [f"{op_speedups[key][p]:.2f}x" if p in op_speedups[key] else "-" for p in ("cpu", "auto")]
             print(f"| {' | '.join(str(k) for k in key)} | {providers['baseline'][0]:.1f} | {' | '.join(cells)} | "
                   f"{' | '.join(ratios)} |")
+    if input_rows:
+        input_speedups = speedups(input_rows, "baseline")
+        print("\nInput sparsity (input_mask, keep_in = keep_out = 0.1): cpu over F.conv2d * mask, side by side\n")
+        print("| shape | masks (in->out) | pass | baseline ms | cpu ms | speedup |")
+        print("|---|---|---|---|---|---|")
+        for key, providers in sorted(input_rows.items()):
+            speedup = input_speedups[key].get("cpu")
+            cpu_ms = f"{providers['cpu'][0]:.2f}" if "cpu" in providers else "-"
+            print(f"| {key[0]} | {key[1]} | {key[3]} | {providers['baseline'][0]:.2f} | {cpu_ms} | "
+                  f"{f'{speedup:.2f}x' if speedup else '-'} |")
     if model_rows:
         model_speedups = speedups(model_rows, "reference")
-        print("\n| model | pass | provider | ms | speedup vs reference |")
-        print("|---|---|---|---|---|")
+        print("\n| model | mode | pass | provider | ms | speedup vs reference |")
+        print("|---|---|---|---|---|---|")
         for key, providers in sorted(model_rows.items()):
             for provider, (ms, _) in sorted(providers.items()):
                 speedup = model_speedups[key].get(provider)
-                print(f"| {key[0]} | {key[3]} | {provider} | {ms:.1f} | {f'{speedup:.2f}x' if speedup else '-'} |")
+                print(f"| {key[0]} | {key[1]} | {key[3]} | {provider} | {ms:.1f} | "
+                      f"{f'{speedup:.2f}x' if speedup else '-'} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,16 @@ def test_benchmark_files_run():
     assert "12 passed" in result.stdout, result.stdout[-2000:]
 
 
+def test_input_sparsity_benchmarks_run():
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+        "--benchmark-disable", str(ROOT / "benchmarks" / "bench_input_sparsity.py"), "-k", "16x16 or inference",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "12 passed" in result.stdout, result.stdout[-2000:]
+
+
 def test_report_renders_a_ratio_table(tmp_path):
     import json
 
@@ -35,6 +45,13 @@ def test_report_renders_a_ratio_table(tmp_path):
                 "stats": {"median": median},
             }
             for provider, median, side in runs
+        ] + [
+            {
+                "extra_info": {"shape": "s", "mode": "spatial->spatial", "ratio": 0.9, "pass_": "fwd",
+                               "provider": provider, **({"side_by_side_speedup": side} if side else {})},
+                "stats": {"median": median},
+            }
+            for provider, median, side in (("baseline", 0.010, None), ("cpu", 0.001, 12.5))
         ],
     }
     path = tmp_path / "run.json"
@@ -43,3 +60,5 @@ def test_report_renders_a_ratio_table(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "| s | neuron | 0.9 | fwd | 20.0 | 8.0 | 10.0 | 3.00x | 2.00x |" in out
     assert "| neuron | 0.9 | 2.00 | - | - |" in out
+    assert "| s | spatial->spatial | fwd | 10.00 | 1.00 | 12.50x |" in out
+    assert "spatial->spatial | 0.9 |" not in out  # input sparsity rows stay out of the op tables

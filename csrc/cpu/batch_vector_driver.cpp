@@ -92,14 +92,16 @@ InputLists input_lists(const ConvGeometry& g, const Tensor& input_mask, const Te
   const int64_t hw = g.height * g.width, cin = g.in_channels;
   const bool per_position = mask.size(0) == 1;
   InputLists lists;
-  lists.offsets.resize(hw + 1);
-  lists.channels.reserve(per_position ? 0 : hw * cin / 4);
-  for (int64_t q = 0; q < hw; ++q) {
-    lists.offsets[q] = static_cast<int64_t>(lists.channels.size());
-    for (int64_t c = 0; c < cin; ++c)
-      if (kept[per_position ? q : c * hw + q]) lists.channels.push_back(c);
-  }
-  lists.offsets[hw] = static_cast<int64_t>(lists.channels.size());
+  // Counted, then filled, channel by channel: the mask is read in order (one plane at a time).
+  lists.offsets.assign(hw + 1, 0);
+  for (int64_t c = 0; c < (per_position ? 1 : cin); ++c)
+    for (int64_t q = 0; q < hw; ++q) lists.offsets[q + 1] += kept[c * hw + q] ? (per_position ? cin : 1) : 0;
+  for (int64_t q = 0; q < hw; ++q) lists.offsets[q + 1] += lists.offsets[q];
+  lists.channels.resize(lists.offsets[hw]);
+  std::vector<int64_t> cursor(lists.offsets.begin(), lists.offsets.end() - 1);
+  for (int64_t c = 0; c < cin; ++c)
+    for (int64_t q = 0; q < hw; ++q)
+      if (kept[per_position ? q : c * hw + q]) lists.channels[cursor[q]++] = c;
   if (positions) {
     const int64_t ntaps = g.kernel_h * g.kernel_w, npositions = positions->numel();
     const int64_t* kept_positions = data<int64_t>(*positions);
