@@ -105,8 +105,8 @@ struct InputIndex {
 // grad_weight_rows: grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows
 // [row_begin, row_end) and images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part:
 // [Cout][kh * kw][Cpad], Cpad = padded_channels(Cin); x NCHW or NHWC. With `inputs`, taps
-// that read a position keeping no channel are skipped; x must be 0 at masked inputs at
-// positions keeping some channels (the driver multiplies). Scratch: panels
+// that read a position keeping no channel are skipped, and the channels a position drops are
+// zeroed in its laid-out input rows. Scratch: panels
 // panel_ring_rows(g) * W * N * Cpad floats, panel_rows panel_ring_rows(g) int64.
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"

@@ -403,11 +403,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
   if (need_weight) {
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so
     // the result is bit-identical run to run for a given thread count.
-    // The row grad-weight reads whole channel vectors: where an input mask keeps some channels
-    // of a position, the others are zeroed first (positions keeping none are skipped).
-    const auto x = addressable(spatial_input_mask(input_mask) || !input_mask.defined()
-                                   ? input
-                                   : masked_input(input, input_mask));
+    const auto x = addressable(input);
     const float* x_data = data<float>(x);
     const Strides x_strides = strides_of(x);
     const int64_t cin_pad = batch_vector_kernels()->padded_channels(g.in_channels), taps = g.kernel_h * g.kernel_w;

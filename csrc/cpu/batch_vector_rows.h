@@ -425,6 +425,34 @@ inline void row_to_image_major(const BatchVectorGeometry& g, const float* src, S
     for (int64_t r = 0; r < width * batch; ++r) zero_floats(dst + r * cin_pad + cin, cin_pad - cin);
 }
 
+// An image-major panel of input row `ih` (row_to_image_major) with the channels the input
+// mask drops at each of its positions set to exactly 0, whatever they held (positions keeping
+// all or none are left: the first needs nothing, the second is never read).
+inline void zero_masked_channels(const BatchVectorGeometry& g, const InputIndex& inputs, int64_t ih, float* panel) {
+  const int64_t cin = g.in_channels, cin_pad = padded_channels(cin);
+  float all_bits;  // a lane that keeps every bit of what it is and-ed with
+  const uint32_t ones = 0xFFFFFFFFu;
+  __builtin_memcpy(&all_bits, &ones, sizeof(all_bits));
+  alignas(64) float keep[1024];
+  for (int64_t w = 0; w < g.width; ++w) {
+    const int64_t q = ih * g.width + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
+    if (count == 0 || count == cin) continue;
+    for (int64_t c0 = 0; c0 < cin_pad; c0 += 1024) {  // channels in chunks of the keep vector
+      const int64_t chunk = min64(1024, cin_pad - c0);
+      zero_floats(keep, chunk);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t c = inputs.channels[first + j] - c0;
+        if (c >= 0 && c < chunk) keep[c] = all_bits;
+      }
+      for (int64_t n = 0; n < g.batch; ++n) {
+        float* row = panel + (w * g.batch + n) * cin_pad + c0;
+        for (int64_t c = 0; c < chunk; c += Simd::kLanes)
+          Simd::store(row + c, Simd::bit_and(Simd::load(row + c), Simd::load(keep + c)));
+      }
+    }
+  }
+}
+
 void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
                       const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                       int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
@@ -436,8 +464,10 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
   for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];
-    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
-                [&](int64_t ih, float* panel) { row_to_image_major(g, x, x_strides, ih, panel); });
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel, [&](int64_t ih, float* panel) {
+      row_to_image_major(g, x, x_strides, ih, panel);
+      if (inputs) zero_masked_channels(g, *inputs, ih, panel);
+    });
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const int64_t p = oh * g.out_width + ow;
       const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
