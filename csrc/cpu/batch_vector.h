@@ -49,6 +49,8 @@ struct InputIndex {
   // reads kept input position q through tap t. Null for other masks.
   const int64_t* tap_offsets;
   const int64_t* tap_entries;
+  // Whether some position keeps some but not all channels (a neuron or group input mask).
+  bool partial;
 };
 
 // One instruction set's kernels (batch_vector_impl.h compiled for it). Their contracts:
@@ -105,9 +107,10 @@ struct InputIndex {
 // grad_weight_rows: grad_w_part[c, tap, ci] += sum over the kept (p, c) of output rows
 // [row_begin, row_end) and images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part:
 // [Cout][kh * kw][Cpad], Cpad = padded_channels(Cin); x NCHW or NHWC. With `inputs`, taps
-// that read a position keeping no channel are skipped, and the channels a position drops are
-// zeroed in its laid-out input rows. Scratch: panels
-// panel_ring_rows(g) * W * N * Cpad floats, panel_rows panel_ring_rows(g) int64.
+// that read a position keeping no channel are skipped, and where positions keep some channels
+// each reduction runs over the channels its input position keeps. Scratch: panels
+// panel_ring_rows(g) * W * N * Cpad + 16 * Cpad floats, panel_rows panel_ring_rows(g) * (W + 1) +
+// W + 2 * Cin + 1 + 2 * Cin * W int64.
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"
   int64_t (*padded_channels)(int64_t channels);

@@ -33,7 +33,6 @@ struct Simd {
   static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V bit_and(V a, V b) { return _mm256_and_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }  // b where either is NaN
   // v where gate > 0, else 0 (0 where gate is NaN).
   static V where_positive(V gate, V v) { return _mm256_and_ps(v, _mm256_cmp_ps(gate, zero(), _CMP_GT_OQ)); }

@@ -29,9 +29,6 @@ struct Simd {
   static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static V bit_and(V a, V b) {  // AVX-512F (_mm512_and_ps is AVX-512DQ)
-    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
-  }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }  // b where either is NaN
   // v where gate > 0, else 0 (0 where gate is NaN).
   static V where_positive(V gate, V v) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(gate, zero(), _CMP_GT_OQ), v); }

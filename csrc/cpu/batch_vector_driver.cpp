@@ -74,9 +74,10 @@ bool spatial_mask(const ConvGeometry& g, const Tensor& kept_positions) {
 // The input mask's lists (InputIndex, batch_vector.h), built per call from the bool mask.
 struct InputLists {
   std::vector<int64_t> offsets, channels, tap_offsets, tap_entries;
+  bool partial = false;
   InputIndex index() const {
     return {offsets.data(), channels.data(), tap_offsets.empty() ? nullptr : tap_offsets.data(),
-            tap_entries.data()};
+            tap_entries.data(), partial};
   }
 };
 
@@ -96,7 +97,11 @@ InputLists input_lists(const ConvGeometry& g, const Tensor& input_mask, const Te
   lists.offsets.assign(hw + 1, 0);
   for (int64_t c = 0; c < (per_position ? 1 : cin); ++c)
     for (int64_t q = 0; q < hw; ++q) lists.offsets[q + 1] += kept[c * hw + q] ? (per_position ? cin : 1) : 0;
-  for (int64_t q = 0; q < hw; ++q) lists.offsets[q + 1] += lists.offsets[q];
+  for (int64_t q = 0; q < hw; ++q) {
+    const int64_t count = lists.offsets[q + 1];
+    lists.partial = lists.partial || (count > 0 && count < cin);
+    lists.offsets[q + 1] += lists.offsets[q];
+  }
   lists.channels.resize(lists.offsets[hw]);
   std::vector<int64_t> cursor(lists.offsets.begin(), lists.offsets.end() - 1);
   for (int64_t c = 0; c < cin; ++c)
@@ -411,8 +416,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
     float* partial_data = data<float>(partial);
     const int64_t slots = panel_ring_rows(vector_geometry);
     parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
-      float* panels = thread_scratch(0, slots * g.width * g.batch * cin_pad);
-      std::vector<int64_t> panel_rows(slots);
+      float* panels = thread_scratch(0, slots * g.width * g.batch * cin_pad + 16 * cin_pad);
+      std::vector<int64_t> panel_rows(slots * (g.width + 1) + g.width + 2 * g.in_channels + 1 +
+                                      2 * g.in_channels * g.width);
       batch_vector_kernels()->grad_weight_rows(vector_geometry, row_values, x_data, x_strides, offsets, channels,
                                                first, last, partial_data + chunk * g.out_channels * taps * cin_pad,
                                                panels, panel_rows.data(), inputs);

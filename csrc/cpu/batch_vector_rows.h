@@ -425,29 +425,109 @@ inline void row_to_image_major(const BatchVectorGeometry& g, const float* src, S
     for (int64_t r = 0; r < width * batch; ++r) zero_floats(dst + r * cin_pad + cin, cin_pad - cin);
 }
 
-// An image-major panel of input row `ih` (row_to_image_major) with the channels the input
-// mask drops at each of its positions set to exactly 0, whatever they held (positions keeping
-// all or none are left: the first needs nothing, the second is never read).
-inline void zero_masked_channels(const BatchVectorGeometry& g, const InputIndex& inputs, int64_t ih, float* panel) {
-  const int64_t cin = g.in_channels, cin_pad = padded_channels(cin);
-  float all_bits;  // a lane that keeps every bit of what it is and-ed with
-  const uint32_t ones = 0xFFFFFFFFu;
-  __builtin_memcpy(&all_bits, &ones, sizeof(all_bits));
-  alignas(64) float keep[1024];
-  for (int64_t w = 0; w < g.width; ++w) {
-    const int64_t q = ih * g.width + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
-    if (count == 0 || count == cin) continue;
-    for (int64_t c0 = 0; c0 < cin_pad; c0 += 1024) {  // channels in chunks of the keep vector
-      const int64_t chunk = min64(1024, cin_pad - c0);
-      zero_floats(keep, chunk);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t c = inputs.channels[first + j] - c0;
-        if (c >= 0 && c < chunk) keep[c] = all_bits;
+// grad_weight_rows for an input mask that keeps some but not all channels of some positions:
+// each input row is laid out compactly, per position its kept channels only (position w:
+// [N][padded_channels(kept at w)], zero-padded, at starts[w] in the panel), so each reduction
+// runs over the kept channels of its tap's input position, and its sums are added to those
+// channels' gradients.
+void grad_weight_rows_listed(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides s,
+                             const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                             int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
+                             const InputIndex& inputs) {
+  const int64_t cin_pad = padded_channels(g.in_channels), ntaps = g.kernel_h * g.kernel_w, batch = g.batch;
+  const int64_t panel_size = g.width * batch * cin_pad, slots = panel_ring_rows(g);
+  for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
+  int64_t* starts = panel_rows + slots;                       // [slot][w]
+  int64_t* padded = starts + slots * g.width;                 // [w]: padded kept channels, the row being laid out
+  int64_t* by_channel = padded + g.width;                     // [Cin + 1]: offsets into `pairs`
+  int64_t* cursor = by_channel + g.in_channels + 1;           // [Cin]
+  int64_t* pairs = cursor + g.in_channels;                    // [kept (c, w) of the row][2]: w, slot
+  float* sums = panels + slots * panel_size;                  // [kWeightTile][kept_pad]: one tap's sums
+  for (int64_t oh = row_begin; oh < row_end; ++oh) {
+    const float* row_panel[64];
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel, [&](int64_t ih, float* panel) {
+      int64_t* start = starts + (panel - panels) / panel_size * g.width;
+      int64_t size = 0;
+      for (int64_t w = 0; w < g.width; ++w) {
+        const int64_t q = ih * g.width + w;
+        padded[w] = padded_channels(inputs.offsets[q + 1] - inputs.offsets[q]);
+        start[w] = size;
+        size += batch * padded[w];
       }
-      for (int64_t n = 0; n < g.batch; ++n) {
-        float* row = panel + (w * g.batch + n) * cin_pad + c0;
-        for (int64_t c = 0; c < chunk; c += Simd::kLanes)
-          Simd::store(row + c, Simd::bit_and(Simd::load(row + c), Simd::load(keep + c)));
+      if (s.c == 1) {  // NHWC: each position's channels are together
+        for (int64_t w = 0; w < g.width; ++w) {
+          const int64_t q = ih * g.width + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
+          for (int64_t n = 0; n < batch; ++n) {
+            float* dst = panel + start[w] + n * padded[w];
+            const float* src = x + n * s.n + q * s.position;
+            for (int64_t j = 0; j < count; ++j) dst[j] = src[inputs.channels[first + j]];
+            for (int64_t j = count; j < padded[w]; ++j) dst[j] = 0.0f;
+          }
+        }
+        return;
+      }
+      // NCHW: the kept (c, w) of the row grouped by channel, so that each image's channel rows
+      // are read in order, each value stored to its position's slot.
+      for (int64_t c = 0; c <= g.in_channels; ++c) by_channel[c] = 0;
+      for (int64_t q = ih * g.width; q < (ih + 1) * g.width; ++q)
+        for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) ++by_channel[inputs.channels[e] + 1];
+      for (int64_t c = 0; c < g.in_channels; ++c) by_channel[c + 1] += by_channel[c];
+      for (int64_t c = 0; c < g.in_channels; ++c) cursor[c] = by_channel[c];
+      for (int64_t w = 0; w < g.width; ++w) {
+        const int64_t q = ih * g.width + w;
+        for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
+          const int64_t at = cursor[inputs.channels[e]]++;
+          pairs[2 * at] = w;
+          pairs[2 * at + 1] = start[w] + (e - inputs.offsets[q]);
+        }
+      }
+      zero_floats(panel, size);
+      constexpr int64_t kAhead = 12;  // channel rows prefetched ahead: the reads are scattered, a miss each
+      const int64_t row_offset = ih * g.width * s.position;
+      for (int64_t n = 0; n < batch; ++n)
+        for (int64_t c = 0; c < g.in_channels; ++c) {
+          const float* row = x + n * s.n + c * s.c + row_offset;
+          const int64_t ahead = n * g.in_channels + c + kAhead;  // the (image, channel) row kAhead on
+          if (ahead < batch * g.in_channels) {
+            const float* next = x + ahead / g.in_channels * s.n + ahead % g.in_channels * s.c + row_offset;
+            for (int64_t w = 0; w < g.width; w += 16) __builtin_prefetch(next + w);
+          }
+          for (int64_t k = by_channel[c]; k < by_channel[c + 1]; ++k)
+            panel[pairs[2 * k + 1] + n * padded[pairs[2 * k]]] = row[pairs[2 * k] * s.position];
+        }
+    });
+    for (int64_t ow = 0; ow < g.out_width; ++ow) {
+      const int64_t p = oh * g.out_width + ow;
+      const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
+      for (int64_t e = e0, count = 0; e < e1; e += count) {
+        count = even_tile(e1 - e, kWeightTile);
+        const float* gy_rows[kWeightTile];
+        for (int k = 0; k < count; ++k) gy_rows[k] = gy_pos + (e + k) * g.padded_batch;
+        for (int64_t i = 0; i < g.kernel_h; ++i) {
+          if (!row_panel[i]) continue;
+          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+          const int64_t* start = starts + (row_panel[i] - panels) / panel_size * g.width;
+          for (int64_t j = 0; j < g.kernel_w; ++j) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
+            if (iw < 0 || iw >= g.width) continue;
+            const int64_t q = ih * g.width + iw, first = inputs.offsets[q], kept = inputs.offsets[q + 1] - first;
+            if (kept == 0) continue;
+            const int64_t kept_pad = padded_channels(kept);
+            float* out[kWeightTile];
+            for (int k = 0; k < count; ++k) {
+              out[k] = sums + k * kept_pad;
+              zero_floats(out[k], kept_pad);
+            }
+            with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
+              grad_weight_channels_tile<decltype(ch)::value>(gy_rows, row_panel[i] + start[iw], batch, kept_pad, out);
+            });
+            const int64_t* listed = inputs.channels + first;
+            for (int k = 0; k < count; ++k) {
+              float* gradient = grad_w_part + (position_channels[e + k] * ntaps + i * g.kernel_w + j) * cin_pad;
+              for (int64_t c = 0; c < kept; ++c) gradient[listed[c]] += out[k][c];
+            }
+          }
+        }
       }
     }
   }
@@ -459,15 +539,16 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
                       const InputIndex* inputs) {
   // Position-major: each input panel is loaded once per output position and serves every
   // channel kept there; the images are the reduction, the input channels the SIMD lanes.
+  if (inputs && inputs->partial)
+    return grad_weight_rows_listed(g, gy_pos, x, x_strides, position_offsets, position_channels, row_begin, row_end,
+                                   grad_w_part, panels, panel_rows, *inputs);
   const int64_t cin_pad = padded_channels(g.in_channels), ntaps = g.kernel_h * g.kernel_w;
   const int64_t panel_size = g.width * g.batch * cin_pad;
   for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];
-    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel, [&](int64_t ih, float* panel) {
-      row_to_image_major(g, x, x_strides, ih, panel);
-      if (inputs) zero_masked_channels(g, *inputs, ih, panel);
-    });
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
+                [&](int64_t ih, float* panel) { row_to_image_major(g, x, x_strides, ih, panel); });
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const int64_t p = oh * g.out_width + ow;
       const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
