@@ -60,8 +60,10 @@ struct InputIndex {
 // the masked ones (every element of y in those rows is written); with `residual` (not null,
 // laid out exactly as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual)
 // everywhere. x and y: NCHW or NHWC. forward_weight: [Cout][kh][kw][Cin]. With `inputs`, each
-// tap sums over the channels kept at its input position only. Scratch: taps 4 * kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats and panel_rows
-// panel_ring_rows(g) int64; staging N * (Cout * Wout + 16) floats.
+// tap sums over the channels kept at its input position only (where positions keep some
+// channels, only those are laid out). Scratch: taps 4 * kh * kw int64; panels
+// panel_ring_rows(g) * W * Cin * padded N floats and panel_rows panel_ring_rows(g) * (W + 1) +
+// W + 2 * Cin + 1 + 2 * Cin * W int64; staging N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 //

@@ -345,7 +345,8 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   const Strides y_strides = strides_of(y);
   double* partial_data = channel_sums ? data<double>(partial) : nullptr;
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
-    std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w), panel_rows(slots);
+    std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w),
+        panel_rows(slots * (g.width + 1) + g.width + 2 * g.in_channels + 1 + 2 * g.in_channels * g.width);
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * vector_geometry.padded_batch);
     float* staging = thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
     batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data, relu,

@@ -15,7 +15,8 @@ inline int tile_vectors(const BatchVectorGeometry& g, int64_t nb) {
 // accumulators are locals of this one function so that they live in registers. Not inlined:
 // inside the row loop the compiler runs out of general registers and spills accumulators.
 // taps: 4 int64 per tap: weight offset, panel offset, and where the tap's input channels are
-// listed in `in_channels` (first, count; first -1: every channel).
+// listed in `in_channels` (first, count; first -1: every channel, laid out whole; else the
+// listed channels, laid out compactly in list order).
 template <int CH, int NV>
 __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const float* panels,
                                              const float* forward_weight, const float* bias, bool relu,
@@ -45,13 +46,13 @@ __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const
           for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, x[v], acc[k][v]);
         }
       }
-    } else {  // the channels kept at the tap's input position
+    } else {  // the channels kept at the tap's input position, laid out compactly (kept_row)
       const int64_t* listed = in_channels + taps[4 * t + 2];
       for (int64_t j = 0, count = taps[4 * t + 3]; j < count; ++j) {
         const int64_t ci = listed[j];
         V x[NV];
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_tap + ci * padded_batch + v * Simd::kLanes);
+        for (int v = 0; v < NV; ++v) x[v] = Simd::load(x_tap + j * padded_batch + v * Simd::kLanes);
 #pragma GCC unroll 16
         for (int k = 0; k < CH; ++k) {
           const V w = Simd::broadcast(w_tap[k] + ci);
@@ -187,6 +188,57 @@ inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels,
   }
 }
 
+// The kept values of input row `ih` (the lists of `inputs`), laid out: value (n, c) of position
+// w, c the j-th channel kept there, goes to panel[at[w] + j * channel_step + n * image_step[w]];
+// the other floats of panel[0 .. size) are 0. NCHW input is read channel row by channel row
+// (a miss each: prefetched ahead), each value stored to its slot; NHWC position by position.
+// Scratch: by_channel Cin + 1, cursor Cin, pairs 2 * Cin * W int64.
+inline void kept_row(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s, int64_t ih,
+                     const int64_t* at, int64_t channel_step, const int64_t* image_step, int64_t size, float* panel,
+                     int64_t* by_channel, int64_t* cursor, int64_t* pairs) {
+  const int64_t batch = g.batch, cin = g.in_channels, first_q = ih * g.width;
+  zero_floats(panel, size);
+  if (s.c == 1) {  // NHWC: each position's channels are together
+    for (int64_t w = 0; w < g.width; ++w) {
+      const int64_t q = first_q + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
+      for (int64_t n = 0; n < batch; ++n) {
+        float* dst = panel + at[w] + n * image_step[w];
+        const float* src = x + n * s.n + q * s.position;
+        for (int64_t j = 0; j < count; ++j) dst[j * channel_step] = src[inputs.channels[first + j]];
+      }
+    }
+    return;
+  }
+  // NCHW: the kept (c, w) of the row grouped by channel, so that each image's channel rows are
+  // read in order.
+  for (int64_t c = 0; c <= cin; ++c) by_channel[c] = 0;
+  for (int64_t e = inputs.offsets[first_q]; e < inputs.offsets[first_q + g.width]; ++e)
+    ++by_channel[inputs.channels[e] + 1];
+  for (int64_t c = 0; c < cin; ++c) by_channel[c + 1] += by_channel[c];
+  for (int64_t c = 0; c < cin; ++c) cursor[c] = by_channel[c];
+  for (int64_t w = 0; w < g.width; ++w) {
+    const int64_t q = first_q + w;
+    for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
+      const int64_t k = cursor[inputs.channels[e]]++;
+      pairs[2 * k] = w;
+      pairs[2 * k + 1] = at[w] + (e - inputs.offsets[q]) * channel_step;
+    }
+  }
+  constexpr int64_t kAhead = 32;  // channel rows prefetched ahead
+  const int64_t row_offset = first_q * s.position;
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < cin; ++c) {
+      const float* row = x + n * s.n + c * s.c + row_offset;
+      const int64_t ahead = n * cin + c + kAhead;  // the (image, channel) row kAhead on
+      if (ahead < batch * cin) {
+        const float* next = x + ahead / cin * s.n + ahead % cin * s.c + row_offset;
+        for (int64_t w = 0; w < g.width; w += 16) __builtin_prefetch(next + w);
+      }
+      for (int64_t k = by_channel[c]; k < by_channel[c + 1]; ++k)
+        panel[pairs[2 * k + 1] + n * image_step[pairs[2 * k]]] = row[pairs[2 * k] * s.position];
+    }
+}
+
 // Floats between images in the forward's staging row [n][c][ow]: Cout * Wout, padded off
 // multiples of 1 KiB (the scratch holds N * (Cout * Wout + 16)). Each micro-tile stores its
 // images' values at this stride; at 64 * 32 floats (8 KiB) they would all fall into one L1 set.
@@ -205,7 +257,18 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
   // (kept and masked values), so y is written once, in long runs.
   const int64_t cout = g.out_channels, wo = g.out_width, panel_size = g.width * g.in_channels * g.padded_batch;
-  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
+  const int64_t slots = panel_ring_rows(g);
+  for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
+  // With an input mask that keeps some channels of a position, the rows are laid out compactly:
+  // position w's kept channels at starts[slot][w], [j][n] (kept_row).
+  const bool compact = inputs && inputs->partial;
+  int64_t* starts = panel_rows + slots;             // [slot][w]
+  int64_t* ones = starts + slots * g.width;         // [w]: 1, kept_row's image step
+  int64_t* by_channel = ones + g.width;             // kept_row's scratch
+  int64_t* cursor = by_channel + g.in_channels + 1;
+  int64_t* pairs = cursor + g.in_channels;
+  if (compact)
+    for (int64_t w = 0; w < g.width; ++w) ones[w] = 1;
   const int64_t image_stride = staged_image_stride(g);  // see staged_image_stride
   const Strides staged{image_stride, wo, 1};
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
@@ -218,8 +281,16 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   std::vector<KeptWord> kept(cout * words);
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
-    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
-                [&](int64_t ih, float* panel) { row_to_batch_last(g, x, x_strides, ih, panel); });
+    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel, [&](int64_t ih, float* panel) {
+      if (!compact) return row_to_batch_last(g, x, x_strides, ih, panel);
+      int64_t* start = starts + (panel - panels) / panel_size * g.width;
+      int64_t size = 0;
+      for (int64_t w = 0; w < g.width; ++w) {
+        start[w] = size;
+        size += (inputs->offsets[ih * g.width + w + 1] - inputs->offsets[ih * g.width + w]) * g.padded_batch;
+      }
+      kept_row(g, *inputs, x, x_strides, ih, start, g.padded_batch, ones, size, panel, by_channel, cursor, pairs);
+    });
     for (KeptWord& word : kept) word.bits = 0;
     for (int64_t ow = 0; ow < wo; ++ow)
       for (int64_t e = position_offsets[oh * wo + ow]; e < position_offsets[oh * wo + ow + 1]; ++e)
@@ -237,14 +308,16 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
           const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
           if (iw < 0 || iw >= g.width) continue;
           int64_t first = -1, count = g.in_channels;  // every channel
+          int64_t at = (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
           if (inputs) {
             const int64_t q = ih * g.width + iw;
             count = inputs->offsets[q + 1] - inputs->offsets[q];
             if (count == 0) continue;
             if (count < g.in_channels) first = inputs->offsets[q];
+            if (compact) at = (row_panel[i] - panels) + starts[(row_panel[i] - panels) / panel_size * g.width + iw];
           }
           taps[4 * ntaps] = (i * g.kernel_w + j) * g.in_channels;
-          taps[4 * ntaps + 1] = (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
+          taps[4 * ntaps + 1] = at;
           taps[4 * ntaps + 2] = first;
           taps[4 * ntaps + 3] = count;
           ++ntaps;
@@ -454,47 +527,7 @@ void grad_weight_rows_listed(const BatchVectorGeometry& g, const float* gy_pos, 
         start[w] = size;
         size += batch * padded[w];
       }
-      if (s.c == 1) {  // NHWC: each position's channels are together
-        for (int64_t w = 0; w < g.width; ++w) {
-          const int64_t q = ih * g.width + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
-          for (int64_t n = 0; n < batch; ++n) {
-            float* dst = panel + start[w] + n * padded[w];
-            const float* src = x + n * s.n + q * s.position;
-            for (int64_t j = 0; j < count; ++j) dst[j] = src[inputs.channels[first + j]];
-            for (int64_t j = count; j < padded[w]; ++j) dst[j] = 0.0f;
-          }
-        }
-        return;
-      }
-      // NCHW: the kept (c, w) of the row grouped by channel, so that each image's channel rows
-      // are read in order, each value stored to its position's slot.
-      for (int64_t c = 0; c <= g.in_channels; ++c) by_channel[c] = 0;
-      for (int64_t q = ih * g.width; q < (ih + 1) * g.width; ++q)
-        for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) ++by_channel[inputs.channels[e] + 1];
-      for (int64_t c = 0; c < g.in_channels; ++c) by_channel[c + 1] += by_channel[c];
-      for (int64_t c = 0; c < g.in_channels; ++c) cursor[c] = by_channel[c];
-      for (int64_t w = 0; w < g.width; ++w) {
-        const int64_t q = ih * g.width + w;
-        for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
-          const int64_t at = cursor[inputs.channels[e]]++;
-          pairs[2 * at] = w;
-          pairs[2 * at + 1] = start[w] + (e - inputs.offsets[q]);
-        }
-      }
-      zero_floats(panel, size);
-      constexpr int64_t kAhead = 12;  // channel rows prefetched ahead: the reads are scattered, a miss each
-      const int64_t row_offset = ih * g.width * s.position;
-      for (int64_t n = 0; n < batch; ++n)
-        for (int64_t c = 0; c < g.in_channels; ++c) {
-          const float* row = x + n * s.n + c * s.c + row_offset;
-          const int64_t ahead = n * g.in_channels + c + kAhead;  // the (image, channel) row kAhead on
-          if (ahead < batch * g.in_channels) {
-            const float* next = x + ahead / g.in_channels * s.n + ahead % g.in_channels * s.c + row_offset;
-            for (int64_t w = 0; w < g.width; w += 16) __builtin_prefetch(next + w);
-          }
-          for (int64_t k = by_channel[c]; k < by_channel[c + 1]; ++k)
-            panel[pairs[2 * k + 1] + n * padded[pairs[2 * k]]] = row[pairs[2 * k] * s.position];
-        }
+      kept_row(g, inputs, x, s, ih, start, 1, padded, size, panel, by_channel, cursor, pairs);
     });
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const int64_t p = oh * g.out_width + ow;
