@@ -20,6 +20,13 @@ def masked_layers(model):
     return {name: m for name, m in layers.items() if not isinstance(layers.get(name.rpartition(".")[0]), MaskedConvBN2d)}
 
 
+def assert_same_outputs(model, reference, x):
+    """``model`` and ``reference`` give the same outputs on ``x``, in training and in eval."""
+    for training in (True, False):
+        model.train(training), reference.train(training)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
 def without_input_masks(model, backend):
     """A copy of ``model`` with no input masks, every masked layer on ``backend``."""
     twin = copy.deepcopy(model)
@@ -73,11 +80,7 @@ def test_vgg19_input_masks_follow_the_max_pools():
     assert torch.equal(layers["features.3"].input_mask, layers["features.0"].mask)
     pooled = F.max_pool2d(layers["features.3"].mask.float(), 2) > 0  # kept where any of its window is
     assert torch.equal(layers["features.7"].input_mask, pooled)
-    reference = without_input_masks(model, "reference")
-    x = torch.randn(2, 3, 32, 32)
-    for training in (True, False):
-        model.train(training), reference.train(training)
-        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert_same_outputs(model, without_input_masks(model, "reference"), torch.randn(2, 3, 32, 32))
 
 
 def test_small_cnn_and_state_dict_keys():
@@ -119,11 +122,7 @@ def test_convert_model_wires_through_zero_keeping_ops_only():
     layers = masked_layers(model)
     assert torch.equal(layers["c2"].input_mask, F.avg_pool2d(layers["c1"].mask.float(), 2) > 0)
     assert layers["c3"].input_mask is None  # after a residual add
-    reference = without_input_masks(model, "reference")
-    x = torch.randn(2, 3, 8, 8)
-    for training in (True, False):
-        model.train(training), reference.train(training)
-        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert_same_outputs(model, without_input_masks(model, "reference"), torch.randn(2, 3, 8, 8))
 
 
 def test_models_that_do_not_trace_get_no_input_masks():

@@ -128,6 +128,32 @@ InputLists input_lists(const ConvGeometry& g, const Tensor& input_mask, const Te
   return lists;
 }
 
+// Which kernels serve a call, and its input mask's lists: the position kernels for a spatial
+// output mask unless the input mask keeps some channels of a position (then the row kernels).
+// Built in place: its index points into its lists.
+struct CallInputs {
+  bool positions;
+  bool masked;  // an input mask was given
+  InputLists lists;
+  InputIndex lists_index;
+
+  CallInputs(const ConvGeometry& g, const Tensor& kept_positions, const Tensor& input_mask)
+      : positions(spatial_mask(g, kept_positions) && (!input_mask.defined() || spatial_input_mask(input_mask))),
+        masked(input_mask.defined()),
+        lists(masked ? input_lists(g, input_mask, positions ? &kept_positions : nullptr) : InputLists()),
+        lists_index(lists.index()) {}
+  CallInputs(const CallInputs&) = delete;
+  CallInputs& operator=(const CallInputs&) = delete;
+
+  const InputIndex* index() const { return masked ? &lists_index : nullptr; }
+};
+
+// The int64 scratch of a row kernel's panel ring (panel_rows, batch_vector.h).
+int64_t panel_index_scratch(const ConvGeometry& g) {
+  return panel_ring_rows(batch_vector_geometry(g)) * (g.width + 1) + g.width + 2 * g.in_channels + 1 +
+         2 * g.in_channels * g.width;
+}
+
 // The forward for spatial masks (see spatial_mask): BatchVectorKernels::forward_positions,
 // one image per visit, so no layout step over the whole batch (the row forward lays out every
 // input row of every image: at keep 0.1 about half its time). Partial channel sums per chunk
@@ -315,12 +341,9 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
                             const std::optional<Tensor>& bias, const Tensor& kept_positions,
                             const Tensor& position_offsets, const Tensor& position_channels, bool relu,
                             Tensor* channel_sums, const Tensor& residual, const Tensor& input_mask) {
-  const bool positions = spatial_mask(g, kept_positions) && (!input_mask.defined() || spatial_input_mask(input_mask));
-  const InputLists lists = input_mask.defined() ? input_lists(g, input_mask, positions ? &kept_positions : nullptr)
-                                                : InputLists();
-  const InputIndex inputs_index = lists.index();
-  const InputIndex* inputs = input_mask.defined() ? &inputs_index : nullptr;
-  if (positions)
+  const CallInputs call(g, kept_positions, input_mask);
+  const InputIndex* inputs = call.index();
+  if (call.positions)
     return full_positions_forward(g, input, weight, bias, kept_positions, relu, channel_sums, residual, inputs);
   const auto vector_geometry = batch_vector_geometry(g);
   const auto x = addressable(input);
@@ -345,8 +368,7 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   const Strides y_strides = strides_of(y);
   double* partial_data = channel_sums ? data<double>(partial) : nullptr;
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
-    std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w),
-        panel_rows(slots * (g.width + 1) + g.width + 2 * g.in_channels + 1 + 2 * g.in_channels * g.width);
+    std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w), panel_rows(panel_index_scratch(g));
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * vector_geometry.padded_batch);
     float* staging = thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
     batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data, relu,
@@ -364,12 +386,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
                                                          const Tensor& position_offsets,
                                                          const Tensor& position_channels,
                                                          std::array<bool, 3> output_mask, const Tensor& input_mask) {
-  const bool positions = spatial_mask(g, kept_positions) && (!input_mask.defined() || spatial_input_mask(input_mask));
-  const InputLists lists = input_mask.defined() ? input_lists(g, input_mask, positions ? &kept_positions : nullptr)
-                                                : InputLists();
-  const InputIndex inputs_index = lists.index();
-  const InputIndex* inputs = input_mask.defined() ? &inputs_index : nullptr;
-  if (positions)
+  const CallInputs call(g, kept_positions, input_mask);
+  const InputIndex* inputs = call.index();
+  if (call.positions)
     return full_positions_backward(g, grad_output, relu_gate, input, weight, kept_positions, output_mask, inputs);
   const auto [need_input, need_weight, need_bias] = output_mask;
   const auto vector_geometry = batch_vector_geometry(g);
@@ -418,8 +437,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
     const int64_t slots = panel_ring_rows(vector_geometry);
     parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
       float* panels = thread_scratch(0, slots * g.width * g.batch * cin_pad + 16 * cin_pad);
-      std::vector<int64_t> panel_rows(slots * (g.width + 1) + g.width + 2 * g.in_channels + 1 +
-                                      2 * g.in_channels * g.width);
+      std::vector<int64_t> panel_rows(panel_index_scratch(g));
       batch_vector_kernels()->grad_weight_rows(vector_geometry, row_values, x_data, x_strides, offsets, channels,
                                                first, last, partial_data + chunk * g.out_channels * taps * cin_pad,
                                                panels, panel_rows.data(), inputs);

@@ -162,6 +162,57 @@ inline void row_to_batch_last(const BatchVectorGeometry& g, const float* src, St
   row_batch_last(true, g.batch, g.padded_batch, g.in_channels, g.width, const_cast<float*>(src), s, row, dst);
 }
 
+// The kept values of input row `ih` (the lists of `inputs`), laid out: value (n, c) of position
+// w, c the j-th channel kept there, goes to panel[at[w] + j * channel_step + n * image_step[w]];
+// the other floats of panel[0 .. size) are 0. NCHW input is read channel row by channel row
+// (a miss each: prefetched ahead), each value stored to its slot; NHWC position by position.
+// Scratch: by_channel Cin + 1, cursor Cin, pairs 2 * Cin * W int64.
+inline void kept_row(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s, int64_t ih,
+                     const int64_t* at, int64_t channel_step, const int64_t* image_step, int64_t size, float* panel,
+                     int64_t* by_channel, int64_t* cursor, int64_t* pairs) {
+  const int64_t batch = g.batch, cin = g.in_channels, first_q = ih * g.width;
+  zero_floats(panel, size);
+  if (s.c == 1) {  // NHWC: each position's channels are together
+    for (int64_t w = 0; w < g.width; ++w) {
+      const int64_t q = first_q + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
+      for (int64_t n = 0; n < batch; ++n) {
+        float* dst = panel + at[w] + n * image_step[w];
+        const float* src = x + n * s.n + q * s.position;
+        for (int64_t j = 0; j < count; ++j) dst[j * channel_step] = src[inputs.channels[first + j]];
+      }
+    }
+    return;
+  }
+  // NCHW: the kept (c, w) of the row grouped by channel, so that each image's channel rows are
+  // read in order.
+  for (int64_t c = 0; c <= cin; ++c) by_channel[c] = 0;
+  for (int64_t e = inputs.offsets[first_q]; e < inputs.offsets[first_q + g.width]; ++e)
+    ++by_channel[inputs.channels[e] + 1];
+  for (int64_t c = 0; c < cin; ++c) by_channel[c + 1] += by_channel[c];
+  for (int64_t c = 0; c < cin; ++c) cursor[c] = by_channel[c];
+  for (int64_t w = 0; w < g.width; ++w) {
+    const int64_t q = first_q + w;
+    for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
+      const int64_t k = cursor[inputs.channels[e]]++;
+      pairs[2 * k] = w;
+      pairs[2 * k + 1] = at[w] + (e - inputs.offsets[q]) * channel_step;
+    }
+  }
+  constexpr int64_t kAhead = 32;  // channel rows prefetched ahead
+  const int64_t row_offset = first_q * s.position;
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < cin; ++c) {
+      const float* row = x + n * s.n + c * s.c + row_offset;
+      const int64_t ahead = n * cin + c + kAhead;  // the (image, channel) row kAhead on
+      if (ahead < batch * cin) {
+        const float* next = x + ahead / cin * s.n + ahead % cin * s.c + row_offset;
+        for (int64_t w = 0; w < g.width; w += 16) __builtin_prefetch(next + w);
+      }
+      for (int64_t k = by_channel[c]; k < by_channel[c + 1]; ++k)
+        panel[pairs[2 * k + 1] + n * image_step[pairs[2 * k]]] = row[pairs[2 * k] * s.position];
+    }
+}
+
 // Whether a kept output position reads a block of Simd::kLanes input positions through some
 // tap. A type of these headers' own (see batch_vector_impl.h): a std::vector<uint8_t>
 // instantiated here would be shared with code compiled for another CPU.

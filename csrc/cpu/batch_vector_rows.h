@@ -188,57 +188,6 @@ inline void ring_panels(const BatchVectorGeometry& g, int64_t oh, float* panels,
   }
 }
 
-// The kept values of input row `ih` (the lists of `inputs`), laid out: value (n, c) of position
-// w, c the j-th channel kept there, goes to panel[at[w] + j * channel_step + n * image_step[w]];
-// the other floats of panel[0 .. size) are 0. NCHW input is read channel row by channel row
-// (a miss each: prefetched ahead), each value stored to its slot; NHWC position by position.
-// Scratch: by_channel Cin + 1, cursor Cin, pairs 2 * Cin * W int64.
-inline void kept_row(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s, int64_t ih,
-                     const int64_t* at, int64_t channel_step, const int64_t* image_step, int64_t size, float* panel,
-                     int64_t* by_channel, int64_t* cursor, int64_t* pairs) {
-  const int64_t batch = g.batch, cin = g.in_channels, first_q = ih * g.width;
-  zero_floats(panel, size);
-  if (s.c == 1) {  // NHWC: each position's channels are together
-    for (int64_t w = 0; w < g.width; ++w) {
-      const int64_t q = first_q + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
-      for (int64_t n = 0; n < batch; ++n) {
-        float* dst = panel + at[w] + n * image_step[w];
-        const float* src = x + n * s.n + q * s.position;
-        for (int64_t j = 0; j < count; ++j) dst[j * channel_step] = src[inputs.channels[first + j]];
-      }
-    }
-    return;
-  }
-  // NCHW: the kept (c, w) of the row grouped by channel, so that each image's channel rows are
-  // read in order.
-  for (int64_t c = 0; c <= cin; ++c) by_channel[c] = 0;
-  for (int64_t e = inputs.offsets[first_q]; e < inputs.offsets[first_q + g.width]; ++e)
-    ++by_channel[inputs.channels[e] + 1];
-  for (int64_t c = 0; c < cin; ++c) by_channel[c + 1] += by_channel[c];
-  for (int64_t c = 0; c < cin; ++c) cursor[c] = by_channel[c];
-  for (int64_t w = 0; w < g.width; ++w) {
-    const int64_t q = first_q + w;
-    for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
-      const int64_t k = cursor[inputs.channels[e]]++;
-      pairs[2 * k] = w;
-      pairs[2 * k + 1] = at[w] + (e - inputs.offsets[q]) * channel_step;
-    }
-  }
-  constexpr int64_t kAhead = 32;  // channel rows prefetched ahead
-  const int64_t row_offset = first_q * s.position;
-  for (int64_t n = 0; n < batch; ++n)
-    for (int64_t c = 0; c < cin; ++c) {
-      const float* row = x + n * s.n + c * s.c + row_offset;
-      const int64_t ahead = n * cin + c + kAhead;  // the (image, channel) row kAhead on
-      if (ahead < batch * cin) {
-        const float* next = x + ahead / cin * s.n + ahead % cin * s.c + row_offset;
-        for (int64_t w = 0; w < g.width; w += 16) __builtin_prefetch(next + w);
-      }
-      for (int64_t k = by_channel[c]; k < by_channel[c + 1]; ++k)
-        panel[pairs[2 * k + 1] + n * image_step[pairs[2 * k]]] = row[pairs[2 * k] * s.position];
-    }
-}
-
 // Floats between images in the forward's staging row [n][c][ow]: Cout * Wout, padded off
 // multiples of 1 KiB (the scratch holds N * (Cout * Wout + 16)). Each micro-tile stores its
 // images' values at this stride; at 64 * 32 floats (8 KiB) they would all fall into one L1 set.
@@ -498,36 +447,39 @@ inline void row_to_image_major(const BatchVectorGeometry& g, const float* src, S
     for (int64_t r = 0; r < width * batch; ++r) zero_floats(dst + r * cin_pad + cin, cin_pad - cin);
 }
 
-// grad_weight_rows for an input mask that keeps some but not all channels of some positions:
-// each input row is laid out compactly, per position its kept channels only (position w:
-// [N][padded_channels(kept at w)], zero-padded, at starts[w] in the panel), so each reduction
-// runs over the kept channels of its tap's input position, and its sums are added to those
-// channels' gradients.
-void grad_weight_rows_listed(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides s,
-                             const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                             int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
-                             const InputIndex& inputs) {
+void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
+                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
+                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
+                      const InputIndex* inputs) {
+  // Position-major: each input panel is loaded once per output position and serves every
+  // channel kept there; the images are the reduction, the input channels the SIMD lanes. With
+  // an input mask that keeps some but not all channels of some positions, each input row is
+  // laid out compactly, per position its kept channels only (position w: [N][padded kept],
+  // zero-padded, at starts[slot][w]), each reduction runs over its tap's kept channels, and
+  // its sums are added to those channels' gradients.
   const int64_t cin_pad = padded_channels(g.in_channels), ntaps = g.kernel_h * g.kernel_w, batch = g.batch;
   const int64_t panel_size = g.width * batch * cin_pad, slots = panel_ring_rows(g);
+  const bool compact = inputs && inputs->partial;
   for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
   int64_t* starts = panel_rows + slots;                       // [slot][w]
   int64_t* padded = starts + slots * g.width;                 // [w]: padded kept channels, the row being laid out
-  int64_t* by_channel = padded + g.width;                     // [Cin + 1]: offsets into `pairs`
-  int64_t* cursor = by_channel + g.in_channels + 1;           // [Cin]
-  int64_t* pairs = cursor + g.in_channels;                    // [kept (c, w) of the row][2]: w, slot
+  int64_t* by_channel = padded + g.width;                     // kept_row's scratch
+  int64_t* cursor = by_channel + g.in_channels + 1;
+  int64_t* pairs = cursor + g.in_channels;
   float* sums = panels + slots * panel_size;                  // [kWeightTile][kept_pad]: one tap's sums
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];
     ring_panels(g, oh, panels, panel_size, panel_rows, row_panel, [&](int64_t ih, float* panel) {
+      if (!compact) return row_to_image_major(g, x, x_strides, ih, panel);
       int64_t* start = starts + (panel - panels) / panel_size * g.width;
       int64_t size = 0;
       for (int64_t w = 0; w < g.width; ++w) {
         const int64_t q = ih * g.width + w;
-        padded[w] = padded_channels(inputs.offsets[q + 1] - inputs.offsets[q]);
+        padded[w] = padded_channels(inputs->offsets[q + 1] - inputs->offsets[q]);
         start[w] = size;
         size += batch * padded[w];
       }
-      kept_row(g, inputs, x, s, ih, start, 1, padded, size, panel, by_channel, cursor, pairs);
+      kept_row(g, *inputs, x, x_strides, ih, start, 1, padded, size, panel, by_channel, cursor, pairs);
     });
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const int64_t p = oh * g.out_width + ow;
@@ -539,70 +491,32 @@ void grad_weight_rows_listed(const BatchVectorGeometry& g, const float* gy_pos, 
         for (int64_t i = 0; i < g.kernel_h; ++i) {
           if (!row_panel[i]) continue;
           const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-          const int64_t* start = starts + (row_panel[i] - panels) / panel_size * g.width;
+          const int64_t slot = (row_panel[i] - panels) / panel_size;
           for (int64_t j = 0; j < g.kernel_w; ++j) {
             const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
             if (iw < 0 || iw >= g.width) continue;
-            const int64_t q = ih * g.width + iw, first = inputs.offsets[q], kept = inputs.offsets[q + 1] - first;
+            const int64_t q = ih * g.width + iw;
+            const int64_t first = inputs ? inputs->offsets[q] : 0;
+            const int64_t kept = inputs ? inputs->offsets[q + 1] - first : g.in_channels;
             if (kept == 0) continue;
-            const int64_t kept_pad = padded_channels(kept);
+            // The reduction's input rows, lanes and sums: the whole channel vector, added in
+            // place; or (compact) the kept channels, summed apart and then added to theirs.
+            const float* x_nc = row_panel[i] + (compact ? starts[slot * g.width + iw] : iw * batch * cin_pad);
+            const int64_t lanes = compact ? padded_channels(kept) : cin_pad;
+            float* gradient[kWeightTile];
             float* out[kWeightTile];
             for (int k = 0; k < count; ++k) {
-              out[k] = sums + k * kept_pad;
-              zero_floats(out[k], kept_pad);
+              gradient[k] = grad_w_part + (position_channels[e + k] * ntaps + i * g.kernel_w + j) * cin_pad;
+              out[k] = compact ? sums + k * lanes : gradient[k];
+              if (compact) zero_floats(out[k], lanes);
             }
             with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
-              grad_weight_channels_tile<decltype(ch)::value>(gy_rows, row_panel[i] + start[iw], batch, kept_pad, out);
+              grad_weight_channels_tile<decltype(ch)::value>(gy_rows, x_nc, batch, lanes, out);
             });
-            const int64_t* listed = inputs.channels + first;
-            for (int k = 0; k < count; ++k) {
-              float* gradient = grad_w_part + (position_channels[e + k] * ntaps + i * g.kernel_w + j) * cin_pad;
-              for (int64_t c = 0; c < kept; ++c) gradient[listed[c]] += out[k][c];
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* x, Strides x_strides,
-                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
-                      int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
-                      const InputIndex* inputs) {
-  // Position-major: each input panel is loaded once per output position and serves every
-  // channel kept there; the images are the reduction, the input channels the SIMD lanes.
-  if (inputs && inputs->partial)
-    return grad_weight_rows_listed(g, gy_pos, x, x_strides, position_offsets, position_channels, row_begin, row_end,
-                                   grad_w_part, panels, panel_rows, *inputs);
-  const int64_t cin_pad = padded_channels(g.in_channels), ntaps = g.kernel_h * g.kernel_w;
-  const int64_t panel_size = g.width * g.batch * cin_pad;
-  for (int64_t k = 0; k < panel_ring_rows(g); ++k) panel_rows[k] = -1;
-  for (int64_t oh = row_begin; oh < row_end; ++oh) {
-    const float* row_panel[64];
-    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
-                [&](int64_t ih, float* panel) { row_to_image_major(g, x, x_strides, ih, panel); });
-    for (int64_t ow = 0; ow < g.out_width; ++ow) {
-      const int64_t p = oh * g.out_width + ow;
-      const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
-      for (int64_t e = e0, count = 0; e < e1; e += count) {
-        count = even_tile(e1 - e, kWeightTile);
-        const float* gy_rows[kWeightTile];
-        for (int k = 0; k < count; ++k) gy_rows[k] = gy_pos + (e + k) * g.padded_batch;
-        for (int64_t i = 0; i < g.kernel_h; ++i) {
-          if (!row_panel[i]) continue;
-          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
-          for (int64_t j = 0; j < g.kernel_w; ++j) {
-            const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
-            if (iw < 0 || iw >= g.width) continue;
-            if (inputs && inputs->offsets[ih * g.width + iw] == inputs->offsets[ih * g.width + iw + 1]) continue;
-            const float* x_nc = row_panel[i] + iw * g.batch * cin_pad;
-            float* out[kWeightTile];
+            if (!compact) continue;
+            const int64_t* listed = inputs->channels + first;
             for (int k = 0; k < count; ++k)
-              out[k] = grad_w_part + (position_channels[e + k] * ntaps + i * g.kernel_w + j) * cin_pad;
-            with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
-              grad_weight_channels_tile<decltype(ch)::value>(gy_rows, x_nc, g.batch, cin_pad, out);
-            });
+              for (int64_t c = 0; c < kept; ++c) gradient[k][listed[c]] += out[k][c];
           }
         }
       }
