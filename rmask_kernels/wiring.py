@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .geometry import pair
 from .nn import MaskedConv2d, MaskedConvBN2d
 
 # Modules, functions and tensor methods whose output is 0 wherever their input is 0.
@@ -57,11 +58,13 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(module, (MaskedConv2d, MaskedConvBN2d)) or super().is_leaf_module(module, qualified_name)
 
 
-def _pool(kernel_size, stride=None, padding=0, ceil_mode=False) -> Pool:
-    def pair(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-    return Pool(pair(kernel_size), pair(stride if stride else kernel_size), pair(padding), bool(ceil_mode))
+def _pool(kernel_size, stride=None, padding=0, ceil_mode=False) -> Optional[Pool]:
+    """The Pool of these pooling arguments, or None where they are not plain ints (not wired)."""
+    try:
+        return Pool(pair(kernel_size, "kernel_size"), pair(stride if stride else kernel_size, "stride"),
+                    pair(padding, "padding"), bool(ceil_mode))
+    except ValueError:
+        return None
 
 
 def _pool_of(node, modules) -> Optional[Pool]:
