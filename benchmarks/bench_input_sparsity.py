@@ -42,6 +42,7 @@ def test_input_sparse_conv(benchmark, shape, pairing, pass_, provider):
     grad = pass_ != "fwd"
     torch.manual_seed(0)
     input_mask = rk.random_mask((c, h, h), RATIO, in_mode, seed=1)
+    input_index = rk.kept_index(input_mask, c)
     x = (torch.randn(n, c, h, h) * input_mask).requires_grad_(grad)
     weight = torch.randn(c, c, 3, 3, requires_grad=grad)
     mask = rk.random_mask((c, h, h), RATIO, mode, seed=0)
@@ -57,7 +58,8 @@ def test_input_sparse_conv(benchmark, shape, pairing, pass_, provider):
         def forward():
             if which == "baseline":
                 return F.conv2d(x, weight, None, 1, 1) * mask
-            return rk.masked_conv2d(x, weight, None, mask, 1, 1, backend="cpu", kept_index=index, input_mask=input_mask)
+            return rk.masked_conv2d(x, weight, None, mask, 1, 1, backend="cpu", kept_index=index, input_mask=input_mask,
+                                    input_index=input_index)
 
         if pass_ == "fwd":
             def run():

@@ -4,6 +4,7 @@
 #include "torch_stable.h"
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace rmask {
@@ -164,11 +165,27 @@ inline Tensor checked_relu_gate(const ConvGeometry& g, const Tensor& input,
   return *relu_output;
 }
 
-// The input mask (the schemas' input_mask): bool, (Cin or 1, H, W), on the input's device;
-// an undefined tensor when not given.
-inline Tensor checked_input_mask(const ConvGeometry& g, const Tensor& input,
-                                 const std::optional<Tensor>& input_mask) {
-  if (!input_mask.has_value() || !input_mask->defined()) return Tensor();
+// The input mask (the schemas' input_mask) and its lists (input_offsets, input_channels: the
+// by-position part of rk.kept_index(input_mask, Cin)); all undefined when no mask is given.
+struct InputMask {
+  Tensor mask, offsets, channels;
+  bool defined() const { return mask.defined(); }
+};
+
+// input_mask checked: bool, (Cin or 1, H, W), on the input's device; its lists given with it,
+// 1-D int64 on that device, H * W + 1 offsets (their values are checked where they are read:
+// the CPU kernels; in Python by rk.check_kept_index).
+inline InputMask checked_input_mask(const ConvGeometry& g, const Tensor& input,
+                                    const std::optional<Tensor>& input_mask,
+                                    const std::optional<Tensor>& input_offsets,
+                                    const std::optional<Tensor>& input_channels) {
+  const bool has_offsets = input_offsets.has_value() && input_offsets->defined();
+  const bool has_channels = input_channels.has_value() && input_channels->defined();
+  if (!input_mask.has_value() || !input_mask->defined()) {
+    RMASK_CHECK(!has_offsets && !has_channels,
+                "masked_conv2d: input_offsets and input_channels are the lists of an input_mask, got them without one");
+    return {};
+  }
   const Tensor& m = *input_mask;
   RMASK_CHECK(m.scalar_type() == ScalarType::Bool, "masked_conv2d: input_mask must be a bool tensor, got ",
               m.scalar_type());
@@ -178,14 +195,27 @@ inline Tensor checked_input_mask(const ConvGeometry& g, const Tensor& input,
               ") for this input, got ", describe(m.sizes()));
   RMASK_CHECK(m.device() == input.device(), "masked_conv2d: input_mask must be on the input's device ",
               describe(input.device()), ", got ", describe(m.device()));
-  return m;
+  RMASK_CHECK(has_offsets && has_channels,
+              "masked_conv2d: input_mask comes with its lists input_offsets and input_channels "
+              "(rk.kept_index(input_mask, in_channels).position_offsets/.position_channels), got ",
+              has_offsets ? "no input_channels" : "no input_offsets");
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"input_offsets", &*input_offsets},
+                                std::pair<const char*, const Tensor*>{"input_channels", &*input_channels}}) {
+    RMASK_CHECK(t->scalar_type() == ScalarType::Long && t->dim() == 1, "masked_conv2d: ", name,
+                " must be a 1-D int64 tensor, got ", t->scalar_type(), " of shape ", describe(t->sizes()));
+    RMASK_CHECK(t->device() == input.device(), "masked_conv2d: ", name, " must be on the input's device ",
+                describe(input.device()), ", got ", describe(t->device()));
+  }
+  RMASK_CHECK(input_offsets->numel() == g.height * g.width + 1, "masked_conv2d: input_offsets must have H * W + 1 = ",
+              g.height * g.width + 1, " entries for this input, got ", input_offsets->numel());
+  return {m, *input_offsets, *input_channels};
 }
 
-// `input * input_mask` (input_mask checked, or undefined: `input` itself), in the input's memory format.
-inline Tensor masked_input(const Tensor& input, const Tensor& input_mask) {
+// `input * input_mask` (checked, or undefined: `input` itself), in the input's memory format.
+inline Tensor masked_input(const Tensor& input, const InputMask& input_mask) {
   if (!input_mask.defined()) return input;
   Tensor copy = torch::stable::clone(input);
-  rmask::mul_(copy, input_mask);
+  rmask::mul_(copy, input_mask.mask);
   return copy;
 }
 

@@ -43,8 +43,9 @@ def cached_kept_index(mask: torch.Tensor, out_channels: int):
 _checked_index_cache: dict = {}
 
 
-def checked_kept_index(index, mask: torch.Tensor, out_channels: int):
-    """``index``, checked against ``mask`` the first time this pair is seen (rk.check_kept_index)."""
+def checked_kept_index(index, mask: torch.Tensor, out_channels: int, name: str = "kept_index"):
+    """``index``, checked against ``mask`` the first time this pair is seen (rk.check_kept_index;
+    ``name``: what its errors call the index)."""
     if torch.compiler.is_compiling():
         return index  # checked when the model ran eagerly; a check would break the graph
     try:
@@ -54,7 +55,7 @@ def checked_kept_index(index, mask: torch.Tensor, out_channels: int):
             return index
     except (TypeError, IndexError, AttributeError):
         pass  # not four tensors: check_kept_index says what is wrong
-    index = check_kept_index(index, mask, out_channels)
+    index = check_kept_index(index, mask, out_channels, name)
     key, state = _pair_state(index, mask, out_channels)
     forget = lambda _, key=key: _checked_index_cache.pop(key, None)  # noqa: E731
     _checked_index_cache[key] = (weakref.ref(index.positions, forget), weakref.ref(mask, forget), state)
@@ -184,6 +185,7 @@ def masked_conv2d(
     channel_stats: bool = False,
     residual: Optional[torch.Tensor] = None,
     input_mask: Optional[torch.Tensor] = None,
+    input_index=None,
 ):
     """``F.conv2d(input, weight, bias, stride, padding, dilation, groups) * mask``, differentiable,
     computing only the kept outputs where a compiled backend serves the tensor.
@@ -199,7 +201,10 @@ def masked_conv2d(
     entries where it is False count as 0, values and gradients: the result is
     ``F.conv2d(input * input_mask, ...) * mask``, and the input's gradient is 0 there. For a
     conv whose input is zero there anyway (the output of a masked unit, ``act(mask * ...)``).
-    The kernels do not skip those inputs yet: the product is formed before them.
+    The CPU kernels skip those inputs; the others multiply them out.
+    ``input_index``: optional precomputed ``rk.kept_index(input_mask, C_in)`` (else built once per
+    mask tensor and cached); layers pass theirs. Checked against the input mask as ``kept_index``
+    is against the mask.
     ``channel_stats``: also return, per output channel, the float64 sum and sum of squares of
     the output over the batch and the kept positions, computed in the same pass (BN
     statistics over kept positions, ``bn_stats="kept"``): ``(output, sum, sum_of_squares)``.
@@ -234,7 +239,7 @@ def masked_conv2d(
             result = masked_conv2d(
                 *(cast(t, torch.float32) for t in (input, weight, bias)), mask, stride, padding, dilation, groups,
                 backend="cpu", kept_index=kept_index, relu=relu, channel_stats=channel_stats,
-                residual=cast(residual, torch.float32), input_mask=input_mask,
+                residual=cast(residual, torch.float32), input_mask=input_mask, input_index=input_index,
             )
         return (result[0].to(autocast_to), *result[1:]) if channel_stats else result.to(autocast_to)
     if autocast_to is not None:
@@ -278,6 +283,10 @@ def masked_conv2d(
     batch, _, *size = input.shape
     if input_mask is not None:
         check_input_mask(input_mask, in_channels, size, device)
+        if input_index is not None:
+            input_index = checked_kept_index(input_index, input_mask, in_channels, "input_index")
+    elif input_index is not None:
+        raise ValueError("input_index is the index of an input_mask, got it without one")
     out_size = conv_output_size(size, kernel_size, stride, (top, bottom, left, right), dilation)
     if min(out_size) <= 0:
         raise ValueError(f"input of spatial size {tuple(size)} is too small for kernel {kernel_size}")
@@ -298,7 +307,7 @@ def masked_conv2d(
         # Asymmetric "same" padding: pad the extra row/column explicitly, as F.conv2d does
         # (the masked input, then: the mask has the unpadded size).
         if input_mask is not None:
-            input, input_mask = input * input_mask, None
+            input, input_mask, input_index = input * input_mask, None, None
         input = F.pad(input, (0, right - left, 0, bottom - top))
     padding2 = (top, left)
 
@@ -317,6 +326,11 @@ def masked_conv2d(
             stats = reference.channel_stats(output)
     else:
         index = kept_index if kept_index is not None else cached_kept_index(mask, out_channels)
+        input_lists = (None, None)
+        if input_mask is not None:
+            if input_index is None:
+                input_index = cached_kept_index(input_mask, in_channels)
+            input_lists = (input_index[2], input_index[3])  # its by-position lists
         conv_op, stats_op = kernel_ops(chosen)
         # Nothing to differentiate: straight to the backend's kernel, past the op's autograd
         # kernel (torch.library's, in Python, rmask_kernels/ops.py), which would only do the
@@ -329,8 +343,10 @@ def masked_conv2d(
         with torch._C._AutoDispatchBelowAutograd() if below_autograd else contextlib.nullcontext(), \
                 autocast_excluded(device_type) if past_autocast else contextlib.nullcontext():
             if channel_stats:
-                output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args, input_mask)
+                output, *stats = stats_op(input, weight, bias, mask, *index, *conv_args, input_mask, *input_lists)
             else:
-                output = conv_op(input, weight, bias, mask, *index, *conv_args, residual, input_mask, relu=bool(relu))
+                output = conv_op(
+                    input, weight, bias, mask, *index, *conv_args, residual, input_mask, *input_lists, relu=bool(relu)
+                )
     output = output.squeeze(0) if unbatched else output
     return (output, *stats) if channel_stats else output

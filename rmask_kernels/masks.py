@@ -130,11 +130,13 @@ def _pattern_block(flat: torch.Tensor) -> int:
     return 1
 
 
-def check_kept_index(index, mask: torch.Tensor, out_channels: Optional[int] = None) -> KeptIndex:
+def check_kept_index(
+    index, mask: torch.Tensor, out_channels: Optional[int] = None, name: str = "kept_index"
+) -> KeptIndex:
     """``index`` as a KeptIndex, if it lists exactly the kept outputs of ``mask`` (Cm, H, W) for a
     conv with ``out_channels`` outputs (default Cm) in the form the kernels read (KeptIndex:
     pattern offsets dividing the channels, positions ascending per pattern, channels ascending
-    per position); else ValueError saying what differs.
+    per position); else ValueError saying what differs (and naming the index ``name``).
 
     The one check of an index's values, for every backend: an index from ``kept_index`` is
     right by construction; ``masked_conv2d`` runs this once on any other index it is given.
@@ -143,18 +145,18 @@ def check_kept_index(index, mask: torch.Tensor, out_channels: Optional[int] = No
 
     def fail(what: str):
         raise ValueError(
-            f"kept_index does not match the mask {tuple(mask.shape)} of a conv with {out_channels} output channels: "
+            f"{name} does not match the mask {tuple(mask.shape)} of a conv with {out_channels} output channels: "
             f"{what} (build it with rk.kept_index(mask, {out_channels}))"
         )
 
     if not isinstance(index, (tuple, list)) or len(index) != len(KeptIndex._fields):
         fail(f"expected the 4 tensors of a KeptIndex {KeptIndex._fields}, got {type(index).__name__}")
-    for name, tensor in zip(KeptIndex._fields, index):
+    for field, tensor in zip(KeptIndex._fields, index):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tensor.dim() != 1:
             got = f"{tensor.dtype} of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            fail(f"{name} must be a 1-D int64 tensor, got {got}")
+            fail(f"{field} must be a 1-D int64 tensor, got {got}")
         if tensor.device != mask.device:
-            fail(f"{name} must be on the mask's device {mask.device}, got {tensor.device}")
+            fail(f"{field} must be on the mask's device {mask.device}, got {tensor.device}")
     index = KeptIndex(*index)
     channels, positions = out_channels, mask.shape[1] * mask.shape[2]
     patterns = index.offsets.numel() - 1

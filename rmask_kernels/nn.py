@@ -77,9 +77,10 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", None)
         # The mask of this layer's input (set_input_mask): moved with the module, not saved.
         self.register_buffer("input_mask", None, persistent=False)
-        # Derived from the mask once, moved with the module, not saved (rebuilt on load).
+        # Derived from the masks once, moved with the module, not saved (rebuilt on load).
         for name in KeptIndex._fields:
             self.register_buffer(f"kept_{name}", None, persistent=False)
+            self.register_buffer(f"input_kept_{name}", None, persistent=False)
         if output_size is not None:
             self.build_mask(pair(output_size, "output_size"))
 
@@ -130,6 +131,21 @@ class MaskedConv2d(nn.Conv2d):
                                  f"got {dtype} of shape {shape}")
             input_mask = input_mask.to(self.weight.device)
         self.input_mask = input_mask
+        self._refresh_input_index()
+
+    def _refresh_input_index(self) -> None:
+        index = (None,) * 4 if self.input_mask is None else kept_index(self.input_mask, self.in_channels)
+        for name, tensor in zip(KeptIndex._fields, index):
+            setattr(self, f"input_kept_{name}", tensor)
+        self._input_mask_version = None if self.input_mask is None else self.input_mask._version
+
+    def input_index(self) -> Optional[KeptIndex]:
+        """The index lists of this layer's input mask (built with it, moved with the module), or None."""
+        if self.input_mask is None:
+            return None
+        if not torch.compiler.is_compiling() and self.input_mask._version != self._input_mask_version:
+            self._refresh_input_index()  # the input mask was edited in place: re-derive the index
+        return KeptIndex(*(getattr(self, f"input_kept_{name}") for name in KeptIndex._fields))
 
     def _masked_input(self, input: torch.Tensor) -> torch.Tensor:
         """``input * input_mask`` where the layer has an input mask (checked against the input)."""
@@ -180,14 +196,14 @@ class MaskedConv2d(nn.Conv2d):
             output = output + residual if residual is not None else output
             output = F.relu(output) if relu else output
             return (output, *reference.channel_stats(output)) if channel_stats else output
-        padding, input_mask = self.padding, self.input_mask
+        padding, input_mask, input_index = self.padding, self.input_mask, self.input_index()
         if self.padding_mode != "zeros":  # the padding copies input entries: mask them first
             input = F.pad(self._masked_input(input), self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding, input_mask = 0, None
+            padding, input_mask, input_index = 0, None, None
         return masked_conv2d(
             input, weight, bias, mask, self.stride, padding, self.dilation, self.groups,
             backend=self.backend, kept_index=self.kept_index(), relu=relu, channel_stats=channel_stats,
-            residual=residual, input_mask=input_mask,
+            residual=residual, input_mask=input_mask, input_index=input_index,
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

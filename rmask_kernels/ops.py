@@ -50,6 +50,8 @@ def argument_names(op) -> tuple:
 # The schema arguments the backward reads back by name (the same in every rmask op).
 KEPT_INDEX_ARGUMENTS = ("kept_offsets", "kept_positions", "position_offsets", "position_channels")
 CONV_ARGUMENTS = ("stride", "padding", "dilation", "groups")
+# An input mask and its lists (the by-position part of rk.kept_index(input_mask, C_in)).
+INPUT_MASK_ARGUMENTS = ("input_mask", "input_offsets", "input_channels")
 
 
 def _in_schema_order(names: tuple, gradients: dict) -> tuple:
@@ -76,7 +78,8 @@ def register_op_family(namespace: str, prefix: str) -> None:
     @torch.library.register_fake(f"{namespace}::{prefix}masked_conv2d")
     def _masked_conv2d_fake(
         input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
-        stride, padding, dilation, groups, residual=None, input_mask=None, *, relu=False,
+        stride, padding, dilation, groups, residual=None, input_mask=None, input_offsets=None, input_channels=None,
+        *, relu=False,
     ):
         top_bottom, left_right = padding
         out_size = conv_output_size(
@@ -88,7 +91,8 @@ def register_op_family(namespace: str, prefix: str) -> None:
     @torch.library.register_fake(f"{namespace}::{prefix}masked_conv2d_backward")
     def _masked_conv2d_backward_fake(
         grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets, position_channels,
-        stride, padding, dilation, groups, output_mask, relu_output=None, input_mask=None,
+        stride, padding, dilation, groups, output_mask, relu_output=None, input_mask=None, input_offsets=None,
+        input_channels=None,
     ):
         wants_input, wants_weight, wants_bias = output_mask
         grad_input = (
@@ -101,7 +105,7 @@ def register_op_family(namespace: str, prefix: str) -> None:
     @torch.library.register_fake(f"{namespace}::{prefix}masked_conv2d_stats")
     def _masked_conv2d_stats_fake(
         input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
-        stride, padding, dilation, groups, input_mask=None,
+        stride, padding, dilation, groups, input_mask=None, input_offsets=None, input_channels=None,
     ):
         output = _masked_conv2d_fake(
             input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
@@ -110,9 +114,10 @@ def register_op_family(namespace: str, prefix: str) -> None:
         channels = weight.shape[0]
         return output, input.new_empty(channels, dtype=torch.float64), input.new_empty(channels, dtype=torch.float64)
 
-    def _conv_gradients(ctx, grad_output, input, weight, mask, kept_index, input_mask, relu_output=None) -> dict:
+    def _conv_gradients(ctx, grad_output, input, weight, mask, kept_index, input_masks, relu_output=None) -> dict:
         """The gradients of input, weight and bias that are needed, by name; with ``relu_output``
-        (a fused ReLU's output) the backward op gates grad_output by it where it reads it."""
+        (a fused ReLU's output) the backward op gates grad_output by it where it reads it;
+        ``input_masks``: the input mask and its lists (INPUT_MASK_ARGUMENTS order)."""
         needs = ctx.needs_grad
         output_mask = [needs["input"], needs["weight"], needs["bias"]]
         if not any(output_mask) or grad_output is None:
@@ -124,7 +129,7 @@ def register_op_family(namespace: str, prefix: str) -> None:
         grad_input, grad_weight, grad_bias = backward_op(
             grad_output=grad_output, input=input, weight=weight, mask=mask,
             **dict(zip(KEPT_INDEX_ARGUMENTS, kept_index)), **ctx.conv_args, output_mask=output_mask,
-            relu_output=relu_output, input_mask=input_mask,
+            relu_output=relu_output, **dict(zip(INPUT_MASK_ARGUMENTS, input_masks)),
         )
         # A gradient not asked for comes back as an empty tensor: leave it out.
         wanted = zip(("input", "weight", "bias"), output_mask, (grad_input, grad_weight, grad_bias))
@@ -136,8 +141,9 @@ def register_op_family(namespace: str, prefix: str) -> None:
         _save_for_conv_backward(ctx, dict(zip(conv_arguments, inputs)), relu_output)
 
     def _backward(ctx, grad_output):
-        input, weight, relu_output, mask, input_mask, *kept_index = ctx.saved_tensors
-        gradients = _conv_gradients(ctx, grad_output, input, weight, mask, kept_index, input_mask, relu_output)
+        input, weight, relu_output, mask, *rest = ctx.saved_tensors
+        input_masks, kept_index = rest[:len(INPUT_MASK_ARGUMENTS)], rest[len(INPUT_MASK_ARGUMENTS):]
+        gradients = _conv_gradients(ctx, grad_output, input, weight, mask, kept_index, input_masks, relu_output)
         # The residual is added at every position, masked ones included: its gradient is the
         # (ReLU-gated) output's over the whole tensor, the one full pass, made only for it.
         if ctx.needs_grad.get("residual", False):
@@ -155,7 +161,8 @@ def register_op_family(namespace: str, prefix: str) -> None:
     def _stats_backward(ctx, grad_output, grad_sum, grad_sum_of_squares):
         # sum_c = sum of y[n, c, p] over kept (n, p); sum_of_squares_c likewise of y^2, and y is 0
         # where masked: d sum / d y = mask, d sum_of_squares / d y = 2 y.
-        input, weight, output, mask, input_mask, *kept_index = ctx.saved_tensors
+        input, weight, output, mask, *rest = ctx.saved_tensors
+        input_masks, kept_index = rest[:len(INPUT_MASK_ARGUMENTS)], rest[len(INPUT_MASK_ARGUMENTS):]
         if grad_output is None and grad_sum is None and grad_sum_of_squares is None:
             return _in_schema_order(stats_arguments, {})
         grad = grad_output if grad_output is not None else torch.zeros_like(output)
@@ -163,7 +170,7 @@ def register_op_family(namespace: str, prefix: str) -> None:
             grad = grad + grad_sum.to(output.dtype).view(-1, 1, 1) * mask
         if grad_sum_of_squares is not None:
             grad = grad + 2 * output * grad_sum_of_squares.to(output.dtype).view(-1, 1, 1)
-        return _in_schema_order(stats_arguments, _conv_gradients(ctx, grad, input, weight, mask, kept_index, input_mask))
+        return _in_schema_order(stats_arguments, _conv_gradients(ctx, grad, input, weight, mask, kept_index, input_masks))
 
     torch.library.register_autograd(
         f"{namespace}::{prefix}masked_conv2d_stats", _stats_backward, setup_context=_stats_setup_context
@@ -182,7 +189,8 @@ def _save_for_conv_backward(ctx, arguments: dict, extra_output):
     # weight-sized, and usually a parameter held anyway).
     saved_input = input if ctx.needs_grad["weight"] else None
     kept_index = [arguments[name] for name in KEPT_INDEX_ARGUMENTS]
-    ctx.save_for_backward(saved_input, weight, extra_output, arguments["mask"], arguments.get("input_mask"), *kept_index)
+    input_masks = [arguments.get(name) for name in INPUT_MASK_ARGUMENTS]
+    ctx.save_for_backward(saved_input, weight, extra_output, arguments["mask"], *input_masks, *kept_index)
     ctx.input_meta = (input.shape, input.dtype, input.device, _memory_format(input))
     ctx.conv_args = {name: arguments[name] for name in CONV_ARGUMENTS}
 

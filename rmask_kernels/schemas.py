@@ -14,13 +14,15 @@ MASKED_CONV2D = (
     "masked_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
     "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
     "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, Tensor? input_mask=None, "
+    "Tensor? input_offsets=None, Tensor? input_channels=None, "
     "*, bool relu=False) -> Tensor"
 )
 
 MASKED_CONV2D_STATS = (
     "masked_conv2d_stats(Tensor input, Tensor weight, Tensor? bias, Tensor mask, "
     "Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, Tensor position_channels, "
-    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? input_mask=None) "
+    "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? input_mask=None, "
+    "Tensor? input_offsets=None, Tensor? input_channels=None) "
     "-> (Tensor, Tensor, Tensor)"
 )
 
@@ -28,7 +30,8 @@ MASKED_CONV2D_BACKWARD = (
     "masked_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor mask, Tensor kept_offsets, Tensor kept_positions, Tensor position_offsets, "
     "Tensor position_channels, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-    "bool[3] output_mask, Tensor? relu_output=None, Tensor? input_mask=None) "
+    "bool[3] output_mask, Tensor? relu_output=None, Tensor? input_mask=None, "
+    "Tensor? input_offsets=None, Tensor? input_channels=None) "
     "-> (Tensor, Tensor, Tensor)"
 )
 

@@ -80,6 +80,24 @@ def test_rejected_input_mask(input_mask, error, match):
         rk.masked_conv2d(x, weight, None, mask, padding=1, input_mask=input_mask)
 
 
+def test_input_index_given_or_cached():
+    # The input mask's index: given (checked against the mask once) or built once per mask tensor;
+    # the result is that of input * input_mask either way.
+    x, weight, mask = _ok()
+    input_mask, other = (rk.random_mask((4, 8, 8), 0.5, "neuron", seed=seed) for seed in (1, 2))
+    backend = "cpu" if "cpu" in rk.available_backends() else "reference"
+    expected = rk.masked_conv2d(x * input_mask, weight, None, mask, padding=1, backend="reference")
+    for index in (None, rk.kept_index(input_mask, 4)):
+        got = rk.masked_conv2d(x, weight, None, mask, padding=1, backend=backend, input_mask=input_mask,
+                               input_index=index)
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match=r"input_index does not match the mask \(4, 8, 8\) of a conv with 4 output "
+                                         r"channels: .* list other kept"):
+        rk.masked_conv2d(x, weight, None, mask, padding=1, input_mask=input_mask, input_index=rk.kept_index(other, 4))
+    with pytest.raises(ValueError, match="input_index is the index of an input_mask, got it without one"):
+        rk.masked_conv2d(x, weight, None, mask, padding=1, input_index=rk.kept_index(input_mask, 4))
+
+
 def test_too_small_input_rejected():
     with pytest.raises(ValueError, match=r"input of spatial size \(2, 2\) is too small for kernel \(3, 3\)"):
         rk.masked_conv2d(torch.randn(1, 4, 2, 2), torch.randn(6, 4, 3, 3), mask=rk.random_mask((6, 1, 1), 0.5))

@@ -389,7 +389,14 @@ def test_input_mask_set_by_hand(backend, config, in_mode, ratio):
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, **TOL64)
     assert (got[0][(~input_mask).expand_as(x)] == 0).all()
+    # The layer keeps the input mask's index, built with it and again after an in-place edit.
+    assert all(torch.equal(a, b) for a, b in zip(layer.input_index(), rk.kept_index(input_mask, shape[1])))
+    with torch.no_grad():
+        layer.input_mask.logical_not_()
+    assert all(torch.equal(a, b) for a, b in zip(layer.input_index(), rk.kept_index(layer.input_mask, shape[1])))
+    torch.testing.assert_close(layer(x), conv(x * layer.input_mask) * layer.mask, **TOL64)
     layer.set_input_mask(None)
+    assert layer.input_index() is None
     torch.testing.assert_close(layer(x), conv(x) * layer.mask, **TOL64)
 
 

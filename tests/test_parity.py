@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 import rmask_kernels as rk
 from rmask_kernels import reference
+from rmask_kernels.backends import batch_vector_kernels
 
-from backends_under_test import backends, backends_and_dtypes
+from backends_under_test import BACKENDS, backends, backends_and_dtypes
 from cases import (GEOMETRIES, LOW_PRECISION_FLOOR, LOW_PRECISION_GRAD, TOLERANCE, check_against_reference,
                    conv_geometries, leaves_and_oracle, make_case, mask_cases, masked_outputs, output_size,
                    parity_cases, pair, random_case)
@@ -488,17 +489,44 @@ def test_opcheck(backend, mode, group_size):
     torch.library.opcheck(backend.op("masked_conv2d_backward").default, backward_args)
 
 
+def input_mask_args(input_mask, in_channels):
+    """An input mask and its lists, as the ops take them (the by-position part of its kept index)."""
+    return (input_mask, *rk.kept_index(input_mask, in_channels)[2:])
+
+
 @pytest.mark.parametrize("in_mode,mode", [("neuron", "neuron"), ("spatial", "spatial"), ("spatial", "neuron")], ids=str)
 @pytest.mark.parametrize("backend", OPS)
 def test_opcheck_input_mask(backend, in_mode, mode):
     x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, mode, None)
     input_mask = rk.random_mask(tuple(x.shape[1:]), 0.5, in_mode, device=x.device)
+    masked = input_mask_args(input_mask, x.shape[1])
     args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), mask, *index, *geometry_args)
-    torch.library.opcheck(backend.op("masked_conv2d").default, args + (None, input_mask))
-    torch.library.opcheck(backend.op("masked_conv2d_stats").default, args + (input_mask,))
-    y = backend.op("masked_conv2d")(*args, None, input_mask)
+    torch.library.opcheck(backend.op("masked_conv2d").default, args + (None, *masked))
+    torch.library.opcheck(backend.op("masked_conv2d_stats").default, args + masked)
+    y = backend.op("masked_conv2d")(*args, None, *masked)
     backward_args = (torch.randn_like(y).detach(), x.detach(), weight.detach()) + args[3:] + ([True, True, True],)
-    torch.library.opcheck(backend.op("masked_conv2d_backward").default, backward_args + (None, input_mask))
+    torch.library.opcheck(backend.op("masked_conv2d_backward").default, backward_args + (None, *masked))
+
+
+def bad_input_masks(x):
+    """(input mask, offsets, channels, message) cases every op rejects, for input ``x``."""
+    _, channels, height, width = x.shape
+    good = torch.ones(channels, height, width, dtype=torch.bool, device=x.device)
+    _, offsets, listed = input_mask_args(good, channels)
+    positions = height * width
+    return [
+        (good[:, :-1], offsets, listed,
+         f"input_mask must have shape \\({channels} or 1, {height}, {width}\\) for this input, got"),
+        (good[:2] if channels > 2 else good[:1].expand(3, -1, -1), offsets, listed, "input_mask must have shape"),
+        (good.float(), offsets, listed, "input_mask must be a bool tensor"),
+        (good, None, listed, "input_mask comes with its lists input_offsets and input_channels .*got no input_offsets"),
+        (good, offsets, None, "got no input_channels"),
+        (None, offsets, listed, "input_offsets and input_channels are the lists of an input_mask, got them without one"),
+        (good, offsets.int(), listed, "input_offsets must be a 1-D int64 tensor, got"),
+        (good, offsets, listed.view(channels, -1), "input_channels must be a 1-D int64 tensor, got"),
+        (good, offsets[:-1], listed, f"input_offsets must have H \\* W \\+ 1 = {positions + 1} entries for this input, "
+                                     f"got {positions}"),
+    ]
 
 
 @pytest.mark.parametrize("backend", OPS)
@@ -506,19 +534,47 @@ def test_ops_reject_a_bad_input_mask(backend):
     x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, "neuron", None)
     conv, stats, backward = (backend.op(name) for name in ("masked_conv2d", "masked_conv2d_stats",
                                                            "masked_conv2d_backward"))
-    _, channels, height, width = x.shape
-    good = torch.ones(channels, height, width, dtype=torch.bool, device=x.device)
-    bad = [(good[:, :-1], f"input_mask must have shape \\({channels} or 1, {height}, {width}\\) for this input, got"),
-           (good[:2] if channels > 2 else good[:1].expand(3, -1, -1), "input_mask must have shape"),
-           (good.float(), "input_mask must be a bool tensor")]
     grad = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:], device=x.device)
-    for input_mask, message in bad:
+    for *masked, message in bad_input_masks(x):
         with pytest.raises(RuntimeError, match=message):
-            conv(x, weight, bias, mask, *index, *geometry_args, None, input_mask)
+            conv(x, weight, bias, mask, *index, *geometry_args, None, *masked)
         with pytest.raises(RuntimeError, match=message):
-            stats(x, weight, bias, mask, *index, *geometry_args, input_mask)
+            stats(x, weight, bias, mask, *index, *geometry_args, *masked)
         with pytest.raises(RuntimeError, match=message):
-            backward(grad, x, weight, mask, *index, *geometry_args, [True, True, True], None, input_mask)
+            backward(grad, x, weight, mask, *index, *geometry_args, [True, True, True], None, *masked)
+
+
+@pytest.mark.parametrize("in_mode", ["neuron", "spatial"])
+def test_cpu_kernels_check_the_input_lists_they_read(in_mode):
+    # The CPU kernels index memory with the lists: values that would read out of place are an
+    # error there (their agreement with the mask is rk.check_kept_index's, in Python).
+    backend = next(b for b in BACKENDS if b.name == "cpu")
+    if backend.why_not:
+        pytest.skip(backend.why_not)
+    x, weight, bias, mask, index, geometry_args = op_args(backend, ODD, in_mode, None)
+    if not batch_vector_kernels(x.dtype, 1, x.shape[0], weight.shape[2]):
+        pytest.skip("the portable CPU kernels serve here: they multiply the mask out and read no list")
+    channels = x.shape[1]
+    input_mask = rk.random_mask(tuple(x.shape[1:]), 0.5, in_mode, device=x.device)
+    input_mask, offsets, listed = input_mask_args(input_mask, channels)
+    ends_elsewhere, out_of_range, repeated = offsets.clone(), listed.clone(), listed.clone()
+    ends_elsewhere[-1] += 1
+    out_of_range[0] = channels
+    kept = (offsets[1:] - offsets[:-1]).nonzero()[0, 0]  # a position that keeps some channels
+    two_kept = ((offsets[1:] - offsets[:-1]) >= 2).nonzero()[0, 0]
+    repeated[offsets[two_kept] + 1] = repeated[offsets[two_kept]]
+    cases = [(ends_elsewhere, listed, f"input_offsets must run from 0 to the {listed.numel()} entries of input_channels"),
+             (offsets, out_of_range, f"input_channels must list ascending channels in \\[0, {channels}\\) at each "
+                                     f"position, got {channels} at position {kept}"),
+             (offsets, repeated, f"ascending channels .* at position {two_kept}")]
+    grad = torch.randn(x.shape[0], weight.shape[0], *mask.shape[1:])
+    conv, backward = backend.op("masked_conv2d"), backend.op("masked_conv2d_backward")
+    for bad_offsets, bad_channels, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            conv(x, weight, bias, mask, *index, *geometry_args, None, input_mask, bad_offsets, bad_channels)
+        with pytest.raises(RuntimeError, match=message):
+            backward(grad, x, weight, mask, *index, *geometry_args, [True, True, True], None, input_mask, bad_offsets,
+                     bad_channels)
 
 
 @pytest.mark.parametrize("output_mask", list(itertools.product([False, True], repeat=3)), ids=str)

@@ -71,42 +71,43 @@ bool spatial_mask(const ConvGeometry& g, const Tensor& kept_positions) {
   return g.patterns == 1 && kept_positions.numel() > 0;
 }
 
-// The input mask's lists (InputIndex, batch_vector.h), built per call from the bool mask.
+// Whether an input mask keeps all channels or none at each position (shape (1, H, W)): the
+// position kernels serve it, dropping the taps that read a masked position.
+bool spatial_input_mask(const InputMask& input_mask) { return input_mask.defined() && input_mask.mask.size(0) == 1; }
+
+// The kernels' view of an input mask (InputIndex, batch_vector.h): its lists, as given with the
+// mask (checked here, where they are read: offsets ascending from 0 to the channel count,
+// channels in range and ascending at each position), and, with `positions` (the kept output
+// positions of a spatial mask, for a spatial input mask), the position kernels' tap lists.
 struct InputLists {
-  std::vector<int64_t> offsets, channels, tap_offsets, tap_entries;
+  Tensor offsets, channels;  // contiguous
+  std::vector<int64_t> tap_offsets, tap_entries;
   bool partial = false;
   InputIndex index() const {
-    return {offsets.data(), channels.data(), tap_offsets.empty() ? nullptr : tap_offsets.data(),
+    return {data<int64_t>(offsets), data<int64_t>(channels), tap_offsets.empty() ? nullptr : tap_offsets.data(),
             tap_entries.data(), partial};
   }
 };
 
-// Whether an input mask keeps all channels or none at each position (shape (1, H, W)): the
-// position kernels serve it, dropping the taps that read a masked position.
-bool spatial_input_mask(const Tensor& input_mask) { return input_mask.defined() && input_mask.size(0) == 1; }
-
-// The lists of `input_mask` (checked: bool, (Cin or 1, H, W)); with `positions` (the kept
-// output positions of a spatial mask, for a spatial input mask) the position kernels' tap lists too.
-InputLists input_lists(const ConvGeometry& g, const Tensor& input_mask, const Tensor* positions) {
-  const auto mask = rmask::contiguous(input_mask);
-  const auto* kept = static_cast<const bool*>(mask.data_ptr());
-  const int64_t hw = g.height * g.width, cin = g.in_channels;
-  const bool per_position = mask.size(0) == 1;
+InputLists input_lists(const ConvGeometry& g, const InputMask& input_mask, const Tensor* positions) {
   InputLists lists;
-  // Counted, then filled, channel by channel: the mask is read in order (one plane at a time).
-  lists.offsets.assign(hw + 1, 0);
-  for (int64_t c = 0; c < (per_position ? 1 : cin); ++c)
-    for (int64_t q = 0; q < hw; ++q) lists.offsets[q + 1] += kept[c * hw + q] ? (per_position ? cin : 1) : 0;
+  lists.offsets = rmask::contiguous(input_mask.offsets);
+  lists.channels = rmask::contiguous(input_mask.channels);
+  const int64_t hw = g.height * g.width, cin = g.in_channels, total = lists.channels.numel();
+  const int64_t* offsets = data<int64_t>(lists.offsets);
+  const int64_t* channels = data<int64_t>(lists.channels);
+  RMASK_CHECK(offsets[0] == 0 && offsets[hw] == total, "masked_conv2d: input_offsets must run from 0 to the ",
+              total, " entries of input_channels, got ", offsets[0], " to ", offsets[hw]);
   for (int64_t q = 0; q < hw; ++q) {
-    const int64_t count = lists.offsets[q + 1];
+    const int64_t first = offsets[q], count = offsets[q + 1] - first;
+    RMASK_CHECK(count >= 0 && count <= cin, "masked_conv2d: input_offsets must ascend by at most ", cin,
+                " per position, got ", count, " at position ", q);
+    for (int64_t e = first; e < offsets[q + 1]; ++e)
+      RMASK_CHECK(channels[e] >= (e > first ? channels[e - 1] + 1 : 0) && channels[e] < cin,
+                  "masked_conv2d: input_channels must list ascending channels in [0, ", cin, ") at each position, got ",
+                  channels[e], " at position ", q);
     lists.partial = lists.partial || (count > 0 && count < cin);
-    lists.offsets[q + 1] += lists.offsets[q];
   }
-  lists.channels.resize(lists.offsets[hw]);
-  std::vector<int64_t> cursor(lists.offsets.begin(), lists.offsets.end() - 1);
-  for (int64_t c = 0; c < cin; ++c)
-    for (int64_t q = 0; q < hw; ++q)
-      if (kept[per_position ? q : c * hw + q]) lists.channels[cursor[q]++] = c;
   if (positions) {
     const int64_t ntaps = g.kernel_h * g.kernel_w, npositions = positions->numel();
     const int64_t* kept_positions = data<int64_t>(*positions);
@@ -118,9 +119,11 @@ InputLists input_lists(const ConvGeometry& g, const Tensor& input_mask, const Te
         const int64_t p = kept_positions[k];
         const int64_t ih = (p / g.out_width) * g.stride_h - g.pad_h + i * g.dilation_h;
         const int64_t iw = (p % g.out_width) * g.stride_w - g.pad_w + j * g.dilation_w;
-        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width || !kept[ih * g.width + iw]) continue;
+        if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) continue;
+        const int64_t q = ih * g.width + iw;
+        if (offsets[q + 1] == offsets[q]) continue;  // a masked position
         lists.tap_entries.push_back(k);
-        lists.tap_entries.push_back(ih * g.width + iw);
+        lists.tap_entries.push_back(q);
       }
     }
     lists.tap_offsets[ntaps] = static_cast<int64_t>(lists.tap_entries.size() / 2);
@@ -137,11 +140,11 @@ struct CallInputs {
   InputLists lists;
   InputIndex lists_index;
 
-  CallInputs(const ConvGeometry& g, const Tensor& kept_positions, const Tensor& input_mask)
+  CallInputs(const ConvGeometry& g, const Tensor& kept_positions, const InputMask& input_mask)
       : positions(spatial_mask(g, kept_positions) && (!input_mask.defined() || spatial_input_mask(input_mask))),
         masked(input_mask.defined()),
         lists(masked ? input_lists(g, input_mask, positions ? &kept_positions : nullptr) : InputLists()),
-        lists_index(lists.index()) {}
+        lists_index(masked ? lists.index() : InputIndex{}) {}
   CallInputs(const CallInputs&) = delete;
   CallInputs& operator=(const CallInputs&) = delete;
 
@@ -340,7 +343,7 @@ bool use_batch_vector(ScalarType dtype, int64_t groups, int64_t batch, int64_t k
 Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
                             const std::optional<Tensor>& bias, const Tensor& kept_positions,
                             const Tensor& position_offsets, const Tensor& position_channels, bool relu,
-                            Tensor* channel_sums, const Tensor& residual, const Tensor& input_mask) {
+                            Tensor* channel_sums, const Tensor& residual, const InputMask& input_mask) {
   const CallInputs call(g, kept_positions, input_mask);
   const InputIndex* inputs = call.index();
   if (call.positions)
@@ -385,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
                                                          const Tensor& weight, const Tensor& kept_positions,
                                                          const Tensor& position_offsets,
                                                          const Tensor& position_channels,
-                                                         std::array<bool, 3> output_mask, const Tensor& input_mask) {
+                                                         std::array<bool, 3> output_mask, const InputMask& input_mask) {
   const CallInputs call(g, kept_positions, input_mask);
   const InputIndex* inputs = call.index();
   if (call.positions)

@@ -28,13 +28,13 @@ bool use_batch_vector(ScalarType dtype, int64_t groups, int64_t batch, int64_t k
 // relu?(mask * (conv + bias) + residual) (residual undefined: none), in the input's memory
 // format; with `channel_sums` (set to a (2, Cout) float64 tensor) also the per-channel sums and
 // sums of squares of the output. The kept index: contiguous, checked (check_kept_index).
-// input_mask (checked, or undefined): the input counts as 0 where it is False, and the
-// kernels skip what those inputs would feed.
+// input_mask (checked, with its lists; or undefined): the input counts as 0 where the mask is
+// False, and the kernels skip what those inputs would feed.
 Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
                             const std::optional<Tensor>& bias, const Tensor& kept_positions,
                             const Tensor& position_offsets, const Tensor& position_channels, bool relu,
                             Tensor* channel_sums = nullptr, const Tensor& residual = Tensor(),
-                            const Tensor& input_mask = Tensor());
+                            const InputMask& input_mask = InputMask());
 
 // (grad_input, grad_weight, grad_bias) of mask * conv, each an empty tensor where output_mask
 // does not ask for it; grad_output read at kept outputs only, and there zeroed where
@@ -46,7 +46,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
                                                          const Tensor& position_offsets,
                                                          const Tensor& position_channels,
                                                          std::array<bool, 3> output_mask,
-                                                         const Tensor& input_mask = Tensor());
+                                                         const InputMask& input_mask = InputMask());
 
 }  // namespace cpu
 }  // namespace rmask

@@ -81,11 +81,12 @@ Tensor masked_conv2d_forward_kernel(const Tensor& input, const Tensor& weight, c
                                     const Tensor& position_offsets, const Tensor& position_channels,
                                     IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                     const std::optional<Tensor>& residual, const std::optional<Tensor>& input_mask,
-                                    bool relu) {
+                                    const std::optional<Tensor>& input_offsets,
+                                    const std::optional<Tensor>& input_channels, bool relu) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
-  const Tensor in_mask = checked_input_mask(g, input, input_mask);
+  const InputMask in_mask = checked_input_mask(g, input, input_mask, input_offsets, input_channels);
   const bool has_residual = residual.has_value() && residual->defined();
   if (has_residual) check_residual(g, input, *residual);
   const Tensor fused_residual = has_residual ? *residual : Tensor();
@@ -103,7 +104,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
     const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output,
-    const std::optional<Tensor>& input_mask) {
+    const std::optional<Tensor>& input_mask, const std::optional<Tensor>& input_offsets,
+    const std::optional<Tensor>& input_channels) {
   RMASK_CHECK(output_mask.size() == 3, "masked_conv2d_backward: output_mask must have 3 elements, got ",
               output_mask.size());
   const std::array<bool, 3> wanted{output_mask[0], output_mask[1], output_mask[2]};
@@ -112,7 +114,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
   check_output_shaped(g, input, grad_output, "grad_output");
   const Tensor gate = checked_relu_gate(g, input, relu_output);
   const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
-  const Tensor in_mask = checked_input_mask(g, input, input_mask);
+  const InputMask in_mask = checked_input_mask(g, input, input_mask, input_offsets, input_channels);
   if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
     return cpu::batch_vector_backward(g, grad_output, gate, input, weight, index.positions, index.position_offsets,
                                       index.position_channels, wanted, in_mask);
@@ -120,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
   // The portable kernels multiply masked inputs out: only grad-weight reads the input's values.
   const Tensor x = wanted[1] ? masked_input(input, in_mask) : input;
   auto gradients = cpu::portable_backward(g, grad_output, gate, x, weight, index.offsets, index.positions, wanted);
-  if (wanted[0] && in_mask.defined()) rmask::mul_(std::get<0>(gradients), in_mask);  // 0 at masked inputs
+  if (wanted[0] && in_mask.defined()) rmask::mul_(std::get<0>(gradients), in_mask.mask);  // 0 at masked inputs
   return gradients;
 }
 
@@ -128,12 +130,13 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats_kernel(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-    const std::optional<Tensor>& input_mask) {
+    const std::optional<Tensor>& input_mask, const std::optional<Tensor>& input_offsets,
+    const std::optional<Tensor>& input_channels) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   if (cpu::use_batch_vector(input.scalar_type(), g.groups, g.batch, g.kernel_h)) {
     const auto index = checked_index(g, kept_offsets, kept_positions, position_offsets, position_channels);
-    const Tensor in_mask = checked_input_mask(g, input, input_mask);
+    const InputMask in_mask = checked_input_mask(g, input, input_mask, input_offsets, input_channels);
     Tensor sums;
     auto y = cpu::batch_vector_forward(g, input, weight, bias, index.positions, index.position_offsets,
                                        index.position_channels, /*relu=*/false, &sums, Tensor(), in_mask);
@@ -143,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats_kernel(
   }
   auto y = masked_conv2d_forward_kernel(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
                                         position_channels, stride, padding, dilation, groups, std::nullopt,
-                                        input_mask, /*relu=*/false);
+                                        input_mask, input_offsets, input_channels, /*relu=*/false);
   const auto y64 = rmask::to(y, ScalarType::Double);
   return {y, rmask::sum(y64, {0, 2, 3}), rmask::sum(rmask::mul(y64, y64), {0, 2, 3})};
 }

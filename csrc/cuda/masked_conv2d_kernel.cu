@@ -82,25 +82,29 @@ Tensor masked_conv2d_forward_kernel(const Tensor& input, const Tensor& weight, c
                                     const Tensor& position_offsets, const Tensor& position_channels,
                                     IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                     const std::optional<Tensor>& residual,
-                                    const std::optional<Tensor>& input_mask, bool relu) {
+                                    const std::optional<Tensor>& input_mask,
+                                    const std::optional<Tensor>& input_offsets,
+                                    const std::optional<Tensor>& input_channels, bool relu) {
   check_cuda(input);
   const int32_t device = input.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
   return masked_conv2d_forward(CudaLaunch(device), input, weight, bias, mask, kept_offsets, kept_positions,
                                position_offsets, position_channels, stride, padding, dilation, groups, residual, relu,
-                               input_mask);
+                               input_mask, input_offsets, input_channels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats_kernel(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-    const std::optional<Tensor>& input_mask) {
+    const std::optional<Tensor>& input_mask, const std::optional<Tensor>& input_offsets,
+    const std::optional<Tensor>& input_channels) {
   check_cuda(input);
   const int32_t device = input.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
   return masked_conv2d_stats(CudaLaunch(device), input, weight, bias, mask, kept_offsets, kept_positions,
-                             position_offsets, position_channels, stride, padding, dilation, groups, input_mask);
+                             position_offsets, position_channels, stride, padding, dilation, groups, input_mask,
+                             input_offsets, input_channels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
@@ -108,13 +112,14 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward_kernel(
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
     const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output,
-    const std::optional<Tensor>& input_mask) {
+    const std::optional<Tensor>& input_mask, const std::optional<Tensor>& input_offsets,
+    const std::optional<Tensor>& input_channels) {
   check_cuda(input);
   const int32_t device = input.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
   return masked_conv2d_backward(CudaLaunch(device), grad_output, input, weight, mask, kept_offsets, kept_positions,
                                 position_offsets, position_channels, stride, padding, dilation, groups, output_mask,
-                                relu_output, input_mask);
+                                relu_output, input_mask, input_offsets, input_channels);
 }
 
 }  // namespace

@@ -398,12 +398,14 @@ Tensor masked_conv2d_forward(const Launch& launch, const Tensor& input, const Te
                              const Tensor& kept_positions, const Tensor& position_offsets,
                              const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding,
                              IntArrayRef dilation, int64_t groups, const std::optional<Tensor>& residual, bool relu,
-                             const std::optional<Tensor>& input_mask) {
+                             const std::optional<Tensor>& input_mask, const std::optional<Tensor>& input_offsets,
+                             const std::optional<Tensor>& input_channels) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_kept_index_sizes(g, kept_positions, position_channels);
   // Masked inputs are multiplied out, not skipped.
-  return forward_of_checked(launch, g, masked_input(input, checked_input_mask(g, input, input_mask)), weight, bias,
+  const Tensor x = masked_input(input, checked_input_mask(g, input, input_mask, input_offsets, input_channels));
+  return forward_of_checked(launch, g, x, weight, bias,
                             contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels),
                             residual, relu);
 }
@@ -434,12 +436,13 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_stats(
     const Launch& launch, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& mask, const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-    const std::optional<Tensor>& input_mask) {
+    const std::optional<Tensor>& input_mask,
+    const std::optional<Tensor>& input_offsets, const std::optional<Tensor>& input_channels) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, bias, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_kept_index_sizes(g, kept_positions, position_channels);
   const auto index = contiguous_index(kept_offsets, kept_positions, position_offsets, position_channels);
-  const Tensor x = masked_input(input, checked_input_mask(g, input, input_mask));
+  const Tensor x = masked_input(input, checked_input_mask(g, input, input_mask, input_offsets, input_channels));
   Tensor y = forward_of_checked(launch, g, x, weight, bias, index, std::nullopt, /*relu=*/false);
   if (g.batch == 0 || kept_positions.numel() == 0) {
     return {y, rmask::zeros({g.out_channels}, ScalarType::Double, input.device()),
@@ -467,12 +470,13 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward(
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
     const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output,
-    const std::optional<Tensor>& input_mask) {
+    const std::optional<Tensor>& input_mask,
+    const std::optional<Tensor>& input_offsets, const std::optional<Tensor>& input_channels) {
   const ConvGeometry g = check_masked_conv2d_args(input, weight, std::nullopt, mask, kept_offsets, kept_positions,
                                                   position_offsets, position_channels, stride, padding, dilation, groups);
   check_output_shaped(g, input, grad_output, "grad_output");
   const Tensor gate = checked_relu_gate(g, input, relu_output);
-  const Tensor in_mask = checked_input_mask(g, input, input_mask);
+  const InputMask in_mask = checked_input_mask(g, input, input_mask, input_offsets, input_channels);
   check_kept_index_sizes(g, kept_positions, position_channels);
   RMASK_CHECK(output_mask.size() == 3, "masked_conv2d_backward: output_mask must have 3 entries, got ",
               output_mask.size());
@@ -522,7 +526,7 @@ std::tuple<Tensor, Tensor, Tensor> masked_conv2d_backward(
       launch(g.out_channels, total);
     }
   });
-  if (need_input && in_mask.defined()) rmask::mul_(grad_input, in_mask);  // 0 at masked inputs
+  if (need_input && in_mask.defined()) rmask::mul_(grad_input, in_mask.mask);  // 0 at masked inputs
   return {grad_input, grad_weight, grad_bias};
 }
 

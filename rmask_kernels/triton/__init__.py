@@ -45,8 +45,9 @@ def _kernels(device: torch.device):
 
 @torch.library.register_kernel("rmask::triton_masked_conv2d", DEVICE_TYPES)
 def _masked_conv2d(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
-                   stride, padding, dilation, groups, residual=None, input_mask=None, *, relu=False):
-    input = _masked_input("triton_masked_conv2d", input, input_mask)
+                   stride, padding, dilation, groups, residual=None, input_mask=None, input_offsets=None,
+                   input_channels=None, *, relu=False):
+    input = _masked_input("triton_masked_conv2d", input, input_mask, input_offsets, input_channels)
     return _kernels(input.device).masked_conv2d_forward(
         input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
         stride, padding, dilation, groups, residual=residual, relu=relu,
@@ -55,8 +56,9 @@ def _masked_conv2d(input, weight, bias, mask, kept_offsets, kept_positions, posi
 
 @torch.library.register_kernel("rmask::triton_masked_conv2d_stats", DEVICE_TYPES)
 def _masked_conv2d_stats(input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
-                         position_channels, stride, padding, dilation, groups, input_mask=None):
-    input = _masked_input("triton_masked_conv2d_stats", input, input_mask)
+                         position_channels, stride, padding, dilation, groups, input_mask=None, input_offsets=None,
+                         input_channels=None):
+    input = _masked_input("triton_masked_conv2d_stats", input, input_mask, input_offsets, input_channels)
     return _kernels(input.device).masked_conv2d_forward(
         input, weight, bias, mask, kept_offsets, kept_positions, position_offsets, position_channels,
         stride, padding, dilation, groups, channel_stats=True,
@@ -66,8 +68,8 @@ def _masked_conv2d_stats(input, weight, bias, mask, kept_offsets, kept_positions
 @torch.library.register_kernel("rmask::triton_masked_conv2d_backward", DEVICE_TYPES)
 def _masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets,
                             position_channels, stride, padding, dilation, groups, output_mask, relu_output=None,
-                            input_mask=None):
-    input = _masked_input("triton_masked_conv2d_backward", input, input_mask)
+                            input_mask=None, input_offsets=None, input_channels=None):
+    input = _masked_input("triton_masked_conv2d_backward", input, input_mask, input_offsets, input_channels)
     grad_input, grad_weight, grad_bias = _kernels(input.device).masked_conv2d_backward(
         grad_output, input, weight, mask, kept_offsets, kept_positions, position_offsets, position_channels,
         stride, padding, dilation, groups, output_mask, relu_output,
@@ -77,8 +79,11 @@ def _masked_conv2d_backward(grad_output, input, weight, mask, kept_offsets, kept
     return grad_input, grad_weight, grad_bias
 
 
-def _masked_input(op, input, input_mask):
-    """``input * input_mask``, checked (triton/geometry.py; imported on use: it imports triton)."""
-    if input_mask is None:
+def _masked_input(op, input, input_mask, input_offsets, input_channels):
+    """``input * input_mask``, checked with its lists (triton/geometry.py; imported on use: it
+    imports triton)."""
+    if input_mask is None and input_offsets is None and input_channels is None:
         return input
-    return importlib.import_module(".geometry", __name__).masked_input(op, input, input_mask)
+    return importlib.import_module(".geometry", __name__).masked_input(
+        op, input, input_mask, input_offsets, input_channels
+    )

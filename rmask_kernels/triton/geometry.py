@@ -103,11 +103,14 @@ def check_args(op, input, weight, bias, mask, index, stride, padding, dilation, 
                     patterns)
 
 
-def masked_input(op, input, input_mask):
+def masked_input(op, input, input_mask, input_offsets=None, input_channels=None):
     """``input * input_mask`` (``input`` itself when ``input_mask`` is None), after the checks
-    the C++ ops make on it (csrc/masked_conv2d_common.h, checked_input_mask). The Triton kernels
-    multiply masked inputs out rather than skip them."""
+    the C++ ops make on it and its lists (csrc/masked_conv2d_common.h, checked_input_mask). The
+    Triton kernels multiply masked inputs out rather than skip them: they read no list."""
     if input_mask is None:
+        if input_offsets is not None or input_channels is not None:
+            raise RuntimeError(f"{op}: input_offsets and input_channels are the lists of an input_mask, "
+                               "got them without one")
         return input
     _, in_channels, height, width = input.shape
     if input_mask.dtype != torch.bool:
@@ -118,4 +121,18 @@ def masked_input(op, input, input_mask):
                            f"input, got {tuple(input_mask.shape)}")
     if input_mask.device != input.device:
         raise RuntimeError(f"{op}: input_mask must be on the input's device {input.device}, got {input_mask.device}")
+    if input_offsets is None or input_channels is None:
+        missing = "input_channels" if input_offsets is not None else "input_offsets"
+        raise RuntimeError(f"{op}: input_mask comes with its lists input_offsets and input_channels "
+                           "(rk.kept_index(input_mask, in_channels).position_offsets/.position_channels), "
+                           f"got no {missing}")
+    for name, lists in (("input_offsets", input_offsets), ("input_channels", input_channels)):
+        if lists.dtype != torch.int64 or lists.dim() != 1:
+            raise RuntimeError(f"{op}: {name} must be a 1-D int64 tensor, got {lists.dtype} "
+                               f"of shape {tuple(lists.shape)}")
+        if lists.device != input.device:
+            raise RuntimeError(f"{op}: {name} must be on the input's device {input.device}, got {lists.device}")
+    if input_offsets.numel() != height * width + 1:
+        raise RuntimeError(f"{op}: input_offsets must have H * W + 1 = {height * width + 1} entries for this input, "
+                           f"got {input_offsets.numel()}")
     return input * input_mask

@@ -48,24 +48,29 @@ void check(at::ScalarType dtype, double tolerance) {
                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
   const auto y = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride, padding,
-                              dilation, 1, std::nullopt, std::nullopt, /*relu=*/false);
+                              dilation, 1, std::nullopt, std::nullopt, std::nullopt, std::nullopt, /*relu=*/false);
   const auto expected = at::conv2d(input, weight, bias, stride, padding, dilation, 1) * mask;
   expect(at::allclose(y, expected, tolerance, tolerance), "forward equals conv2d * mask", dtype);
   expect(y.masked_select(mask.logical_not().expand_as(y)).eq(0).all().item<bool>(), "masked outputs are zero", dtype);
   const auto y_relu = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride, padding,
-                                   dilation, 1, std::nullopt, std::nullopt, /*relu=*/true);
+                                   dilation, 1, std::nullopt, std::nullopt, std::nullopt, std::nullopt, /*relu=*/true);
   expect(at::allclose(y_relu, at::relu(expected), tolerance, tolerance), "fused relu", dtype);
   const auto residual = at::randn(y.sizes(), opts);
   const auto y_residual = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride,
-                                       padding, dilation, 1, residual, std::nullopt, /*relu=*/true);
+                                       padding, dilation, 1, residual, std::nullopt, std::nullopt, std::nullopt,
+                                       /*relu=*/true);
   expect(at::allclose(y_residual, at::relu(expected + residual), tolerance, tolerance), "fused residual and relu",
          dtype);
   // An input mask: the op of input * input_mask (the kernels skip the masked inputs).
+  // Its lists: the by-position part of its kept index.
   const auto input_mask = at::rand({4, 9, 7}) > 0.6;
-  const auto y_input_masked = forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride,
-                                           padding, dilation, 1, std::nullopt, input_mask, /*relu=*/false);
+  const auto input_index = kept_index(input_mask);
+  const auto y_input_masked =
+      forward.call(input, weight, bias, mask, index[0], index[1], index[2], index[3], stride, padding, dilation, 1,
+                   std::nullopt, input_mask, input_index[2], input_index[3], /*relu=*/false);
   const auto expected_input_masked = at::conv2d(input * input_mask, weight, bias, stride, padding, dilation, 1) * mask;
   expect(at::allclose(y_input_masked, expected_input_masked, tolerance, tolerance), "input mask", dtype);
 
@@ -75,11 +80,12 @@ void check(at::ScalarType dtype, double tolerance) {
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                           at::IntArrayRef, at::IntArrayRef, int64_t, std::array<bool, 3>,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   const auto grad_y = at::randn(y.sizes(), opts);
   const auto [grad_input, grad_weight, grad_bias] =
       backward.call(grad_y, input, weight, mask, index[0], index[1], index[2], index[3], stride, padding, dilation, 1,
-                    {true, true, true}, std::nullopt, std::nullopt);
+                    {true, true, true}, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   const auto ref = at::convolution_backward(grad_y * mask, input, weight, at::IntArrayRef{6}, stride, padding,
                                             dilation, false, {0, 0}, 1, {true, true, true});
   expect(at::allclose(grad_input, std::get<0>(ref), tolerance, tolerance), "grad_input", dtype);
@@ -88,7 +94,7 @@ void check(at::ScalarType dtype, double tolerance) {
   // A fused ReLU's backward: grad_output gated by the forward's output (> 0).
   const auto [gated_input, gated_weight, gated_bias] =
       backward.call(grad_y, input, weight, mask, index[0], index[1], index[2], index[3], stride, padding, dilation, 1,
-                    {true, true, true}, y_relu, std::nullopt);
+                    {true, true, true}, y_relu, std::nullopt, std::nullopt, std::nullopt);
   const auto gated_ref = at::convolution_backward(grad_y * mask * y_relu.gt(0), input, weight, at::IntArrayRef{6},
                                                   stride, padding, dilation, false, {0, 0}, 1, {true, true, true});
   expect(at::allclose(gated_input, std::get<0>(gated_ref), tolerance, tolerance), "relu-gated grad_input", dtype);
@@ -97,7 +103,7 @@ void check(at::ScalarType dtype, double tolerance) {
   // The input mask's gradients: those of input * input_mask (0 at the masked inputs).
   const auto [masked_input_grad, masked_weight_grad, masked_bias_grad] =
       backward.call(grad_y, input, weight, mask, index[0], index[1], index[2], index[3], stride, padding, dilation, 1,
-                    {true, true, true}, std::nullopt, input_mask);
+                    {true, true, true}, std::nullopt, input_mask, input_index[2], input_index[3]);
   const auto masked_ref = at::convolution_backward(grad_y * mask, input * input_mask, weight, at::IntArrayRef{6},
                                                    stride, padding, dilation, false, {0, 0}, 1, {true, true, true});
   expect(at::allclose(masked_input_grad, std::get<0>(masked_ref) * input_mask, tolerance, tolerance),

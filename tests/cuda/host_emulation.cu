@@ -34,20 +34,23 @@ Tensor forward(const Tensor& input, const Tensor& weight, const std::optional<Te
                const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
                const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                int64_t groups, const std::optional<Tensor>& residual, const std::optional<Tensor>& input_mask,
-               bool relu) {
+               const std::optional<Tensor>& input_offsets, const std::optional<Tensor>& input_channels, bool relu) {
   check_cpu(input);
   return masked_conv2d_forward(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
-                               position_channels, stride, padding, dilation, groups, residual, relu, input_mask);
+                               position_channels, stride, padding, dilation, groups, residual, relu, input_mask,
+                               input_offsets, input_channels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> stats(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& mask,
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-    int64_t groups, const std::optional<Tensor>& input_mask) {
+    int64_t groups, const std::optional<Tensor>& input_mask, const std::optional<Tensor>& input_offsets,
+    const std::optional<Tensor>& input_channels) {
   check_cpu(input);
   return masked_conv2d_stats(HostLaunch{}, input, weight, bias, mask, kept_offsets, kept_positions, position_offsets,
-                             position_channels, stride, padding, dilation, groups, input_mask);
+                             position_channels, stride, padding, dilation, groups, input_mask, input_offsets,
+                             input_channels);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward(
@@ -55,11 +58,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(
     const Tensor& kept_offsets, const Tensor& kept_positions, const Tensor& position_offsets,
     const Tensor& position_channels, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
     int64_t groups, const std::vector<bool>& output_mask, const std::optional<Tensor>& relu_output,
-    const std::optional<Tensor>& input_mask) {
+    const std::optional<Tensor>& input_mask, const std::optional<Tensor>& input_offsets,
+    const std::optional<Tensor>& input_channels) {
   check_cpu(input);
   return masked_conv2d_backward(HostLaunch{}, grad_output, input, weight, mask, kept_offsets, kept_positions,
                                 position_offsets, position_channels, stride, padding, dilation, groups, output_mask,
-                                relu_output, input_mask);
+                                relu_output, input_mask, input_offsets, input_channels);
 }
 
 }  // namespace
