@@ -266,3 +266,16 @@ def test_spatial_lays_out_every_input_it_reads(stride, dilation):
         x = torch.randn(x_shape)
         for grad in (False, True):
             check(x, weight, None, mask, conv_args, grad=grad)
+
+
+@pytest.mark.parametrize("batch", [15, 16, 17, 37])
+@pytest.mark.parametrize("input_mode", ["spatial", "neuron"])
+def test_spatial_grad_weight_over_blocks_of_images(batch, input_mode):
+    # With an input mask the spatial backward gathers each tap's (kept input, kept output)
+    # pairs from a block of images and reduces the block at once: batches that fill blocks
+    # exactly, leave a partial last block, and split unevenly between the threads.
+    x, weight, bias = torch.randn(batch, 12, 11, 13), torch.randn(20, 12, 3, 3), torch.randn(20)
+    mask = rk.random_mask((20, 11, 13), 0.7, "spatial")
+    input_mask = rk.random_mask((12, 11, 13), 0.6, input_mode)
+    check_against_reference(cpu, x * input_mask, weight, bias, mask, dict(padding=1), True,
+                            TOLERANCE[torch.float32], input_mask=input_mask)

@@ -21,6 +21,8 @@ namespace rmask {
 namespace cpu {
 
 constexpr int64_t kBatchBlock = 16;  // the batch is padded to a multiple of this: one AVX-512 vector, two AVX2
+// Images whose tap-listed pairs the position backward's grad-weight reduces at once.
+constexpr int64_t kImageBlock = 16;
 
 struct BatchVectorGeometry {
   int64_t batch, padded_batch;  // N and N rounded up to kBatchBlock

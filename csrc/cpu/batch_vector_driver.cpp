@@ -238,11 +238,48 @@ Tensor kept_gradient_rows_by_position(const Tensor& gy, const Tensor& gate, cons
 }
 
 // [chunks][Cout][kh * kw][Cpad] partial weight gradients -> [Cout][Cin][kh][kw], summed in
-// chunk order (deterministic for a thread count).
+// chunk order (deterministic for a thread count), in one pass.
 Tensor sum_weight_partials(const ConvGeometry& g, const Tensor& partial) {
-  return rmask::contiguous(rmask::permute(rmask::reshape(rmask::narrow(rmask::sum(partial, {0}), 2, 0, g.in_channels),
-                                    {g.out_channels, g.kernel_h, g.kernel_w, g.in_channels}),
-                            {0, 3, 1, 2}));
+  const int64_t chunks = partial.size(0), cin_pad = partial.size(3), taps = g.kernel_h * g.kernel_w;
+  const int64_t cin = g.in_channels, cout = g.out_channels;
+  auto grad_weight = empty({cout, cin, g.kernel_h, g.kernel_w}, ScalarType::Float, partial.device());
+  const float* sums = data<float>(partial);
+  float* out = data<float>(grad_weight);
+  torch::stable::parallel_for(0, cout, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> total(taps * cin_pad);  // one output channel's [tap][channel] sums
+    for (int64_t co = begin; co < end; ++co) {
+      std::fill(total.begin(), total.end(), 0.0f);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const float* part = sums + (chunk * cout + co) * taps * cin_pad;
+        for (int64_t i = 0; i < taps * cin_pad; ++i) total[i] += part[i];
+      }
+      float* row = out + co * cin * taps;
+      for (int64_t ci = 0; ci < cin; ++ci)
+        for (int64_t t = 0; t < taps; ++t) row[ci * taps + t] = total[t * cin_pad + ci];
+    }
+  });
+  return grad_weight;
+}
+
+// The weight as the position kernels' grad input reads it: [kh][kw][Cout][Cin_pad], zero in the
+// padding, in one pass over the weight (an output channel's [Cin][kh][kw] block at a time).
+Tensor backward_position_weights(const ConvGeometry& g, const Tensor& weight, int64_t cin_pad) {
+  const int64_t taps = g.kernel_h * g.kernel_w, cin = g.in_channels, cout = g.out_channels;
+  const auto w = rmask::contiguous(weight);
+  auto packed = empty({g.kernel_h, g.kernel_w, cout, cin_pad}, ScalarType::Float, weight.device());
+  const float* src = data<float>(w);
+  float* dst = data<float>(packed);
+  torch::stable::parallel_for(0, cout, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t co = begin; co < end; ++co) {
+      const float* block = src + co * cin * taps;
+      for (int64_t t = 0; t < taps; ++t) {
+        float* row = dst + (t * cout + co) * cin_pad;
+        for (int64_t ci = 0; ci < cin; ++ci) row[ci] = block[ci * taps + t];
+        for (int64_t ci = cin; ci < cin_pad; ++ci) row[ci] = 0.0f;
+      }
+    }
+  });
+  return packed;
 }
 
 // The backward for spatial masks (see spatial_mask): BatchVectorKernels::backward_positions,
@@ -261,17 +298,16 @@ std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g
   const auto gy = addressable(grad_output);
   const auto gate = relu_gate.defined() ? addressable(relu_gate) : Tensor();
   const auto x = need_weight ? addressable(input) : Tensor();
-  const auto backward_weight =  // [kh][kw][Cout][Cin_pad]
-      need_input
-          ? rmask::contiguous(torch::stable::pad(rmask::permute(weight, {2, 3, 0, 1}), {0, cin_pad - g.in_channels}))
-          : Tensor();
+  const auto backward_weight = need_input ? backward_position_weights(g, weight, cin_pad) : Tensor();
   auto grad_input = need_input ? empty_output(input.sizes(), ScalarType::Float, suggest_memory_format(input))
                                : empty({0}, ScalarType::Float, device);
   auto partial_w = need_weight ? zeros({chunks, g.out_channels, taps, cin_pad}, ScalarType::Float, device) : Tensor();
   auto partial_b = need_bias ? zeros({chunks, g.out_channels}, ScalarType::Float, device) : Tensor();
   const int64_t scratch_size = npositions * (cout_pad + g.out_channels + cin_pad) + g.height * g.width * cin_pad +
                                cin_pad + (gate.defined() ? npositions * g.out_channels : 0) +
-                               (inputs ? npositions * g.out_channels : 0);
+                               (inputs && inputs->tap_offsets
+                                    ? kImageBlock * inputs->tap_offsets[taps] * (cin_pad + g.out_channels)
+                                    : 0);
   const auto grad_input_strides = need_input ? strides_of(grad_input) : Strides{0, 0, 0};
   // Pointers read before the threads start: no torch call inside the parallel region.
   const float* gy_data = data<float>(gy);

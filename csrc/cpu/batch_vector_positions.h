@@ -217,9 +217,33 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
   float* panel = image + hw * cin_pad;            // [P][cin_pad]: one tap's input rows
   float* spare = panel + kept_count * cin_pad;    // [cin_pad]: what padding taps add to
   float* gate_columns = spare + cin_pad;          // [Cout][P]: the gate, as columns (with a gate)
-  float* tap_columns = gate_columns + (gate ? cout * kept_count : 0);  // [Cout][P]: one tap's columns (listed)
-  float* out_rows[kPositionRows];
   const bool listed = inputs && inputs->tap_offsets;  // tap by tap over the kept inputs
+  // With tap lists, grad-weight reduces each tap over the listed pairs of a block of
+  // kImageBlock images at once (a tap lists a few pairs per image: one image's would not pay
+  // for the read-modify-write of the tap's [Cout][Cin] sums). Per tap t, entries e0 = its
+  // first pair, its pairs' input rows [kImageBlock * pairs][cin_pad] and gradient columns
+  // [Cout][kImageBlock * pairs], image b of the block at b * pairs.
+  const int64_t listed_pairs = listed ? inputs->tap_offsets[ntaps] : 0;
+  float* block_panel = gate_columns + (gate ? cout * kept_count : 0);     // [kImageBlock * pairs][cin_pad]
+  float* block_columns = block_panel + kImageBlock * listed_pairs * cin_pad;  // [Cout][kImageBlock * pairs]
+  float* out_rows[kPositionRows];
+  // Adds tap t's gradient, reduced over `count` rows (tap_gy: [Cout] rows of gy_stride; the
+  // input rows: tap_panel, [count][cin_pad]), to the partial gradient.
+  const auto reduce_tap = [&](int64_t t, const float* tap_gy, int64_t gy_stride, const float* tap_panel,
+                              int64_t count) {
+    for (int64_t c0 = 0, tile = 0; c0 < cout; c0 += tile) {
+      tile = even_tile(cout - c0, kWeightTile);
+      const float* gy_rows[kWeightTile];
+      float* out[kWeightTile];
+      for (int k = 0; k < tile; ++k) {
+        gy_rows[k] = tap_gy + (c0 + k) * gy_stride;
+        out[k] = grad_w_part + ((c0 + k) * ntaps + t) * cin_pad;
+      }
+      with_count<kWeightTile>(static_cast<int>(tile), [&](auto ch) {
+        grad_weight_channels_tile<decltype(ch)::value>(gy_rows, tap_panel, count, cin_pad, out);
+      });
+    }
+  };
   const bool lay_out_x = grad_w_part && x_strides.c != 1;  // the NCHW layout for grad-weight uses `needed`
   const auto needed = !lay_out_x ? std::vector<InputBlock>()
                       : listed   ? listed_blocks(g, *inputs)
@@ -252,39 +276,33 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
       image_channels_last(x + n * x_strides.n, x_strides, cin, hw, cin_pad, image, needed.data());
       const float* zeros = spare;
       zero_floats(spare, cin_pad);
-      for (int64_t t = 0; t < ntaps; ++t) {
-        // The pairs this tap reduces over: every kept position (padding taps read zeros), or
-        // with tap lists the listed ones, their gradient columns gathered.
-        int64_t pairs = kept_count;
-        const float* tap_gy = columns;
-        if (listed) {
-          const int64_t e0 = inputs->tap_offsets[t];
-          pairs = inputs->tap_offsets[t + 1] - e0;
-          if (pairs == 0) continue;
+      if (listed) {
+        const int64_t b = (n - image_begin) % kImageBlock;
+        for (int64_t t = 0; t < ntaps; ++t) {
+          const int64_t e0 = inputs->tap_offsets[t], pairs = inputs->tap_offsets[t + 1] - e0;
           const int64_t* entries = inputs->tap_entries + 2 * e0;
-          for (int64_t j = 0; j < pairs; ++j) copy_floats(panel + j * cin_pad, image + entries[2 * j + 1] * cin_pad,
-                                                          cin_pad);
+          float* tap_rows = block_panel + (kImageBlock * e0 + b * pairs) * cin_pad;
+          for (int64_t j = 0; j < pairs; ++j)
+            copy_floats(tap_rows + j * cin_pad, image + entries[2 * j + 1] * cin_pad, cin_pad);
+          float* tap_columns = block_columns + cout * kImageBlock * e0 + b * pairs;
           for (int64_t c = 0; c < cout; ++c)
             for (int64_t j = 0; j < pairs; ++j)
-              tap_columns[c * pairs + j] = columns[c * kept_count + entries[2 * j]];
-          tap_gy = tap_columns;
-        } else {
+              tap_columns[c * kImageBlock * pairs + j] = columns[c * kept_count + entries[2 * j]];
+        }
+        if (b == kImageBlock - 1 || n == image_end - 1)  // the block's last image: reduce each tap
+          for (int64_t t = 0; t < ntaps; ++t) {
+            const int64_t e0 = inputs->tap_offsets[t], pairs = inputs->tap_offsets[t + 1] - e0;
+            if (pairs > 0)
+              reduce_tap(t, block_columns + cout * kImageBlock * e0, kImageBlock * pairs,
+                         block_panel + kImageBlock * e0 * cin_pad, (b + 1) * pairs);
+          }
+      } else {
+        for (int64_t t = 0; t < ntaps; ++t) {  // every kept position (padding taps read zeros)
           for (int64_t k = 0; k < kept_count; ++k) {
             const int64_t q = tap_input(g, positions[k], t);
             copy_floats(panel + k * cin_pad, q >= 0 ? image + q * cin_pad : zeros, cin_pad);
           }
-        }
-        for (int64_t c0 = 0, count = 0; c0 < cout; c0 += count) {
-          count = even_tile(cout - c0, kWeightTile);
-          const float* gy_rows[kWeightTile];
-          float* out[kWeightTile];
-          for (int k = 0; k < count; ++k) {
-            gy_rows[k] = tap_gy + (c0 + k) * pairs;
-            out[k] = grad_w_part + ((c0 + k) * ntaps + t) * cin_pad;
-          }
-          with_count<kWeightTile>(static_cast<int>(count), [&](auto ch) {
-            grad_weight_channels_tile<decltype(ch)::value>(gy_rows, panel, pairs, cin_pad, out);
-          });
+          reduce_tap(t, columns, kept_count, panel, kept_count);
         }
       }
     }

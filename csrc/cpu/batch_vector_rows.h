@@ -118,11 +118,12 @@ __attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, co
 }
 
 // grad-weight: CH output channels kept at one position, one tap, NV vectors of input
-// channels: sum over the images of gy[channel, n] * x[n, ci], added into the partial gradient.
-// x_nc: the tap's input, [image][cin_pad]. Used by the position kernels' grad-weight too.
+// channels: sum over the images of gy[channel, n] * x[n, ci], added into the partial gradient
+// at out[k] + offset. x_nc: the tap's input, [image][cin_pad], from the block's first channel.
+// Used by the position kernels' grad-weight too.
 template <int CH, int NV>
 __attribute__((noinline)) void grad_weight_block(const float* const* gy_rows, const float* x_nc, int64_t batch,
-                                                 int64_t cin_pad, float* const* out) {
+                                                 int64_t cin_pad, float* const* out, int64_t offset) {
   using V = typename Simd::V;
   V acc[CH][NV];
 #pragma GCC unroll 8
@@ -144,27 +145,25 @@ __attribute__((noinline)) void grad_weight_block(const float* const* gy_rows, co
   for (int k = 0; k < CH; ++k)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      float* sums = out[k] + v * Simd::kLanes;
+      float* sums = out[k] + offset + v * Simd::kLanes;
       Simd::store(sums, Simd::add(Simd::load(sums), acc[k][v]));
     }
 }
 
-// grad_weight_block over all cin_pad input channels, kWeightVectors vectors at a time.
+// grad_weight_block over all cin_pad input channels, kWeightVectors vectors at a time. The
+// blocks take `out` as it is and an offset, not a shifted copy of the pointers: stored one by
+// one and read back by vector loads, such a copy stalls store forwarding once per block.
 template <int CH>
 inline void grad_weight_channels_tile(const float* const* gy_rows, const float* x_nc, int64_t batch, int64_t cin_pad,
                                       float* const* out) {
   constexpr int64_t step = kWeightVectors * Simd::kLanes;
-  float* shifted[CH];
   int64_t ci = 0;
-  for (; ci + step <= cin_pad; ci += step) {
-    for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
-    grad_weight_block<CH, kWeightVectors>(gy_rows, x_nc + ci, batch, cin_pad, shifted);
-  }
+  for (; ci + step <= cin_pad; ci += step)
+    grad_weight_block<CH, kWeightVectors>(gy_rows, x_nc + ci, batch, cin_pad, out, ci);
   const int rest = static_cast<int>((cin_pad - ci) / Simd::kLanes);
   if (rest == 0) return;
-  for (int k = 0; k < CH; ++k) shifted[k] = out[k] + ci;
   with_count<kWeightVectors>(rest, [&](auto nv) {
-    grad_weight_block<CH, decltype(nv)::value>(gy_rows, x_nc + ci, batch, cin_pad, shifted);
+    grad_weight_block<CH, decltype(nv)::value>(gy_rows, x_nc + ci, batch, cin_pad, out, ci);
   });
 }
 
