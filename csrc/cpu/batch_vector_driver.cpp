@@ -261,19 +261,23 @@ Tensor sum_weight_partials(const ConvGeometry& g, const Tensor& partial) {
   return grad_weight;
 }
 
-// The weight as the position kernels' grad input reads it: [kh][kw][Cout][Cin_pad], zero in the
-// padding, in one pass over the weight (an output channel's [Cin][kh][kw] block at a time).
-Tensor backward_position_weights(const ConvGeometry& g, const Tensor& weight, int64_t cin_pad) {
+// The weight [Cout][Cin][kh][kw] with its taps outside the input channels, zero in the padding
+// channels: [kh][kw][Cout][cin_pad] (taps_first: the grad-input kernels') or
+// [Cout][kh][kw][cin_pad] (the row forward's). One pass, an output channel's block at a time:
+// ATen's copy of the permuted weight walks it element by element, for about a fifth of a
+// masked 64->64@32x32 forward.
+Tensor weight_taps_outside(const ConvGeometry& g, const Tensor& weight, bool taps_first, int64_t cin_pad) {
   const int64_t taps = g.kernel_h * g.kernel_w, cin = g.in_channels, cout = g.out_channels;
   const auto w = rmask::contiguous(weight);
-  auto packed = empty({g.kernel_h, g.kernel_w, cout, cin_pad}, ScalarType::Float, weight.device());
+  auto packed = taps_first ? empty({g.kernel_h, g.kernel_w, cout, cin_pad}, ScalarType::Float, weight.device())
+                           : empty({cout, g.kernel_h, g.kernel_w, cin_pad}, ScalarType::Float, weight.device());
   const float* src = data<float>(w);
   float* dst = data<float>(packed);
   torch::stable::parallel_for(0, cout, 1, [&](int64_t begin, int64_t end) {
     for (int64_t co = begin; co < end; ++co) {
       const float* block = src + co * cin * taps;
       for (int64_t t = 0; t < taps; ++t) {
-        float* row = dst + (t * cout + co) * cin_pad;
+        float* row = dst + (taps_first ? t * cout + co : co * taps + t) * cin_pad;
         for (int64_t ci = 0; ci < cin; ++ci) row[ci] = block[ci * taps + t];
         for (int64_t ci = cin; ci < cin_pad; ++ci) row[ci] = 0.0f;
       }
@@ -298,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> full_positions_backward(const ConvGeometry& g
   const auto gy = addressable(grad_output);
   const auto gate = relu_gate.defined() ? addressable(relu_gate) : Tensor();
   const auto x = need_weight ? addressable(input) : Tensor();
-  const auto backward_weight = need_input ? backward_position_weights(g, weight, cin_pad) : Tensor();
+  const auto backward_weight = need_input ? weight_taps_outside(g, weight, true, cin_pad) : Tensor();
   auto grad_input = need_input ? empty_output(input.sizes(), ScalarType::Float, suggest_memory_format(input))
                                : empty({0}, ScalarType::Float, device);
   auto partial_w = need_weight ? zeros({chunks, g.out_channels, taps, cin_pad}, ScalarType::Float, device) : Tensor();
@@ -374,6 +378,17 @@ bool use_batch_vector(ScalarType dtype, int64_t groups, int64_t batch, int64_t k
   return batch_vector_kernels() && dtype == ScalarType::Float && groups == 1 && batch > 0 && kernel_h <= 64;
 }
 
+// y = relu?(y + residual) over `planes` contiguous planes of `size` floats, in parallel over
+// the planes. The ReLU keeps NaN, as torch.relu does.
+void add_planes(float* y, const float* residual, int64_t planes, int64_t size, bool relu) {
+  torch::stable::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * size; i < end * size; ++i) {
+      const float v = y[i] + residual[i];
+      y[i] = relu && v < 0.0f ? 0.0f : v;
+    }
+  });
+}
+
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk
 // order (deterministic for a given thread count).
 Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
@@ -386,7 +401,7 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
     return full_positions_forward(g, input, weight, bias, kept_positions, relu, channel_sums, residual, inputs);
   const auto vector_geometry = batch_vector_geometry(g);
   const auto x = addressable(input);
-  const auto forward_weight = rmask::contiguous(rmask::permute(weight, {0, 2, 3, 1}));  // [Cout][kh][kw][Cin]
+  const auto forward_weight = weight_taps_outside(g, weight, false, g.in_channels);  // [Cout][kh][kw][Cin]
   const auto b = (bias.has_value() && bias->defined()) ? rmask::contiguous(*bias) : Tensor();
   // Every element is written by the kernel (masked ones as zeros).
   const auto format = suggest_memory_format(input);
@@ -406,15 +421,21 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   float* y_data = data<float>(y);
   const Strides y_strides = strides_of(y);
   double* partial_data = channel_sums ? data<double>(partial) : nullptr;
+  // NCHW with a residual: the rows go out without it, and it is added after, over whole planes.
+  // Added row by row, each image and channel gives a run of Wout floats on a page of its own:
+  // a TLB miss per run, which at 64->64@32x32 cost more than the convolution.
+  const bool residual_after = residual_data && y_strides.position == 1;
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w), panel_rows(panel_index_scratch(g));
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * vector_geometry.padded_batch);
     float* staging = thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
-    batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data, relu,
-                                         offsets, channels, first, last, residual_data, y_data, y_strides,
+    batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data,
+                                         relu && !residual_after, offsets, channels, first, last,
+                                         residual_after ? nullptr : residual_data, y_data, y_strides,
                                          taps.data(), panels, panel_rows.data(), staging,
                                          partial_data ? partial_data + chunk * 2 * g.out_channels : nullptr, inputs);
   });
+  if (residual_after) add_planes(y_data, residual_data, g.batch * g.out_channels, g.out_height * g.out_width, relu);
   if (channel_sums) *channel_sums = rmask::sum(partial, {0});
   return y;
 }
@@ -451,7 +472,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
     }
   }
   if (need_input) {
-    const auto backward_weight = rmask::contiguous(rmask::permute(weight, {2, 3, 0, 1}));  // [kh][kw][Cout][Cin]
+    const auto backward_weight = weight_taps_outside(g, weight, true, g.in_channels);  // [kh][kw][Cout][Cin]
     const float* backward_weight_data = data<float>(backward_weight);
     grad_input = empty_output(input.sizes(), ScalarType::Float, suggest_memory_format(input));
     const Strides grad_input_strides = strides_of(grad_input);

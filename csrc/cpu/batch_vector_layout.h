@@ -59,6 +59,23 @@ inline void copy_floats_where_positive(float* dst, const float* src, const float
   for (; i < count; ++i) dst[i] = gate[i] > 0.0f ? src[i] : 0.0f;
 }
 
+// Part `part` of `parts` of the lines of one row of an [N][C][H * W] tensor (strides s,
+// positions [first, first + count) of every image and channel) fetched toward L2. An NCHW row is
+// N * C runs of `count` floats, too short for the hardware prefetcher: read when needed, each
+// run waits on memory. Issued a part at a time while other work runs, it is there when needed.
+inline void prefetch_row(const float* t, const Strides& s, int64_t images, int64_t channels, int64_t first,
+                         int64_t count, int64_t part, int64_t parts) {
+  const bool planar = s.position == 1;  // else channels last: an image's row is one run
+  const int64_t inner = planar ? channels : 1, run = planar ? count : count * channels;
+  const int64_t total = images * inner, begin = total * part / parts, end = total * (part + 1) / parts;
+  for (int64_t r = begin; r < end; ++r) {
+    const char* p = reinterpret_cast<const char*>(t + (r / inner) * s.n + (r % inner) * s.c + first * s.position);
+    const char* last = p + run * sizeof(float) - 1;
+    for (; p < last; p += 64) __builtin_prefetch(p, 0, 2);
+    __builtin_prefetch(last, 0, 2);
+  }
+}
+
 // 64 output columns' kept bits. A type of these headers' own (see batch_vector_impl.h).
 struct KeptWord {
   uint64_t bits;

@@ -244,7 +244,12 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       for (int64_t e = position_offsets[oh * wo + ow]; e < position_offsets[oh * wo + ow + 1]; ++e)
         kept[position_channels[e] * words + ow / 64].bits |= uint64_t{1} << (ow % 64);
     if (!nchw_out) __builtin_memset(staging, 0, sizeof(float) * g.batch * image_stride);
+    // While the row computes, the input row the next output row lays out first, fetched a
+    // part per output column.
+    const int64_t next_ih = (oh + 1) * g.stride_h - g.pad_h + (g.kernel_h - 1) * g.dilation_h;
+    const bool fetch_next = oh + 1 < row_end && next_ih >= 0 && next_ih < g.height;
     for (int64_t ow = 0; ow < wo; ++ow) {
+      if (fetch_next) prefetch_row(x, x_strides, g.batch, g.in_channels, next_ih * g.width, g.width, ow, wo);
       const int64_t p = oh * wo + ow;
       const int64_t e0 = position_offsets[p], e1 = position_offsets[p + 1];
       if (e0 == e1) continue;
