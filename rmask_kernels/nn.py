@@ -14,6 +14,7 @@ from .autocast import cast_for_autocast
 from .backends import check_backend
 from .functional import check_input_mask, masked_conv2d
 from .geometry import conv_output_size, pair
+from .kept_batch_norm import kept_batch_norm
 from .masks import KeptIndex, check_mode, check_ratio, draw_seed, kept_index, random_mask
 
 ACTIVATIONS = (None, "relu")
@@ -453,7 +454,7 @@ class MaskedConvBN2d(nn.Module):
         mask = self.conv.mask
         kept_per_channel = mask.sum(dim=(1, 2)).expand(y.shape[1]).to(torch.float64)
         count = (kept_per_channel * y.shape[0]).clamp(min=1)
-        # The statistics' dependence on y is in _KeptBatchNorm's backward, not in autograd.
+        # The statistics' dependence on y is in kept_batch_norm's backward, not in autograd.
         # Normalized in float32 where y is float16/bfloat16 (autocast), as BatchNorm2d does.
         stats_dtype = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
         mean64 = total.detach() / count
@@ -472,51 +473,7 @@ class MaskedConvBN2d(nn.Module):
                 bn.running_mean.lerp_(new_mean, momentum)
                 bn.running_var.lerp_(new_var, momentum)
         rstd = torch.rsqrt(var + bn.eps)
-        return _KeptBatchNorm.apply(y, mask, count, mean, rstd, bn.weight, bn.bias, relu)
+        return kept_batch_norm(y, mask, count, mean, rstd, bn.weight, bn.bias, relu)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, bn_stats={self.bn_stats}"
-
-
-class _KeptBatchNorm(torch.autograd.Function):
-    """Training-mode BN over the kept outputs of a masked conv (``y``, zero where masked),
-    its affine and an optional ReLU, given the batch statistics ``mean`` and ``rstd`` of the
-    kept outputs (``count`` per channel). The backward is BN's own closed form, with the
-    statistics' dependence on ``y`` included: two full passes forward and six backward, about
-    half of what autograd through the same formula takes.
-
-    The input gradient is only meaningful at kept positions: masked outputs are constant
-    zeros, and every masked-conv backward ignores its gradient there. Arithmetic in the
-    statistics' dtype (float32 for a float16/bfloat16 ``y``); the output in ``y``'s dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, y, mask, count, mean, rstd, weight, bias, relu):
-        scale = rstd if weight is None else rstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        # y is 0 where masked, so y * scale + shift * mask is BN on kept positions and 0 elsewhere.
-        out = torch.addcmul(shift.view(-1, 1, 1) * mask, y, scale.view(-1, 1, 1)).to(y.dtype)
-        if relu:
-            out.clamp_min_(0)
-        ctx.save_for_backward(y, mask, out if relu else None, count, mean, rstd, weight)
-        ctx.relu = relu
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        y, mask, out, count, mean, rstd, weight = ctx.saved_tensors
-        g = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
-        g, y = g.to(rstd.dtype), y.to(rstd.dtype)
-        # Per channel, over the kept positions: sum of g, and sum of g * xhat with
-        # xhat = (y - mean) * rstd (y is 0 where masked, so g * y needs no mask).
-        sum_g = (g.sum(0) * mask).sum((1, 2))
-        sum_g_xhat = rstd * ((g * y).sum((0, 2, 3)) - mean * sum_g)
-        scale = rstd if weight is None else rstd * weight
-        # grad_y = scale * (g - sum_g / count - xhat * sum_g_xhat / count), expanded into
-        # per-channel a * g + b * y + c.
-        k = scale * rstd * sum_g_xhat / count
-        constant = (k * mean - scale * sum_g / count).view(-1, 1, 1)
-        grad_y = torch.addcmul(constant, g, scale.view(-1, 1, 1)).addcmul_(y, -k.view(-1, 1, 1))
-        grad_weight = sum_g_xhat if weight is not None and ctx.needs_input_grad[5] else None
-        grad_bias = sum_g if ctx.needs_input_grad[6] else None
-        return grad_y, None, None, None, None, grad_weight, grad_bias, None
