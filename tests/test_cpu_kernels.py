@@ -279,3 +279,20 @@ def test_spatial_grad_weight_over_blocks_of_images(batch, input_mode):
     input_mask = rk.random_mask((12, 11, 13), 0.6, input_mode)
     check_against_reference(cpu, x * input_mask, weight, bias, mask, dict(padding=1), True,
                             TOLERANCE[torch.float32], input_mask=input_mask)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 16, 37])
+def test_row_forward_reads_the_gathered_kept_inputs(batch, layout):
+    # A neuron input mask: the row forward reads the kept inputs gathered once for the call
+    # (gather_kept), per channel in blocks of a vector of entries (here up to ~100 a channel),
+    # the batch padded to a multiple of 16 images; one channel keeps nothing, one everything.
+    x, weight, bias = torch.randn(batch, 10, 17, 19), torch.randn(12, 10, 3, 3), torch.randn(12)
+    input_mask = rk.random_mask((10, 17, 19), 0.7, "neuron")
+    input_mask[3] = False
+    input_mask[7] = True
+    x = (x * input_mask).contiguous(memory_format=getattr(torch, f"{layout}_format" if layout == "contiguous" else layout))
+    mask = rk.random_mask((12, 17, 19), 0.6, "neuron")
+    for grad in (False, True):
+        check_against_reference(cpu, x, weight, bias, mask, dict(padding=1), grad, TOLERANCE[torch.float32],
+                                input_mask=input_mask)

@@ -53,6 +53,9 @@ struct InputIndex {
   const int64_t* tap_entries;
   // Whether some position keeps some but not all channels (a neuron or group input mask).
   bool partial;
+  // With `partial`, for forward_rows: the kept values, entry e of `channels` at
+  // values[e * padded N .. + padded N), one per image (gather_kept). Null for other kernels.
+  const float* values;
 };
 
 // One instruction set's kernels (batch_vector_impl.h compiled for it). Their contracts:
@@ -63,7 +66,7 @@ struct InputIndex {
 // laid out exactly as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual)
 // everywhere. x and y: NCHW or NHWC. forward_weight: [Cout][kh][kw][Cin]. With `inputs`, each
 // tap sums over the channels kept at its input position only (where positions keep some
-// channels, only those are laid out). Scratch: taps 4 * kh * kw int64; panels
+// channels, it reads them from inputs->values and lays out no input row). Scratch: taps 4 * kh * kw int64; panels
 // panel_ring_rows(g) * W * Cin * padded N floats and panel_rows panel_ring_rows(g) * (W + 1) +
 // W + 2 * Cin + 1 + 2 * Cin * W int64; staging N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
@@ -115,6 +118,10 @@ struct InputIndex {
 // each reduction runs over the channels its input position keeps. Scratch: panels
 // panel_ring_rows(g) * W * N * Cpad + 16 * Cpad floats, panel_rows panel_ring_rows(g) * (W + 1) +
 // W + 2 * Cin + 1 + 2 * Cin * W int64.
+// gather_kept: InputIndex::values of an input x (NCHW or NHWC) for units [begin, end):
+// channels of an NCHW x, listed by channel_offsets (Cin + 1) and channel_entries (pairs
+// (position, entry), ascending positions), or positions of an NHWC x (the lists unused).
+// Scratch: 2 * padded N * padded_channels(most entries of a channel) floats.
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"
   int64_t (*padded_channels)(int64_t channels);
@@ -145,6 +152,9 @@ struct BatchVectorKernels {
                            const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                            int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
                            const InputIndex* inputs);
+  void (*gather_kept)(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s,
+                      const int64_t* channel_offsets, const int64_t* channel_entries, int64_t begin, int64_t end,
+                      float* values, float* scratch);
   void (*pack_position_weights)(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst,
                                 int64_t cout_pad, int64_t k_begin, int64_t k_end);
 };

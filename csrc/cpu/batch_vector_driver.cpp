@@ -30,7 +30,7 @@ BatchVectorGeometry batch_vector_geometry(const ConvGeometry& g) {
 // would straddle two lines.
 float* thread_scratch(int slot, size_t floats) {
   constexpr size_t kLineFloats = 64 / sizeof(float);
-  static thread_local std::vector<float> buffers[3];
+  static thread_local std::vector<float> buffers[4];
   auto& buffer = buffers[slot];
   if (buffer.size() < floats + kLineFloats) buffer.resize(floats + kLineFloats);
   const auto address = reinterpret_cast<uintptr_t>(buffer.data());
@@ -85,7 +85,7 @@ struct InputLists {
   bool partial = false;
   InputIndex index() const {
     return {data<int64_t>(offsets), data<int64_t>(channels), tap_offsets.empty() ? nullptr : tap_offsets.data(),
-            tap_entries.data(), partial};
+            tap_entries.data(), partial, nullptr};
   }
 };
 
@@ -389,6 +389,41 @@ void add_planes(float* y, const float* residual, int64_t planes, int64_t size, b
   });
 }
 
+// The kept values of an input for the row forward (InputIndex::values), gathered on all
+// threads into the calling thread's scratch slot 3: by channel for NCHW (each thread a range
+// of channels, their entries listed here per channel), by position for NHWC.
+const float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x,
+                                Strides s) {
+  const int64_t hw = g.height * g.width, cin = g.in_channels, entries = inputs.offsets[hw];
+  float* values = thread_scratch(3, entries * g.padded_batch);
+  std::vector<int64_t> channel_offsets(cin + 1, 0), channel_entries;
+  const bool nchw = s.c != 1;
+  int64_t most = 0;
+  if (nchw) {
+    for (int64_t e = 0; e < entries; ++e) ++channel_offsets[inputs.channels[e] + 1];
+    for (int64_t c = 0; c < cin; ++c) {
+      most = std::max(most, channel_offsets[c + 1]);
+      channel_offsets[c + 1] += channel_offsets[c];
+    }
+    channel_entries.resize(2 * entries);
+    std::vector<int64_t> cursor(channel_offsets.begin(), channel_offsets.end() - 1);
+    for (int64_t q = 0; q < hw; ++q)
+      for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
+        const int64_t k = cursor[inputs.channels[e]]++;
+        channel_entries[2 * k] = q;
+        channel_entries[2 * k + 1] = e;
+      }
+  }
+  const int64_t scratch_floats = 2 * g.padded_batch * batch_vector_kernels()->padded_channels(most);
+  const int64_t* offsets_data = channel_offsets.data();
+  const int64_t* entries_data = channel_entries.data();
+  torch::stable::parallel_for(0, nchw ? cin : hw, 1, [&](int64_t begin, int64_t end) {
+    batch_vector_kernels()->gather_kept(g, inputs, x, s, offsets_data, entries_data, begin, end, values,
+                                        nchw ? thread_scratch(1, scratch_floats) : nullptr);
+  });
+  return values;
+}
+
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk
 // order (deterministic for a given thread count).
 Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
@@ -401,6 +436,12 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
     return full_positions_forward(g, input, weight, bias, kept_positions, relu, channel_sums, residual, inputs);
   const auto vector_geometry = batch_vector_geometry(g);
   const auto x = addressable(input);
+  InputIndex gathered;
+  if (inputs && inputs->partial) {
+    gathered = *inputs;
+    gathered.values = gather_kept_values(vector_geometry, *inputs, data<float>(x), strides_of(x));
+    inputs = &gathered;
+  }
   const auto forward_weight = weight_taps_outside(g, weight, false, g.in_channels);  // [Cout][kh][kw][Cin]
   const auto b = (bias.has_value() && bias->defined()) ? rmask::contiguous(*bias) : Tensor();
   // Every element is written by the kernel (masked ones as zeros).

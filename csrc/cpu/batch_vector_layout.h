@@ -230,6 +230,60 @@ inline void kept_row(const BatchVectorGeometry& g, const InputIndex& inputs, con
     }
 }
 
+// The kept values of a whole input, gathered once for the row forward: value (n, c) at input
+// position q, c the j-th channel kept there, goes to values[(offsets[q] + j) * padded_batch + n]
+// (padding images 0). Units [begin, end): channels of an NCHW input, whose entries are listed
+// per channel (channel_offsets, channel_entries: pairs (q, entry), ascending q), or positions
+// of an NHWC one. An NCHW plane is read image by image for its kept positions into rows
+// [n][k] of the scratch (padded N * padded(most entries of a channel) floats, twice), turned
+// to [k][n] by register transposes and copied to the channel's entries: the scalar stores go
+// to consecutive floats (stored straight to their entries they would land a line apart, and
+// those stores, not the reads, bound the gather; docs/design.md, section 6).
+inline void gather_kept(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s,
+                        const int64_t* channel_offsets, const int64_t* channel_entries, int64_t begin, int64_t end,
+                        float* values, float* scratch) {
+  constexpr int64_t L = Simd::kLanes;
+  const int64_t batch = g.batch, padded = g.padded_batch;
+  if (s.c == 1) {  // NHWC: each position's channels are together
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
+      float* dst = values + first * padded;
+      zero_floats(dst, count * padded);
+      for (int64_t n = 0; n < batch; ++n) {
+        const float* src = x + n * s.n + q * s.position;
+        for (int64_t j = 0; j < count; ++j) dst[j * padded + n] = src[inputs.channels[first + j]];
+      }
+    }
+    return;
+  }
+  int64_t most = 0;
+  for (int64_t c = begin; c < end; ++c) {
+    const int64_t count = channel_offsets[c + 1] - channel_offsets[c];
+    most = count > most ? count : most;
+  }
+  const int64_t stride = padded_channels(most);  // floats per image row of the scratch
+  float* rows = scratch;                           // [padded N][stride]
+  float* columns = scratch + padded * stride;      // [stride][padded N]
+  for (int64_t n = batch; n < padded; ++n) zero_floats(rows + n * stride, stride);
+  for (int64_t c = begin; c < end; ++c) {
+    const int64_t* entries = channel_entries + 2 * channel_offsets[c];
+    const int64_t count = channel_offsets[c + 1] - channel_offsets[c];
+    if (count == 0) continue;
+    for (int64_t n = 0; n < batch; ++n) {
+      const float* plane = x + n * s.n + c * s.c;
+      float* row = rows + n * stride;
+      for (int64_t k = 0; k < count; ++k) row[k] = plane[entries[2 * k] * s.position];
+    }
+    for (int64_t k0 = 0; k0 < count; k0 += L)
+      for (int64_t n0 = 0; n0 < padded; n0 += L) Simd::transpose(rows + n0 * stride + k0, stride, columns + k0 * padded + n0, padded);
+    for (int64_t k = 0; k < count; ++k) {
+      float* dst = values + entries[2 * k + 1] * padded;
+      const float* src = columns + k * padded;
+      for (int64_t v = 0; v < padded; v += L) Simd::store(dst + v, Simd::load(src + v));
+    }
+  }
+}
+
 // Whether a kept output position reads a block of Simd::kLanes input positions through some
 // tap. A type of these headers' own (see batch_vector_impl.h): a std::vector<uint8_t>
 // instantiated here would be shared with code compiled for another CPU.

@@ -207,16 +207,10 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   const int64_t cout = g.out_channels, wo = g.out_width, panel_size = g.width * g.in_channels * g.padded_batch;
   const int64_t slots = panel_ring_rows(g);
   for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
-  // With an input mask that keeps some channels of a position, the rows are laid out compactly:
-  // position w's kept channels at starts[slot][w], [j][n] (kept_row).
-  const bool compact = inputs && inputs->partial;
-  int64_t* starts = panel_rows + slots;             // [slot][w]
-  int64_t* ones = starts + slots * g.width;         // [w]: 1, kept_row's image step
-  int64_t* by_channel = ones + g.width;             // kept_row's scratch
-  int64_t* cursor = by_channel + g.in_channels + 1;
-  int64_t* pairs = cursor + g.in_channels;
-  if (compact)
-    for (int64_t w = 0; w < g.width; ++w) ones[w] = 1;
+  // With an input mask that keeps some channels of a position, its kept values come gathered
+  // (gather_kept: position q's kept channels at entries offsets[q] ..., [entry][n]) and the
+  // taps read them there; no input row is laid out.
+  const float* gathered = inputs && inputs->partial ? inputs->values : nullptr;
   const int64_t image_stride = staged_image_stride(g);  // see staged_image_stride
   const Strides staged{image_stride, wo, 1};
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
@@ -229,16 +223,15 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   std::vector<KeptWord> kept(cout * words);
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
-    ring_panels(g, oh, panels, panel_size, panel_rows, row_panel, [&](int64_t ih, float* panel) {
-      if (!compact) return row_to_batch_last(g, x, x_strides, ih, panel);
-      int64_t* start = starts + (panel - panels) / panel_size * g.width;
-      int64_t size = 0;
-      for (int64_t w = 0; w < g.width; ++w) {
-        start[w] = size;
-        size += (inputs->offsets[ih * g.width + w + 1] - inputs->offsets[ih * g.width + w]) * g.padded_batch;
+    if (gathered) {
+      for (int64_t i = 0; i < g.kernel_h; ++i) {
+        const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+        row_panel[i] = ih >= 0 && ih < g.height ? gathered : nullptr;
       }
-      kept_row(g, *inputs, x, x_strides, ih, start, g.padded_batch, ones, size, panel, by_channel, cursor, pairs);
-    });
+    } else {
+      ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
+                  [&](int64_t ih, float* panel) { row_to_batch_last(g, x, x_strides, ih, panel); });
+    }
     for (KeptWord& word : kept) word.bits = 0;
     for (int64_t ow = 0; ow < wo; ++ow)
       for (int64_t e = position_offsets[oh * wo + ow]; e < position_offsets[oh * wo + ow + 1]; ++e)
@@ -247,7 +240,7 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
     // While the row computes, the input row the next output row lays out first, fetched a
     // part per output column.
     const int64_t next_ih = (oh + 1) * g.stride_h - g.pad_h + (g.kernel_h - 1) * g.dilation_h;
-    const bool fetch_next = oh + 1 < row_end && next_ih >= 0 && next_ih < g.height;
+    const bool fetch_next = !gathered && oh + 1 < row_end && next_ih >= 0 && next_ih < g.height;
     for (int64_t ow = 0; ow < wo; ++ow) {
       if (fetch_next) prefetch_row(x, x_strides, g.batch, g.in_channels, next_ih * g.width, g.width, ow, wo);
       const int64_t p = oh * wo + ow;
@@ -261,13 +254,13 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
           const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dilation_w;
           if (iw < 0 || iw >= g.width) continue;
           int64_t first = -1, count = g.in_channels;  // every channel
-          int64_t at = (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
+          int64_t at = gathered ? 0 : (row_panel[i] - panels) + iw * g.in_channels * g.padded_batch;
           if (inputs) {
             const int64_t q = ih * g.width + iw;
             count = inputs->offsets[q + 1] - inputs->offsets[q];
             if (count == 0) continue;
             if (count < g.in_channels) first = inputs->offsets[q];
-            if (compact) at = (row_panel[i] - panels) + starts[(row_panel[i] - panels) / panel_size * g.width + iw];
+            if (gathered) at = inputs->offsets[q] * g.padded_batch;
           }
           taps[4 * ntaps] = (i * g.kernel_w + j) * g.in_channels;
           taps[4 * ntaps + 1] = at;
@@ -277,17 +270,18 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
         }
       }
       const int64_t* in_channels = inputs ? inputs->channels : nullptr;
+      const float* base = gathered ? gathered : panels;  // what the taps' offsets are from
       for (int64_t nb = 0; nb < g.batch; nb += kVectors * Simd::kLanes) {
         const int nv = tile_vectors(g, nb);
         for (int64_t e = e0; e < e1;) {
           const int tile = even_tile(e1 - e, kTile);
           with_count<kTile>(tile, [&](auto ch) {
             if (nv == kVectors)
-              forward_block<decltype(ch)::value, kVectors>(g, panels, forward_weight, bias, block_relu,
+              forward_block<decltype(ch)::value, kVectors>(g, base, forward_weight, bias, block_relu,
                                                            position_channels + e, taps, ntaps, ow, nb, staging,
                                                            staged, in_channels);
             else
-              forward_block<decltype(ch)::value, 1>(g, panels, forward_weight, bias, block_relu,
+              forward_block<decltype(ch)::value, 1>(g, base, forward_weight, bias, block_relu,
                                                     position_channels + e, taps, ntaps, ow, nb, staging, staged,
                                                     in_channels);
           });
