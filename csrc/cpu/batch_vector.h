@@ -53,9 +53,11 @@ struct InputIndex {
   const int64_t* tap_entries;
   // Whether some position keeps some but not all channels (a neuron or group input mask).
   bool partial;
-  // With `partial`, for forward_rows: the kept values, entry e of `channels` at
-  // values[e * padded N .. + padded N), one per image (gather_kept). Null for other kernels.
-  const float* values;
+  // With `partial`: per entry e of `channels` (a kept input), one float per image at
+  // values[e * padded N .. + padded N): forward_rows reads the kept inputs there
+  // (gather_kept), grad_input_rows writes their gradients there (then scatter_kept). Null
+  // for the other kernels.
+  float* values;
 };
 
 // One instruction set's kernels (batch_vector_impl.h compiled for it). Their contracts:
@@ -66,9 +68,9 @@ struct InputIndex {
 // laid out exactly as y, NHWC then contiguous), y = relu?(that, before its ReLU, + residual)
 // everywhere. x and y: NCHW or NHWC. forward_weight: [Cout][kh][kw][Cin]. With `inputs`, each
 // tap sums over the channels kept at its input position only (where positions keep some
-// channels, it reads them from inputs->values and lays out no input row). Scratch: taps 4 * kh * kw int64; panels
-// panel_ring_rows(g) * W * Cin * padded N floats and panel_rows panel_ring_rows(g) * (W + 1) +
-// W + 2 * Cin + 1 + 2 * Cin * W int64; staging N * (Cout * Wout + 16) floats.
+// channels, it reads them from inputs->values and lays out no input row). Scratch: taps 4 *
+// kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats and panel_rows
+// panel_ring_rows(g) * (W + 1) + W int64; staging N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 //
@@ -115,13 +117,18 @@ struct InputIndex {
 // [row_begin, row_end) and images n: gy_pos[e(p, c), n] * x[n, ci, q(p, tap)]. grad_w_part:
 // [Cout][kh * kw][Cpad], Cpad = padded_channels(Cin); x NCHW or NHWC. With `inputs`, taps
 // that read a position keeping no channel are skipped, and where positions keep some channels
-// each reduction runs over the channels its input position keeps. Scratch: panels
-// panel_ring_rows(g) * W * N * Cpad + 16 * Cpad floats, panel_rows panel_ring_rows(g) * (W + 1) +
-// W + 2 * Cin + 1 + 2 * Cin * W int64.
+// each reduction runs over the channels its input position keeps, read from inputs->values
+// (which must hold 16 entries past the last). Scratch: panels panel_ring_rows(g) * W * N *
+// Cpad + 16 * Cpad floats, panel_rows panel_ring_rows(g) * (W + 1) + W int64.
+// grad_input_rows with inputs->values (a partial input mask): the gradient of each kept input
+// entry into values (as InputIndex says), and grad_x untouched: scatter_kept writes it.
+//
 // gather_kept: InputIndex::values of an input x (NCHW or NHWC) for units [begin, end):
 // channels of an NCHW x, listed by channel_offsets (Cin + 1) and channel_entries (pairs
 // (position, entry), ascending positions), or positions of an NHWC x (the lists unused).
 // Scratch: 2 * padded N * padded_channels(most entries of a channel) floats.
+// scatter_kept: the inverse, into every element of x (0 where the input mask drops it), for
+// the same units; streaming stores. Scratch: that of gather_kept + H * W floats.
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"
   int64_t (*padded_channels)(int64_t channels);
@@ -155,6 +162,9 @@ struct BatchVectorKernels {
   void (*gather_kept)(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s,
                       const int64_t* channel_offsets, const int64_t* channel_entries, int64_t begin, int64_t end,
                       float* values, float* scratch);
+  void (*scatter_kept)(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s,
+                       const int64_t* channel_offsets, const int64_t* channel_entries, int64_t begin, int64_t end,
+                       const float* values, float* scratch);
   void (*pack_position_weights)(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst,
                                 int64_t cout_pad, int64_t k_begin, int64_t k_end);
 };

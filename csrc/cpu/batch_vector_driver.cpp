@@ -153,8 +153,7 @@ struct CallInputs {
 
 // The int64 scratch of a row kernel's panel ring (panel_rows, batch_vector.h).
 int64_t panel_index_scratch(const ConvGeometry& g) {
-  return panel_ring_rows(batch_vector_geometry(g)) * (g.width + 1) + g.width + 2 * g.in_channels + 1 +
-         2 * g.in_channels * g.width;
+  return panel_ring_rows(batch_vector_geometry(g)) * (g.width + 1) + g.width;
 }
 
 // The forward for spatial masks (see spatial_mask): BatchVectorKernels::forward_positions,
@@ -389,39 +388,71 @@ void add_planes(float* y, const float* residual, int64_t planes, int64_t size, b
   });
 }
 
-// The kept values of an input for the row forward (InputIndex::values), gathered on all
-// threads into the calling thread's scratch slot 3: by channel for NCHW (each thread a range
-// of channels, their entries listed here per channel), by position for NHWC.
-const float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x,
-                                Strides s) {
-  const int64_t hw = g.height * g.width, cin = g.in_channels, entries = inputs.offsets[hw];
-  float* values = thread_scratch(3, entries * g.padded_batch);
-  std::vector<int64_t> channel_offsets(cin + 1, 0), channel_entries;
-  const bool nchw = s.c != 1;
-  int64_t most = 0;
-  if (nchw) {
-    for (int64_t e = 0; e < entries; ++e) ++channel_offsets[inputs.channels[e] + 1];
+// A partial input mask's entries (InputIndex) listed by channel, for gather_kept and
+// scatter_kept on an NCHW tensor: channel c's pairs (position, entry) at entries[2 * k],
+// entries[2 * k + 1] for k in [offsets[c], offsets[c + 1]), ascending positions. Empty for
+// NHWC, whose kernels go by position. `units`: what the kernels split among threads.
+struct ChannelEntries {
+  std::vector<int64_t> offsets, entries;
+  int64_t most = 0;  // the most entries of one channel
+  int64_t units = 0;
+  int64_t scratch_floats = 0;  // per thread, for gather_kept (scatter_kept adds H * W)
+
+  ChannelEntries(const BatchVectorGeometry& g, const InputIndex& inputs, Strides s) {
+    const int64_t hw = g.height * g.width, cin = g.in_channels, total = inputs.offsets[hw];
+    units = hw;
+    if (s.c == 1) return;
+    units = cin;
+    offsets.assign(cin + 1, 0);
+    for (int64_t e = 0; e < total; ++e) ++offsets[inputs.channels[e] + 1];
     for (int64_t c = 0; c < cin; ++c) {
-      most = std::max(most, channel_offsets[c + 1]);
-      channel_offsets[c + 1] += channel_offsets[c];
+      most = std::max(most, offsets[c + 1]);
+      offsets[c + 1] += offsets[c];
     }
-    channel_entries.resize(2 * entries);
-    std::vector<int64_t> cursor(channel_offsets.begin(), channel_offsets.end() - 1);
+    entries.resize(2 * total);
+    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
     for (int64_t q = 0; q < hw; ++q)
       for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
         const int64_t k = cursor[inputs.channels[e]]++;
-        channel_entries[2 * k] = q;
-        channel_entries[2 * k + 1] = e;
+        entries[2 * k] = q;
+        entries[2 * k + 1] = e;
       }
+    scratch_floats = 2 * g.padded_batch * batch_vector_kernels()->padded_channels(most);
   }
-  const int64_t scratch_floats = 2 * g.padded_batch * batch_vector_kernels()->padded_channels(most);
-  const int64_t* offsets_data = channel_offsets.data();
-  const int64_t* entries_data = channel_entries.data();
-  torch::stable::parallel_for(0, nchw ? cin : hw, 1, [&](int64_t begin, int64_t end) {
-    batch_vector_kernels()->gather_kept(g, inputs, x, s, offsets_data, entries_data, begin, end, values,
-                                        nchw ? thread_scratch(1, scratch_floats) : nullptr);
+};
+
+// InputIndex::values for a call, in the calling thread's scratch slot 3: padded N floats per
+// kept input entry, and for a vector (at most 16) of entries past the last, zeros, which grad
+// weight's layout reads (entries_image_major).
+float* entry_values(const BatchVectorGeometry& g, const InputIndex& inputs) {
+  constexpr int64_t kTail = 16;
+  const int64_t entries = inputs.offsets[g.height * g.width];
+  float* values = thread_scratch(3, (entries + kTail) * g.padded_batch);
+  std::fill(values + entries * g.padded_batch, values + (entries + kTail) * g.padded_batch, 0.0f);
+  return values;
+}
+
+// The kept values of an input for the row forward, gathered on all threads: by channel for
+// NCHW (each thread a range of channels), by position for NHWC.
+float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s) {
+  float* values = entry_values(g, inputs);
+  const ChannelEntries lists(g, inputs, s);
+  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
+    batch_vector_kernels()->gather_kept(g, inputs, x, s, lists.offsets.data(), lists.entries.data(), begin, end,
+                                        values, lists.scratch_floats ? thread_scratch(1, lists.scratch_floats) : nullptr);
   });
   return values;
+}
+
+// The inverse, on all threads: every element of x from the entries' values (0 elsewhere).
+void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* values, float* x,
+                         Strides s) {
+  const ChannelEntries lists(g, inputs, s);
+  const int64_t scratch = lists.scratch_floats ? lists.scratch_floats + g.height * g.width : 0;
+  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
+    batch_vector_kernels()->scatter_kept(g, inputs, x, s, lists.offsets.data(), lists.entries.data(), begin, end,
+                                         values, scratch ? thread_scratch(1, scratch) : nullptr);
+  });
 }
 
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk
@@ -518,13 +549,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
     grad_input = empty_output(input.sizes(), ScalarType::Float, suggest_memory_format(input));
     const Strides grad_input_strides = strides_of(grad_input);
     float* grad_input_data = data<float>(grad_input);
+    // A partial input mask: the kept entries' gradients first, then grad_input from them.
+    InputIndex kept_entries;
+    const InputIndex* grad_inputs = inputs;
+    if (inputs && inputs->partial) {
+      kept_entries = *inputs;
+      kept_entries.values = entry_values(vector_geometry, *inputs);
+      grad_inputs = &kept_entries;
+    }
     torch::stable::parallel_for(0, g.height, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> contributions(3 * g.kernel_h * g.kernel_w);
       float* panel = thread_scratch(0, g.width * g.in_channels * vector_geometry.padded_batch);
       batch_vector_kernels()->grad_input_rows(vector_geometry, row_values, backward_weight_data, offsets, channels,
                                               begin, end, grad_input_data, grad_input_strides, contributions.data(),
-                                              panel, inputs);
+                                              panel, grad_inputs);
     });
+    if (grad_inputs != inputs)
+      scatter_kept_values(vector_geometry, kept_entries, kept_entries.values, grad_input_data, grad_input_strides);
   }
   if (need_weight) {
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so
@@ -536,12 +577,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
     auto partial = zeros({row_chunks(g.out_height), g.out_channels, taps, cin_pad}, ScalarType::Float, device);
     float* partial_data = data<float>(partial);
     const int64_t slots = panel_ring_rows(vector_geometry);
+    InputIndex gathered;  // a partial input mask: its kept values gathered once
+    const InputIndex* weight_inputs = inputs;
+    if (inputs && inputs->partial) {
+      gathered = *inputs;
+      gathered.values = gather_kept_values(vector_geometry, *inputs, x_data, x_strides);
+      weight_inputs = &gathered;
+    }
     parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
       float* panels = thread_scratch(0, slots * g.width * g.batch * cin_pad + 16 * cin_pad);
       std::vector<int64_t> panel_rows(panel_index_scratch(g));
       batch_vector_kernels()->grad_weight_rows(vector_geometry, row_values, x_data, x_strides, offsets, channels,
                                                first, last, partial_data + chunk * g.out_channels * taps * cin_pad,
-                                               panels, panel_rows.data(), inputs);
+                                               panels, panel_rows.data(), weight_inputs);
     });
     grad_weight = sum_weight_partials(g, partial);
   }

@@ -58,4 +58,4 @@ int64_t padded_channels(int64_t channels) { return (channels + Simd::kLanes - 1)
 
 const BatchVectorKernels kernels = {kName,          padded_channels,  forward_rows,    forward_positions,
                                     backward_positions, kept_gradient_rows, grad_input_rows, grad_weight_rows,
-                                    gather_kept,        pack_position_weights};
+                                    gather_kept,        scatter_kept,       pack_position_weights};

@@ -179,55 +179,26 @@ inline void row_to_batch_last(const BatchVectorGeometry& g, const float* src, St
   row_batch_last(true, g.batch, g.padded_batch, g.in_channels, g.width, const_cast<float*>(src), s, row, dst);
 }
 
-// The kept values of input row `ih` (the lists of `inputs`), laid out: value (n, c) of position
-// w, c the j-th channel kept there, goes to panel[at[w] + j * channel_step + n * image_step[w]];
-// the other floats of panel[0 .. size) are 0. NCHW input is read channel row by channel row
-// (a miss each: prefetched ahead), each value stored to its slot; NHWC position by position.
-// Scratch: by_channel Cin + 1, cursor Cin, pairs 2 * Cin * W int64.
-inline void kept_row(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s, int64_t ih,
-                     const int64_t* at, int64_t channel_step, const int64_t* image_step, int64_t size, float* panel,
-                     int64_t* by_channel, int64_t* cursor, int64_t* pairs) {
-  const int64_t batch = g.batch, cin = g.in_channels, first_q = ih * g.width;
-  zero_floats(panel, size);
-  if (s.c == 1) {  // NHWC: each position's channels are together
-    for (int64_t w = 0; w < g.width; ++w) {
-      const int64_t q = first_q + w, first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
-      for (int64_t n = 0; n < batch; ++n) {
-        float* dst = panel + at[w] + n * image_step[w];
-        const float* src = x + n * s.n + q * s.position;
-        for (int64_t j = 0; j < count; ++j) dst[j * channel_step] = src[inputs.channels[first + j]];
-      }
-    }
-    return;
-  }
-  // NCHW: the kept (c, w) of the row grouped by channel, so that each image's channel rows are
-  // read in order.
-  for (int64_t c = 0; c <= cin; ++c) by_channel[c] = 0;
-  for (int64_t e = inputs.offsets[first_q]; e < inputs.offsets[first_q + g.width]; ++e)
-    ++by_channel[inputs.channels[e] + 1];
-  for (int64_t c = 0; c < cin; ++c) by_channel[c + 1] += by_channel[c];
-  for (int64_t c = 0; c < cin; ++c) cursor[c] = by_channel[c];
+// Input row ih's kept entries (InputIndex::values, [entry][padded N]) image-major for grad
+// weight: position w's at panel[at[w] + n * lanes[w] + j] for its j-th kept channel; lanes[w]
+// is its kept count padded to a vector, and the lanes past the count hold the next entries'
+// values (lanes of the reduction whose sums are never added to a gradient), so values must
+// hold a vector of entries past the last. Register transposes, images left over one by one.
+inline void entries_image_major(const BatchVectorGeometry& g, const InputIndex& inputs, int64_t ih, const int64_t* at,
+                                const int64_t* lanes, float* panel) {
+  constexpr int64_t L = Simd::kLanes;
+  const int64_t batch = g.batch, padded = g.padded_batch, whole = batch / L * L;
   for (int64_t w = 0; w < g.width; ++w) {
-    const int64_t q = first_q + w;
-    for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
-      const int64_t k = cursor[inputs.channels[e]]++;
-      pairs[2 * k] = w;
-      pairs[2 * k + 1] = at[w] + (e - inputs.offsets[q]) * channel_step;
+    const float* src = inputs.values + inputs.offsets[ih * g.width + w] * padded;
+    float* dst = panel + at[w];
+    const int64_t stride = lanes[w];
+    for (int64_t k0 = 0; k0 < stride; k0 += L) {
+      for (int64_t n0 = 0; n0 < whole; n0 += L)
+        Simd::transpose(src + k0 * padded + n0, padded, dst + n0 * stride + k0, stride);
+      for (int64_t n = whole; n < batch; ++n)
+        for (int64_t k = k0; k < k0 + L; ++k) dst[n * stride + k] = src[k * padded + n];
     }
   }
-  constexpr int64_t kAhead = 32;  // channel rows prefetched ahead
-  const int64_t row_offset = first_q * s.position;
-  for (int64_t n = 0; n < batch; ++n)
-    for (int64_t c = 0; c < cin; ++c) {
-      const float* row = x + n * s.n + c * s.c + row_offset;
-      const int64_t ahead = n * cin + c + kAhead;  // the (image, channel) row kAhead on
-      if (ahead < batch * cin) {
-        const float* next = x + ahead / cin * s.n + ahead % cin * s.c + row_offset;
-        for (int64_t w = 0; w < g.width; w += 16) __builtin_prefetch(next + w);
-      }
-      for (int64_t k = by_channel[c]; k < by_channel[c + 1]; ++k)
-        panel[pairs[2 * k + 1] + n * image_step[pairs[2 * k]]] = row[pairs[2 * k] * s.position];
-    }
 }
 
 // The kept values of a whole input, gathered once for the row forward: value (n, c) at input
@@ -282,6 +253,55 @@ inline void gather_kept(const BatchVectorGeometry& g, const InputIndex& inputs, 
       for (int64_t v = 0; v < padded; v += L) Simd::store(dst + v, Simd::load(src + v));
     }
   }
+}
+
+// The inverse of gather_kept: every element of x, values[(offsets[q] + j) * padded_batch + n]
+// at (n, c, q) for the j-th channel c kept at q, 0 elsewhere. NCHW: per channel, its entries'
+// rows copied into [k][n] scratch and transposed to [n][k]; each image's plane is built in
+// scratch (zeros, then the channel's kept values) and streamed out whole.
+inline void scatter_kept(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s,
+                         const int64_t* channel_offsets, const int64_t* channel_entries, int64_t begin, int64_t end,
+                         const float* values, float* scratch) {
+  constexpr int64_t L = Simd::kLanes;
+  const int64_t batch = g.batch, padded = g.padded_batch, hw = g.height * g.width, cin = g.in_channels;
+  if (s.c == 1) {  // NHWC: each position's channels are together
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t first = inputs.offsets[q], count = inputs.offsets[q + 1] - first;
+      for (int64_t n = 0; n < batch; ++n) {
+        float* dst = x + n * s.n + q * s.position;
+        zero_floats(dst, cin);
+        for (int64_t j = 0; j < count; ++j) dst[inputs.channels[first + j]] = values[(first + j) * padded + n];
+      }
+    }
+    return;
+  }
+  int64_t most = 0;
+  for (int64_t c = begin; c < end; ++c) {
+    const int64_t count = channel_offsets[c + 1] - channel_offsets[c];
+    most = count > most ? count : most;
+  }
+  const int64_t stride = padded_channels(most);
+  float* rows = scratch;                       // [padded N][stride]
+  float* columns = scratch + padded * stride;  // [stride][padded N]
+  float* plane = columns + stride * padded;    // [H * W]
+  for (int64_t c = begin; c < end; ++c) {
+    const int64_t* entries = channel_entries + 2 * channel_offsets[c];
+    const int64_t count = channel_offsets[c + 1] - channel_offsets[c];
+    for (int64_t k = 0; k < count; ++k) {
+      const float* src = values + entries[2 * k + 1] * padded;
+      float* dst = columns + k * padded;
+      for (int64_t v = 0; v < padded; v += L) Simd::store(dst + v, Simd::load(src + v));
+    }
+    for (int64_t k0 = 0; k0 < count; k0 += L)
+      for (int64_t n0 = 0; n0 < padded; n0 += L) Simd::transpose(columns + k0 * padded + n0, padded, rows + n0 * stride + k0, stride);
+    for (int64_t n = 0; n < batch; ++n) {
+      zero_floats(plane, hw);
+      const float* row = rows + n * stride;
+      for (int64_t k = 0; k < count; ++k) plane[entries[2 * k]] = row[k];
+      floats_out(x + n * s.n + c * s.c, plane, nullptr, nullptr, hw, false, true);
+    }
+  }
+  _mm_sfence();  // the streaming stores are visible before the caller reads x
 }
 
 // Whether a kept output position reads a block of Simd::kLanes input positions through some

@@ -46,7 +46,7 @@ __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const
           for (int v = 0; v < NV; ++v) acc[k][v] = Simd::fma(w, x[v], acc[k][v]);
         }
       }
-    } else {  // the channels kept at the tap's input position, laid out compactly (kept_row)
+    } else {  // the channels kept at the tap's input position, their entries (gather_kept)
       const int64_t* listed = in_channels + taps[4 * t + 2];
       for (int64_t j = 0, count = taps[4 * t + 3]; j < count; ++j) {
         const int64_t ci = listed[j];
@@ -79,8 +79,9 @@ __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const
 }
 
 // grad-input: CH input channels at one input position, NV vectors of images from nb: channels
-// ci0 ... ci0 + CH - 1, or with Listed, listed[0 .. CH).
-template <int CH, int NV, bool Listed = false>
+// ci0 ... ci0 + CH - 1, or with Listed, listed[0 .. CH). Stored at panel's position q, channel
+// by channel, or with Entries, the k-th at panel + k * padded N (its entry, see InputIndex).
+template <int CH, int NV, bool Listed = false, bool Entries = false>
 __attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, const float* gy_pos,
                                                 const float* backward_weight, const int64_t* position_channels,
                                                 const int64_t* contributions, int64_t ncontrib, int64_t ci0, int64_t q,
@@ -109,12 +110,12 @@ __attribute__((noinline)) void grad_input_block(const BatchVectorGeometry& g, co
       }
     }
   }
-  float* out = panel + (q * cin + ci0) * padded_batch + nb;
+  float* out = (Entries ? panel : panel + (q * cin + ci0) * padded_batch) + nb;
 #pragma GCC unroll 16
   for (int k = 0; k < CH; ++k)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v)
-      Simd::store(out + (Listed ? listed[k] - ci0 : k) * padded_batch + v * Simd::kLanes, acc[k][v]);
+      Simd::store(out + (Listed && !Entries ? listed[k] - ci0 : k) * padded_batch + v * Simd::kLanes, acc[k][v]);
 }
 
 // grad-weight: CH output channels kept at one position, one tap, NV vectors of input
@@ -333,7 +334,10 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
                      const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                      int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel,
                      const InputIndex* inputs) {
-  // Each input row is computed batch-last into a cache-resident panel, then transposed out.
+  // Each input row is computed batch-last into a cache-resident panel, then transposed out;
+  // with an input mask that keeps some channels of a position, each kept entry's gradient goes
+  // to inputs->values instead (its position's entries together, [entry][n]).
+  float* entries = inputs && inputs->partial ? inputs->values : nullptr;
   const int64_t position_floats = g.in_channels * g.padded_batch;
   for (int64_t ih = row_begin; ih < row_end; ++ih) {
     for (int64_t iw = 0; iw < g.width; ++iw) {
@@ -342,7 +346,7 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
       if (inputs) {
         const int64_t q = ih * g.width + iw;
         first = inputs->offsets[q], kept = inputs->offsets[q + 1] - first;
-        if (kept < g.in_channels) zero_floats(panel + iw * position_floats, position_floats);
+        if (kept < g.in_channels && !entries) zero_floats(panel + iw * position_floats, position_floats);
         if (kept == 0) continue;
       }
       int64_t ncontrib = 0;  // (tap, first, last) of the kept outputs this input position feeds
@@ -364,6 +368,9 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
           ++ncontrib;
         }
       }
+      // Where the position's gradient goes: its entries, or its place in the panel.
+      float* out = entries ? entries + first * g.padded_batch : panel;
+      const int64_t at = entries ? 0 : iw;
       if (kept < g.in_channels) {
         const int64_t* listed = inputs->channels + first;
         for (int64_t nb = 0; nb < g.batch; nb += kVectors * Simd::kLanes) {
@@ -371,13 +378,22 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
           for (int64_t j = 0, count = 0; j < kept; j += count) {
             count = even_tile(kept - j, kTile);
             with_count<kTile>(static_cast<int>(count), [&](auto ch) {
-              if (nv == kVectors)
-                grad_input_block<decltype(ch)::value, kVectors, true>(g, gy_pos, backward_weight, position_channels,
-                                                                      contributions, ncontrib, 0, iw, nb, panel,
-                                                                      listed + j);
-              else
-                grad_input_block<decltype(ch)::value, 1, true>(g, gy_pos, backward_weight, position_channels,
-                                                               contributions, ncontrib, 0, iw, nb, panel, listed + j);
+              constexpr int C = decltype(ch)::value;
+              if (entries) {
+                float* to = out + j * g.padded_batch;
+                if (nv == kVectors)
+                  grad_input_block<C, kVectors, true, true>(g, gy_pos, backward_weight, position_channels,
+                                                            contributions, ncontrib, 0, 0, nb, to, listed + j);
+                else
+                  grad_input_block<C, 1, true, true>(g, gy_pos, backward_weight, position_channels, contributions,
+                                                     ncontrib, 0, 0, nb, to, listed + j);
+              } else if (nv == kVectors) {
+                grad_input_block<C, kVectors, true>(g, gy_pos, backward_weight, position_channels, contributions,
+                                                    ncontrib, 0, iw, nb, panel, listed + j);
+              } else {
+                grad_input_block<C, 1, true>(g, gy_pos, backward_weight, position_channels, contributions,
+                                             ncontrib, 0, iw, nb, panel, listed + j);
+              }
             });
           }
         }
@@ -390,15 +406,15 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
           with_count<kTile>(static_cast<int>(count), [&](auto ch) {
             if (nv == kVectors)
               grad_input_block<decltype(ch)::value, kVectors>(g, gy_pos, backward_weight, position_channels,
-                                                              contributions, ncontrib, ci0, iw, nb, panel);
+                                                              contributions, ncontrib, ci0, at, nb, out);
             else
               grad_input_block<decltype(ch)::value, 1>(g, gy_pos, backward_weight, position_channels,
-                                                       contributions, ncontrib, ci0, iw, nb, panel);
+                                                       contributions, ncontrib, ci0, at, nb, out);
           });
         }
       }
     }
-    row_batch_last(false, g.batch, g.padded_batch, g.in_channels, g.width, grad_x, x_strides, ih, panel);
+    if (!entries) row_batch_last(false, g.batch, g.padded_batch, g.in_channels, g.width, grad_x, x_strides, ih, panel);
   }
 }
 
@@ -452,18 +468,15 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
   // Position-major: each input panel is loaded once per output position and serves every
   // channel kept there; the images are the reduction, the input channels the SIMD lanes. With
   // an input mask that keeps some but not all channels of some positions, each input row is
-  // laid out compactly, per position its kept channels only (position w: [N][padded kept],
-  // zero-padded, at starts[slot][w]), each reduction runs over its tap's kept channels, and
-  // its sums are added to those channels' gradients.
+  // laid out from the gathered entries (inputs->values), per position its kept channels only
+  // (position w: [N][padded kept], at starts[slot][w]), each reduction runs over its tap's kept
+  // channels, and its sums are added to those channels' gradients.
   const int64_t cin_pad = padded_channels(g.in_channels), ntaps = g.kernel_h * g.kernel_w, batch = g.batch;
   const int64_t panel_size = g.width * batch * cin_pad, slots = panel_ring_rows(g);
   const bool compact = inputs && inputs->partial;
   for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
   int64_t* starts = panel_rows + slots;                       // [slot][w]
   int64_t* padded = starts + slots * g.width;                 // [w]: padded kept channels, the row being laid out
-  int64_t* by_channel = padded + g.width;                     // kept_row's scratch
-  int64_t* cursor = by_channel + g.in_channels + 1;
-  int64_t* pairs = cursor + g.in_channels;
   float* sums = panels + slots * panel_size;                  // [kWeightTile][kept_pad]: one tap's sums
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];
@@ -477,7 +490,7 @@ void grad_weight_rows(const BatchVectorGeometry& g, const float* gy_pos, const f
         start[w] = size;
         size += batch * padded[w];
       }
-      kept_row(g, *inputs, x, x_strides, ih, start, 1, padded, size, panel, by_channel, cursor, pairs);
+      entries_image_major(g, *inputs, ih, start, padded, panel);
     });
     for (int64_t ow = 0; ow < g.out_width; ++ow) {
       const int64_t p = oh * g.out_width + ow;
