@@ -60,6 +60,20 @@ struct InputIndex {
   float* values;
 };
 
+// The kept entries of an [N][C][H * W] tensor, as gather_kept and scatter_kept read them: by
+// position (H * W + 1 offsets; at position q, channels[offsets[q] .. offsets[q + 1]), entry e
+// the e-th listed), the CSR of an InputIndex or of a kept index; and for an NCHW tensor by
+// channel (C + 1 channel_offsets; channel_entries pairs (q, e), ascending q). Built by the
+// driver (batch_vector_driver.cpp).
+struct KeptEntries {
+  int64_t batch, padded_batch, channel_count, positions;
+  const int64_t* offsets;
+  const int64_t* channels;
+  const int64_t* channel_offsets;
+  const int64_t* channel_entries;
+  int64_t most_of_a_channel;  // the most entries one channel has
+};
+
 // One instruction set's kernels (batch_vector_impl.h compiled for it). Their contracts:
 //
 // forward_rows: y[n, c, p] = relu?(bias[c] + sum_{taps, ci} forward_weight[c, tap, ci] *
@@ -100,11 +114,6 @@ struct InputIndex {
 // k = ci * taps + t in [k_begin, k_end) (k_begin a multiple of padded_channels(1)), so that
 // threads can share the work.
 //
-// kept_gradient_rows: for the kept (p, c) pairs of output rows [row_begin, row_end), row e(p, c)
-// of `rows` (padded_batch floats, zero past the batch) = gy[:, c, p], and with `gate` (not
-// null: a fused ReLU's output) 0 where gate[:, c, p] is not > 0; gy and gate NCHW or NHWC.
-// Scratch: panel, and with a gate gate_panel, Wout * Cout * padded_batch floats each.
-//
 // grad_input_rows: grad_x[n, ci, q] = sum over taps mapping q to a kept output (p, c):
 // backward_weight[tap, c, ci] * gy_pos[e(p, c), n] for the input positions q of rows [row_begin, row_end);
 // grad_x NCHW or NHWC, every element of those rows written (with `inputs`: 0 at the masked
@@ -123,12 +132,12 @@ struct InputIndex {
 // grad_input_rows with inputs->values (a partial input mask): the gradient of each kept input
 // entry into values (as InputIndex says), and grad_x untouched: scatter_kept writes it.
 //
-// gather_kept: InputIndex::values of an input x (NCHW or NHWC) for units [begin, end):
-// channels of an NCHW x, listed by channel_offsets (Cin + 1) and channel_entries (pairs
-// (position, entry), ascending positions), or positions of an NHWC x (the lists unused).
-// Scratch: 2 * padded N * padded_channels(most entries of a channel) floats.
-// scatter_kept: the inverse, into every element of x (0 where the input mask drops it), for
-// the same units; streaming stores. Scratch: that of gather_kept + H * W floats.
+// gather_kept: for the entries e = (q, c) of `kept` in units [begin, end) (channels of an
+// NCHW x, positions of an NHWC one), values[e * padded N + n] = x[n, c, q], and with `gate`
+// (not null: a fused ReLU's output, laid out as gate_strides) 0 where gate[n, c, q] is not > 0;
+// 0 in the padding images. Scratch (NCHW): 2 * padded N * padded_channels(most_of_a_channel)
+// floats. scatter_kept: the inverse, ungated, into every element of x (0 at the other
+// entries), for the same units; streaming stores. Scratch: that of gather_kept + H * W floats.
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"
   int64_t (*padded_channels)(int64_t channels);
@@ -147,10 +156,6 @@ struct BatchVectorKernels {
                              const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,
                              float* grad_x, Strides grad_x_strides, float* grad_w_part, float* grad_b_part,
                              float* scratch, const InputIndex* inputs);
-  void (*kept_gradient_rows)(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,
-                             Strides gate_strides, const int64_t* position_offsets,
-                             const int64_t* position_channels, int64_t row_begin, int64_t row_end, float* rows,
-                             float* panel, float* gate_panel);
   void (*grad_input_rows)(const BatchVectorGeometry& g, const float* gy_pos, const float* backward_weight,
                           const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                           int64_t row_end, float* grad_x, Strides x_strides, int64_t* contributions, float* panel,
@@ -159,12 +164,10 @@ struct BatchVectorKernels {
                            const int64_t* position_offsets, const int64_t* position_channels, int64_t row_begin,
                            int64_t row_end, float* grad_w_part, float* panels, int64_t* panel_rows,
                            const InputIndex* inputs);
-  void (*gather_kept)(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s,
-                      const int64_t* channel_offsets, const int64_t* channel_entries, int64_t begin, int64_t end,
-                      float* values, float* scratch);
-  void (*scatter_kept)(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s,
-                       const int64_t* channel_offsets, const int64_t* channel_entries, int64_t begin, int64_t end,
-                       const float* values, float* scratch);
+  void (*gather_kept)(const KeptEntries& kept, const float* x, Strides s, const float* gate, Strides gate_strides,
+                      int64_t begin, int64_t end, float* values, float* scratch);
+  void (*scatter_kept)(const KeptEntries& kept, float* x, Strides s, int64_t begin, int64_t end, const float* values,
+                       float* scratch);
   void (*pack_position_weights)(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst,
                                 int64_t cout_pad, int64_t k_begin, int64_t k_end);
 };

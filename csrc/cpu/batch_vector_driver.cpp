@@ -212,6 +212,61 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   return y;
 }
 
+// A tensor's kept entries by position and, for NCHW, by channel (KeptEntries, batch_vector.h),
+// and what gather_kept and scatter_kept split among threads: channels (NCHW) or positions.
+struct EntryLists {
+  std::vector<int64_t> channel_offsets, channel_entries;
+  KeptEntries kept;
+  int64_t units;
+  int64_t scratch_floats;  // per thread, for gather_kept (scatter_kept adds H * W)
+
+  EntryLists(const BatchVectorGeometry& g, int64_t channels, int64_t positions, const int64_t* offsets,
+             const int64_t* listed, bool nchw) {
+    int64_t most = 0;
+    if (nchw) {
+      const int64_t total = offsets[positions];
+      channel_offsets.assign(channels + 1, 0);
+      for (int64_t e = 0; e < total; ++e) ++channel_offsets[listed[e] + 1];
+      for (int64_t c = 0; c < channels; ++c) {
+        most = std::max(most, channel_offsets[c + 1]);
+        channel_offsets[c + 1] += channel_offsets[c];
+      }
+      channel_entries.resize(2 * total);
+      std::vector<int64_t> cursor(channel_offsets.begin(), channel_offsets.end() - 1);
+      for (int64_t q = 0; q < positions; ++q)
+        for (int64_t e = offsets[q]; e < offsets[q + 1]; ++e) {
+          const int64_t k = cursor[listed[e]]++;
+          channel_entries[2 * k] = q;
+          channel_entries[2 * k + 1] = e;
+        }
+    }
+    kept = {g.batch,         g.padded_batch,          channels, positions, offsets, listed,
+            channel_offsets.data(), channel_entries.data(), most};
+    units = nchw ? channels : positions;
+    scratch_floats = nchw ? 2 * g.padded_batch * batch_vector_kernels()->padded_channels(most) : 0;
+  }
+  EntryLists(const EntryLists&) = delete;
+  EntryLists& operator=(const EntryLists&) = delete;
+};
+
+// values (padded N floats per entry) from x, gated where `gate` is not null, on all threads.
+void gather_entries(const EntryLists& lists, const float* x, Strides s, const float* gate, Strides gate_strides,
+                    float* values) {
+  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
+    batch_vector_kernels()->gather_kept(lists.kept, x, s, gate, gate_strides, begin, end, values,
+                                        lists.scratch_floats ? thread_scratch(1, lists.scratch_floats) : nullptr);
+  });
+}
+
+// Every element of x from the entries' values (0 elsewhere), on all threads.
+void scatter_entries(const EntryLists& lists, const float* values, float* x, Strides s) {
+  const int64_t scratch = lists.scratch_floats ? lists.scratch_floats + lists.kept.positions : 0;
+  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
+    batch_vector_kernels()->scatter_kept(lists.kept, x, s, begin, end, values,
+                                         scratch ? thread_scratch(1, scratch) : nullptr);
+  });
+}
+
 // Kept output gradients, compacted to rows of padded_batch floats (zero in the padding), in
 // position-CSR order, gated by `gate` where defined (0 where it is not > 0): the operand of
 // grad-input, grad-weight and grad-bias.
@@ -219,20 +274,12 @@ Tensor kept_gradient_rows_by_position(const Tensor& gy, const Tensor& gate, cons
                                       const Tensor& position_offsets, const Tensor& position_channels) {
   auto rows = empty_output({position_channels.numel(), vector_geometry.padded_batch}, ScalarType::Float,
                            MemoryFormat::Contiguous);
-  const int64_t panel_size = vector_geometry.out_width * vector_geometry.out_channels * vector_geometry.padded_batch;
-  const float* gy_data = data<float>(gy);
   const Strides gy_strides = strides_of(gy);
-  const float* gate_data = gate.defined() ? data<float>(gate) : nullptr;
-  const Strides gate_strides = gate.defined() ? strides_of(gate) : Strides{0, 0, 0};
-  const int64_t* offsets = data<int64_t>(position_offsets);
-  const int64_t* channels = data<int64_t>(position_channels);
-  float* rows_data = data<float>(rows);
-  parallel_row_chunks(vector_geometry.out_height, [&](int64_t, int64_t first, int64_t last) {
-    float* panel = thread_scratch(2, panel_size);
-    batch_vector_kernels()->kept_gradient_rows(vector_geometry, gy_data, gy_strides, gate_data, gate_strides, offsets,
-                                               channels, first, last, rows_data, panel,
-                                               gate_data ? thread_scratch(1, panel_size) : nullptr);
-  });
+  const EntryLists lists(vector_geometry, vector_geometry.out_channels,
+                         vector_geometry.out_height * vector_geometry.out_width, data<int64_t>(position_offsets),
+                         data<int64_t>(position_channels), gy_strides.c != 1);
+  gather_entries(lists, data<float>(gy), gy_strides, gate.defined() ? data<float>(gate) : nullptr,
+                 gate.defined() ? strides_of(gate) : Strides{0, 0, 0}, data<float>(rows));
   return rows;
 }
 
@@ -388,39 +435,6 @@ void add_planes(float* y, const float* residual, int64_t planes, int64_t size, b
   });
 }
 
-// A partial input mask's entries (InputIndex) listed by channel, for gather_kept and
-// scatter_kept on an NCHW tensor: channel c's pairs (position, entry) at entries[2 * k],
-// entries[2 * k + 1] for k in [offsets[c], offsets[c + 1]), ascending positions. Empty for
-// NHWC, whose kernels go by position. `units`: what the kernels split among threads.
-struct ChannelEntries {
-  std::vector<int64_t> offsets, entries;
-  int64_t most = 0;  // the most entries of one channel
-  int64_t units = 0;
-  int64_t scratch_floats = 0;  // per thread, for gather_kept (scatter_kept adds H * W)
-
-  ChannelEntries(const BatchVectorGeometry& g, const InputIndex& inputs, Strides s) {
-    const int64_t hw = g.height * g.width, cin = g.in_channels, total = inputs.offsets[hw];
-    units = hw;
-    if (s.c == 1) return;
-    units = cin;
-    offsets.assign(cin + 1, 0);
-    for (int64_t e = 0; e < total; ++e) ++offsets[inputs.channels[e] + 1];
-    for (int64_t c = 0; c < cin; ++c) {
-      most = std::max(most, offsets[c + 1]);
-      offsets[c + 1] += offsets[c];
-    }
-    entries.resize(2 * total);
-    std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
-    for (int64_t q = 0; q < hw; ++q)
-      for (int64_t e = inputs.offsets[q]; e < inputs.offsets[q + 1]; ++e) {
-        const int64_t k = cursor[inputs.channels[e]]++;
-        entries[2 * k] = q;
-        entries[2 * k + 1] = e;
-      }
-    scratch_floats = 2 * g.padded_batch * batch_vector_kernels()->padded_channels(most);
-  }
-};
-
 // InputIndex::values for a call, in the calling thread's scratch slot 3: padded N floats per
 // kept input entry, and for a vector (at most 16) of entries past the last, zeros, which grad
 // weight's layout reads (entries_image_major).
@@ -432,27 +446,12 @@ float* entry_values(const BatchVectorGeometry& g, const InputIndex& inputs) {
   return values;
 }
 
-// The kept values of an input for the row forward, gathered on all threads: by channel for
-// NCHW (each thread a range of channels), by position for NHWC.
+// The kept values of an input for the row forward, gathered on all threads.
 float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s) {
   float* values = entry_values(g, inputs);
-  const ChannelEntries lists(g, inputs, s);
-  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
-    batch_vector_kernels()->gather_kept(g, inputs, x, s, lists.offsets.data(), lists.entries.data(), begin, end,
-                                        values, lists.scratch_floats ? thread_scratch(1, lists.scratch_floats) : nullptr);
-  });
+  const EntryLists lists(g, g.in_channels, g.height * g.width, inputs.offsets, inputs.channels, s.c != 1);
+  gather_entries(lists, x, s, nullptr, Strides{0, 0, 0}, values);
   return values;
-}
-
-// The inverse, on all threads: every element of x from the entries' values (0 elsewhere).
-void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* values, float* x,
-                         Strides s) {
-  const ChannelEntries lists(g, inputs, s);
-  const int64_t scratch = lists.scratch_floats ? lists.scratch_floats + g.height * g.width : 0;
-  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
-    batch_vector_kernels()->scatter_kept(g, inputs, x, s, lists.offsets.data(), lists.entries.data(), begin, end,
-                                         values, scratch ? thread_scratch(1, scratch) : nullptr);
-  });
 }
 
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk
@@ -564,8 +563,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
                                               begin, end, grad_input_data, grad_input_strides, contributions.data(),
                                               panel, grad_inputs);
     });
-    if (grad_inputs != inputs)
-      scatter_kept_values(vector_geometry, kept_entries, kept_entries.values, grad_input_data, grad_input_strides);
+    if (grad_inputs != inputs) {
+      const EntryLists lists(vector_geometry, g.in_channels, g.height * g.width, inputs->offsets, inputs->channels,
+                             grad_input_strides.c != 1);
+      scatter_entries(lists, kept_entries.values, grad_input_data, grad_input_strides);
+    }
   }
   if (need_weight) {
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so

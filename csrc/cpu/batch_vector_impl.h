@@ -53,9 +53,10 @@ inline int even_tile(int64_t remaining, int64_t most) {
 int64_t padded_channels(int64_t channels) { return (channels + Simd::kLanes - 1) / Simd::kLanes * Simd::kLanes; }
 
 #include "batch_vector_layout.h"
+#include "batch_vector_entries.h"
 #include "batch_vector_rows.h"
 #include "batch_vector_positions.h"
 
 const BatchVectorKernels kernels = {kName,          padded_channels,  forward_rows,    forward_positions,
-                                    backward_positions, kept_gradient_rows, grad_input_rows, grad_weight_rows,
-                                    gather_kept,        scatter_kept,       pack_position_weights};
+                                    backward_positions, grad_input_rows,  grad_weight_rows, gather_kept,
+                                    scatter_kept,       pack_position_weights};

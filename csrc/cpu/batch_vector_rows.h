@@ -1,5 +1,5 @@
 // The row kernels (part of batch_vector_impl.h, included by it into each instruction set's
-// translation unit): forward_rows, grad_input_rows, kept_gradient_rows, grad_weight_rows.
+// translation unit): forward_rows, grad_input_rows, grad_weight_rows.
 // They serve any mask through the position-CSR lists (which channels are kept at each output
 // position): neuron and group masks. Forward and grad-input put the batch in the SIMD lanes,
 // reading input rows laid out batch-last (batch_vector_layout.h) in a small ring of panels;
@@ -415,29 +415,6 @@ void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const fl
       }
     }
     if (!entries) row_batch_last(false, g.batch, g.padded_batch, g.in_channels, g.width, grad_x, x_strides, ih, panel);
-  }
-}
-
-void kept_gradient_rows(const BatchVectorGeometry& g, const float* gy, Strides s, const float* gate,
-                        Strides gate_strides, const int64_t* position_offsets, const int64_t* position_channels,
-                        int64_t row_begin, int64_t row_end, float* rows, float* panel, float* gate_panel) {
-  // Each output row of gy (and of the gate) is laid out batch-last in a panel (runs of Wout
-  // floats read per plane, as the forward reads its input), then its kept pairs are copied
-  // out whole (gated: zero in the padding images, as the gate's panel is there).
-  const int64_t padded_batch = g.padded_batch, cout = g.out_channels, wo = g.out_width;
-  for (int64_t oh = row_begin; oh < row_end; ++oh) {
-    if (position_offsets[oh * wo] == position_offsets[(oh + 1) * wo]) continue;  // nothing kept in this row
-    row_batch_last(true, g.batch, padded_batch, cout, wo, const_cast<float*>(gy), s, oh, panel);
-    if (gate) row_batch_last(true, g.batch, padded_batch, cout, wo, const_cast<float*>(gate), gate_strides, oh,
-                             gate_panel);
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      const int64_t p = oh * wo + ow;
-      for (int64_t e = position_offsets[p]; e < position_offsets[p + 1]; ++e) {
-        const int64_t at = (ow * cout + position_channels[e]) * padded_batch;
-        if (gate) copy_floats_where_positive(rows + e * padded_batch, panel + at, gate_panel + at, padded_batch);
-        else copy_floats(rows + e * padded_batch, panel + at, padded_batch);
-      }
-    }
   }
 }
 
