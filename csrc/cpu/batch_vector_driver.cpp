@@ -11,7 +11,9 @@
 #include <cstring>
 #include <vector>
 
+#include "kept_entries.h"
 #include "output_cache.h"
+#include "scratch.h"
 
 namespace rmask {
 namespace cpu {
@@ -22,19 +24,6 @@ BatchVectorGeometry batch_vector_geometry(const ConvGeometry& g) {
   return {g.batch,      padded,     g.in_channels, g.height,     g.width,    g.out_channels,
           g.kernel_h,   g.kernel_w, g.out_height,  g.out_width,  g.stride_h, g.stride_w,
           g.pad_h,      g.pad_w,    g.dilation_h,  g.dilation_w};
-}
-
-// Per-thread scratch that outlives the call: the panels are hundreds of KiB, and a fresh
-// allocation of that size is a fresh mmap whose pages fault in on every call. Aligned to a
-// cache line: malloc's large blocks start 16 bytes into one, where every 64-byte vector load
-// would straddle two lines.
-float* thread_scratch(int slot, size_t floats) {
-  constexpr size_t kLineFloats = 64 / sizeof(float);
-  static thread_local std::vector<float> buffers[4];
-  auto& buffer = buffers[slot];
-  if (buffer.size() < floats + kLineFloats) buffer.resize(floats + kLineFloats);
-  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
-  return buffer.data() + (64 - address % 64) % 64 / sizeof(float);
 }
 
 // A 4-D tensor the kernels can address directly: NCHW- or NHWC-contiguous (else a copy).
@@ -212,77 +201,6 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   return y;
 }
 
-// A tensor's kept entries by position and, for NCHW, by channel (KeptEntries, batch_vector.h),
-// and what gather_kept and scatter_kept split among threads: channels (NCHW) or positions.
-struct EntryLists {
-  std::vector<int64_t> channel_offsets, channel_entries;
-  KeptEntries kept;
-  int64_t units;
-  int64_t scratch_floats;  // per thread, for gather_kept (scatter_kept adds H * W)
-
-  EntryLists(const BatchVectorGeometry& g, int64_t channels, int64_t positions, const int64_t* offsets,
-             const int64_t* listed, bool nchw) {
-    int64_t most = 0;
-    if (nchw) {
-      const int64_t total = offsets[positions];
-      channel_offsets.assign(channels + 1, 0);
-      for (int64_t e = 0; e < total; ++e) ++channel_offsets[listed[e] + 1];
-      for (int64_t c = 0; c < channels; ++c) {
-        most = std::max(most, channel_offsets[c + 1]);
-        channel_offsets[c + 1] += channel_offsets[c];
-      }
-      channel_entries.resize(2 * total);
-      std::vector<int64_t> cursor(channel_offsets.begin(), channel_offsets.end() - 1);
-      for (int64_t q = 0; q < positions; ++q)
-        for (int64_t e = offsets[q]; e < offsets[q + 1]; ++e) {
-          const int64_t k = cursor[listed[e]]++;
-          channel_entries[2 * k] = q;
-          channel_entries[2 * k + 1] = e;
-        }
-    }
-    kept = {g.batch,         g.padded_batch,          channels, positions, offsets, listed,
-            channel_offsets.data(), channel_entries.data(), most};
-    units = nchw ? channels : positions;
-    scratch_floats = nchw ? 2 * g.padded_batch * batch_vector_kernels()->padded_channels(most) : 0;
-  }
-  EntryLists(const EntryLists&) = delete;
-  EntryLists& operator=(const EntryLists&) = delete;
-};
-
-// values (padded N floats per entry) from x, gated where `gate` is not null, on all threads.
-void gather_entries(const EntryLists& lists, const float* x, Strides s, const float* gate, Strides gate_strides,
-                    float* values) {
-  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
-    batch_vector_kernels()->gather_kept(lists.kept, x, s, gate, gate_strides, begin, end, values,
-                                        lists.scratch_floats ? thread_scratch(1, lists.scratch_floats) : nullptr);
-  });
-}
-
-// Every element of x from the entries' values (0 elsewhere), on all threads.
-void scatter_entries(const EntryLists& lists, const float* values, float* x, Strides s) {
-  const int64_t scratch = lists.scratch_floats ? lists.scratch_floats + lists.kept.positions : 0;
-  torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
-    batch_vector_kernels()->scatter_kept(lists.kept, x, s, begin, end, values,
-                                         scratch ? thread_scratch(1, scratch) : nullptr);
-  });
-}
-
-// Kept output gradients, compacted to rows of padded_batch floats (zero in the padding), in
-// position-CSR order, gated by `gate` where defined (0 where it is not > 0): the operand of
-// grad-input, grad-weight and grad-bias.
-Tensor kept_gradient_rows_by_position(const Tensor& gy, const Tensor& gate, const BatchVectorGeometry& vector_geometry,
-                                      const Tensor& position_offsets, const Tensor& position_channels) {
-  auto rows = empty_output({position_channels.numel(), vector_geometry.padded_batch}, ScalarType::Float,
-                           MemoryFormat::Contiguous);
-  const Strides gy_strides = strides_of(gy);
-  const EntryLists lists(vector_geometry, vector_geometry.out_channels,
-                         vector_geometry.out_height * vector_geometry.out_width, data<int64_t>(position_offsets),
-                         data<int64_t>(position_channels), gy_strides.c != 1);
-  gather_entries(lists, data<float>(gy), gy_strides, gate.defined() ? data<float>(gate) : nullptr,
-                 gate.defined() ? strides_of(gate) : Strides{0, 0, 0}, data<float>(rows));
-  return rows;
-}
-
 // [chunks][Cout][kh * kw][Cpad] partial weight gradients -> [Cout][Cin][kh][kw], summed in
 // chunk order (deterministic for a thread count), in one pass.
 Tensor sum_weight_partials(const ConvGeometry& g, const Tensor& partial) {
@@ -435,25 +353,6 @@ void add_planes(float* y, const float* residual, int64_t planes, int64_t size, b
   });
 }
 
-// InputIndex::values for a call, in the calling thread's scratch slot 3: padded N floats per
-// kept input entry, and for a vector (at most 16) of entries past the last, zeros, which grad
-// weight's layout reads (entries_image_major).
-float* entry_values(const BatchVectorGeometry& g, const InputIndex& inputs) {
-  constexpr int64_t kTail = 16;
-  const int64_t entries = inputs.offsets[g.height * g.width];
-  float* values = thread_scratch(3, (entries + kTail) * g.padded_batch);
-  std::fill(values + entries * g.padded_batch, values + (entries + kTail) * g.padded_batch, 0.0f);
-  return values;
-}
-
-// The kept values of an input for the row forward, gathered on all threads.
-float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s) {
-  float* values = entry_values(g, inputs);
-  const EntryLists lists(g, g.in_channels, g.height * g.width, inputs.offsets, inputs.channels, s.c != 1);
-  gather_entries(lists, x, s, nullptr, Strides{0, 0, 0}, values);
-  return values;
-}
-
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk
 // order (deterministic for a given thread count).
 Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
@@ -526,9 +425,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
   const auto device = input.device();
   Tensor grad_input = empty({0}, ScalarType::Float, device), grad_weight = empty({0}, ScalarType::Float, device),
          grad_bias = empty({0}, ScalarType::Float, device);
-  const auto rows = kept_gradient_rows_by_position(addressable(grad_output),
-                                                   relu_gate.defined() ? addressable(relu_gate) : Tensor(),
-                                                   vector_geometry, position_offsets, position_channels);
+  const auto gy = addressable(grad_output);
+  const auto gate = relu_gate.defined() ? addressable(relu_gate) : Tensor();
+  const auto rows = kept_gradient_rows(vector_geometry, data<float>(gy), strides_of(gy),
+                                       gate.defined() ? data<float>(gate) : nullptr,
+                                       gate.defined() ? strides_of(gate) : Strides{0, 0, 0}, position_offsets,
+                                       position_channels);
   const float* row_values = data<float>(rows);
   const int64_t* offsets = data<int64_t>(position_offsets);
   const int64_t* channels = data<int64_t>(position_channels);
@@ -563,11 +465,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
                                               begin, end, grad_input_data, grad_input_strides, contributions.data(),
                                               panel, grad_inputs);
     });
-    if (grad_inputs != inputs) {
-      const EntryLists lists(vector_geometry, g.in_channels, g.height * g.width, inputs->offsets, inputs->channels,
-                             grad_input_strides.c != 1);
-      scatter_entries(lists, kept_entries.values, grad_input_data, grad_input_strides);
-    }
+    if (grad_inputs != inputs)
+      scatter_kept_values(vector_geometry, kept_entries, kept_entries.values, grad_input_data, grad_input_strides);
   }
   if (need_weight) {
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so
