@@ -466,7 +466,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_vector_backward(const ConvGeometry& g, 
                                               panel, grad_inputs);
     });
     if (grad_inputs != inputs)
-      scatter_kept_values(vector_geometry, kept_entries, kept_entries.values, grad_input_data, grad_input_strides);
+      scatter_kept_values(vector_geometry, kept_entries, grad_input_data, grad_input_strides);
   }
   if (need_weight) {
     // One partial gradient per chunk of output rows, summed in chunk order afterwards, so

@@ -84,10 +84,9 @@ float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs
   return values;
 }
 
-void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* values, float* x,
-                         Strides s) {
+void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s) {
   const EntryLists lists(g, g.in_channels, g.height * g.width, inputs.offsets, inputs.channels, s.c != 1);
-  scatter_entries(lists, values, x, s);
+  scatter_entries(lists, inputs.values, x, s);
 }
 
 Tensor kept_gradient_rows(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,

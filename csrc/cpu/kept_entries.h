@@ -17,9 +17,8 @@ float* entry_values(const BatchVectorGeometry& g, const InputIndex& inputs);
 // entry_values holding the kept values of x (NCHW or NHWC) under a partial input mask.
 float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x, Strides s);
 
-// Every element of x (NCHW or NHWC): the entries' values at the kept inputs, 0 elsewhere.
-void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, const float* values, float* x,
-                         Strides s);
+// Every element of x (NCHW or NHWC): the values of inputs.values at the kept inputs, 0 elsewhere.
+void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s);
 
 // Kept output gradients, compacted to rows of padded_batch floats (zero in the padding), in
 // position-CSR order, gated by `gate` where not null (0 where it is not > 0): the operand of
