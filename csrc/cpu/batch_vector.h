@@ -84,9 +84,13 @@ struct KeptEntries {
 // tap sums over the channels kept at its input position only (where positions keep some
 // channels, it reads them from inputs->values and lays out no input row). Scratch: taps 4 *
 // kh * kw int64; panels panel_ring_rows(g) * W * Cin * padded N floats and panel_rows
-// panel_ring_rows(g) * (W + 1) + W int64; staging N * (Cout * Wout + 16) floats.
+// panel_ring_rows(g) * (W + 1) + W int64; staging (NHWC y) N * (Cout * Wout + 16) floats.
 // channel_sums, if not null: 2 * Cout doubles to which the per-channel sum and sum of squares
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
+// An NCHW y is not written here: kept_out (not null, and no residual) receives kept output
+// e = (p, c) of these rows at kept_out[e * padded N + n] for n < N, and the caller writes y
+// from it (scatter_kept) and adds the residual. An NHWC y is written through staging (kept_out
+// null).
 //
 // forward_positions: the forward of forward_rows for a mask that keeps every output channel
 // at each of its `npositions` kept positions (flat output positions, ascending), as a spatial
@@ -145,7 +149,7 @@ struct BatchVectorKernels {
                        const float* forward_weight, const float* bias, bool relu, const int64_t* position_offsets,
                        const int64_t* position_channels, int64_t row_begin, int64_t row_end, const float* residual,
                        float* y, Strides y_strides, int64_t* taps, float* panels, int64_t* panel_rows, float* staging,
-                       double* channel_sums, const InputIndex* inputs);
+                       double* channel_sums, const InputIndex* inputs, float* kept_out);
   void (*forward_positions)(const BatchVectorGeometry& g, const float* x, Strides x_strides,
                             const float* packed_weight, int64_t cout_pad, const float* padded_bias, bool relu,
                             const int64_t* positions, int64_t npositions, int64_t image_begin, int64_t image_end,

@@ -26,7 +26,6 @@ struct Simd {
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   // p[j] where bit j of `lanes` is set, else 0; the unset lanes are not read.
-  static V load_lanes(uint32_t lanes, const float* p) { return _mm256_maskload_ps(p, lanes_set(lanes)); }
   static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p aligned to the vector size
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void store_lanes(uint32_t lanes, float* p, V v) { _mm256_maskstore_ps(p, lanes_set(lanes), v); }

@@ -22,7 +22,6 @@ struct Simd {
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   // p[j] where bit j of `lanes` is set, else 0; the unset lanes are not read.
-  static V load_lanes(uint32_t lanes, const float* p) { return _mm512_maskz_loadu_ps(__mmask16(lanes), p); }
   static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p aligned to the vector size
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void store_lanes(uint32_t lanes, float* p, V v) { _mm512_mask_storeu_ps(p, __mmask16(lanes), v); }

@@ -395,16 +395,23 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   // Added row by row, each image and channel gives a run of Wout floats on a page of its own:
   // a TLB miss per run, which at 64->64@32x32 cost more than the convolution.
   const bool residual_after = residual_data && y_strides.position == 1;
+  // NCHW: the kept outputs go to rows [e][padded N], and y is written from them plane by plane
+  // (scatter_kept: whole planes, streamed), not row by row (a run of Wout floats per image and
+  // channel, each on a page of its own).
+  const bool nchw_out = y_strides.position == 1;
+  float* kept_out_data = nchw_out ? thread_scratch(4, position_channels.numel() * vector_geometry.padded_batch) : nullptr;
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w), panel_rows(panel_index_scratch(g));
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * vector_geometry.padded_batch);
-    float* staging = thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
+    float* staging = nchw_out ? nullptr : thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
     batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data,
                                          relu && !residual_after, offsets, channels, first, last,
                                          residual_after ? nullptr : residual_data, y_data, y_strides,
                                          taps.data(), panels, panel_rows.data(), staging,
-                                         partial_data ? partial_data + chunk * 2 * g.out_channels : nullptr, inputs);
+                                         partial_data ? partial_data + chunk * 2 * g.out_channels : nullptr, inputs,
+                                         kept_out_data);
   });
+  if (nchw_out) scatter_kept_outputs(vector_geometry, position_offsets, position_channels, kept_out_data, y_data, y_strides);
   if (residual_after) add_planes(y_data, residual_data, g.batch * g.out_channels, g.out_height * g.out_width, relu);
   if (channel_sums) *channel_sums = rmask::sum(partial, {0});
   return y;

@@ -89,7 +89,7 @@ inline void scatter_kept(const KeptEntries& kept, float* x, Strides s, int64_t b
       zero_floats(plane, hw);
       const float* row = rows + n * stride;
       for (int64_t k = 0; k < count; ++k) plane[entries[2 * k]] = row[k];
-      floats_out(x + n * s.n + c * s.c, plane, nullptr, nullptr, hw, false, true);
+      floats_out(x + n * s.n + c * s.c, plane, nullptr, hw, false, true);
     }
   }
   _mm_sfence();  // the streaming stores are visible before the caller reads x

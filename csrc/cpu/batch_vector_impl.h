@@ -14,12 +14,14 @@
 // chosen so that the accumulators, the loaded vectors and one broadcast fit the register file.
 // No ATen or standard-library templates here: every function gets the including file's
 // target, and nothing inline is shared with code compiled for another CPU (the few types of
-// these headers' own, such as KeptWord and InputBlock, stand in for std containers of plain
+// these headers' own, such as InputBlock, stand in for std containers of plain
 // types for that reason).
 //
-// In three parts, each included here, in this order, into the same translation unit:
+// In four parts, each included here, in this order, into the same translation unit:
 //   batch_vector_layout.h     transposes, the batch-last and channels-last layouts, and the
 //                             output writers (floats_out, image_out, compact_out)
+//   batch_vector_entries.h    a tensor's kept entries gathered to and scattered from rows
+//                             [entry][padded N] (gather_kept, scatter_kept)
 //   batch_vector_rows.h       the row kernels: any mask through the position-CSR lists
 //                             (neuron and group masks): forward_rows and its gradients
 //   batch_vector_positions.h  the position kernels for spatial masks (every channel kept at

@@ -76,36 +76,28 @@ inline void prefetch_row(const float* t, const Strides& s, int64_t images, int64
   }
 }
 
-// 64 output columns' kept bits. A type of these headers' own (see batch_vector_impl.h).
-struct KeptWord {
-  uint64_t bits;
-};
-
-// dst = relu?(src + residual) element by element, the one way outputs are written out. With
-// `kept` (bits in 64-bit words; null: all kept), src only where bit i is set and 0 elsewhere,
-// where src is not read. residual may be null (then 0). The ReLU keeps NaN, as torch.relu does.
-// With `stream`, streaming stores where dst is aligned: outputs come from the output cache
-// (output_cache.h), blocks this code last wrote the same way, so no cached copy of them needs
-// evicting, and the stores skip reading each line before overwriting it (at 64->64@32, keep
-// 0.1, a spatial forward takes about half the time it takes with plain stores; docs/design.md).
-// The caller fences (_mm_sfence) before anyone reads dst.
-inline void floats_out(float* dst, const float* src, const KeptWord* kept, const float* residual, int64_t count,
-                       bool relu, bool stream) {
+// dst = relu?(src + residual) element by element, the one way outputs are written out.
+// residual may be null (then 0). The ReLU keeps NaN, as torch.relu does. With `stream`,
+// streaming stores where dst is aligned: outputs come from the output cache (output_cache.h),
+// blocks this code last wrote the same way, so no cached copy of them needs evicting, and the
+// stores skip reading each line before overwriting it (at 64->64@32, keep 0.1, a spatial
+// forward takes about half the time it takes with plain stores; docs/design.md). The caller
+// fences (_mm_sfence) before anyone reads dst.
+inline void floats_out(float* dst, const float* src, const float* residual, int64_t count, bool relu, bool stream) {
   using V = typename Simd::V;
   constexpr int64_t L = Simd::kLanes;
   const V zero = Simd::zero();
   stream = stream && reinterpret_cast<uintptr_t>(dst) % sizeof(V) == 0;
   int64_t i = 0;
-  for (; i + L <= count; i += L) {  // L divides 64: a vector's bits never straddle two words
-    V v = kept ? Simd::load_lanes(static_cast<uint32_t>(kept[i / 64].bits >> (i % 64)) & ((1u << L) - 1), src + i)
-               : Simd::load(src + i);
+  for (; i + L <= count; i += L) {
+    V v = Simd::load(src + i);
     if (residual) v = Simd::add(v, Simd::load(residual + i));
     if (relu) v = Simd::max(zero, v);
     if (stream) Simd::stream(dst + i, v);
     else Simd::store(dst + i, v);
   }
   for (; i < count; ++i) {
-    float v = (!kept || kept[i / 64].bits >> (i % 64) & 1) ? src[i] : 0.0f;
+    float v = src[i];
     if (residual) v += residual[i];
     dst[i] = (relu && v < 0.0f) ? 0.0f : v;
   }
@@ -251,7 +243,7 @@ inline void image_out(const float* image, int64_t stride, int64_t channels, int6
           transpose_block(image + (q0 + q) * stride + c0, stride, block + q, 16, min64(8, here - q), count);
         for (int64_t k = 0; k < count; ++k) {
           float* out = dst + (c0 + k) * s.c + q0;
-          floats_out(out, block + k * 16, nullptr, residual ? residual + (c0 + k) * s.c + q0 : nullptr, here,
+          floats_out(out, block + k * 16, residual ? residual + (c0 + k) * s.c + q0 : nullptr, here,
                      relu && residual, true);
         }
       }
@@ -259,7 +251,7 @@ inline void image_out(const float* image, int64_t stride, int64_t channels, int6
   } else {
     for (int64_t q = 0; q < hw; ++q) {
       float* out = dst + q * s.position;
-      floats_out(out, image + q * stride, nullptr, residual ? residual + q * s.position : nullptr, channels,
+      floats_out(out, image + q * stride, residual ? residual + q * s.position : nullptr, channels,
                  relu && residual, false);
     }
   }
@@ -329,7 +321,7 @@ inline void compact_out(const float* rows, int64_t stride, const int64_t* positi
       const float* residual_here = residual ? residual + q * s.position : nullptr;
       if (k < npositions && positions[k] == q) {
         const float* row = rows + (k++) * stride;
-        floats_out(out, row, nullptr, residual_here, channels, relu && residual_here, false);
+        floats_out(out, row, residual_here, channels, relu && residual_here, false);
       } else if (residual_here) {
         for (int64_t c = 0; c < channels; ++c) out[c] = (relu && residual_here[c] < 0.0f) ? 0.0f : residual_here[c];
       } else {

@@ -16,8 +16,9 @@ inline int tile_vectors(const BatchVectorGeometry& g, int64_t nb) {
 // inside the row loop the compiler runs out of general registers and spills accumulators.
 // taps: 4 int64 per tap: weight offset, panel offset, and where the tap's input channels are
 // listed in `in_channels` (first, count; first -1: every channel, laid out whole; else the
-// listed channels, laid out compactly in list order).
-template <int CH, int NV>
+// listed channels, laid out compactly in list order). With Entries, channel k's values go to
+// y + k * padded N + nb, image by image (y: the tile's first entry in rows [e][padded N]).
+template <int CH, int NV, bool Entries = false>
 __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const float* panels,
                                              const float* forward_weight, const float* bias, bool relu,
                                              const int64_t* channels, const int64_t* taps, int64_t ntaps, int64_t p,
@@ -70,10 +71,11 @@ __attribute__((noinline)) void forward_block(const BatchVectorGeometry& g, const
     for (int v = 0; v < NV; ++v) Simd::store(lanes + v * Simd::kLanes, acc[k][v]);
     const int64_t c = channels[k];
     const float shift = bias ? bias[c] : 0.0f;
-    float* out = y + c * s.c + p * s.position + nb * s.n;
+    float* out = Entries ? y + k * padded_batch + nb : y + c * s.c + p * s.position + nb * s.n;
+    const int64_t step = Entries ? 1 : s.n;
     for (int64_t n = 0; n < images; ++n) {
       const float v = lanes[n] + shift;
-      out[n * s.n] = (relu && v < 0.0f) ? 0.0f : v;
+      out[n * step] = (relu && v < 0.0f) ? 0.0f : v;
     }
   }
 }
@@ -200,11 +202,11 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
                   const float* bias, bool relu, const int64_t* position_offsets, const int64_t* position_channels,
                   int64_t row_begin, int64_t row_end, const float* residual, float* y, Strides y_strides,
                   int64_t* taps, float* panels, int64_t* panel_rows, float* staging, double* channel_sums,
-                  const InputIndex* inputs) {
+                  const InputIndex* inputs, float* kept_out) {
   // Input rows are laid out batch-last on demand into a small ring of cache-resident panels
   // (each used by kernel_h output rows), so the layout change never round-trips through
-  // memory. Results land in a zeroed staging row [n][c][ow] that is then copied out whole
-  // (kept and masked values), so y is written once, in long runs.
+  // memory. Results go to kept_out (NCHW y, written by the caller), or land in a zeroed
+  // staging row [n][c][ow] that is then transposed out whole (NHWC y).
   const int64_t cout = g.out_channels, wo = g.out_width, panel_size = g.width * g.in_channels * g.padded_batch;
   const int64_t slots = panel_ring_rows(g);
   for (int64_t k = 0; k < slots; ++k) panel_rows[k] = -1;
@@ -215,13 +217,6 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
   const int64_t image_stride = staged_image_stride(g);  // see staged_image_stride
   const Strides staged{image_stride, wo, 1};
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
-  // The row's kept (c, ow) as bits, [c][ow / 64]: NCHW copy-outs load only the kept values
-  // from the staging row and write zeros for the rest, so it needs no zeroing per row (a
-  // memset of N * Cout * Wout floats a row, as many bytes as y). NHWC rows are transposed
-  // out whole, so their staging row is zeroed.
-  const bool nchw_out = y_strides.position == 1;
-  const int64_t words = (wo + 63) / 64;
-  std::vector<KeptWord> kept(cout * words);
   for (int64_t oh = row_begin; oh < row_end; ++oh) {
     const float* row_panel[64];  // per kernel row: its panel, or null for a padding row
     if (gathered) {
@@ -233,11 +228,7 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       ring_panels(g, oh, panels, panel_size, panel_rows, row_panel,
                   [&](int64_t ih, float* panel) { row_to_batch_last(g, x, x_strides, ih, panel); });
     }
-    for (KeptWord& word : kept) word.bits = 0;
-    for (int64_t ow = 0; ow < wo; ++ow)
-      for (int64_t e = position_offsets[oh * wo + ow]; e < position_offsets[oh * wo + ow + 1]; ++e)
-        kept[position_channels[e] * words + ow / 64].bits |= uint64_t{1} << (ow % 64);
-    if (!nchw_out) __builtin_memset(staging, 0, sizeof(float) * g.batch * image_stride);
+    if (!kept_out) __builtin_memset(staging, 0, sizeof(float) * g.batch * image_stride);
     // While the row computes, the input row the next output row lays out first, fetched a
     // part per output column.
     const int64_t next_ih = (oh + 1) * g.stride_h - g.pad_h + (g.kernel_h - 1) * g.dilation_h;
@@ -277,27 +268,47 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
         for (int64_t e = e0; e < e1;) {
           const int tile = even_tile(e1 - e, kTile);
           with_count<kTile>(tile, [&](auto ch) {
-            if (nv == kVectors)
-              forward_block<decltype(ch)::value, kVectors>(g, base, forward_weight, bias, block_relu,
-                                                           position_channels + e, taps, ntaps, ow, nb, staging,
-                                                           staged, in_channels);
-            else
-              forward_block<decltype(ch)::value, 1>(g, base, forward_weight, bias, block_relu,
-                                                    position_channels + e, taps, ntaps, ow, nb, staging, staged,
-                                                    in_channels);
+            constexpr int C = decltype(ch)::value;
+            const int64_t* tile_channels = position_channels + e;
+            if (kept_out) {
+              float* to = kept_out + e * g.padded_batch;
+              if (nv == kVectors)
+                forward_block<C, kVectors, true>(g, base, forward_weight, bias, block_relu, tile_channels, taps,
+                                                 ntaps, ow, nb, to, staged, in_channels);
+              else
+                forward_block<C, 1, true>(g, base, forward_weight, bias, block_relu, tile_channels, taps, ntaps, ow,
+                                          nb, to, staged, in_channels);
+            } else if (nv == kVectors) {
+              forward_block<C, kVectors>(g, base, forward_weight, bias, block_relu, tile_channels, taps, ntaps, ow,
+                                         nb, staging, staged, in_channels);
+            } else {
+              forward_block<C, 1>(g, base, forward_weight, bias, block_relu, tile_channels, taps, ntaps, ow, nb,
+                                  staging, staged, in_channels);
+            }
           });
           e += tile;
         }
       }
     }
-    if (channel_sums) {  // over the kept outputs (masked ones are 0)
+    if (kept_out) {  // the row's kept outputs stay in kept_out; their sums from there
+      for (int64_t e = position_offsets[oh * wo]; channel_sums && e < position_offsets[(oh + 1) * wo]; ++e) {
+        const float* v = kept_out + e * g.padded_batch;
+        float sum = 0.0f, squares = 0.0f;
+        for (int64_t n = 0; n < g.batch; ++n) {
+          sum += v[n];
+          squares += v[n] * v[n];
+        }
+        channel_sums[position_channels[e]] += sum;
+        channel_sums[cout + position_channels[e]] += squares;
+      }
+      continue;
+    }
+    if (channel_sums) {  // over the kept outputs (the masked ones are the staging row's zeros)
       for (int64_t n = 0; n < g.batch; ++n) {
         for (int64_t c = 0; c < cout; ++c) {
           const float* v = staging + n * image_stride + c * wo;
-          const KeptWord* bits = kept.data() + c * words;
           float sum = 0.0f, squares = 0.0f;
           for (int64_t ow = 0; ow < wo; ++ow) {
-            if (!(bits[ow / 64].bits >> (ow % 64) & 1)) continue;
             sum += v[ow];
             squares += v[ow] * v[ow];
           }
@@ -306,28 +317,20 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
         }
       }
     }
-    // Out to y, plus the residual (laid out as y) and then the ReLU if there is one: NCHW rows
-    // are short ([c][ow] runs of Wout floats, too short to pay for a memcpy call each), NHWC
-    // needs [c][ow] -> [ow][c] transposes (and then one pass over its contiguous row).
+    // Out to NHWC y by [c][ow] -> [ow][c] transposes, then the residual (laid out as y) and the
+    // ReLU in one pass over the contiguous row.
     const Strides& s = y_strides;
     for (int64_t n = 0; n < g.batch; ++n) {
       const float* src = staging + n * image_stride;
       const int64_t offset = n * s.n + oh * wo * s.position;
       float* dst = y + offset;
-      if (s.position == 1) {
-        for (int64_t c = 0; c < cout; ++c)
-          floats_out(dst + c * s.c, src + c * wo, kept.data() + c * words,
-                     residual ? residual + offset + c * s.c : nullptr, wo, relu && residual, true);
-      } else {
-        for (int64_t c0 = 0; c0 < cout; c0 += 8)
-          for (int64_t w0 = 0; w0 < wo; w0 += 8)
-            transpose_block(src + c0 * wo + w0, wo, dst + w0 * s.position + c0 * s.c, s.position, min64(8, cout - c0),
-                            min64(8, wo - w0));
-        if (residual) floats_out(dst, dst, nullptr, residual + offset, wo * cout, relu, false);
-      }
+      for (int64_t c0 = 0; c0 < cout; c0 += 8)
+        for (int64_t w0 = 0; w0 < wo; w0 += 8)
+          transpose_block(src + c0 * wo + w0, wo, dst + w0 * s.position + c0 * s.c, s.position, min64(8, cout - c0),
+                          min64(8, wo - w0));
+      if (residual) floats_out(dst, dst, residual + offset, wo * cout, relu, false);
     }
   }
-  _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
 
 void grad_input_rows(const BatchVectorGeometry& g, const float* gy_pos, const float* backward_weight,

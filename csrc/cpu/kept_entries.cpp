@@ -18,6 +18,7 @@ struct EntryLists {
   std::vector<int64_t> channel_offsets, channel_entries;
   KeptEntries kept;
   int64_t units;
+  bool nchw;
   int64_t scratch_floats;  // per thread, for gather_kept (scatter_kept adds H * W)
 
   EntryLists(const BatchVectorGeometry& g, int64_t channels, int64_t positions, const int64_t* offsets,
@@ -43,6 +44,7 @@ struct EntryLists {
     kept = {g.batch,         g.padded_batch,          channels, positions, offsets, listed,
             channel_offsets.data(), channel_entries.data(), most};
     units = nchw ? channels : positions;
+    this->nchw = nchw;
     scratch_floats = nchw ? 2 * g.padded_batch * batch_vector_kernels()->padded_channels(most) : 0;
   }
   EntryLists(const EntryLists&) = delete;
@@ -60,10 +62,11 @@ void gather_entries(const EntryLists& lists, const float* x, Strides s, const fl
 
 // Every element of x from the entries' values (0 elsewhere), on all threads.
 void scatter_entries(const EntryLists& lists, const float* values, float* x, Strides s) {
-  const int64_t scratch = lists.scratch_floats ? lists.scratch_floats + lists.kept.positions : 0;
+  // NCHW: the plane every channel is built in, also where the channels keep nothing.
+  const int64_t scratch = lists.nchw ? lists.scratch_floats + lists.kept.positions : 0;
   torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
     batch_vector_kernels()->scatter_kept(lists.kept, x, s, begin, end, values,
-                                         scratch ? thread_scratch(1, scratch) : nullptr);
+                                         lists.nchw ? thread_scratch(1, scratch) : nullptr);
   });
 }
 
@@ -87,6 +90,13 @@ float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs
 void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s) {
   const EntryLists lists(g, g.in_channels, g.height * g.width, inputs.offsets, inputs.channels, s.c != 1);
   scatter_entries(lists, inputs.values, x, s);
+}
+
+void scatter_kept_outputs(const BatchVectorGeometry& g, const Tensor& position_offsets,
+                          const Tensor& position_channels, const float* values, float* y, Strides s) {
+  const EntryLists lists(g, g.out_channels, g.out_height * g.out_width, data<int64_t>(position_offsets),
+                         data<int64_t>(position_channels), s.c != 1);
+  scatter_entries(lists, values, y, s);
 }
 
 Tensor kept_gradient_rows(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,

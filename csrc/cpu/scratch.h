@@ -11,8 +11,8 @@ namespace cpu {
 // cache line: malloc's large blocks start 16 bytes into one, where every 64-byte vector load
 // would straddle two lines.
 // Slots: 0 and 1 the panels and staging of a row or position kernel (1 also the scratch of
-// gather_kept and scatter_kept), 2 the position kernels' images, 3 a call's kept entries
-// (kept_entries.h), on the calling thread.
+// gather_kept and scatter_kept), 2 the position kernels' images; on the calling thread, 3 a
+// call's kept input entries (kept_entries.h) and 4 the row forward's kept outputs.
 float* thread_scratch(int slot, size_t floats);
 
 }  // namespace cpu
