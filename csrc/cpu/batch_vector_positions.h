@@ -90,12 +90,15 @@ inline std::vector<InputBlock> needed_blocks(const BatchVectorGeometry& g, const
   return needed;
 }
 
-// The blocks of a plane of H * W input positions that the tap lists of `inputs` read.
-inline std::vector<InputBlock> listed_blocks(const BatchVectorGeometry& g, const InputIndex& inputs) {
-  std::vector<InputBlock> needed((g.height * g.width + Simd::kLanes - 1) / Simd::kLanes, InputBlock{false});
-  const int64_t entries = inputs.tap_offsets[g.kernel_h * g.kernel_w];
-  for (int64_t e = 0; e < entries; ++e) needed[inputs.tap_entries[2 * e + 1] / Simd::kLanes].read = true;
-  return needed;
+// The input positions that the tap lists of `inputs` read, ascending.
+inline std::vector<KeptPosition> listed_positions(const BatchVectorGeometry& g, const InputIndex& inputs) {
+  const int64_t hw = g.height * g.width, entries = inputs.tap_offsets[g.kernel_h * g.kernel_w];
+  std::vector<InputBlock> read(hw, InputBlock{false});
+  for (int64_t e = 0; e < entries; ++e) read[inputs.tap_entries[2 * e + 1]].read = true;
+  std::vector<KeptPosition> positions;
+  for (int64_t q = 0; q < hw; ++q)
+    if (read[q].read) positions.push_back(KeptPosition{q});
+  return positions;
 }
 
 // The kept rows [P][cout_pad] of one image, tap by tap over the pairs the tap lists of `inputs`
@@ -163,15 +166,17 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
   float* y_planes = y_rows + npositions * cout_pad;             // [Cout][P], for NCHW y
   const auto blocks = kept_blocks(positions, npositions, hw_out);
   const bool listed = inputs && inputs->tap_offsets;  // tap by tap over the kept inputs
-  const auto needed = !x_nchw ? std::vector<InputBlock>()  // for the NCHW layout only
-                      : listed ? listed_blocks(g, *inputs)
-                               : needed_blocks(g, positions, npositions);
+  // For an NCHW x: with tap lists, the rows of the input positions they read; else the blocks
+  // of positions some kept output reads.
+  const auto read = x_nchw && listed ? listed_positions(g, *inputs) : std::vector<KeptPosition>();
+  const auto needed = x_nchw && !listed ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();
   float* out_rows[kPositionRows];
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* x_n = x + n * x_strides.n;
     int64_t row_stride = x_strides.position;
     if (x_nchw) {
-      image_channels_last(x_n, x_strides, cin, hw, cin, x_image, needed.data());
+      if (listed) gather_positions(x_n, x_strides, cin, read.data(), static_cast<int64_t>(read.size()), cin, x_image);
+      else image_channels_last(x_n, x_strides, cin, hw, cin, x_image, needed.data());
       x_n = x_image, row_stride = cin;
     }
     if (listed)
@@ -244,10 +249,11 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
       });
     }
   };
-  const bool lay_out_x = grad_w_part && x_strides.c != 1;  // the NCHW layout for grad-weight uses `needed`
-  const auto needed = !lay_out_x ? std::vector<InputBlock>()
-                      : listed   ? listed_blocks(g, *inputs)
-                                 : needed_blocks(g, positions, kept_count);
+  // Grad-weight lays out x channels-last: with tap lists the rows of the input positions they
+  // read, else (and for an NHWC x, every row) the blocks some kept output reads.
+  const bool nchw_x = grad_w_part && x_strides.c != 1;
+  const auto read = nchw_x && listed ? listed_positions(g, *inputs) : std::vector<KeptPosition>();
+  const auto needed = nchw_x && !listed ? needed_blocks(g, positions, kept_count) : std::vector<InputBlock>();
   for (int64_t k = 0; k < kept_count; ++k) zero_floats(rows + k * cout_pad + cout, cout_pad - cout);
   for (int64_t n = image_begin; n < image_end; ++n) {
     const float* gy_n = gy + n * gy_strides.n;
@@ -273,7 +279,11 @@ void backward_positions(const BatchVectorGeometry& g, const float* gy, Strides g
         grad_b_part[c] += sum;
       }
     if (grad_w_part) {
-      image_channels_last(x + n * x_strides.n, x_strides, cin, hw, cin_pad, image, needed.data());
+      if (nchw_x && listed)
+        gather_positions(x + n * x_strides.n, x_strides, cin, read.data(), static_cast<int64_t>(read.size()), cin_pad,
+                         image);
+      else
+        image_channels_last(x + n * x_strides.n, x_strides, cin, hw, cin_pad, image, needed.data());
       const float* zeros = spare;
       zero_floats(spare, cin_pad);
       if (listed) {
