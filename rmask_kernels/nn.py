@@ -383,8 +383,15 @@ class MaskedConvBN2d(nn.Module):
                 y = y * self.conv.mask
             y = F.relu(y) if relu and residual is None else y
         if residual is not None:
-            y = y + residual
-            y = F.relu(y) if relu else y
+            # In place where the result is y's dtype and shape: y is this call's own tensor,
+            # and no backward reads it (BN's saves its input, the mask's product saves the
+            # mask). Two fewer fresh block-sized tensors a call, each of whose pages faults in
+            # on first write: the masked stages' train step 10-20% faster (docs/design.md).
+            if y.dtype == residual.dtype and y.shape == residual.shape:
+                y = F.relu_(y.add_(residual)) if relu else y.add_(residual)
+            else:
+                y = y + residual
+                y = F.relu(y) if relu else y
         return y.squeeze(0) if unbatched else y
 
     def folded_weight_and_bias(self):
