@@ -1,8 +1,9 @@
 """Training-mode BN over the kept outputs of a masked conv (``bn_stats="kept"``), given the
 batch statistics of those outputs: the normalization, its affine and an optional ReLU, with
-BN's closed-form backward. Float32 NCHW CPU tensors run the extension's kernels
-(csrc/cpu/kept_batch_norm.cpp: one pass forward, two per channel backward, the second from
-L2); everything else runs the formula below in torch ops, which is also their test oracle.
+BN's closed-form backward, and a residual added before the ReLU. Float32 NCHW CPU tensors run
+the extension's kernels (csrc/cpu/kept_batch_norm.cpp: one pass forward, two per channel
+backward, the second from L2); everything else runs the formula below in torch ops, which is
+also their test oracle.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ def use_cpu_kernels(y: torch.Tensor, mask: torch.Tensor, *vectors) -> bool:
     )
 
 
-def kept_batch_norm(y, mask, count, mean, rstd, weight, bias, relu: bool) -> torch.Tensor:
+def kept_batch_norm(y, mask, count, mean, rstd, weight, bias, relu: bool, residual=None) -> torch.Tensor:
     """``KeptBatchNorm.apply`` (see there)."""
-    return KeptBatchNorm.apply(y, mask, count, mean, rstd, weight, bias, relu)
+    return KeptBatchNorm.apply(y, mask, count, mean, rstd, weight, bias, relu, residual)
 
 
 class KeptBatchNorm(torch.autograd.Function):
     """Training-mode BN over the kept outputs of a masked conv (``y``, zero where masked),
     its affine and an optional ReLU, given the batch statistics ``mean`` and ``rstd`` of the
-    kept outputs (``count`` per channel). The backward is BN's own closed form, with the
+    kept outputs (``count`` per channel); ``residual`` (optional, ``y``'s shape and dtype, e.g. a
+    ResNet block's shortcut) is added before the ReLU, in the same pass. The backward is BN's own closed form, with the
     statistics' dependence on ``y`` included: two full passes forward and six backward, about
     half of what autograd through the same formula takes.
 
@@ -42,32 +44,41 @@ class KeptBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, mask, count, mean, rstd, weight, bias, relu):
+    def forward(ctx, y, mask, count, mean, rstd, weight, bias, relu, residual=None):
         scale = rstd if weight is None else rstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
-        ctx.kernels = use_cpu_kernels(y, mask, count, mean, rstd, weight, bias)
+        ctx.kernels = use_cpu_kernels(y, mask, count, mean, rstd, weight, bias, residual) and (
+            residual is None or residual.is_contiguous())
         if ctx.kernels:
-            out = torch.ops.rmask.cpu_kept_batch_norm(y, mask, scale, shift, relu)
+            out = torch.ops.rmask.cpu_kept_batch_norm(y, mask, scale, shift, relu, residual)
         else:
             # y is 0 where masked, so y * scale + shift * mask is BN on kept positions and 0 elsewhere.
             out = torch.addcmul(shift.view(-1, 1, 1) * mask, y, scale.view(-1, 1, 1)).to(y.dtype)
+            if residual is not None:
+                out += residual
             if relu:
                 out.clamp_min_(0)
         ctx.save_for_backward(y, mask, out if relu else None, count, mean, rstd, weight)
         ctx.relu = relu
+        ctx.residual = residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         y, mask, out, count, mean, rstd, weight = ctx.saved_tensors
+        # The residual's gradient is g, grad_out through the ReLU (grad_out itself without one).
+        want_residual = ctx.residual and ctx.needs_input_grad[8]
         if ctx.kernels and not torch.is_grad_enabled():  # (a double backward differentiates the formula)
             scale = rstd if weight is None else rstd * weight
-            grad_y, sum_g, sum_g_xhat = torch.ops.rmask.cpu_kept_batch_norm_backward(
-                grad_out, y, mask, out, mean, rstd, scale, count)
+            gated = want_residual and ctx.relu
+            grad_y, sum_g, sum_g_xhat, g = torch.ops.rmask.cpu_kept_batch_norm_backward(
+                grad_out, y, mask, out, mean, rstd, scale, count, gated)
             grad_weight = sum_g_xhat if weight is not None and ctx.needs_input_grad[5] else None
             grad_bias = sum_g if ctx.needs_input_grad[6] else None
-            return grad_y, None, None, None, None, grad_weight, grad_bias, None
+            grad_residual = (g if gated else grad_out) if want_residual else None
+            return grad_y, None, None, None, None, grad_weight, grad_bias, None, grad_residual
         g = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
+        grad_residual = g if want_residual else None
         g, y = g.to(rstd.dtype), y.to(rstd.dtype)
         # Per channel, over the kept positions: sum of g, and sum of g * xhat with
         # xhat = (y - mean) * rstd (y is 0 where masked, so g * y needs no mask).
@@ -81,4 +92,4 @@ class KeptBatchNorm(torch.autograd.Function):
         grad_y = torch.addcmul(constant, g, scale.view(-1, 1, 1)).addcmul_(y, -k.view(-1, 1, 1))
         grad_weight = sum_g_xhat if weight is not None and ctx.needs_input_grad[5] else None
         grad_bias = sum_g if ctx.needs_input_grad[6] else None
-        return grad_y, None, None, None, None, grad_weight, grad_bias, None
+        return grad_y, None, None, None, None, grad_weight, grad_bias, None, grad_residual

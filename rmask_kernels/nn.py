@@ -376,17 +376,17 @@ class MaskedConvBN2d(nn.Module):
             y = self.conv.masked_forward(input, weight, bias, relu=relu, residual=residual)
             return y.squeeze(0) if unbatched else y
         if self.bn_stats == "kept" and self.conv.mask_ratio > 0:
-            y = self._kept_stats_forward(input, relu=relu and residual is None)
-        else:
-            y = self.bn(self.conv.unmasked_forward(input))
-            if self.conv.mask_ratio > 0:
-                y = y * self.conv.mask
-            y = F.relu(y) if relu and residual is None else y
+            y = self._kept_stats_forward(input, relu, residual)
+            return y.squeeze(0) if unbatched else y
+        y = self.bn(self.conv.unmasked_forward(input))
+        if self.conv.mask_ratio > 0:
+            y = y * self.conv.mask
+        y = F.relu(y) if relu and residual is None else y
         if residual is not None:
             # In place where the result is y's dtype and shape: y is this call's own tensor,
-            # and no backward reads it (BN's saves its input, the mask's product saves the
-            # mask). Two fewer fresh block-sized tensors a call, each of whose pages faults in
-            # on first write: the masked stages' train step 10-20% faster (docs/design.md).
+            # and no backward reads it (BN saves its input, the mask's product the mask): two
+            # fewer fresh block-sized tensors a call, each of whose pages faults in on first
+            # write (docs/design.md, section 6).
             if y.dtype == residual.dtype and y.shape == residual.shape:
                 y = F.relu_(y.add_(residual)) if relu else y.add_(residual)
             else:
@@ -450,9 +450,11 @@ class MaskedConvBN2d(nn.Module):
         self._folded = _FoldedCache(references, state, weight, bias)
         return weight, bias
 
-    def _kept_stats_forward(self, input: torch.Tensor, relu: bool) -> torch.Tensor:
+    def _kept_stats_forward(self, input: torch.Tensor, relu: bool, residual: Optional[torch.Tensor]) -> torch.Tensor:
         # Only kept outputs are computed; BN statistics over them (count differs per channel
-        # for neuron masks). Masked outputs are zero before and after normalization.
+        # for neuron masks). Masked outputs are zero before and after normalization. The
+        # residual and the ReLU in BN's own pass where the residual has its output's dtype and
+        # shape.
         # The sums come out of the conv's own pass (float64, so E[y^2] - E[y]^2 keeps its digits).
         bn = self.bn
         y, total, total_of_squares = self.conv.masked_forward(
@@ -480,7 +482,10 @@ class MaskedConvBN2d(nn.Module):
                 bn.running_mean.lerp_(new_mean, momentum)
                 bn.running_var.lerp_(new_var, momentum)
         rstd = torch.rsqrt(var + bn.eps)
-        return kept_batch_norm(y, mask, count, mean, rstd, bn.weight, bn.bias, relu)
+        if residual is None or (residual.dtype == y.dtype and residual.shape == y.shape):
+            return kept_batch_norm(y, mask, count, mean, rstd, bn.weight, bn.bias, relu, residual)
+        out = kept_batch_norm(y, mask, count, mean, rstd, bn.weight, bn.bias, False) + residual
+        return F.relu(out) if relu else out
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, bn_stats={self.bn_stats}"

@@ -22,11 +22,11 @@ def statistics(y, mask):
     return count, mean, torch.rsqrt(var + 1e-5)
 
 
-def run(y, mask, weight, bias, relu, grad_out):
-    """kept_batch_norm's output and the gradients of y, weight, bias (None where absent)."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (y, weight, bias)]
+def run(y, mask, weight, bias, relu, grad_out, residual=None):
+    """kept_batch_norm's output and the gradients of y, weight, bias, residual (None where absent)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (y, weight, bias, residual)]
     count, mean, rstd = (s.detach() for s in statistics(leaves[0].detach(), mask))
-    out = kept_batch_norm(leaves[0], mask, count, mean, rstd, leaves[1], leaves[2], relu)
+    out = kept_batch_norm(leaves[0], mask, count, mean, rstd, leaves[1], leaves[2], relu, leaves[3])
     present = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(out, present, grad_out))
     return out, [next(grads) if t is not None else None for t in leaves]
@@ -38,22 +38,29 @@ def run(y, mask, weight, bias, relu, grad_out):
 # planes that start 16-byte aligned and planes that do not.
 @pytest.mark.parametrize("shape", [(5, 6, 7, 9), (0, 4, 5, 5), (3, 1, 16, 16), (4, 3, 1, 1), (3, 5, 10, 13)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_kernels_match_the_formula(relu, mode, shape, affine):
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+def test_kernels_match_the_formula(relu, mode, shape, affine, with_residual):
     n, c, h, w = shape
-    torch.manual_seed(sum(shape) + 2 * relu + affine)
+    torch.manual_seed(sum(shape) + 2 * relu + affine + 4 * with_residual)
     mask = rk.random_mask((c, h, w), 0.5, mode, seed=3)
     y = torch.randn(n, c, h, w) * mask  # a masked conv's output: zero where masked
     weight, bias = (torch.randn(c), torch.randn(c)) if affine else (None, None)
-    assert use_cpu_kernels(y, mask, weight, bias)
+    residual = torch.randn(n, c, h, w) if with_residual else None
+    assert use_cpu_kernels(y, mask, weight, bias, residual)
     grad_out = torch.randn(n, c, h, w)
-    out, grads = run(y, mask, weight, bias, relu, grad_out)
+    out, grads = run(y, mask, weight, bias, relu, grad_out, residual)
     as64 = lambda t: t.double() if t is not None else None  # noqa: E731
-    want, want_grads = run(as64(y), mask, as64(weight), as64(bias), relu, grad_out.double())
+    want, want_grads = run(as64(y), mask, as64(weight), as64(bias), relu, grad_out.double(), as64(residual))
     torch.testing.assert_close(out.double(), want, **TOLERANCE)
-    assert (out[(~mask).expand_as(out)] == 0).all(), "masked outputs must be exactly zero"
+    masked = (~mask).expand_as(out)
+    if residual is None:
+        assert (out[masked] == 0).all(), "masked outputs must be exactly zero"
+    else:  # the residual alone there, through the ReLU
+        expected = residual.clamp_min(0) if relu else residual
+        assert torch.equal(out[masked], expected[masked]), "masked outputs must be the residual exactly"
     kept = mask.expand_as(y)
     torch.testing.assert_close(grads[0][kept].double(), want_grads[0][kept], **TOLERANCE)
-    for name, got, expected in zip(("weight", "bias"), grads[1:], want_grads[1:]):
+    for name, got, expected in zip(("weight", "bias", "residual"), grads[1:], want_grads[1:]):
         if expected is not None:
             torch.testing.assert_close(got.double(), expected, **TOLERANCE, msg=lambda m: f"grad {name}: {m}")
 

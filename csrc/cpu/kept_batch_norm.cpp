@@ -4,14 +4,16 @@
 // the second time from L2). rmask_kernels.nn._KeptBatchNorm calls them and states the formula;
 // its Python form serves every other case and is these kernels' test oracle.
 //
-// cpu_kept_batch_norm(y, mask, scale, shift, relu): relu?(y * scale + shift * mask), per
-//   channel c: scale[c], shift[c]; y is 0 where the mask is False, so masked outputs stay 0.
-// cpu_kept_batch_norm_backward(grad_out, y, mask, out, mean, rstd, scale, count) ->
-//   (grad_y, sum_g, sum_g_xhat): g = grad_out where out > 0 (out: the forward's output with
-//   a ReLU; undefined without), sum_g = sum of g over kept positions, sum_g_xhat = rstd *
-//   (sum of g * y - mean * sum_g), and grad_y = scale * g - k * y + (k * mean - scale *
-//   sum_g / count) with k = scale * rstd * sum_g_xhat / count, at every position (masked ones
-//   carry no meaning: every masked conv backward ignores its gradient there).
+// cpu_kept_batch_norm(y, mask, scale, shift, relu, residual): relu?(y * scale + shift * mask
+//   + residual), per channel c: scale[c], shift[c]; y is 0 where the mask is False, so masked
+//   outputs stay 0 (or the residual's value); residual optional, y's shape.
+// cpu_kept_batch_norm_backward(grad_out, y, mask, out, mean, rstd, scale, count,
+//   gated_gradient) -> (grad_y, sum_g, sum_g_xhat, g): g = grad_out where out > 0 (out: the
+//   forward's output with a ReLU; undefined without), sum_g = sum of g over kept positions,
+//   sum_g_xhat = rstd * (sum of g * y - mean * sum_g), and grad_y = scale * g - k * y + (k *
+//   mean - scale * sum_g / count) with k = scale * rstd * sum_g_xhat / count, at every
+//   position (masked ones carry no meaning: every masked conv backward ignores its gradient
+//   there); g itself (the residual's gradient) where gated_gradient, else an empty tensor.
 
 #include <algorithm>
 #include <cstdint>
@@ -38,11 +40,18 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // independent float partial sums: the compiler keeps them in vectors
 
-// o = relu?(x * s + b * m) over one plane. Branch-free (the mask and the signs are random),
-// `v < 0 ? 0 : v` keeps NaN as clamp_min does.
+// o = relu?(x * s + b * m + r) over one plane (r: null for none). Branch-free (the mask and
+// the signs are random), `v < 0 ? 0 : v` keeps NaN as clamp_min does.
 RMASK_PLANE_LOOP void normalize_plane(const float* __restrict x, const uint8_t* __restrict m, float s, float b,
-                                      float* __restrict o, int64_t hw, bool relu) {
-  if (relu)
+                                      const float* __restrict r, float* __restrict o, int64_t hw, bool relu) {
+  if (r && relu)
+    for (int64_t p = 0; p < hw; ++p) {
+      const float v = x[p] * s + b * static_cast<float>(m[p]) + r[p];
+      o[p] = v < 0.0f ? 0.0f : v;
+    }
+  else if (r)
+    for (int64_t p = 0; p < hw; ++p) o[p] = x[p] * s + b * static_cast<float>(m[p]) + r[p];
+  else if (relu)
     for (int64_t p = 0; p < hw; ++p) {
       const float v = x[p] * s + b * static_cast<float>(m[p]);
       o[p] = v < 0.0f ? 0.0f : v;
@@ -87,27 +96,33 @@ RMASK_PLANE_LOOP void plane_sums(const float* __restrict go, const float* __rest
   }
 }
 
-// out = s * g - k * y + c over one plane, by streaming stores (SSE, on every x86-64) where out
-// is 16-byte aligned: the stores skip reading each line of grad_y before overwriting it (which
-// took a third of the backward), and grad_y is read next by the conv's backward, not from
-// this core's caches. The caller fences (_mm_sfence) before anyone reads out.
-RMASK_PLANE_LOOP void grad_plane(const float* __restrict go, const float* __restrict gate,
-                                        const float* __restrict y, float* __restrict out, int64_t hw, float s,
-                                        float k, float c) {
+// out = s * g - k * y + c over one plane, and g itself to g_out where not null (the gradient of
+// a residual added before the ReLU), by streaming stores (SSE, on every x86-64) where both are
+// 16-byte aligned: the stores skip reading each line before overwriting it (which took a third
+// of the backward), and the next reader is the conv's backward, not this core's caches. The
+// caller fences (_mm_sfence) before anyone reads them.
+RMASK_PLANE_LOOP void grad_plane(const float* __restrict go, const float* __restrict gate, const float* __restrict y,
+                                 float* __restrict out, int64_t hw, float s, float k, float c,
+                                 float* __restrict g_out) {
+  int64_t p = 0;
 #if defined(__x86_64__)
   constexpr int64_t kChunk = 64;
-  if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
-    alignas(64) float chunk[kChunk];
-    int64_t p = 0;
+  if (reinterpret_cast<uintptr_t>(out) % 16 == 0 && reinterpret_cast<uintptr_t>(g_out) % 16 == 0) {
+    alignas(64) float g[kChunk], chunk[kChunk];
     for (; p + kChunk <= hw; p += kChunk) {
-      for (int64_t j = 0; j < kChunk; ++j) chunk[j] = s * gated(go, gate, p + j) - k * y[p + j] + c;
+      for (int64_t j = 0; j < kChunk; ++j) g[j] = gated(go, gate, p + j);
+      for (int64_t j = 0; j < kChunk; ++j) chunk[j] = s * g[j] - k * y[p + j] + c;
       for (int64_t j = 0; j < kChunk; j += 4) _mm_stream_ps(out + p + j, _mm_load_ps(chunk + j));
+      if (g_out)
+        for (int64_t j = 0; j < kChunk; j += 4) _mm_stream_ps(g_out + p + j, _mm_load_ps(g + j));
     }
-    for (; p < hw; ++p) out[p] = s * gated(go, gate, p) - k * y[p] + c;
-    return;
   }
 #endif
-  for (int64_t p = 0; p < hw; ++p) out[p] = s * gated(go, gate, p) - k * y[p] + c;
+  for (; p < hw; ++p) {
+    const float g = gated(go, gate, p);
+    out[p] = s * g - k * y[p] + c;
+    if (g_out) g_out[p] = g;
+  }
 }
 
 // Makes this thread's streaming stores visible before anyone reads what they wrote.
@@ -143,8 +158,13 @@ void check_like_y(const char* op, const char* name, const Tensor& t, const Tenso
               describe(t.sizes()));
 }
 
-Tensor kept_batch_norm(const Tensor& y, const Tensor& mask, const Tensor& scale, const Tensor& shift, bool relu) {
+Tensor kept_batch_norm(const Tensor& y, const Tensor& mask, const Tensor& scale, const Tensor& shift, bool relu,
+                       const std::optional<Tensor>& residual) {
   check_arguments("cpu_kept_batch_norm", y, mask, {{"scale", &scale}, {"shift", &shift}});
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) check_like_y("cpu_kept_batch_norm", "residual", *residual, y);
+  const auto r = has_residual ? rmask::contiguous(*residual) : Tensor();
+  const float* r_data = has_residual ? data<float>(r) : nullptr;
   const int64_t channels = y.size(1), hw = y.size(2) * y.size(3), planes = y.size(0) * channels;
   const int64_t mask_step = mask.size(0) == 1 ? 0 : hw;
   auto out = cpu::empty_output(y.sizes(), ScalarType::Float, MemoryFormat::Contiguous);
@@ -156,16 +176,19 @@ Tensor kept_batch_norm(const Tensor& y, const Tensor& mask, const Tensor& scale,
   torch::stable::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t c = plane % channels;
-      normalize_plane(src + plane * hw, kept + c * mask_step, scales[c], shifts[c], dst + plane * hw, hw, relu);
+      normalize_plane(src + plane * hw, kept + c * mask_step, scales[c], shifts[c],
+                      r_data ? r_data + plane * hw : nullptr, dst + plane * hw, hw, relu);
     }
   });
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> kept_batch_norm_backward(const Tensor& grad_out, const Tensor& y, const Tensor& mask,
-                                                            const std::optional<Tensor>& out, const Tensor& mean,
-                                                            const Tensor& rstd, const Tensor& scale,
-                                                            const Tensor& count) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> kept_batch_norm_backward(const Tensor& grad_out, const Tensor& y,
+                                                                    const Tensor& mask,
+                                                                    const std::optional<Tensor>& out,
+                                                                    const Tensor& mean, const Tensor& rstd,
+                                                                    const Tensor& scale, const Tensor& count,
+                                                                    bool gated_gradient) {
   const char* op = "cpu_kept_batch_norm_backward";
   check_arguments(op, y, mask, {{"mean", &mean}, {"rstd", &rstd}, {"scale", &scale}, {"count", &count}});
   check_like_y(op, "grad_out", grad_out, y);
@@ -178,6 +201,9 @@ std::tuple<Tensor, Tensor, Tensor> kept_batch_norm_backward(const Tensor& grad_o
   auto grad_y = cpu::empty_output(y.sizes(), ScalarType::Float, MemoryFormat::Contiguous);
   auto sum_g = empty({channels}, ScalarType::Float, y.device());
   auto sum_g_xhat = empty({channels}, ScalarType::Float, y.device());
+  auto gated_g = gated_gradient ? cpu::empty_output(y.sizes(), ScalarType::Float, MemoryFormat::Contiguous)
+                                : empty({0}, ScalarType::Float, y.device());
+  float* gated_data = gated_gradient ? data<float>(gated_g) : nullptr;
   const float* g_data = data<float>(go);
   const float* gate_data = relu ? data<float>(gate) : nullptr;
   const float* y_data = data<float>(y);
@@ -204,21 +230,24 @@ std::tuple<Tensor, Tensor, Tensor> kept_batch_norm_backward(const Tensor& grad_o
       for (int64_t n = 0; n < images; ++n) {
         const int64_t at = (n * channels + c) * hw;
         grad_plane(g_data + at, relu ? gate_data + at : nullptr, y_data + at, grad_data + at, hw,
-                   static_cast<float>(s), static_cast<float>(k), static_cast<float>(k * mu - s * total_g / n_kept));
+                   static_cast<float>(s), static_cast<float>(k), static_cast<float>(k * mu - s * total_g / n_kept),
+                   gated_data ? gated_data + at : nullptr);
       }
     }
     store_fence();
   });
-  return {grad_y, sum_g, sum_g_xhat};
+  return {grad_y, sum_g, sum_g_xhat, gated_g};
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(rmask, m) {
-  m.def("cpu_kept_batch_norm(Tensor y, Tensor mask, Tensor scale, Tensor shift, bool relu) -> Tensor");
+  m.def(
+      "cpu_kept_batch_norm(Tensor y, Tensor mask, Tensor scale, Tensor shift, bool relu, Tensor? residual=None) -> "
+      "Tensor");
   m.def(
       "cpu_kept_batch_norm_backward(Tensor grad_out, Tensor y, Tensor mask, Tensor? out, Tensor mean, Tensor rstd, "
-      "Tensor scale, Tensor count) -> (Tensor, Tensor, Tensor)");
+      "Tensor scale, Tensor count, bool gated_gradient=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(rmask, CPU, m) {
