@@ -89,8 +89,8 @@ struct KeptEntries {
 // of the outputs of these rows are added (masked outputs are 0: the sums run over kept outputs).
 // An NCHW y is not written here: kept_out (not null, and no residual) receives kept output
 // e = (p, c) of these rows at kept_out[e * padded N + n] for n < N, and the caller writes y
-// from it (scatter_kept) and adds the residual. An NHWC y is written through staging (kept_out
-// null).
+// from it with the residual and the ReLU (scatter_kept). An NHWC y is written through staging
+// (kept_out null).
 //
 // forward_positions: the forward of forward_rows for a mask that keeps every output channel
 // at each of its `npositions` kept positions (flat output positions, ascending), as a spatial
@@ -141,7 +141,8 @@ struct KeptEntries {
 // (not null: a fused ReLU's output, laid out as gate_strides) 0 where gate[n, c, q] is not > 0;
 // 0 in the padding images. Scratch (NCHW): 2 * padded N * padded_channels(most_of_a_channel)
 // floats. scatter_kept: the inverse, ungated, into every element of x (0 at the other
-// entries), for the same units; streaming stores. Scratch: that of gather_kept + H * W floats.
+// entries), for the same units; streaming stores; with `residual` (not null, laid out as x)
+// x = relu?(that + residual). Scratch: that of gather_kept + H * W floats.
 struct BatchVectorKernels {
   const char* name;  // "avx2", "avx512"
   int64_t (*padded_channels)(int64_t channels);
@@ -171,7 +172,7 @@ struct BatchVectorKernels {
   void (*gather_kept)(const KeptEntries& kept, const float* x, Strides s, const float* gate, Strides gate_strides,
                       int64_t begin, int64_t end, float* values, float* scratch);
   void (*scatter_kept)(const KeptEntries& kept, float* x, Strides s, int64_t begin, int64_t end, const float* values,
-                       float* scratch);
+                       const float* residual, bool relu, float* scratch);
   void (*pack_position_weights)(const float* w, int64_t cout, int64_t cin, int64_t taps, float* dst,
                                 int64_t cout_pad, int64_t k_begin, int64_t k_end);
 };

@@ -342,17 +342,6 @@ bool use_batch_vector(ScalarType dtype, int64_t groups, int64_t batch, int64_t k
   return batch_vector_kernels() && dtype == ScalarType::Float && groups == 1 && batch > 0 && kernel_h <= 64;
 }
 
-// y = relu?(y + residual) over `planes` contiguous planes of `size` floats, in parallel over
-// the planes. The ReLU keeps NaN, as torch.relu does.
-void add_planes(float* y, const float* residual, int64_t planes, int64_t size, bool relu) {
-  torch::stable::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * size; i < end * size; ++i) {
-      const float v = y[i] + residual[i];
-      y[i] = relu && v < 0.0f ? 0.0f : v;
-    }
-  });
-}
-
 // The row forward's per-channel sums are accumulated per chunk of rows and added up in chunk
 // order (deterministic for a given thread count).
 Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
@@ -391,14 +380,12 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   float* y_data = data<float>(y);
   const Strides y_strides = strides_of(y);
   double* partial_data = channel_sums ? data<double>(partial) : nullptr;
-  // NCHW with a residual: the rows go out without it, and it is added after, over whole planes.
-  // Added row by row, each image and channel gives a run of Wout floats on a page of its own:
-  // a TLB miss per run, which at 64->64@32x32 cost more than the convolution.
-  const bool residual_after = residual_data && y_strides.position == 1;
   // NCHW: the kept outputs go to rows [e][padded N], and y is written from them plane by plane
-  // (scatter_kept: whole planes, streamed), not row by row (a run of Wout floats per image and
-  // channel, each on a page of its own).
+  // with the residual and the ReLU (scatter_kept: whole planes, streamed), not row by row (a
+  // run of Wout floats per image and channel, each on a page of its own: a TLB miss per run,
+  // which at 64->64@32x32 cost more than the convolution).
   const bool nchw_out = y_strides.position == 1;
+  const bool residual_after = residual_data && nchw_out;
   float* kept_out_data = nchw_out ? thread_scratch(4, position_channels.numel() * vector_geometry.padded_batch) : nullptr;
   parallel_row_chunks(g.out_height, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w), panel_rows(panel_index_scratch(g));
@@ -411,8 +398,9 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
                                          partial_data ? partial_data + chunk * 2 * g.out_channels : nullptr, inputs,
                                          kept_out_data);
   });
-  if (nchw_out) scatter_kept_outputs(vector_geometry, position_offsets, position_channels, kept_out_data, y_data, y_strides);
-  if (residual_after) add_planes(y_data, residual_data, g.batch * g.out_channels, g.out_height * g.out_width, relu);
+  if (nchw_out)
+    scatter_kept_outputs(vector_geometry, position_offsets, position_channels, kept_out_data, y_data, y_strides,
+                         residual_after ? residual_data : nullptr, relu && residual_after);
   if (channel_sums) *channel_sums = rmask::sum(partial, {0});
   return y;
 }

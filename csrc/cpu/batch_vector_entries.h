@@ -56,20 +56,26 @@ inline void gather_kept(const KeptEntries& kept, const float* x, Strides s, cons
 }
 
 // The inverse of gather_kept, ungated: every element of x for units [begin, end),
-// values[e * padded + n] at the entries e = (q, c), 0 elsewhere. NCHW: per channel, its entries'
-// rows copied into [k][n] scratch and transposed to [n][k]; each image's plane is built in
-// scratch (zeros, then the channel's kept values) and streamed out whole.
+// values[e * padded + n] at the entries e = (q, c), 0 elsewhere; with `residual` (laid out as
+// x), plus the residual and then the ReLU if `relu` (without one, the ReLU alone). NCHW: per
+// channel, its entries' rows copied into [k][n] scratch and transposed to [n][k]; each image's
+// plane is built in scratch (zeros, then the channel's kept values) and streamed out whole,
+// the residual added on the way.
 inline void scatter_kept(const KeptEntries& kept, float* x, Strides s, int64_t begin, int64_t end,
-                         const float* values, float* scratch) {
+                         const float* values, const float* residual, bool relu, float* scratch) {
   constexpr int64_t L = Simd::kLanes;
   const int64_t batch = kept.batch, padded = kept.padded_batch;
   if (s.c == 1) {  // NHWC: each position's channels are together
     for (int64_t q = begin; q < end; ++q) {
       const int64_t first = kept.offsets[q], count = kept.offsets[q + 1] - first;
       for (int64_t n = 0; n < batch; ++n) {
-        float* dst = x + n * s.n + q * s.position;
-        zero_floats(dst, kept.channel_count);
-        for (int64_t j = 0; j < count; ++j) dst[kept.channels[first + j]] = values[(first + j) * padded + n];
+        const int64_t at = n * s.n + q * s.position;
+        float* dst = x + at;
+        if (residual) copy_floats(dst, residual + at, kept.channel_count);
+        else zero_floats(dst, kept.channel_count);
+        for (int64_t j = 0; j < count; ++j) dst[kept.channels[first + j]] += values[(first + j) * padded + n];
+        if (relu)
+          for (int64_t c = 0; c < kept.channel_count; ++c) dst[c] = dst[c] < 0.0f ? 0.0f : dst[c];
       }
     }
     return;
@@ -89,7 +95,8 @@ inline void scatter_kept(const KeptEntries& kept, float* x, Strides s, int64_t b
       zero_floats(plane, hw);
       const float* row = rows + n * stride;
       for (int64_t k = 0; k < count; ++k) plane[entries[2 * k]] = row[k];
-      floats_out(x + n * s.n + c * s.c, plane, nullptr, hw, false, true);
+      const int64_t at = n * s.n + c * s.c;
+      floats_out(x + at, plane, residual ? residual + at : nullptr, hw, relu, true);
     }
   }
   _mm_sfence();  // the streaming stores are visible before the caller reads x

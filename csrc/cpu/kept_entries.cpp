@@ -61,11 +61,12 @@ void gather_entries(const EntryLists& lists, const float* x, Strides s, const fl
 }
 
 // Every element of x from the entries' values (0 elsewhere), on all threads.
-void scatter_entries(const EntryLists& lists, const float* values, float* x, Strides s) {
+void scatter_entries(const EntryLists& lists, const float* values, float* x, Strides s, const float* residual,
+                     bool relu) {
   // NCHW: the plane every channel is built in, also where the channels keep nothing.
   const int64_t scratch = lists.nchw ? lists.scratch_floats + lists.kept.positions : 0;
   torch::stable::parallel_for(0, lists.units, 1, [&](int64_t begin, int64_t end) {
-    batch_vector_kernels()->scatter_kept(lists.kept, x, s, begin, end, values,
+    batch_vector_kernels()->scatter_kept(lists.kept, x, s, begin, end, values, residual, relu,
                                          lists.nchw ? thread_scratch(1, scratch) : nullptr);
   });
 }
@@ -89,14 +90,15 @@ float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs
 
 void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s) {
   const EntryLists lists(g, g.in_channels, g.height * g.width, inputs.offsets, inputs.channels, s.c != 1);
-  scatter_entries(lists, inputs.values, x, s);
+  scatter_entries(lists, inputs.values, x, s, nullptr, false);
 }
 
 void scatter_kept_outputs(const BatchVectorGeometry& g, const Tensor& position_offsets,
-                          const Tensor& position_channels, const float* values, float* y, Strides s) {
+                          const Tensor& position_channels, const float* values, float* y, Strides s,
+                          const float* residual, bool relu) {
   const EntryLists lists(g, g.out_channels, g.out_height * g.out_width, data<int64_t>(position_offsets),
                          data<int64_t>(position_channels), s.c != 1);
-  scatter_entries(lists, values, y, s);
+  scatter_entries(lists, values, y, s, residual, relu);
 }
 
 Tensor kept_gradient_rows(const BatchVectorGeometry& g, const float* gy, Strides gy_strides, const float* gate,

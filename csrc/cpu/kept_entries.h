@@ -21,9 +21,11 @@ float* gather_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs
 void scatter_kept_values(const BatchVectorGeometry& g, const InputIndex& inputs, float* x, Strides s);
 
 // Every element of y (NCHW or NHWC): the kept outputs' values (rows of padded N floats in
-// position-CSR order) at the kept outputs, 0 elsewhere.
+// position-CSR order) at the kept outputs, 0 elsewhere; plus `residual` (laid out as y, or
+// null) and then the ReLU if `relu`.
 void scatter_kept_outputs(const BatchVectorGeometry& g, const Tensor& position_offsets,
-                          const Tensor& position_channels, const float* values, float* y, Strides s);
+                          const Tensor& position_channels, const float* values, float* y, Strides s,
+                          const float* residual, bool relu);
 
 // Kept output gradients, compacted to rows of padded_batch floats (zero in the padding), in
 // position-CSR order, gated by `gate` where not null (0 where it is not > 0): the operand of
