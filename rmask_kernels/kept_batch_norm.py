@@ -33,10 +33,10 @@ def kept_batch_norm(y, mask, count, mean, rstd, weight, bias, relu: bool, residu
 class KeptBatchNorm(torch.autograd.Function):
     """Training-mode BN over the kept outputs of a masked conv (``y``, zero where masked),
     its affine and an optional ReLU, given the batch statistics ``mean`` and ``rstd`` of the
-    kept outputs (``count`` per channel); ``residual`` (optional, ``y``'s shape and dtype, e.g. a
-    ResNet block's shortcut) is added before the ReLU, in the same pass. The backward is BN's own closed form, with the
-    statistics' dependence on ``y`` included: two full passes forward and six backward, about
-    half of what autograd through the same formula takes.
+    kept outputs (``count`` per channel); ``residual`` (optional, ``y``'s shape and dtype, e.g.
+    a ResNet block's shortcut) is added before the ReLU, in the same pass. The backward is BN's
+    own closed form, with the statistics' dependence on ``y`` included: two full passes forward
+    and six backward, about half of what autograd through the same formula takes.
 
     The input gradient is only meaningful at kept positions: masked outputs are constant
     zeros, and every masked-conv backward ignores its gradient there. Arithmetic in the
@@ -47,8 +47,7 @@ class KeptBatchNorm(torch.autograd.Function):
     def forward(ctx, y, mask, count, mean, rstd, weight, bias, relu, residual=None):
         scale = rstd if weight is None else rstd * weight
         shift = -mean * scale if bias is None else bias - mean * scale
-        ctx.kernels = use_cpu_kernels(y, mask, count, mean, rstd, weight, bias, residual) and (
-            residual is None or residual.is_contiguous())
+        ctx.kernels = use_cpu_kernels(y, mask, count, mean, rstd, weight, bias, residual)
         if ctx.kernels:
             out = torch.ops.rmask.cpu_kept_batch_norm(y, mask, scale, shift, relu, residual)
         else:

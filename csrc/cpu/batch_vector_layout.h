@@ -234,10 +234,9 @@ struct KeptPosition {
 
 // The rows of a channels-last image [H * W][stride] (channels [channels, stride) zero) at the
 // `count` positions `kept` only, from one image of an NCHW tensor; the other rows are left as
-// they were. Plane by plane, so that
-// the reads run through each plane in order and the stores land in the same few rows (at
-// keep 0.1, 81% of a plane's 16-position blocks hold a kept position: laying out whole blocks
-// transposes nine positions for each kept one).
+// they were. Plane by plane, so that the reads run through each plane in order and the stores
+// land in the same few rows (at keep 0.1, 81% of a plane's 16-position blocks hold a kept
+// position: laying out whole blocks transposes nine positions for each kept one).
 inline void gather_positions(const float* src, Strides s, int64_t channels, const KeptPosition* kept, int64_t count,
                              int64_t stride, float* image) {
   for (int64_t c = 0; c < channels; ++c) {

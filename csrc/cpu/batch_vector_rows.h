@@ -291,16 +291,17 @@ void forward_rows(const BatchVectorGeometry& g, const float* x, Strides x_stride
       }
     }
     if (kept_out) {  // the row's kept outputs stay in kept_out; their sums from there
-      for (int64_t e = position_offsets[oh * wo]; channel_sums && e < position_offsets[(oh + 1) * wo]; ++e) {
-        const float* v = kept_out + e * g.padded_batch;
-        float sum = 0.0f, squares = 0.0f;
-        for (int64_t n = 0; n < g.batch; ++n) {
-          sum += v[n];
-          squares += v[n] * v[n];
+      if (channel_sums)
+        for (int64_t e = position_offsets[oh * wo]; e < position_offsets[(oh + 1) * wo]; ++e) {
+          const float* v = kept_out + e * g.padded_batch;
+          float sum = 0.0f, squares = 0.0f;
+          for (int64_t n = 0; n < g.batch; ++n) {
+            sum += v[n];
+            squares += v[n] * v[n];
+          }
+          channel_sums[position_channels[e]] += sum;
+          channel_sums[cout + position_channels[e]] += squares;
         }
-        channel_sums[position_channels[e]] += sum;
-        channel_sums[cout + position_channels[e]] += squares;
-      }
       continue;
     }
     if (channel_sums) {  // over the kept outputs (the masked ones are the staging row's zeros)

@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
-#include <vector>
 
 #include "../torch_stable.h"
 #include "output_cache.h"
@@ -69,10 +68,9 @@ inline float gated(const float* __restrict go, const float* __restrict gate, int
 // Adds a plane's sums of g * m and of g * y to *sum_g and *sum_gy, fetching a line of each of
 // the next planes (next_go, next_gate if not null, next_y) per 16 floats: a channel's planes lie
 // C * H * W apart, each on pages of its own, where the hardware prefetcher starts cold.
-RMASK_PLANE_LOOP void plane_sums(const float* __restrict go, const float* __restrict gate,
-                                       const float* __restrict y, const uint8_t* __restrict m, int64_t hw,
-                                       const float* next_go, const float* next_gate, const float* next_y,
-                                       double* sum_g, double* sum_gy) {
+RMASK_PLANE_LOOP void plane_sums(const float* __restrict go, const float* __restrict gate, const float* __restrict y,
+                                 const uint8_t* __restrict m, int64_t hw, const float* next_go,
+                                 const float* next_gate, const float* next_y, double* sum_g, double* sum_gy) {
   float lanes_g[kLanes] = {}, lanes_gy[kLanes] = {};
   int64_t p = 0;
   for (; p + kLanes <= hw; p += kLanes) {
