@@ -282,6 +282,29 @@ def test_spatial_grad_weight_over_blocks_of_images(batch, input_mode):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 5, 16, 37])
+def test_spatial_forward_over_blocks_of_images(batch, layout):
+    # With tap lists that hold a pair or two per tap (keep 0.1 on both sides), the spatial
+    # forward computes the pairs of several images in the same tiles: batches shorter than a
+    # block, filling blocks, leaving a partial last block and split unevenly between the
+    # threads; the residual and the ReLU, or the channel sums, image by image after them.
+    x, weight, bias = torch.randn(batch, 12, 11, 13), torch.randn(20, 12, 3, 3), torch.randn(20)
+    mask = rk.random_mask((20, 11, 13), 0.9, "spatial", seed=3)
+    input_mask = rk.random_mask((12, 11, 13), 0.9, "spatial", seed=4)
+    x = (x * input_mask).contiguous(memory_format=getattr(torch, f"{layout}_format" if layout == "contiguous" else layout))
+    check_against_reference(cpu, x, weight, bias, mask, dict(padding=1), True, TOLERANCE[torch.float32],
+                            input_mask=input_mask)
+    plain = reference.masked_conv2d((x * input_mask).double(), weight.double(), bias.double(), mask, padding=1)
+    residual = torch.randn(batch, 20, 11, 13)
+    y = cpu(x, weight, bias, mask=mask, padding=1, input_mask=input_mask, relu=True, residual=residual)
+    torch.testing.assert_close(y.double(), F.relu(plain + residual.double()), **TOLERANCE[torch.float32])
+    y, total, squares = cpu(x, weight, bias, mask=mask, padding=1, input_mask=input_mask, channel_stats=True)
+    torch.testing.assert_close(y.double(), plain, **TOLERANCE[torch.float32])
+    for got, want in zip((total, squares), reference.channel_stats(plain)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("batch", [1, 16, 37])
 def test_row_forward_reads_the_gathered_kept_inputs(batch, layout):
     # A neuron input mask: the row forward reads the kept inputs gathered once for the call

@@ -24,6 +24,21 @@ constexpr int64_t kBatchBlock = 16;  // the batch is padded to a multiple of thi
 // Images whose tap-listed pairs the position backward's grad-weight reduces at once.
 constexpr int64_t kImageBlock = 16;
 
+// Images whose tap-listed pairs forward_positions computes at once, so that each tap's packed
+// weights are read once for all of them: at keep 0.1 a tap lists a few pairs per image (128
+// channels at 16x16: 2-3), too few to fill a tile's rows. Enough images for about
+// kPositionImageRows pairs per tap, as many as keep their kept rows ([P][cout_pad] floats each)
+// within 128 KB of L2, at most kMaxPositionImages; 1 without tap lists (pairs < 0: every tap of
+// a kept position at once fills the tiles).
+constexpr int64_t kMaxPositionImages = 8, kPositionImageRows = 12;
+inline int64_t position_images(int64_t pairs, int64_t taps, int64_t npositions, int64_t cout_pad) {
+  if (pairs <= 0) return 1;
+  int64_t images = (kPositionImageRows * taps + pairs - 1) / pairs;
+  const int64_t per_image = npositions * cout_pad * static_cast<int64_t>(sizeof(float));
+  if (per_image > 0 && images * per_image > (int64_t(128) << 10)) images = (int64_t(128) << 10) / per_image;
+  return images < 1 ? 1 : (images > kMaxPositionImages ? kMaxPositionImages : images);
+}
+
 struct BatchVectorGeometry {
   int64_t batch, padded_batch;  // N and N rounded up to kBatchBlock
   int64_t in_channels, height, width;
@@ -98,8 +113,10 @@ struct KeptEntries {
 // NHWC. With `inputs` (its tap lists), tap by tap over the pairs they list. packed_weight:
 // [kh][kw][Cin][cout_pad] and padded_bias (or null): [cout_pad],
 // cout_pad = padded_channels(Cout), zero in the padding. Scratch: x_taps kPositionRows (at most 8) * kh *
-// kw pointers; zeros: Cin floats, all 0 (what padding taps read); scratch: (NCHW x: H * W *
-// Cin) + npositions * (cout_pad + Cout) + kBatchBlock floats. channel_sums as for forward_rows.
+// kw pointers; zeros: Cin floats, all 0 (what padding taps read); scratch: B * ((NCHW x: H * W *
+// Cin) + npositions * cout_pad) + npositions * Cout + kBatchBlock floats, B = position_images(
+// the pairs the tap lists hold or -1, kh * kw, npositions, cout_pad). channel_sums as for
+// forward_rows.
 //
 // backward_positions: the gradients of forward_positions (same masks) for images
 // [image_begin, image_end), gy read as 0 where `gate` (if not null: a fused ReLU's output,

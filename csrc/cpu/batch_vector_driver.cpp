@@ -177,8 +177,12 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   const auto residual_as_y = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
   auto partial = channel_sums ? zeros({row_chunks(g.batch), 2, g.out_channels}, ScalarType::Double, input.device())
                               : Tensor();
-  const int64_t scratch_size = (x_strides.c == 1 ? 0 : g.height * g.width * g.in_channels) +
-                               positions.numel() * (cout_pad + g.out_channels) + kBatchBlock;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t images = position_images(inputs && inputs->tap_offsets ? inputs->tap_offsets[taps] : -1, taps,
+                                         positions.numel(), cout_pad);
+  const int64_t scratch_size =
+      images * ((x_strides.c == 1 ? 0 : g.height * g.width * g.in_channels) + positions.numel() * cout_pad) +
+      positions.numel() * g.out_channels + kBatchBlock;
   // Pointers read before the threads start: no torch call inside the parallel region.
   const float* x_data = data<float>(x);
   const float* packed_weight_data = data<float>(packed_weight);

@@ -101,23 +101,29 @@ inline std::vector<KeptPosition> listed_positions(const BatchVectorGeometry& g, 
   return positions;
 }
 
-// The kept rows [P][cout_pad] of one image, tap by tap over the pairs the tap lists of `inputs`
-// give (each tap's kept inputs only), then the bias and the ReLU. x_n: the image, channels-last
+// Prefetches, a few at a time, the cache lines of the input positions the tap lists read in
+// the planes of images to come, so that their reads from memory overlap the tiles of the
+// images before them. lines: offsets (floats) of the distinct lines in a plane.
+// The kept rows [P][cout_pad] of `images` images (y_rows: [images][P][cout_pad]), tap by tap
+// over the pairs the tap lists of `inputs` give (each tap's kept inputs only), a tap's pairs of
+// every image in the same tiles, then the bias and the ReLU. x_images[b]: image b, channels-last
 // rows `row_stride` apart.
-inline void forward_listed_taps(const BatchVectorGeometry& g, const InputIndex& inputs, const float* x_n,
-                                int64_t row_stride, const float* packed_weight, int64_t cout_pad,
+inline void forward_listed_taps(const BatchVectorGeometry& g, const InputIndex& inputs, const float* const* x_images,
+                                int64_t images, int64_t row_stride, const float* packed_weight, int64_t cout_pad,
                                 const float* padded_bias, bool relu, int64_t npositions, float* y_rows,
                                 const float** x_taps) {
   const int64_t cin = g.in_channels, ntaps = g.kernel_h * g.kernel_w;
-  zero_floats(y_rows, npositions * cout_pad);
+  zero_floats(y_rows, images * npositions * cout_pad);
   float* out_rows[kPositionRows];
   for (int64_t t = 0; t < ntaps; ++t) {
-    const int64_t end = inputs.tap_offsets[t + 1];
-    for (int64_t e = inputs.tap_offsets[t]; e < end; e += kPositionRows) {
-      const int rows = static_cast<int>(min64(kPositionRows, end - e));
+    const int64_t first = inputs.tap_offsets[t], pairs = inputs.tap_offsets[t + 1] - first;
+    // (image b, entry e) of row k = b * pairs + (e - first), stepped from k0
+    for (int64_t k0 = 0, b = 0, e = first; k0 < images * pairs; k0 += kPositionRows) {
+      const int rows = static_cast<int>(min64(kPositionRows, images * pairs - k0));
       for (int r = 0; r < rows; ++r) {
-        x_taps[r] = x_n + inputs.tap_entries[2 * (e + r) + 1] * row_stride;
-        out_rows[r] = y_rows + inputs.tap_entries[2 * (e + r)] * cout_pad;
+        x_taps[r] = x_images[b] + inputs.tap_entries[2 * e + 1] * row_stride;
+        out_rows[r] = y_rows + (b * npositions + inputs.tap_entries[2 * e]) * cout_pad;
+        if (++e == first + pairs) e = first, ++b;
       }
       position_tiles(x_taps, 1, cin, packed_weight + t * cin * cout_pad, cout_pad, nullptr, false, true, out_rows,
                      rows);
@@ -125,7 +131,7 @@ inline void forward_listed_taps(const BatchVectorGeometry& g, const InputIndex& 
   }
   if (!padded_bias && !relu) return;
   const typename Simd::V zero = Simd::zero();
-  for (int64_t k = 0; k < npositions; ++k)
+  for (int64_t k = 0; k < images * npositions; ++k)
     for (int64_t c = 0; c < cout_pad; c += Simd::kLanes) {
       float* v = y_rows + k * cout_pad + c;
       typename Simd::V value = Simd::load(v);
@@ -152,53 +158,64 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
                        int64_t npositions, int64_t image_begin, int64_t image_end, const float* residual, float* y,
                        Strides y_strides, const float** x_taps, const float* zeros, float* scratch,
                        double* channel_sums, const InputIndex* inputs) {
-  // One image at a time, channels-last: an NCHW image is transposed into `scratch` first, so
-  // that each tap's channels are contiguous (in NCHW they lie a plane apart, all in one L1
-  // set); the kept positions are computed in tiles into compact rows, one per kept position,
-  // which compact_out then writes to y in one pass (zeros, the residual and the ReLU). The
-  // image's input, its kept outputs and the weights stay in L2.
+  // A block of images at a time (one without tap lists), channels-last: an NCHW image is
+  // transposed into `scratch` first, so that each tap's channels are contiguous (in NCHW they
+  // lie a plane apart, all in one L1 set); the kept positions are computed in tiles into
+  // compact rows, one per kept position, which compact_out then writes to y in one pass (zeros,
+  // the residual and the ReLU). The block's input, its kept outputs and a tap's weights stay in
+  // L2.
   const int64_t cin = g.in_channels, cout = g.out_channels, ntaps = g.kernel_h * g.kernel_w;
   const int64_t hw = g.height * g.width, hw_out = g.out_height * g.out_width;
   const bool block_relu = relu && !residual;  // with a residual, the ReLU comes after adding it
   const bool x_nchw = x_strides.c != 1;
-  float* x_image = scratch;                                     // [H * W][Cin], for NCHW x
-  float* y_rows = scratch + (x_nchw ? hw * cin : 0);            // [P][cout_pad]
-  float* y_planes = y_rows + npositions * cout_pad;             // [Cout][P], for NCHW y
-  const auto blocks = kept_blocks(positions, npositions, hw_out);
   const bool listed = inputs && inputs->tap_offsets;  // tap by tap over the kept inputs
+  const int64_t block = position_images(listed ? inputs->tap_offsets[ntaps] : -1, ntaps, npositions, cout_pad);
+  float* x_block = scratch;                                    // [block][H * W][Cin], for NCHW x
+  float* y_rows = scratch + (x_nchw ? block * hw * cin : 0);   // [block][P][cout_pad]
+  float* y_planes = y_rows + block * npositions * cout_pad;    // [Cout][P], for NCHW y
+  const auto blocks = kept_blocks(positions, npositions, hw_out);
   // For an NCHW x: with tap lists, the rows of the input positions they read; else the blocks
   // of positions some kept output reads.
   const auto read = x_nchw && listed ? listed_positions(g, *inputs) : std::vector<KeptPosition>();
   const auto needed = x_nchw && !listed ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();
   float* out_rows[kPositionRows];
-  for (int64_t n = image_begin; n < image_end; ++n) {
-    const float* x_n = x + n * x_strides.n;
-    int64_t row_stride = x_strides.position;
-    if (x_nchw) {
-      if (listed) gather_positions(x_n, x_strides, cin, read.data(), static_cast<int64_t>(read.size()), cin, x_image);
-      else image_channels_last(x_n, x_strides, cin, hw, cin, x_image, needed.data());
-      x_n = x_image, row_stride = cin;
+  const float* x_images[kMaxPositionImages];
+  for (int64_t n0 = image_begin; n0 < image_end; n0 += block) {
+    const int64_t images = min64(block, image_end - n0);
+    const int64_t row_stride = x_nchw ? cin : x_strides.position;
+    for (int64_t b = 0; b < images; ++b) {
+      const float* x_n = x + (n0 + b) * x_strides.n;
+      x_images[b] = x_n;
+      if (!x_nchw) continue;
+      float* image = x_block + b * hw * cin;
+      if (listed) gather_positions(x_n, x_strides, cin, read.data(), static_cast<int64_t>(read.size()), cin, image);
+      else image_channels_last(x_n, x_strides, cin, hw, cin, image, needed.data());
+      x_images[b] = image;
     }
     if (listed)
-      forward_listed_taps(g, *inputs, x_n, row_stride, packed_weight, cout_pad, padded_bias, block_relu, npositions,
-                          y_rows, x_taps);
-    for (int64_t k0 = 0; k0 < (listed ? 0 : npositions); k0 += kPositionRows) {
+      forward_listed_taps(g, *inputs, x_images, images, row_stride, packed_weight, cout_pad, padded_bias, block_relu,
+                          npositions, y_rows, x_taps);
+    for (int64_t k0 = 0; k0 < (listed ? 0 : npositions); k0 += kPositionRows) {  // one image
       const int rows = static_cast<int>(min64(kPositionRows, npositions - k0));
-      point_taps(g, positions + k0, rows, x_n, row_stride, zeros, x_taps);
+      point_taps(g, positions + k0, rows, x_images[0], row_stride, zeros, x_taps);
       for (int r = 0; r < rows; ++r) out_rows[r] = y_rows + (k0 + r) * cout_pad;
       position_tiles(x_taps, ntaps, cin, packed_weight, cout_pad, padded_bias, block_relu, false, out_rows, rows);
     }
-    if (channel_sums) {  // over the kept outputs (the masked ones are 0 and add nothing)
-      for (int64_t k = 0; k < npositions; ++k) {
-        const float* v = y_rows + k * cout_pad;
-        for (int64_t c = 0; c < cout; ++c) {
-          channel_sums[c] += v[c];
-          channel_sums[cout + c] += static_cast<double>(v[c]) * v[c];
+    for (int64_t b = 0; b < images; ++b) {
+      const float* image_rows = y_rows + b * npositions * cout_pad;
+      if (channel_sums) {  // over the kept outputs (the masked ones are 0 and add nothing)
+        for (int64_t k = 0; k < npositions; ++k) {
+          const float* v = image_rows + k * cout_pad;
+          for (int64_t c = 0; c < cout; ++c) {
+            channel_sums[c] += v[c];
+            channel_sums[cout + c] += static_cast<double>(v[c]) * v[c];
+          }
         }
       }
+      const int64_t n = n0 + b;
+      compact_out(image_rows, cout_pad, positions, npositions, blocks.data(), cout, hw_out, y + n * y_strides.n,
+                  y_strides, residual ? residual + n * y_strides.n : nullptr, relu, y_planes);
     }
-    compact_out(y_rows, cout_pad, positions, npositions, blocks.data(), cout, hw_out, y + n * y_strides.n, y_strides,
-                residual ? residual + n * y_strides.n : nullptr, relu, y_planes);
   }
   _mm_sfence();  // the streaming stores are visible before the caller reads y
 }
