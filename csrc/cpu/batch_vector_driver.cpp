@@ -146,9 +146,9 @@ int64_t panel_index_scratch(const ConvGeometry& g) {
 }
 
 // The forward for spatial masks (see spatial_mask): BatchVectorKernels::forward_positions,
-// one image per visit, so no layout step over the whole batch (the row forward lays out every
-// input row of every image: at keep 0.1 about half its time). Partial channel sums per chunk
-// of images, added in chunk order.
+// an image (with tap lists, a block of images: position_images) per visit, so no layout step
+// over the whole batch (the row forward lays out every input row of every image: at keep 0.1
+// about half its time). Partial channel sums per chunk of images, added in chunk order.
 Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const Tensor& weight,
                               const std::optional<Tensor>& bias, const Tensor& positions, bool relu,
                               Tensor* channel_sums, const Tensor& residual, const InputIndex* inputs) {
