@@ -157,15 +157,23 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   const auto x = addressable(input);
   const auto x_strides = strides_of(x);
   const int64_t cout_pad = kernels->padded_channels(g.out_channels);
-  // [kh][kw][Cin][Cout_pad]
-  auto packed_weight = empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad}, ScalarType::Float, weight.device());
+  const int64_t taps = g.kernel_h * g.kernel_w, k_total = g.in_channels * taps;
+  // The packed weights [kh][kw][Cin][Cout_pad]: each thread's own copy, packed by that thread
+  // into its scratch, where it fits in L2 (every thread reads all of them, and lines another
+  // core wrote cost more to read than packing them: docs/design.md, section 6); else one copy
+  // packed by all threads.
+  const bool own_copies = private_packed_weights(k_total * cout_pad);
+  auto packed_weight = own_copies ? Tensor() : empty({g.kernel_h, g.kernel_w, g.in_channels, cout_pad},
+                                                     ScalarType::Float, weight.device());
   const auto w = rmask::contiguous(weight);
-  const int64_t lanes = kernels->padded_channels(1), k_total = g.in_channels * g.kernel_h * g.kernel_w;
-  torch::stable::parallel_for(0, (k_total + lanes - 1) / lanes, 1, [&](int64_t begin, int64_t end) {  // serially 20-50 us
-    kernels->pack_position_weights(data<float>(w), g.out_channels, g.in_channels, g.kernel_h * g.kernel_w,
-                                   data<float>(packed_weight), cout_pad, begin * lanes,
-                                   std::min(k_total, end * lanes));
-  });
+  const float* w_data = data<float>(w);
+  if (!own_copies) {
+    const int64_t lanes = kernels->padded_channels(1);
+    torch::stable::parallel_for(0, (k_total + lanes - 1) / lanes, 1, [&](int64_t begin, int64_t end) {
+      kernels->pack_position_weights(w_data, g.out_channels, g.in_channels, taps, data<float>(packed_weight),
+                                     cout_pad, begin * lanes, std::min(k_total, end * lanes));
+    });
+  }
   const bool has_bias = bias.has_value() && bias->defined();
   std::vector<float> padded_bias(has_bias ? cout_pad : 0, 0.0f);  // ATen's pad is a clone even with no padding: ~15 us
   if (has_bias) {
@@ -177,7 +185,6 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   const auto residual_as_y = residual.defined() ? rmask::contiguous(residual, format) : Tensor();
   auto partial = channel_sums ? zeros({row_chunks(g.batch), 2, g.out_channels}, ScalarType::Double, input.device())
                               : Tensor();
-  const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t images = position_images(inputs && inputs->tap_offsets ? inputs->tap_offsets[taps] : -1, taps,
                                          positions.numel(), cout_pad);
   const int64_t scratch_size =
@@ -185,7 +192,7 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
       positions.numel() * g.out_channels + kBatchBlock;
   // Pointers read before the threads start: no torch call inside the parallel region.
   const float* x_data = data<float>(x);
-  const float* packed_weight_data = data<float>(packed_weight);
+  const float* shared_weight = own_copies ? nullptr : data<float>(packed_weight);
   const int64_t* positions_data = data<int64_t>(positions);
   const int64_t npositions = positions.numel();
   const float* residual_data = residual_as_y.defined() ? data<float>(residual_as_y) : nullptr;
@@ -195,6 +202,12 @@ Tensor full_positions_forward(const ConvGeometry& g, const Tensor& input, const 
   parallel_row_chunks(g.batch, [&](int64_t chunk, int64_t first, int64_t last) {
     std::vector<const float*> x_taps(8 * g.kernel_h * g.kernel_w);
     const std::vector<float> zero_channels(g.in_channels, 0.0f);
+    const float* packed_weight_data = shared_weight;
+    if (own_copies) {
+      float* own = thread_scratch(5, k_total * cout_pad);
+      kernels->pack_position_weights(w_data, g.out_channels, g.in_channels, taps, own, cout_pad, 0, k_total);
+      packed_weight_data = own;
+    }
     kernels->forward_positions(vector_geometry, x_data, x_strides, packed_weight_data, cout_pad,
                                has_bias ? padded_bias.data() : nullptr, relu, positions_data, npositions, first,
                                last, residual_data, y_data, y_strides, x_taps.data(), zero_channels.data(),
