@@ -281,13 +281,15 @@ def test_spatial_grad_weight_over_blocks_of_images(batch, input_mode):
                             TOLERANCE[torch.float32], input_mask=input_mask)
 
 
-@pytest.mark.parametrize("input_mode", [None, "spatial"])
-def test_spatial_forward_packs_large_weights_once(input_mode):
-    # Each thread packs its own copy of a spatial forward's weights where the copy fits in
-    # L2 (1 MiB); 160 -> 192 channels (3x3) packs 1.1 MB: one copy, packed by all threads.
+@pytest.mark.parametrize("masked_input", [False, True])
+@pytest.mark.parametrize("mode", ["spatial", "neuron"])
+def test_forward_packs_large_weights_once(mode, masked_input):
+    # Each thread packs its own copy of a forward's weights (position or row kernels) where the
+    # copy fits in L2 (1 MiB); 160 -> 192 channels (3x3) packs 1.1 MB: one copy, packed by all
+    # threads.
     x, weight, bias = torch.randn(5, 160, 5, 6), torch.randn(192, 160, 3, 3) / 30, torch.randn(192)
-    mask = rk.random_mask((192, 5, 6), 0.6, "spatial")
-    input_mask = None if input_mode is None else rk.random_mask((160, 5, 6), 0.5, input_mode)
+    mask = rk.random_mask((192, 5, 6), 0.6, mode)
+    input_mask = rk.random_mask((160, 5, 6), 0.5, mode) if masked_input else None
     if input_mask is not None:
         x = x * input_mask
     check_against_reference(cpu, x, weight, bias, mask, dict(padding=1), True, TOLERANCE[torch.float32],

@@ -247,22 +247,29 @@ Tensor sum_weight_partials(const ConvGeometry& g, const Tensor& partial) {
 // [Cout][kh][kw][cin_pad] (the row forward's). One pass, an output channel's block at a time:
 // ATen's copy of the permuted weight walks it element by element, for about a fifth of a
 // masked 64->64@32x32 forward.
-Tensor weight_taps_outside(const ConvGeometry& g, const Tensor& weight, bool taps_first, int64_t cin_pad) {
+// pack_taps_outside: output channels [co_begin, co_end) of it, from w (contiguous) to dst;
+// weight_taps_outside: all of it, on all threads.
+void pack_taps_outside(const ConvGeometry& g, const float* w, bool taps_first, int64_t cin_pad, float* dst,
+                       int64_t co_begin, int64_t co_end) {
   const int64_t taps = g.kernel_h * g.kernel_w, cin = g.in_channels, cout = g.out_channels;
+  for (int64_t co = co_begin; co < co_end; ++co) {
+    const float* block = w + co * cin * taps;
+    for (int64_t t = 0; t < taps; ++t) {
+      float* row = dst + (taps_first ? t * cout + co : co * taps + t) * cin_pad;
+      for (int64_t ci = 0; ci < cin; ++ci) row[ci] = block[ci * taps + t];
+      for (int64_t ci = cin; ci < cin_pad; ++ci) row[ci] = 0.0f;
+    }
+  }
+}
+
+Tensor weight_taps_outside(const ConvGeometry& g, const Tensor& weight, bool taps_first, int64_t cin_pad) {
   const auto w = rmask::contiguous(weight);
-  auto packed = taps_first ? empty({g.kernel_h, g.kernel_w, cout, cin_pad}, ScalarType::Float, weight.device())
-                           : empty({cout, g.kernel_h, g.kernel_w, cin_pad}, ScalarType::Float, weight.device());
+  auto packed = taps_first ? empty({g.kernel_h, g.kernel_w, g.out_channels, cin_pad}, ScalarType::Float, weight.device())
+                           : empty({g.out_channels, g.kernel_h, g.kernel_w, cin_pad}, ScalarType::Float, weight.device());
   const float* src = data<float>(w);
   float* dst = data<float>(packed);
-  torch::stable::parallel_for(0, cout, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t co = begin; co < end; ++co) {
-      const float* block = src + co * cin * taps;
-      for (int64_t t = 0; t < taps; ++t) {
-        float* row = dst + (taps_first ? t * cout + co : co * taps + t) * cin_pad;
-        for (int64_t ci = 0; ci < cin; ++ci) row[ci] = block[ci * taps + t];
-        for (int64_t ci = cin; ci < cin_pad; ++ci) row[ci] = 0.0f;
-      }
-    }
+  torch::stable::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    pack_taps_outside(g, src, taps_first, cin_pad, dst, begin, end);
   });
   return packed;
 }
@@ -377,7 +384,12 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
     gathered.values = gather_kept_values(vector_geometry, *inputs, data<float>(x), strides_of(x));
     inputs = &gathered;
   }
-  const auto forward_weight = weight_taps_outside(g, weight, false, g.in_channels);  // [Cout][kh][kw][Cin]
+  // The weight [Cout][kh][kw][Cin]: each thread's own copy where it fits in L2, as the position
+  // forward's (private_packed_weights).
+  const int64_t weight_floats = g.out_channels * g.kernel_h * g.kernel_w * g.in_channels;
+  const bool own_copies = private_packed_weights(weight_floats);
+  const auto forward_weight = own_copies ? Tensor() : weight_taps_outside(g, weight, false, g.in_channels);
+  const auto contiguous_weight = own_copies ? rmask::contiguous(weight) : Tensor();
   const auto b = (bias.has_value() && bias->defined()) ? rmask::contiguous(*bias) : Tensor();
   // Every element is written by the kernel (masked ones as zeros).
   const auto format = suggest_memory_format(input);
@@ -389,7 +401,8 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
   // Pointers read before the threads start: no torch call inside the parallel region.
   const float* x_data = data<float>(x);
   const Strides x_strides = strides_of(x);
-  const float* forward_weight_data = data<float>(forward_weight);
+  const float* shared_weight = own_copies ? nullptr : data<float>(forward_weight);
+  const float* w_data = own_copies ? data<float>(contiguous_weight) : nullptr;
   const float* bias_data = b.defined() ? data<float>(b) : nullptr;
   const int64_t* offsets = data<int64_t>(position_offsets);
   const int64_t* channels = data<int64_t>(position_channels);
@@ -408,6 +421,12 @@ Tensor batch_vector_forward(const ConvGeometry& g, const Tensor& input, const Te
     std::vector<int64_t> taps(4 * g.kernel_h * g.kernel_w), panel_rows(panel_index_scratch(g));
     float* panels = thread_scratch(0, slots * g.width * g.in_channels * vector_geometry.padded_batch);
     float* staging = nchw_out ? nullptr : thread_scratch(1, g.batch * (g.out_channels * g.out_width + 16));
+    const float* forward_weight_data = shared_weight;
+    if (own_copies) {
+      float* own = thread_scratch(5, weight_floats);
+      pack_taps_outside(g, w_data, false, g.in_channels, own, 0, g.out_channels);
+      forward_weight_data = own;
+    }
     batch_vector_kernels()->forward_rows(vector_geometry, x_data, x_strides, forward_weight_data, bias_data,
                                          relu && !residual_after, offsets, channels, first, last,
                                          residual_after ? nullptr : residual_data, y_data, y_strides,
