@@ -163,7 +163,10 @@ def test_torch_compile_traces_auto_and_autocast_in_one_graph(backend, autocast):
     torch.testing.assert_close(y, want)
     (grad,) = torch.autograd.grad(y.float().sum(), [x])
     (want_grad,) = torch.autograd.grad(want.float().sum(), [x])
-    torch.testing.assert_close(grad, want_grad)
+    if autocast:  # a bfloat16 conv's gradient: inductor may round its intermediates elsewhere than eager
+        assert close(grad, want_grad, torch.bfloat16)  # does (on CPUs without native bfloat16)
+    else:
+        torch.testing.assert_close(grad, want_grad)
 
 
 @pytest.mark.skipif(not rk.backends.batch_vector_kernels(torch.float32, 1, 32, 3), reason="no float32 batch-vector kernels")
@@ -173,10 +176,9 @@ def test_auto_under_autocast_races_the_dense_conv_in_its_dtype():
     from rmask_kernels.functional import float32_kernels_under_autocast as takes_kernels
 
     x, weight = torch.randn(32, 6, 16, 16), torch.randn(6, 6, 3, 3)
-    rows_limit = rk.backends.AUTOCAST_BF16_MAX_KEEP["rows"] if rk.backends.NATIVE_BF16 else \
-        rk.backends.BATCH_VECTOR_MAX_KEEP[rk.backends.cpu_kernels()]
+    rows_limit = rk.backends.AUTOCAST_BF16_MAX_KEEP["rows"]
     float32_limit = rk.backends.BATCH_VECTOR_MAX_KEEP[rk.backends.cpu_kernels()]
-    between = kept_fraction_mask(6, (rows_limit + float32_limit) / 2)
+    between = kept_fraction_mask(6, (rows_limit + float32_limit) / 2)  # above the bfloat16 limit, below float32's
     below = kept_fraction_mask(6, rows_limit / 2)
     with torch.no_grad():
         dtype = torch.bfloat16
