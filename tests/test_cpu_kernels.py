@@ -18,6 +18,8 @@ from rmask_kernels.functional import conv_output_size
 from cases import TOLERANCE, check_against_reference, make_case
 from helpers import python_subprocess
 
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
 pytestmark = pytest.mark.skipif("cpu" not in rk.available_backends(), reason="extension not built")
 
 
@@ -306,7 +308,7 @@ def test_spatial_forward_over_blocks_of_images(batch, layout):
     x, weight, bias = torch.randn(batch, 12, 11, 13), torch.randn(20, 12, 3, 3), torch.randn(20)
     mask = rk.random_mask((20, 11, 13), 0.9, "spatial", seed=3)
     input_mask = rk.random_mask((12, 11, 13), 0.9, "spatial", seed=4)
-    x = (x * input_mask).contiguous(memory_format=getattr(torch, f"{layout}_format" if layout == "contiguous" else layout))
+    x = (x * input_mask).contiguous(memory_format=MEMORY_FORMATS[layout])
     check_against_reference(cpu, x, weight, bias, mask, dict(padding=1), True, TOLERANCE[torch.float32],
                             input_mask=input_mask)
     plain = reference.masked_conv2d((x * input_mask).double(), weight.double(), bias.double(), mask, padding=1)
@@ -329,7 +331,7 @@ def test_row_forward_reads_the_gathered_kept_inputs(batch, layout):
     input_mask = rk.random_mask((10, 17, 19), 0.7, "neuron")
     input_mask[3] = False
     input_mask[7] = True
-    x = (x * input_mask).contiguous(memory_format=getattr(torch, f"{layout}_format" if layout == "contiguous" else layout))
+    x = (x * input_mask).contiguous(memory_format=MEMORY_FORMATS[layout])
     mask = rk.random_mask((12, 17, 19), 0.6, "neuron")
     for grad in (False, True):
         check_against_reference(cpu, x, weight, bias, mask, dict(padding=1), grad, TOLERANCE[torch.float32],

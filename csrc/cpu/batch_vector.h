@@ -30,12 +30,12 @@ constexpr int64_t kImageBlock = 16;
 // kPositionImageRows pairs per tap, as many as keep their kept rows ([P][cout_pad] floats each)
 // within 128 KB of L2, at most kMaxPositionImages; 1 without tap lists (pairs < 0: every tap of
 // a kept position at once fills the tiles).
-constexpr int64_t kMaxPositionImages = 8, kPositionImageRows = 12;
+constexpr int64_t kMaxPositionImages = 8, kPositionImageRows = 12, kPositionImageBytes = int64_t(128) << 10;
 inline int64_t position_images(int64_t pairs, int64_t taps, int64_t npositions, int64_t cout_pad) {
   if (pairs <= 0) return 1;
   int64_t images = (kPositionImageRows * taps + pairs - 1) / pairs;
   const int64_t per_image = npositions * cout_pad * static_cast<int64_t>(sizeof(float));
-  if (per_image > 0 && images * per_image > (int64_t(128) << 10)) images = (int64_t(128) << 10) / per_image;
+  if (per_image > 0 && images * per_image > kPositionImageBytes) images = kPositionImageBytes / per_image;
   return images < 1 ? 1 : (images > kMaxPositionImages ? kMaxPositionImages : images);
 }
 

@@ -101,9 +101,6 @@ inline std::vector<KeptPosition> listed_positions(const BatchVectorGeometry& g, 
   return positions;
 }
 
-// Prefetches, a few at a time, the cache lines of the input positions the tap lists read in
-// the planes of images to come, so that their reads from memory overlap the tiles of the
-// images before them. lines: offsets (floats) of the distinct lines in a plane.
 // The kept rows [P][cout_pad] of `images` images (y_rows: [images][P][cout_pad]), tap by tap
 // over the pairs the tap lists of `inputs` give (each tap's kept inputs only), a tap's pairs of
 // every image in the same tiles, then the bias and the ReLU. x_images[b]: image b, channels-last
@@ -180,9 +177,9 @@ void forward_positions(const BatchVectorGeometry& g, const float* x, Strides x_s
   const auto needed = x_nchw && !listed ? needed_blocks(g, positions, npositions) : std::vector<InputBlock>();
   float* out_rows[kPositionRows];
   const float* x_images[kMaxPositionImages];
+  const int64_t row_stride = x_nchw ? cin : x_strides.position;
   for (int64_t n0 = image_begin; n0 < image_end; n0 += block) {
     const int64_t images = min64(block, image_end - n0);
-    const int64_t row_stride = x_nchw ? cin : x_strides.position;
     for (int64_t b = 0; b < images; ++b) {
       const float* x_n = x + (n0 + b) * x_strides.n;
       x_images[b] = x_n;
